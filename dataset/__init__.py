@@ -1,0 +1,1 @@
+"""Shard format (writer, reader, index), on-the-fly compositing, pose maps, loaders. No bpy."""
