@@ -1,0 +1,281 @@
+"""Training checkpoints: only the trainable weights (safetensors) plus exactly what an exact resume needs.
+
+Layout of one checkpoint (format version `CHECKPOINT_VERSION`), written to a temporary folder and
+renamed when complete, so a crash never leaves a half checkpoint that `latest_checkpoint` would pick:
+
+    OUTPUT/checkpoints/step-00001000/
+        trainable.safetensors   trainable parameters by state_dict name (frozen weights are NOT here:
+                                they come back from the base model paths / tiny seeds in config.yaml)
+        ema.safetensors         EMA shadow weights, same names (only when EMA is on)
+        optimizer.pt            optimizer + LR scheduler state (+ EMA counters); torch.save, read back
+                                with torch.load(weights_only=True)
+        rng-<rank>.pt           torch/numpy/python RNG states and named torch.Generator states, per process
+        train_state.json        {"version", "step", "samples_seen", "data": {...position...}, ...}
+        config.yaml             the full run config (what to rebuild the model from)
+        <extra files>           e.g. Stage I's canonical standard-pose map
+
+Shared by Stage I and Stage II.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from serialgen.errors import UserInputError
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "trainable_state_dict",
+    "save_checkpoint",
+    "load_trainable_weights",
+    "load_checkpoint",
+    "read_train_state",
+    "read_checkpoint_config",
+    "latest_checkpoint",
+    "rotate_checkpoints",
+    "capture_rng_state",
+    "restore_rng_state",
+]
+
+CHECKPOINT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters with `requires_grad`, by state_dict name, detached, contiguous and on CPU."""
+    return {
+        name: param.detach().to("cpu").contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """All RNG states a training step may draw from (global torch/CUDA/numpy/python + named generators)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # numpy/python states as tensors and lists so the file loads with torch.load(weights_only=True)
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "python": _python_state_to_plain(random.getstate()),
+        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state_to_plain(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Inverse of `capture_rng_state`; a generator missing from the saved state is an error."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in (generators or {}).items():
+        if name not in state["generators"]:
+            raise UserInputError(f"checkpoint RNG state has no generator {name!r}")
+        gen.set_state(state["generators"][name])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    *,
+    train_state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
+    ema: Any = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    rank: int = 0,
+    is_main_process: bool = True,
+) -> Path:
+    """Write `output_dir/checkpoints/step-XXXXXXXX` and return its path.
+
+    Every process calls this (each saves its own RNG state); only the main process writes weights.
+    `model` must be the unwrapped module. `ema` is a diffusers `EMAModel` over the trainable
+    parameters in `named_parameters()` order. `extra_tensors` maps a file stem to tensors saved as
+    `<stem>.safetensors` (e.g. the canonical pose map).
+    """
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    if is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        weights = trainable_state_dict(model)
+        save_file(weights, str(tmp / "trainable.safetensors"), metadata={"format": "pt", "step": str(step)})
+        resume: dict[str, Any] = {}
+        if optimizer is not None:
+            resume["optimizer"] = optimizer.state_dict()
+        if lr_scheduler is not None:
+            resume["lr_scheduler"] = lr_scheduler.state_dict()
+        if ema is not None:
+            names = list(weights)
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file(
+                {name: p.detach().to("cpu").contiguous() for name, p in zip(names, shadow)},
+                str(tmp / "ema.safetensors"),
+            )
+            resume["ema"] = {k: v for k, v in ema_state.items() if k != "collected_params"}
+        torch.save(resume, tmp / "optimizer.pt")
+        for stem, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
+        state = {"version": CHECKPOINT_VERSION, **dict(train_state), "step": step}
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+    _barrier()
+    if not is_main_process or tmp.exists():
+        # each process writes its own RNG state into the (temporary) checkpoint folder
+        target = tmp if tmp.exists() else final
+        torch.save(capture_rng_state(generators), target / f"rng-{rank}.pt")
+    _barrier()
+    if is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    _barrier()
+    return final
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _plain(value: Any) -> Any:
+    """Config values as plain YAML types (tuples -> lists, Paths -> str)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _require_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "trainable.safetensors").is_file():
+        raise UserInputError(f"{path}: not a checkpoint (expected trainable.safetensors, train_state.json, config.yaml)")
+    return path
+
+
+def read_train_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The checkpoint's `train_state.json`; rejects an unknown format version."""
+    path = _require_checkpoint(checkpoint) / "train_state.json"
+    state = json.loads(path.read_text())
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise UserInputError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
+    return state
+
+
+def read_checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The config dumped beside the checkpoint."""
+    return yaml.safe_load((_require_checkpoint(checkpoint) / "config.yaml").read_text())
+
+
+def load_trainable_weights(model: torch.nn.Module, checkpoint: str | Path, *, ema: bool = False) -> list[str]:
+    """Load `trainable.safetensors` (or `ema.safetensors`) into `model`; returns the loaded names.
+
+    Every saved name must exist in the model with the same shape (a mismatch means the checkpoint
+    belongs to another architecture or ablation, e.g. trained with --no-fbdm).
+    """
+    path = _require_checkpoint(checkpoint) / ("ema.safetensors" if ema else "trainable.safetensors")
+    if not path.is_file():
+        raise UserInputError(f"{path}: not found (the run had no EMA?)")
+    weights = load_file(str(path))
+    own = dict(model.named_parameters())
+    unknown = [name for name in weights if name not in own]
+    if unknown:
+        raise UserInputError(f"{path}: {len(unknown)} weights the model does not have, e.g. {unknown[0]!r} (other architecture or ablation?)")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if own[name].shape != tensor.shape:
+                raise UserInputError(f"{path}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}")
+            own[name].copy_(tensor.to(own[name].dtype))
+    return list(weights)
+
+
+def load_checkpoint(
+    checkpoint: str | Path,
+    model: torch.nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr_scheduler: Any = None,
+    ema: Any = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    rank: int = 0,
+) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; returns the train state (step, data position...)."""
+    checkpoint = _require_checkpoint(checkpoint)
+    state = read_train_state(checkpoint)
+    names = load_trainable_weights(model, checkpoint)
+    own_trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if names != own_trainable:
+        raise UserInputError(
+            f"{checkpoint}: trainable weights differ from this run's trainable parameters "
+            f"({len(names)} saved, {len(own_trainable)} expected); resume with the same config"
+        )
+    resume = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(resume["lr_scheduler"])
+    if ema is not None:
+        shadow = load_file(str(checkpoint / "ema.safetensors"))
+        ema_state = dict(resume["ema"])
+        ema_state["shadow_params"] = [shadow[n] for n in names]
+        ema.load_state_dict(ema_state)
+    rng_path = checkpoint / f"rng-{rank}.pt"
+    if not rng_path.is_file():
+        raise UserInputError(f"{rng_path}: not found (resuming with more processes than the run had?)")
+    restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True), generators)
+    return state
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under `output_dir/checkpoints`, or None."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return max(found)[1] if found else None
+
+
+def rotate_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints (keep <= 0 keeps all); returns what was removed."""
+    root = Path(output_dir) / "checkpoints"
+    if keep <= 0 or not root.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    removed = [p for _, p in found[:-keep]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
