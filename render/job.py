@@ -1,0 +1,371 @@
+"""One render job inside a Blender worker process: one character, a range of its samples, one shard.
+
+A job is ``(character, [start, stop))``: the character's samples ``start..stop-1`` (see
+:func:`character_samples`) go into one shard with a deterministic name, so a retried job rewrites the
+same file. The worker (:class:`BlenderWorker`, one per process: bpy is not thread-safe) keeps its
+scene between jobs and the last character loaded, so consecutive jobs of one character load it once.
+
+Per job, as in the method section of a paper:
+
+1. load the character (or reuse it); build its face -> body-part table for occlusion;
+2. render the standard image once: A-pose, neutral expression, standard camera and light, on white;
+3. per sample: seed -> pose from the library, view and framing, expression, lighting -> render RGBA
+   -> keypoints -> encode -> append to the shard;
+4. close the shard (temporary name -> final name) and return a small summary.
+
+After a character: remove it and purge orphan data; the driver recycles the worker past an RSS cap
+or after ``max_characters`` characters (:meth:`BlenderWorker.should_recycle`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serialgen.assets_manifest import skeleton as sk
+from serialgen.dataset import shards
+from serialgen.render import camera as cam_mod
+from serialgen.render import lighting as light_mod
+from serialgen.render import standard as std_mod
+from serialgen.render.keypoints import pose_record
+from serialgen.render.scene import RenderSettings
+
+__all__ = [
+    "SAMPLE_STAGES",
+    "RenderJob",
+    "derive_seed",
+    "character_samples",
+    "BlenderWorker",
+]
+
+SAMPLE_STAGES = ("pose", "render", "keypoints", "encode", "write")
+_UPPER_BODY = ("nose", "neck", "r_shoulder", "r_elbow", "l_shoulder", "l_elbow", "r_hip", "l_hip",
+               "r_eye", "l_eye", "r_ear", "l_ear")
+_KP = {n: i for i, n in enumerate(sk.KEYPOINT_NAMES)}
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across machines and Python runs, unlike ``hash``)."""
+    text = "/".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def character_samples(character: str, n_poses: int, per_character: int, run_seed: int) -> list[tuple[int, int]]:
+    """The (pose id, view index) of each of a character's ``per_character`` samples.
+
+    Poses are a seeded permutation of the library, so each character gets different poses; past
+    ``n_poses`` samples the permutation repeats with the next view index.
+    """
+    perm = np.random.default_rng(derive_seed(run_seed, character, "poses")).permutation(n_poses)
+    return [(int(perm[k % n_poses]), k // n_poses) for k in range(per_character)]
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """One unit of work (picklable, small). ``shard`` is relative to ``out_dir``."""
+
+    character: dict
+    assets_dir: str
+    out_dir: str
+    shard: str
+    split: str
+    start: int
+    stop: int
+    per_character: int
+    run_seed: int
+    poses_path: str
+
+    @property
+    def name(self) -> str:
+        return self.shard
+
+
+@dataclass
+class _Loaded:
+    char_id: str
+    rig: object
+    parts: object
+    std_png: bytes = b""
+    std_pose: bytes = b""
+    std_meta: dict = field(default_factory=dict)
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@contextlib.contextmanager
+def _stage(timings: dict, name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + (time.perf_counter() - t)
+
+
+class BlenderWorker:
+    """A Blender session that renders jobs (use one per process)."""
+
+    def __init__(self, settings: RenderSettings, max_characters: int = 50, rss_cap_mb: float = 6000.0,
+                 record_timings: bool = False):
+        if settings.threads:
+            # Mesa's software GL (workbench/eevee without a GPU) reads this when the context is made.
+            os.environ.setdefault("LP_NUM_THREADS", str(settings.threads))
+        from serialgen.render import scene as scene_mod
+
+        self.settings = settings
+        self.max_characters = max_characters
+        self.rss_cap_mb = rss_cap_mb
+        self.record_timings = record_timings
+        self.scene = scene_mod.reset_scene()
+        scene_mod.configure_render(self.scene, settings)
+        self._render = scene_mod.render_rgba
+        self._loaded: _Loaded | None = None
+        self._pose_libs: dict[str, object] = {}
+        self.characters_done = 0
+        self.pose_library_override = None  # tests: an object with the PoseLibrary fields
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def should_recycle(self) -> bool:
+        """True once this process rendered ``max_characters`` characters or passed the RSS cap."""
+        return self.characters_done >= self.max_characters or _rss_mb() > self.rss_cap_mb
+
+    def rss_mb(self) -> float:
+        return _rss_mb()
+
+    def unload(self) -> None:
+        """Remove the current character and purge orphan data (meshes, images, materials)."""
+        import bpy
+
+        if self._loaded is not None:
+            self._loaded.rig.remove()
+            self._loaded = None
+            self.characters_done += 1
+        bpy.data.orphans_purge(do_recursive=True)
+
+    def _pose_library(self, path: str):
+        if self.pose_library_override is not None:
+            return self.pose_library_override
+        if path not in self._pose_libs:
+            from serialgen.assets_manifest.poses import load_pose_library
+
+            self._pose_libs[path] = load_pose_library(Path(path))
+        return self._pose_libs[path]
+
+    def _load_character(self, record: dict, assets_dir: str) -> _Loaded:
+        if self._loaded is not None and self._loaded.char_id == record["id"]:
+            return self._loaded
+        self.unload()
+        if record.get("kind") == "mannequin":  # the built-in test character
+            from serialgen.render.mannequin import build_mannequin
+
+            rig = build_mannequin(record.get("variant", "adult"))
+        else:
+            from serialgen.render.characters import load_character
+
+            rig = load_character(record, Path(assets_dir))
+        from serialgen.render.keypoints import PartLookup
+
+        self._loaded = _Loaded(record["id"], rig, PartLookup(rig))
+        return self._loaded
+
+    # -- rendering ----------------------------------------------------------------------------------
+
+    def _keypoints(self, loaded: _Loaded, camera):
+        import bpy
+
+        from serialgen.render.keypoints import keypoints_2d
+
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        height = float(loaded.std_meta.get("character_height_m", 1.7))
+        return keypoints_2d(self.scene, depsgraph, loaded.rig, camera, loaded.parts,
+                            surface_tolerance=0.015 * height)
+
+    def _render_standard(self, loaded: _Loaded) -> None:
+        """Render the standard image of the loaded character once (cached on ``loaded``)."""
+        if loaded.std_png:
+            return
+        s = self.settings
+        rig = loaded.rig
+        timings: dict[str, float] = {}
+        with _stage(timings, "pose"):
+            rig.set_expression(None)
+            rig.apply_pose(std_mod.standard_angles())
+            skel = rig.posed_skeleton()
+            lo, hi = rig.world_bounds()
+            camera = std_mod.standard_camera(skel, s.width, s.height)
+            cam_mod.apply_camera(self.scene.camera, camera)
+            light_mod.apply_lighting(self.scene, light_mod.STANDARD_LIGHTING, s.engine)
+        loaded.std_meta["character_height_m"] = float(hi[2] - lo[2])
+        with _stage(timings, "render"):
+            rgba = self._render(self.scene)
+        with _stage(timings, "keypoints"):
+            kps, defined = self._keypoints(loaded, camera)
+        with _stage(timings, "encode"):
+            loaded.std_png = shards.encode_png(std_mod.on_white(rgba))
+            loaded.std_pose = shards.json_bytes(pose_record(kps, defined, s.width, s.height))
+        loaded.std_meta.update({
+            "camera": camera.to_json(),
+            "head_box": std_mod.head_box(skel, camera),
+            "lighting": light_mod.STANDARD_LIGHTING.to_json(),
+            "timings_s": timings,
+        })
+
+    def _framing_points(self, framing: str, rig, skel, kps3d: np.ndarray, defined: np.ndarray) -> np.ndarray:
+        """World points (N, 3) that the camera must frame for ``framing``."""
+        head_i = skel.joint("head")
+        head, tail = skel.heads[head_i], skel.tails[head_i]
+        length = float(np.linalg.norm(tail - head))
+        centre = 0.5 * (head + tail)
+        # A box around the skull (the head bone is ~ the skull height): six points at 0.65 L.
+        skull = centre + 0.65 * length * np.concatenate([np.eye(3), -np.eye(3)])
+        if framing == "head":
+            return skull
+        if framing == "upper_body":
+            idx = [_KP[n] for n in _UPPER_BODY if defined[_KP[n]]]
+            return np.concatenate([skull, kps3d[idx]])
+        return self._mesh_points(rig)
+
+    @staticmethod
+    def _mesh_points(rig, max_points: int = 4000) -> np.ndarray:
+        import bpy
+
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        chunks = []
+        for obj in rig.meshes:
+            ev = obj.evaluated_get(depsgraph)
+            mesh = ev.to_mesh()
+            co = np.empty(len(mesh.vertices) * 3, dtype=np.float64)
+            mesh.vertices.foreach_get("co", co)
+            ev.to_mesh_clear()
+            m = np.array(ev.matrix_world)
+            co = co.reshape(-1, 3)
+            chunks.append(co @ m[:3, :3].T + m[:3, 3])
+        pts = np.concatenate(chunks) if chunks else np.zeros((0, 3))
+        step = max(1, len(pts) // max_points)
+        return pts[::step]
+
+    def _render_sample(self, job: RenderJob, loaded: _Loaded, library, pose_id: int, view_index: int):
+        """Render one pair; returns (key, members, timings)."""
+        s = self.settings
+        rig = loaded.rig
+        key = shards.sample_key(loaded.char_id, pose_id, view_index)
+        seed = derive_seed(job.run_seed, loaded.char_id, pose_id, view_index)
+        rng = np.random.default_rng(seed)
+        timings: dict[str, float] = {}
+        with _stage(timings, "pose"):
+            view = cam_mod.sample_view(rng)
+            lighting = light_mod.sample_lighting(rng)
+            names = sorted(n for n in (rig.expressions or {}) if n != "neutral")
+            options = ["neutral"] + names
+            expression = options[int(rng.integers(len(options)))]
+            rig.set_expression(expression)
+            rig.apply_pose(np.asarray(library.angles[pose_id], dtype=np.float64),
+                           np.asarray(library.root_translation[pose_id], dtype=np.float64))
+            skel = rig.posed_skeleton()
+            kps3d, defined = sk.compute_keypoints(skel, rig.face_landmarks)
+            points = self._framing_points(view.framing, rig, skel, kps3d, defined)
+            camera = cam_mod.fit_camera(view, points, s.width, s.height)
+            cam_mod.apply_camera(self.scene.camera, camera)
+            light_mod.apply_lighting(self.scene, lighting, s.engine)
+        with _stage(timings, "render"):
+            rgba = self._render(self.scene)
+        with _stage(timings, "keypoints"):
+            kps, defined = self._keypoints(loaded, camera)
+        with _stage(timings, "encode"):
+            if s.engine == "workbench":  # no lamps: intensity and colour temperature as a gain
+                gain = light_mod.rgb_gain(lighting)
+                rgb = np.clip(rgba[..., :3].astype(np.float32) * gain.astype(np.float32) + 0.5, 0, 255)
+                rgba = np.concatenate([rgb.astype(np.uint8), rgba[..., 3:]], axis=-1)
+            motion_index = int(library.motion_index[pose_id])
+            meta = {
+                "schema": shards.SAMPLE_SCHEMA,
+                "key": key,
+                "character": loaded.char_id,
+                "character_kind": job.character.get("kind"),
+                "split": job.split,
+                "pose_id": pose_id,
+                "motion": library.motion_names[motion_index],
+                "motion_index": motion_index,
+                "phase": round(float(library.phase[pose_id]), 6),
+                "view_index": view_index,
+                "expression": expression,
+                "framing": view.framing,
+                "view": cam_mod.view_to_json(view),
+                "camera": camera.to_json(),
+                "lighting": lighting.to_json(),
+                "std": {k: v for k, v in loaded.std_meta.items() if k != "timings_s"},
+                "seed": seed,
+                "run_seed": job.run_seed,
+                "engine": s.engine,
+                "resolution": [s.width, s.height],
+                "timings_s": None,
+            }
+            members = {
+                "ref.png": shards.encode_png(rgba),
+                "std.png": loaded.std_png,
+                "ref_pose.json": shards.json_bytes(pose_record(kps, defined, s.width, s.height)),
+                "std_pose.json": loaded.std_pose,
+            }
+        if self.record_timings:
+            meta["timings_s"] = {k: round(v, 6) for k, v in timings.items()}
+        members["meta.json"] = shards.json_bytes(meta)
+        return key, members, timings
+
+    def run(self, job: RenderJob) -> dict:
+        """Render ``job`` into its shard. Never raises: failures come back in the summary.
+
+        Returns a small dict: job, status ("ok" | "failed"), shard summary (or None), failures
+        (one per failed sample or the whole character), summed per-stage timings in seconds, pairs,
+        rss_mb.
+        """
+        t0 = time.perf_counter()
+        totals = {k: 0.0 for k in ("load", "standard", *SAMPLE_STAGES)}
+        failures: list[dict] = []
+        result = {"job": job.name, "character": job.character.get("id"), "status": "ok", "shard": None,
+                  "failures": failures, "timings_s": totals, "pairs": 0}
+        writer = None
+        try:
+            with _stage(totals, "load"):
+                loaded = self._load_character(job.character, job.assets_dir)
+                library = self._pose_library(job.poses_path)
+            with _stage(totals, "standard"):
+                self._render_standard(loaded)
+            plan = character_samples(loaded.char_id, len(library.angles), job.per_character, job.run_seed)
+            writer = shards.ShardWriter(job.out_dir, job.shard, job.split)
+            for pose_id, view_index in plan[job.start:job.stop]:
+                try:
+                    key, members, timings = self._render_sample(job, loaded, library, pose_id, view_index)
+                except Exception as exc:  # one bad sample is counted, the character goes on
+                    failures.append({"character": loaded.char_id, "key": shards.sample_key(loaded.char_id, pose_id, view_index),
+                                     "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                with _stage(timings, "write"):
+                    writer.write(key, members)
+                for k, v in timings.items():
+                    totals[k] += v
+                result["pairs"] += 1
+            summary = writer.close()
+            writer = None
+            result["shard"] = summary.to_json(with_keys=True)
+        except Exception as exc:  # the whole character failed: record it, the run goes on
+            if writer is not None:
+                writer.abort()
+            self.unload()
+            result["status"] = "failed"
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            result["traceback"] = traceback.format_exc(limit=6)
+            failures.append({"character": job.character.get("id"), "key": None, "error": result["error"]})
+        totals["job"] = time.perf_counter() - t0
+        result["rss_mb"] = round(_rss_mb(), 1)
+        return result
