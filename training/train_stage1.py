@@ -1,0 +1,261 @@
+"""Stage I training loop (accelerate): `serialgen train stage1 --config C`.
+
+Reads top to bottom like the method section:
+  1. accelerator, seeds, output folder      5. resume (weights, optimizer, RNG, data position)
+  2. networks                               6. loop: encode -> noise -> predict -> loss (eq. 2) -> step
+  3. optimizer, LR schedule, EMA            7. log, validate, checkpoint
+  4. data in a resumable order
+
+Every random draw of a step (VAE posterior sample, noise, timesteps, reference dropout) comes from
+one seeded CPU generator per process whose state is checkpointed, and the data order is a seeded
+permutation per epoch, so a resumed run continues with exactly the batches and noise the
+uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from serialgen.errors import UserInputError
+from serialgen.training.checkpointing import latest_checkpoint, load_checkpoint, rotate_checkpoints, save_checkpoint
+from serialgen.training.components_stage1 import Stage1Components, build_stage1_components, inference_scheduler
+from serialgen.training.config_stage1 import Stage1Config
+from serialgen.training.data_stage1 import collate_stage1, open_stage1_dataset
+from serialgen.training.logging_utils import MetricsLogger, Throughput, save_image_grid, to_uint8_image
+from serialgen.training.model_stage1 import clip_image_embeds, encode_latents
+from serialgen.training.pipeline_stage1 import StandardizePipeline
+from serialgen.training.resumable_data import DataPosition, ResumableBatches
+
+__all__ = ["TrainResult", "train_stage1", "diffusion_loss"]
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    first_step: int  # the first optimizer step this call ran (1, or the resumed step + 1)
+    last_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss over its micro-batches
+    seconds_per_step: float = 0.0
+    last_checkpoint: Path | None = None
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
+                   min_snr_gamma: float | None) -> torch.Tensor:
+    """MSE between prediction and target (eq. 2), optionally min-SNR-gamma weighted per sample
+    (Hang et al. 2023; weight min(SNR, gamma)/SNR for epsilon, /(SNR+1) for v; SNR 0 -> weight 1)."""
+    if min_snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=min_snr_gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:
+        weights = torch.where(snr > 0, clipped / snr.clamp(min=1e-12), torch.ones_like(snr))
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def _make_accelerator(config: Stage1Config, output_dir: Path):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+        mixed_precision=config.train.mixed_precision,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.train.ddp_find_unused_parameters)],
+    )
+
+
+def _encode_batch(batch, parts: Stage1Components, generator: torch.Generator, device, weight_dtype):
+    """Frozen encoders: target latents (posterior sample), reference latents (mode), CLIP embeddings."""
+    std = batch["std"].to(device, weight_dtype)
+    ref = batch["ref"].to(device, weight_dtype)
+    # posterior noise comes from the run's CPU generator, so it is the same on every device
+    target_latents = encode_latents(parts.vae, std, generator=generator, sample=True)
+    ref_latents = encode_latents(parts.vae, ref)
+    embeds = clip_image_embeds(parts.image_encoder, ref)
+    return target_latents, ref_latents, embeds
+
+
+def _noise(latents: torch.Tensor, parts: Stage1Components, config: Stage1Config, generator: torch.Generator):
+    """Noisy latents, timesteps, the regression target and the reference-dropout mask."""
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator)
+    if config.train.noise_offset:
+        noise = noise + config.train.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+    use_reference = torch.rand(b, generator=generator) >= config.train.reference_dropout
+    noise, timesteps, use_reference = noise.to(latents.device), timesteps.to(latents.device), use_reference.to(latents.device)
+    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+    if config.train.prediction_type == "v_prediction":
+        target = parts.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return noisy, timesteps, target, use_reference
+
+
+@torch.no_grad()
+def _validate(step: int, model, parts: Stage1Components, config: Stage1Config, val_batch, output_dir: Path, logger, ema):
+    """Grid of (reference | predicted standard | target) rows -> validation/step-XXXXXXXX.png."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    was_training = model.training
+    model.eval()
+    pipe = StandardizePipeline(model, parts.vae, parts.image_encoder, inference_scheduler(parts.noise_scheduler),
+                               num_inference_steps=config.inference.num_inference_steps,
+                               guidance_scale=config.inference.guidance_scale)
+    pred = pipe(val_batch["ref"], val_batch["ref_mask"], val_batch["ref_pose"], val_batch["std_pose"],
+                generator=torch.Generator().manual_seed(config.seed))
+    rows = [[to_uint8_image(val_batch["ref"][i]), to_uint8_image(pred[i], (0, 1)), to_uint8_image(val_batch["std"][i])]
+            for i in range(pred.shape[0])]
+    grid = save_image_grid(rows, output_dir / "validation" / f"step-{step:08d}.png")
+    if logger is not None:
+        logger.log_image("validation/ref_pred_target", grid, step)
+    model.train(was_training)
+    if ema is not None:
+        ema.restore(model.parameters())
+
+
+def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, max_steps: int | None = None,
+                 train_shards: str | None = None, resume: str = "auto", stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) Stage I. `resume`: "auto" (latest checkpoint in the output folder, if any),
+    "never", or a checkpoint path. `stop_after`: return after that many optimizer steps of this call
+    (to simulate an interruption; the schedule still targets `max_steps`)."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    t = config.train
+    if max_steps is not None:
+        t.max_steps = max_steps
+    if train_shards is not None:
+        config.data.train_shards = train_shards
+    if not config.data.train_shards:
+        raise UserInputError(f"{config.source}: no training data: set data.train_shards or pass --train-shards (shards, or synthetic:N)")
+    output_dir = Path(output_dir or config.output_dir)
+
+    # 1. Accelerator, seeds, output folder
+    accelerator = _make_accelerator(config, output_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # 2. Networks (VAE and CLIP frozen, in the compute dtype; trainable weights stay fp32 under autocast)
+    parts = build_stage1_components(config)
+    model = parts.model.train()
+    for frozen in (parts.vae, parts.image_encoder):
+        frozen.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            frozen.to(dtype=weight_dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # 3. Optimizer, LR schedule, EMA
+    optimizer = torch.optim.AdamW(trainable, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer=optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_steps)
+    ema = EMAModel(trainable, decay=t.ema_decay) if t.ema else None
+
+    # 4. Data in a resumable order (validation batch: fixed, from the validation set or the first training batch)
+    train_set = open_stage1_dataset(config.data.train_shards, width=config.data.width, height=config.data.height,
+                                    seed=config.seed, split="train", infinite=True)
+    val_source = open_stage1_dataset(config.data.val_shards, width=config.data.width, height=config.data.height,
+                                     seed=config.seed, split="test") if config.data.val_shards else train_set
+    val_batch = collate_stage1([val_source[i] for i in range(min(t.validation_samples, len(val_source)))]) \
+        if hasattr(val_source, "__len__") else collate_stage1(list(_take(val_source, t.validation_samples)))
+
+    # 5. Prepare, then resume
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.to(accelerator.device)
+    step, position = 0, DataPosition()
+    checkpoint = None if resume == "never" else (latest_checkpoint(output_dir) if resume == "auto" else Path(resume))
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, unwrapped, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                                generators={"train": generator}, rank=rank)
+        step, position = state["step"], DataPosition.from_dict(state["data"])
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    batches = iter(ResumableBatches.for_dataset(train_set, t.batch_size, seed=config.seed, position=position,
+                                                collate_fn=collate_stage1, num_workers=config.data.num_workers,
+                                                rank=rank, world_size=world))
+    logger = MetricsLogger(output_dir, resume_step=step) if accelerator.is_main_process else None
+    result = TrainResult(output_dir=output_dir, first_step=step + 1, last_step=step)
+    canonical_pose = {"std_pose": val_batch["std_pose"][0]}
+
+    def save(at_step: int) -> Path:
+        path = save_checkpoint(output_dir, at_step, unwrapped, train_state={"data": position.to_dict()},
+                               config=config.to_dict(), optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                               generators={"train": generator}, extra_tensors={"canonical_pose": canonical_pose},
+                               rank=rank, is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            rotate_checkpoints(output_dir, t.checkpoints_keep)
+        return path
+
+    # 6. Training loop: one optimizer step = gradient_accumulation_steps micro-batches
+    throughput, window, started, steps_run = Throughput(), [], time.perf_counter(), 0
+    while step < t.max_steps and (stop_after is None or steps_run < stop_after):
+        micro_losses = []
+        for _ in range(t.gradient_accumulation_steps):
+            position, batch = next(batches)
+            with accelerator.accumulate(model):
+                target_latents, ref_latents, embeds = _encode_batch(batch, parts, generator, accelerator.device, weight_dtype)
+                noisy, timesteps, target, use_reference = _noise(target_latents, parts, config, generator)
+                with accelerator.autocast():
+                    pred = model(noisy, timesteps, ref_latents, embeds,
+                                 batch["std_pose"].to(accelerator.device, weight_dtype),
+                                 batch["ref_pose"].to(accelerator.device, weight_dtype),
+                                 batch["ref_mask"].to(accelerator.device, weight_dtype), use_reference)
+                loss = diffusion_loss(pred, target, timesteps, parts.noise_scheduler, t.min_snr_gamma)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(accelerator.gather(loss.detach()).mean().item())
+            throughput.add(batch["ref"].shape[0] * world)
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(trainable)
+        step += 1
+        steps_run += 1
+        step_loss = sum(micro_losses) / len(micro_losses)
+        if not math.isfinite(step_loss):
+            raise RuntimeError(f"loss is {step_loss} at step {step}; lower train.learning_rate or check the data")
+        result.losses[step] = step_loss
+        window.append(step_loss)
+
+        # 7. Log, validate, checkpoint
+        if logger is not None and (step % t.log_every == 0 or step == t.max_steps):
+            logger.log(step, loss=sum(window) / len(window), lr=lr_scheduler.get_last_lr()[0],
+                       samples_per_s=throughput.rate(), epoch=position.epoch)
+            window = []
+        if accelerator.is_main_process and (step % t.validate_every == 0 or step == t.max_steps):
+            _validate(step, unwrapped, parts, config, val_batch, output_dir, logger, ema)
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            result.last_checkpoint = save(step)
+    accelerator.wait_for_everyone()
+    result.last_step = step
+    result.seconds_per_step = (time.perf_counter() - started) / max(steps_run, 1)
+    if logger is not None:
+        logger.close()
+    accelerator.end_training()
+    return result
+
+
+def _take(iterable, n: int):
+    for i, item in enumerate(iterable):
+        if i >= n:
+            break
+        yield item
