@@ -1,0 +1,405 @@
+"""Stage II training: IP-Adapter Full on a frozen SDXL, with accelerate.
+
+Loss (paper eq. 5): ``|| eps - eps_theta(z_t, t, c_text, adapter(CLIP(ref))) ||^2`` on SDXL latents at
+512x768, where ``ref`` is the Stage I standardization of the target (mode ``two-stage``) or a baseline
+reference (``unpaired``, ``paired-one-stage``). Only the adapter (image projection + ``to_k_ip`` /
+``to_v_ip``) has gradients; UNet, VAE, text encoders and the vision encoder are frozen.
+
+Per training step (everything random comes from one generator seeded by (seed, micro-step, rank), so
+a resumed run draws exactly what the uninterrupted run would have):
+
+1. CFG dropout per sample: image / text / both at 0.05 each (:func:`draw_cfg_dropout`). A dropped
+   caption becomes ""; a dropped image becomes a zero image *through the vision encoder*, the exact
+   unconditional input of diffusers' SDXL pipeline at inference.
+2. Target -> SDXL VAE (always fp32; the SDXL VAE overflows in fp16) -> latents x scaling factor.
+3. Text: the pipeline's own ``encode_prompt`` (penultimate states of both encoders, 768 + 1280 = 2048;
+   pooled from text_encoder_2). Time ids: original (h, w), crop (y, x), target (768, 512).
+4. Noise (+ optional offset), uniform timestep, DDPM ``add_noise``; MSE against eps (or v).
+
+Checkpoints (:mod:`serialgen.training.checkpointing`) hold only the adapter: ``trainable.safetensors``
+is written from a view whose parameter names are the IP-Adapter file keys (``image_proj.proj.0.weight``,
+``ip_adapter.1.to_k_ip.weight``, ...), and ``ip_adapter.safetensors`` is a hard link to it, so every
+checkpoint folder loads with stock ``pipe.load_ip_adapter(ckpt, subfolder="", weight_name="ip_adapter.safetensors")``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from serialgen.errors import UserInputError
+
+__all__ = ["AdapterView", "Stage2Denoiser", "train_stage2", "validation_grid", "step_generator"]
+
+
+def _nn():
+    import torch.nn as nn
+
+    return nn
+
+
+class AdapterView(_nn().Module):  # type: ignore[misc]
+    """The installed adapter's parameters (shared, not copied) under their IP-Adapter file names.
+
+    ``named_parameters()`` yields ``image_proj.proj.{0,2,3}.{weight,bias}`` and
+    ``ip_adapter.{1,3,...}.to_{k,v}_ip.weight``: the optimizer, the checkpoint writer and the loader all
+    see the adapter in the layout ``load_ip_adapter`` reads, with no conversion step to forget.
+    """
+
+    def __init__(self, unet: Any):
+        nn = _nn()
+        super().__init__()
+        from serialgen.training.ip_adapter import _PROJ_KEYS, adapter_modules
+
+        proj, procs = adapter_modules(unet)
+        # Registered in sorted name order, the order safetensors stores keys in, so the names read back
+        # from a checkpoint file line up one-to-one with named_parameters().
+        self.image_proj = nn.Module()
+        self.image_proj.proj = nn.ModuleDict()
+        for prefix, original in sorted(_PROJ_KEYS.items(), key=lambda kv: kv[1]):
+            holder = nn.Module()
+            for leaf, param in sorted(proj.get_submodule(prefix).named_parameters(recurse=False)):
+                holder.register_parameter(leaf, param)
+            self.image_proj.proj[original.split(".")[1]] = holder
+        layers = {}
+        for i, (_name, proc) in enumerate(procs):
+            holder = nn.Module()
+            holder.to_k_ip = proc.to_k_ip[0]
+            holder.to_v_ip = proc.to_v_ip[0]
+            layers[str(1 + 2 * i)] = holder  # diffusers numbers cross-attention layers 1, 3, 5, ...
+        self.ip_adapter = nn.ModuleDict({k: layers[k] for k in sorted(layers)})
+
+
+class Stage2Denoiser(_nn().Module):  # type: ignore[misc]
+    """The module accelerate wraps (DDP): SDXL UNet with the adapter installed -> predicted noise."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, noisy, timesteps, prompt_embeds, pooled, time_ids, image_hidden):
+        """noisy (B, 4, h, w); prompt_embeds (B, 77, 2048); pooled (B, 1280); time_ids (B, 6);
+        image_hidden (B, 257, 1280) -> (B, 4, h, w)."""
+        return self.unet(
+            noisy,
+            timesteps,
+            encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids, "image_embeds": [image_hidden.unsqueeze(1)]},
+        ).sample
+
+
+def step_generator(seed: int, micro_step: int, rank: int, device: Any) -> Any:
+    """The one generator a micro-step draws from; a function of (seed, micro-step, rank) only."""
+    import torch
+
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + micro_step * 4099 + rank * 7919 + 12345) % (2**63 - 1))
+    return g
+
+
+def validation_grid(pipe: Any, references: list[Any], prompts: list[str], path: str | Path, *, width: int,
+                    height: int, steps: int, guidance_scale: float, ip_scale: float, seed: int,
+                    autocast: Any = None) -> Path:
+    """One row per reference: the reference (letterboxed to the output size), then one image per prompt.
+
+    Every image uses ``seed``, so grids from different steps are comparable.
+    """
+    import contextlib
+
+    import numpy as np
+    import torch
+
+    from serialgen.training.ip_adapter import pad_to_square
+    from serialgen.training.logging_utils import save_image_grid
+
+    pipe.set_ip_adapter_scale(ip_scale)
+    rows = []
+    for ref in references:
+        row = [np.asarray(_letterbox(ref, width, height))]
+        for prompt in prompts:
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                image = pipe(
+                    prompt, negative_prompt="", ip_adapter_image=pad_to_square(ref), height=height, width=width,
+                    num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil",
+                ).images[0]
+            row.append(np.asarray(image.convert("RGB")))
+        rows.append(row)
+    save_image_grid(rows, path)
+    return Path(path)
+
+
+def _letterbox(image: Any, width: int, height: int) -> Any:
+    """Fit ``image`` inside width x height on white (aspect kept)."""
+    from PIL import Image
+
+    im = image.convert("RGB")
+    s = min(width / im.width, height / im.height)
+    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(im, ((width - im.width) // 2, (height - im.height) // 2))
+    return canvas
+
+
+def _link_adapter(checkpoint: Path) -> Path:
+    """``ip_adapter.safetensors`` beside ``trainable.safetensors`` (hard link; copy where links fail)."""
+    from serialgen.training.ip_adapter import WEIGHT_NAME
+
+    src, dst = checkpoint / "trainable.safetensors", checkpoint / WEIGHT_NAME
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+_RESUME_KEYS = ("mode", "models", "data.resolution", "train.batch_size", "train.gradient_accumulation_steps", "seed")
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, when ``output_dir`` holds checkpoints) and return a summary dict.
+
+    ``cfg`` is a validated config (:func:`serialgen.training.config_stage2.load_config`);
+    ``output_dir`` / ``max_steps`` override its values.
+    """
+    import torch
+    import torch.nn.functional as F
+    import yaml
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from serialgen.training import checkpointing as ckpt
+    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters, encode_reference
+    from serialgen.training.logging_utils import MetricsLogger, Throughput
+    from serialgen.training.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
+    from serialgen.training.stage2_components import load_components
+    from serialgen.training.stage2_data import PairDataset, draw_cfg_dropout, sdxl_time_ids, write_synthetic_pairs
+
+    if output_dir is not None:
+        cfg["output_dir"] = str(output_dir)
+    if max_steps is not None:
+        cfg["train"]["max_steps"] = int(max_steps)
+    out = Path(cfg["output_dir"])
+    tcfg, vcfg, dcfg = cfg["train"], cfg["validation"], cfg["data"]
+    seed = int(cfg["seed"])
+    width, height = dcfg["resolution"]
+
+    accelerator = Accelerator(
+        mixed_precision=tcfg["mixed_precision"], gradient_accumulation_steps=tcfg["gradient_accumulation_steps"]
+    )
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+
+    # ---- data first: a wrong pairs path fails in a second, not after minutes of model loading
+    pair_dirs = [str(p) for p in dcfg["pairs"]]
+    if dcfg["synthetic"]:
+        synth = out / "synthetic-pairs"
+        if main:
+            write_synthetic_pairs(synth, dcfg["synthetic"], seed=seed, size=(width, height))
+        accelerator.wait_for_everyone()
+        pair_dirs.append(str(synth))
+    for d in pair_dirs:
+        if not (Path(d) / "index.json").is_file():
+            raise UserInputError(f"data.pairs: {d} has no index.json; expected a pair set from `serialgen standardize`")
+
+    # ---- resume?
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:
+        saved = ckpt.read_checkpoint_config(latest)
+        for key in _RESUME_KEYS:
+            if _get(saved, key) != _get(cfg, key):
+                raise UserInputError(
+                    f"{latest}: resuming with a different {key} ({_get(saved, key)!r} -> {_get(cfg, key)!r}); "
+                    "use the run's config or a new --output-dir"
+                )
+
+    # ---- frozen models; the adapter
+    comps = load_components(cfg["models"], seed=seed)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tcfg["mixed_precision"]]
+    for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, comps.image_encoder):
+        m.requires_grad_(False)
+    comps.vae.to(device, dtype=torch.float32)  # SDXL's VAE is unstable in fp16: always fp32
+    for m in (comps.text_encoder, comps.text_encoder_2, comps.image_encoder):
+        m.to(device, dtype=weight_dtype).eval()
+    comps.unet.to(device, dtype=weight_dtype)
+    params = attach_ip_adapter(comps.unet, int(comps.image_encoder.config.hidden_size), seed=seed)
+    if tcfg["gradient_checkpointing"]:
+        comps.unet.enable_gradient_checkpointing()
+    view = AdapterView(comps.unet)
+    assert sum(1 for _ in view.parameters()) == len(params)
+    optimizer = torch.optim.AdamW(
+        view.parameters(), lr=tcfg["learning_rate"], betas=tuple(tcfg["adam_betas"]),
+        eps=tcfg["adam_eps"], weight_decay=tcfg["weight_decay"],
+    )
+    clip_size = int(comps.image_encoder.config.image_size)
+    dataset = PairDataset(pair_dirs, mode=cfg["mode"], resolution=(width, height), clip_size=clip_size, seed=seed,
+                          random_crop=dcfg["random_crop"], augment=dcfg["unpaired_augment"])
+    if len(dataset) < tcfg["batch_size"] * world:
+        raise UserInputError(f"data.pairs: {len(dataset)} pairs, fewer than one batch ({tcfg['batch_size']} x {world} processes)")
+
+    start_step, samples_seen, position = 0, 0, DataPosition()
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, view, optimizer=optimizer, rank=rank)
+        start_step, samples_seen = int(state["step"]), int(state.get("samples_seen", 0))
+        position = DataPosition.from_dict(state.get("data"))
+    model = Stage2Denoiser(comps.unet)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def make_loader(epoch: int, start_sample: int):
+        dataset.set_epoch(epoch)
+        sampler = SeededEpochSampler(len(dataset), seed=seed, epoch=epoch, rank=rank, world_size=world, start=start_sample)
+        return DataLoader(dataset, batch_size=tcfg["batch_size"], sampler=sampler, num_workers=dcfg["num_workers"],
+                          drop_last=True, pin_memory=device.type == "cuda")
+
+    resumable = ResumableBatches(make_loader, tcfg["batch_size"], position=position, seekable=True)
+    batches = iter(resumable)  # resumable.position: micro-batches consumed so far (what a resume skips)
+
+    pipe = comps.pipeline()  # for encode_prompt (identical to inference) and validation grids
+    val_refs = [_open_image(p) for p in vcfg["references"]] or [
+        dataset.reference_image(i) for i in range(min(vcfg["num_references"], len(dataset)))
+    ]
+
+    logger = MetricsLogger(out, resume_step=start_step, tensorboard=tcfg["tensorboard"]) if main else None
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    accum = tcfg["gradient_accumulation_steps"]
+    total = tcfg["max_steps"]
+    throughput = Throughput()
+    bar = tqdm(total=total, initial=start_step, desc="stage2", disable=not (main and progress), unit="step")
+    losses: list[float] = []
+    last_loss = float("nan")
+    noise_scheduler = comps.noise_scheduler
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+    prediction_type = noise_scheduler.config.prediction_type
+    t0 = time.perf_counter()
+
+    def save(step: int) -> Path:
+        path = ckpt.save_checkpoint(
+            out, step, view, optimizer=optimizer.optimizer,  # the torch optimizer inside accelerate's wrapper
+            train_state={"samples_seen": samples_seen, "data": resumable.position.to_dict(), "mode": cfg["mode"]},
+            config=cfg, rank=rank, is_main_process=main,
+        )
+        if main:
+            _link_adapter(path)
+            ckpt.rotate_checkpoints(out, tcfg["keep_checkpoints"])
+        accelerator.wait_for_everyone()
+        return path
+
+    model.train()
+    last_saved = start_step
+    for step in range(start_step, total):
+        for micro in range(accum):
+            _pos, batch = next(batches)
+            g = step_generator(seed, step * accum + micro, rank, device)
+            bsz = batch["pixel_values"].shape[0]
+            with torch.no_grad():
+                drop_image, drop_text = draw_cfg_dropout(bsz, tcfg["drop"], g)
+                px = batch["pixel_values"].to(device, torch.float32)
+                latents = comps.vae.encode(px).latent_dist.sample(generator=g)
+                shift = getattr(comps.vae.config, "shift_factor", None) or 0.0
+                latents = (latents - shift) * comps.vae.config.scaling_factor
+                captions = ["" if d else c for c, d in zip(batch["caption"], drop_text.tolist())]
+                prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+                    captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
+                image_hidden = encode_reference(comps.image_encoder, batch["ref_pixel_values"], drop_image)
+                time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (height, width)).to(device)
+                noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
+                if tcfg["noise_offset"]:
+                    noise = noise + tcfg["noise_offset"] * torch.randn(
+                        (bsz, latents.shape[1], 1, 1), generator=g, device=device, dtype=latents.dtype
+                    )
+                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g, device=device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                if prediction_type == "v_prediction":
+                    a = alphas[timesteps].sqrt().view(-1, 1, 1, 1)
+                    s = (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1)
+                    target = a * noise - s * latents
+                else:
+                    target = noise
+            with accelerator.accumulate(model):
+                pred = model(noisy.to(weight_dtype), timesteps, prompt_embeds.to(weight_dtype), pooled.to(weight_dtype),
+                             time_ids.to(weight_dtype), image_hidden.to(weight_dtype))
+                loss = F.mse_loss(pred.float(), target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tcfg["max_grad_norm"]:
+                    accelerator.clip_grad_norm_(params, tcfg["max_grad_norm"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(accelerator.gather(loss.detach().reshape(1)).mean()))
+            samples_seen += bsz * world
+            throughput.add(bsz * world)
+        global_step = step + 1
+        bar.update(1)
+        if main and (global_step % tcfg["log_every"] == 0 or global_step == total):
+            last_loss = sum(losses) / len(losses)
+            logger.log(global_step, loss=last_loss, lr=optimizer.param_groups[0]["lr"], samples_seen=samples_seen,
+                       samples_per_s=throughput.rate(), elapsed_s=time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            losses.clear()
+        if tcfg["checkpoint_every"] and global_step % tcfg["checkpoint_every"] == 0:
+            save(global_step)
+            last_saved = global_step
+        if vcfg["every"] and global_step % vcfg["every"] == 0 and main and val_refs:
+            validation_grid(pipe, val_refs, vcfg["prompts"], out / "validation" / f"step-{global_step:08d}.png",
+                            width=width, height=height, steps=vcfg["num_inference_steps"],
+                            guidance_scale=vcfg["guidance_scale"], ip_scale=vcfg["ip_adapter_scale"],
+                            seed=vcfg["seed"], autocast=accelerator.autocast)
+        accelerator.wait_for_everyone()
+    bar.close()
+
+    final_step = max(total, start_step)
+    if final_step > last_saved or ckpt.latest_checkpoint(out) is None:
+        save(final_step)
+    final = ckpt.latest_checkpoint(out)
+    adapter_path = out / "ip_adapter.safetensors"
+    if main and final is not None:
+        shutil.copyfile(final / "ip_adapter.safetensors", adapter_path)
+        if val_refs:
+            validation_grid(pipe, val_refs, vcfg["prompts"], out / "validation" / "final.png",
+                            width=width, height=height, steps=vcfg["num_inference_steps"],
+                            guidance_scale=vcfg["guidance_scale"], ip_scale=vcfg["ip_adapter_scale"],
+                            seed=vcfg["seed"], autocast=accelerator.autocast)
+    if logger is not None:
+        logger.close()
+    accelerator.wait_for_everyone()
+    summary = {
+        "steps": final_step,
+        "resumed_from": start_step,
+        "samples_seen": samples_seen,
+        "pairs": len(dataset),
+        "skipped_pairs": dataset.skipped,
+        "trainable_parameters": count_parameters(params),
+        "last_loss": last_loss,
+        "adapter": str(adapter_path),
+        "checkpoint": str(final),
+        "output_dir": str(out),
+    }
+    accelerator.end_training()
+    return summary
+
+
+def _open_image(path: str | Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"validation.references: {p} not found")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserInputError(f"validation.references: {p} is not a readable image ({exc})") from None
