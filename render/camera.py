@@ -57,7 +57,7 @@ class ViewRanges:
     framing_shares: dict[str, float] = field(default_factory=lambda: dict(FRAMING_SHARES))
     fill: dict[str, tuple[float, float]] = field(default_factory=lambda: {
         "full_body": (0.70, 0.95), "upper_body": (0.80, 1.0), "head": (0.40, 0.70)})
-    jitter: float = 0.8
+    jitter: float = 0.5
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,73 @@
+"""``serialgen render``: characters in, (non-standard, standard) pairs out, in WebDataset shards.
+
+Heavy imports (ray, bpy) happen inside the handler; bad input is a one-line error before any work.
+The benchmark is ``benchmarks/render.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def _handle_render(args: argparse.Namespace) -> int:
+    from serialgen.errors import UserInputError
+    from serialgen.render.farm import FarmConfig, format_summary, run_farm
+    from serialgen.render.scene import RenderSettings, parse_resolution
+
+    width, height = parse_resolution(args.resolution)
+    settings = RenderSettings(engine=args.engine, width=width, height=height, threads=args.threads,
+                              cycles_samples=args.samples, cycles_denoise=args.denoise,
+                              cycles_device=args.cycles_device, eevee_samples=args.samples)
+    if not 0.0 <= args.test_fraction <= 1.0:
+        raise UserInputError(f"--test-fraction must be in 0..1, got {args.test_fraction}")
+    if args.poses_per_shard < 1:
+        raise UserInputError(f"--poses-per-shard must be >= 1, got {args.poses_per_shard}")
+    config = FarmConfig(
+        assets=args.assets, out=args.out, settings=settings, per_character=args.poses_per_character,
+        seed=args.seed, test_fraction=args.test_fraction, poses_per_shard=args.poses_per_shard,
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.address,
+        max_characters_per_worker=args.max_characters_per_worker, rss_cap_mb=args.rss_cap_mb,
+        limit_characters=args.limit_characters, record_timings=args.record_timings,
+        overwrite=args.overwrite, progress=not args.no_progress)
+    summary = run_farm(config)
+    print(format_summary(summary))
+    return 1 if summary["failed_characters"] and not summary["pairs"] else 0
+
+
+def register(sub, groups) -> None:
+    p = sub.add_parser(
+        "render", help="render (non-standard, standard) pairs into WebDataset shards on Ray",
+        description="Render every accepted character of an asset folder: its standard image once, then "
+                    "K non-standard images (library poses, random views, framings, expressions, lighting), "
+                    "written as train/test WebDataset shards plus index.json. Re-running the same command "
+                    "renders only missing shards.")
+    p.add_argument("--assets", required=True, metavar="DIR", help="folder from `serialgen assets build`")
+    p.add_argument("--out", required=True, metavar="SHARDS", help="output folder for the shards")
+    p.add_argument("--poses-per-character", type=int, default=12, metavar="K",
+                   help="non-standard images per character (default 12; the paper: every library pose)")
+    p.add_argument("--resolution", default="512x768", metavar="WxH", help="image size (default 512x768)")
+    p.add_argument("--engine", default="workbench", choices=["workbench", "eevee", "cycles"],
+                   help="render engine (default workbench: fast on CPU)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="Blender worker processes (Ray actors; default 1; 0 = in this process, no Ray)")
+    p.add_argument("--address", default=None, metavar="A", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="run seed (fixes every sample; default 0)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of characters in the test split (default 0.2)")
+    p.add_argument("--poses-per-shard", type=int, default=1000,
+                   help="at most this many pairs per shard; a character with more is split (default 1000)")
+    p.add_argument("--samples", type=int, default=16, help="cycles/eevee samples per pixel (default 16)")
+    p.add_argument("--denoise", action="store_true", help="cycles: run the denoiser (slow on CPU)")
+    p.add_argument("--cycles-device", default="CPU", choices=["CPU", "GPU"], help="cycles device (default CPU)")
+    p.add_argument("--threads", type=int, default=0, help="render threads per worker (default: CPUs / workers)")
+    p.add_argument("--cpus-per-worker", type=int, default=0, help="Ray CPUs reserved per worker (default: CPUs / workers)")
+    p.add_argument("--max-characters-per-worker", type=int, default=50,
+                   help="recycle a worker process after this many characters (default 50)")
+    p.add_argument("--rss-cap-mb", type=float, default=6000.0, help="recycle a worker past this RSS (default 6000)")
+    p.add_argument("--limit-characters", type=int, default=None, metavar="N", help="render only the first N characters")
+    p.add_argument("--record-timings", action="store_true",
+                   help="store per-stage timings in every meta.json (makes the shards non-reproducible)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards of another run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_handle_render)
