@@ -54,7 +54,9 @@ class StandardizePipeline:
         if (checkpoint / "canonical_pose.safetensors").is_file():
             canonical = load_file(str(checkpoint / "canonical_pose.safetensors"))["std_pose"]
         for module in (parts.model, parts.vae, parts.image_encoder):
-            module.to(device=device, dtype=dtype).eval()
+            module.to(device=device).eval()
+            if dtype != torch.float32:
+                module.to(dtype=dtype)
         settings = dict(num_inference_steps=config.inference.num_inference_steps,
                         guidance_scale=config.inference.guidance_scale,
                         width=config.data.width, height=config.data.height)

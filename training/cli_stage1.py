@@ -1,0 +1,209 @@
+"""Stage I commands: `serialgen train stage1`, `serialgen standardize`, `serialgen eval standardization`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from serialgen.errors import UserInputError
+
+__all__ = ["register"]
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _resolve_config(value: str) -> Path:
+    """A config path, or the name of a packaged config (stage1, stage1-tiny)."""
+    from serialgen.training.config_stage1 import packaged_config
+
+    path = Path(value)
+    if path.is_file():
+        return path
+    if not path.suffix and packaged_config(value).is_file():
+        return packaged_config(value)
+    raise UserInputError(f"{value}: config file not found (give a YAML path, or stage1 / stage1-tiny)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from serialgen.training.config_stage1 import load_stage1_config
+    from serialgen.training.train_stage1 import train_stage1
+
+    overrides = list(args.set or [])
+    if args.no_fbdm:
+        overrides.append("model.fbdm=false")
+    if args.no_rpim:
+        overrides.append("model.rpim=false")
+    config = load_stage1_config(_resolve_config(args.config), overrides)
+    result = train_stage1(config, output_dir=args.output_dir, max_steps=args.max_steps,
+                          train_shards=args.train_shards, resume=args.resume)
+    losses = list(result.losses.values())
+    summary = {
+        "output_dir": str(result.output_dir),
+        "steps": [result.first_step, result.last_step],
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds_per_step": round(result.seconds_per_step, 4),
+        "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _is_shard_input(value: str) -> bool:
+    path = Path(value)
+    return value.startswith("synthetic:") or path.suffix == ".tar" or (path.is_dir() and (path / "index.json").is_file())
+
+
+def _standardize(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from serialgen.training.data_stage1 import open_stage1_dataset
+    from serialgen.training.logging_utils import to_uint8_image
+    from serialgen.training.pipeline_stage1 import StandardizePipeline
+    from serialgen.training.reference_inputs import BlankPose, WhiteBackgroundMask, list_images, load_reference
+
+    if not Path(args.checkpoint).is_dir():
+        raise UserInputError(f"{args.checkpoint}: checkpoint folder not found")
+    pipe = StandardizePipeline.from_checkpoint(args.checkpoint, device=_device(args.device),
+                                               num_inference_steps=args.steps, guidance_scale=args.guidance)
+    width, height = args.width or pipe.width, args.height or pipe.height
+    std_pose = None
+    if args.std_pose:
+        std_pose = load_reference(args.std_pose, width, height)["ref"].add(1).div(2)  # pose map as drawn, [0, 1]
+    elif pipe.canonical_pose is not None and tuple(pipe.canonical_pose.shape[-2:]) != (height, width):
+        raise UserInputError(f"--width/--height {width}x{height} differ from the checkpoint's canonical pose map; pass --std-pose")
+
+    # inputs: our own shards (exact mask and keypoints from the loader) or pictures
+    if _is_shard_input(args.input):
+        dataset = open_stage1_dataset(args.input, width=width, height=height, seed=0, split=args.split)
+        items = ((sample.get("meta", {}).get("key", f"sample-{i:06d}"), sample) for i, sample in
+                 enumerate(dataset[i] for i in range(len(dataset))) ) if hasattr(dataset, "__len__") else \
+            ((s.get("meta", {}).get("key", f"sample-{i:06d}"), s) for i, s in enumerate(dataset))
+    else:
+        pose = _pose_estimator(args) or BlankPose()
+        if isinstance(pose, BlankPose):
+            print("serialgen: no pose estimator given (--dwpose-det/--dwpose-pose): using a blank reference pose map",
+                  file=sys.stderr)
+        mask = WhiteBackgroundMask(args.white_threshold)
+        items = ((p.stem, load_reference(p, width, height, pose=pose, mask=mask)) for p in list_images(args.input))
+
+    out = Path(args.out)
+    single_file = out.suffix.lower() == ".png"
+    (out.parent if single_file else out).mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    written = 0
+    batch: list[tuple[str, dict]] = []
+
+    def flush() -> None:
+        nonlocal written
+        if not batch:
+            return
+        refs = torch.stack([s["ref"] for _, s in batch])
+        masks = torch.stack([s["ref_mask"] for _, s in batch])
+        poses = torch.stack([s["ref_pose"] for _, s in batch])
+        images = pipe(refs, masks, poses, std_pose, generator=generator)
+        for (name, _), image in zip(batch, images):
+            target = out if single_file else out / f"{name}.png"
+            Image.fromarray(to_uint8_image(image, (0, 1))).save(target)
+            written += 1
+        batch.clear()
+
+    for name, sample in items:
+        batch.append((name, sample))
+        if len(batch) == args.batch_size:
+            flush()
+        if single_file and written + len(batch) >= 1:
+            break
+    flush()
+    print(f"standardized {written} image(s) -> {out}")
+    return 0
+
+
+def _pose_estimator(args: argparse.Namespace):
+    if not (args.dwpose_det or args.dwpose_pose):
+        return None
+    if not (args.dwpose_det and args.dwpose_pose):
+        raise UserInputError("--dwpose-det and --dwpose-pose go together (yolox_l.onnx and dw-ll_ucoco_384.onnx)")
+    from serialgen.training.dwpose import DWPoseOnnx
+
+    return DWPoseOnnx(args.dwpose_det, args.dwpose_pose)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from serialgen.training.eval_stage1 import evaluate_standardization, format_table
+
+    if not Path(args.checkpoint).is_dir():
+        raise UserInputError(f"{args.checkpoint}: checkpoint folder not found")
+    summary = evaluate_standardization(args.checkpoint, args.shards, device=_device(args.device),
+                                       batch_size=args.batch_size, max_samples=args.max_samples,
+                                       num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                                       progress=not args.json)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+    if args.json:
+        brief = {k: v for k, v in summary.items() if k != "per_sample"}
+        print(json.dumps(brief, indent=2))
+    else:
+        print(format_table(summary))
+    return 0
+
+
+def register(sub, groups) -> None:
+    """Add `train stage1`, `eval standardization` and the top-level `standardize`."""
+    p = groups["train"].add_parser("stage1", help="train the Stage I standardization model",
+                                   description="Train (or resume) the Stage I standardization model on accelerate. "
+                                   "Launch multi-GPU with `accelerate launch -m serialgen.cli train stage1 ...`.")
+    p.add_argument("--config", required=True, help="YAML config path, or stage1 / stage1-tiny (packaged)")
+    p.add_argument("--output-dir", help="run folder (checkpoints/, metrics.jsonl, tensorboard/, validation/)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps in total (overrides train.max_steps)")
+    p.add_argument("--train-shards", help="training shards for the loader, or synthetic:N (overrides data.train_shards)")
+    p.add_argument("--resume", default="auto", help="auto (latest checkpoint in the output folder), never, or a checkpoint path")
+    p.add_argument("--no-fbdm", action="store_true", help="ablation: no foreground/background tokens")
+    p.add_argument("--no-rpim", action="store_true", help="ablation: no reference pose injection")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.learning_rate=1e-4")
+    p.set_defaults(handler=_train)
+
+    p = groups["eval"].add_parser("standardization", help="PSNR/SSIM of Stage I on the held-out split",
+                                  description="Standardize the test split of a shard set and score it against the "
+                                  "rendered standard images (PSNR, SSIM: Gaussian 11x11, sigma 1.5, data range 1).")
+    p.add_argument("--checkpoint", required=True, help="Stage I checkpoint folder (checkpoints/step-N)")
+    p.add_argument("--shards", required=True, help="shard set (its test split is used), or synthetic:N")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--out", help="also write the full JSON (with per-sample scores) to this file")
+    p.add_argument("--max-samples", type=int, help="stop after this many samples")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint config's, 20)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint config's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("standardize", help="Stage I inference: reference image(s) -> standard form",
+                       description="Standardize pictures (a file or a folder; padded to the model's size) or the "
+                       "samples of our own shards (exact masks and keypoints). Writes one PNG per input.")
+    p.add_argument("--checkpoint", required=True, help="Stage I checkpoint folder")
+    p.add_argument("--input", required=True, help="image file, folder of images, shard set (.tar / folder with index.json) or synthetic:N")
+    p.add_argument("--out", required=True, help="output folder (or a .png path for a single input)")
+    p.add_argument("--split", default="test", help="shard split to read when --input is a shard set (default test)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint config's, 20)")
+    p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint config's)")
+    p.add_argument("--width", type=int, help="model input width (default: the checkpoint config's, 512)")
+    p.add_argument("--height", type=int, help="model input height (default: the checkpoint config's, 768)")
+    p.add_argument("--std-pose", help="target pose map image (default: the canonical map stored in the checkpoint)")
+    p.add_argument("--dwpose-det", help="DWPose detector ONNX (yolox_l.onnx), local path; needs onnxruntime")
+    p.add_argument("--dwpose-pose", help="DWPose pose ONNX (dw-ll_ucoco_384.onnx), local path")
+    p.add_argument("--white-threshold", type=float, default=0.94, help="without alpha: pixels brighter than this are background")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.set_defaults(handler=_standardize)
