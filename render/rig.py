@@ -1,0 +1,194 @@
+"""``CharacterRig``: one loaded character in the Blender scene, posed through the canonical skeleton.
+
+Shared by every character kind (procedural, glTF, VRM, FBX, .blend): a loader builds or imports the
+objects, then constructs ``CharacterRig(char_id, armature, meshes, bone_map, expressions,
+face_landmarks)``. The math (``assets_manifest.rig_alignment``, ``docs/characters.md``):
+
+* at construction, each mapped bone's rest direction is aligned to the canonical A-pose direction
+  of its joint (unmapped bones, the pelvis and the fingers inherit their parent's alignment);
+* ``apply_pose(angles)`` turns the canonical angles into canonical world rotations (skeleton
+  forward kinematics), gives each mapped bone ``W = G[joint] @ A @ R_rest`` and each unmapped bone
+  its parent's motion, converts these to pose-bone quaternions in hierarchy order and updates the
+  view layer once; zeros = the canonical A-pose whatever the rig's own rest pose;
+* ``posed_skeleton()`` reads the posed bones back and recovers the canonical world rotation
+  ``W @ R_rest^T @ A^T`` per joint, so ``skeleton.compute_keypoints`` works for any rig.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from serialgen.assets_manifest import rig_alignment as ra
+from serialgen.assets_manifest import skeleton as sk
+from serialgen.render.bpy_utils import import_bpy
+
+__all__ = ["CharacterRig", "Expression"]
+
+#: One expression = shape keys to set: (mesh object name, shape key name, weight).
+Expression = list[tuple[str, str, float]]
+
+
+def _np(m) -> np.ndarray:
+    return np.array([list(row) for row in m], dtype=np.float64)
+
+
+class CharacterRig:
+    """One character: its armature, meshes, canonical bone map, expressions and face landmarks.
+
+    Args:
+        char_id: manifest id.
+        armature: the bpy armature Object (normalised: metres, Z up, facing -Y, feet on z=0).
+        meshes: bpy mesh Objects deformed by it (body, clothes, hair, accessories).
+        bone_map: canonical joint -> armature bone name; must cover ``skeleton.REQUIRED_JOINTS``.
+        expressions: name -> [(mesh object name, shape key name, weight), ...].
+        face_landmarks: overrides of ``skeleton.FACE_LANDMARK_DEFAULTS`` (head-length units).
+        owned: extra datablock owners to delete in ``remove`` (for example a collection).
+    """
+
+    def __init__(self, char_id: str, armature, meshes, bone_map: dict[str, str],
+                 expressions: dict[str, Expression] | None = None,
+                 face_landmarks: dict[str, tuple[float, float, float]] | None = None,
+                 owned=None):
+        self.bpy = import_bpy()
+        if armature is None or armature.type != "ARMATURE":
+            raise ValueError(f"character {char_id!r}: armature object missing or not an armature")
+        missing = [j for j in sk.REQUIRED_JOINTS if j not in bone_map]
+        if missing:
+            raise ValueError(f"character {char_id!r}: bone_map lacks required joints {missing}")
+        self.id = char_id
+        self.armature = armature
+        self.meshes = list(meshes)
+        self.bone_map = dict(bone_map)
+        self.expressions: dict[str, Expression] = {"neutral": []}
+        self.expressions.update({k: [tuple(x) for x in v] for k, v in (expressions or {}).items()})
+        self.face_landmarks = dict(face_landmarks) if face_landmarks else None
+        self._owned = list(owned or [])
+
+        # Imported animation or constraints would override our pose on every evaluation.
+        if armature.animation_data is not None:
+            armature.animation_data_clear()
+        for pb in armature.pose.bones:
+            for con in pb.constraints:
+                con.mute = True
+            pb.rotation_mode = "QUATERNION"
+
+        bones = list(armature.data.bones)
+        self._bone_names = [b.name for b in bones]
+        index = {n: i for i, n in enumerate(self._bone_names)}
+        parents = np.array([index[b.parent.name] if b.parent else -1 for b in bones])
+        mats = np.stack([_np(b.matrix_local) for b in bones])
+        heads = mats[:, :3, 3]
+        rots = mats[:, :3, :3]
+        tails = np.array([list(b.tail_local) for b in bones], dtype=np.float64)
+        world = _np(armature.matrix_world)
+        lin = world[:3, :3]
+        self._scale = float(np.cbrt(abs(np.linalg.det(lin)))) or 1.0
+        self._world = world
+        rot_world = lin / self._scale  # armature space -> world rotation
+        self._al = ra.build_alignment(self._bone_names, parents, heads, tails, rots, self.bone_map,
+                                      frame=rot_world.T)
+        self._pose_bones = [armature.pose.bones[n] for n in self._bone_names]
+
+    # -- posing -------------------------------------------------------------------------------
+
+    def apply_pose(self, angles, root_translation=(0.0, 0.0, 0.0)) -> None:
+        """Pose from canonical angles (J, 3) in degrees (skeleton.JOINT_NAMES order) and a root
+        translation in metres (world axes). Zeros = the canonical A-pose."""
+        from mathutils import Matrix, Vector
+
+        angles = np.asarray(angles, dtype=np.float64)
+        if angles.shape != (len(sk.JOINTS), 3) or not np.isfinite(angles).all():
+            raise ValueError(f"pose angles must be finite with shape ({len(sk.JOINTS)}, 3), got {angles.shape}")
+        al = self._al
+        g = ra.canonical_world_rotations(angles)
+        t = np.asarray(root_translation, dtype=np.float64) / self._scale
+        w, h = ra.pose_bones(al, g, t)
+        r = al.rest_rots
+        for b in al.order:
+            p = al.parents[b]
+            if p >= 0:
+                parent_motion = w[p] @ r[p].T
+                basis = r[b].T @ parent_motion.T @ w[b]
+                implied = h[p] + parent_motion @ (al.heads[b] - al.heads[p])
+                loc = r[b].T @ parent_motion.T @ (h[b] - implied)
+            else:
+                basis = r[b].T @ w[b]
+                loc = r[b].T @ (h[b] - al.heads[b])
+            pb = self._pose_bones[b]
+            pb.rotation_quaternion = Matrix(basis.tolist()).to_quaternion()
+            pb.location = Vector(loc.tolist())
+            pb.scale = (1.0, 1.0, 1.0)
+        self.bpy.context.view_layer.update()
+
+    def set_expression(self, name: str | None) -> None:
+        """Set one expression's shape keys (others 0). None or "neutral": every shape key 0."""
+        if name is not None and name not in self.expressions:
+            raise ValueError(f"character {self.id!r} has no expression {name!r}; it has {sorted(self.expressions)}")
+        for obj in self.meshes:
+            keys = obj.data.shape_keys
+            if keys is None:
+                continue
+            for kb in keys.key_blocks[1:]:
+                kb.value = 0.0
+        for obj_name, key, weight in self.expressions.get(name or "neutral", []):
+            obj = self.bpy.data.objects.get(obj_name)
+            if obj is None or obj.data.shape_keys is None or key not in obj.data.shape_keys.key_blocks:
+                raise ValueError(f"character {self.id!r}: expression {name!r} names missing shape key {obj_name}/{key}")
+            obj.data.shape_keys.key_blocks[key].value = float(weight)
+
+    # -- reading back -------------------------------------------------------------------------
+
+    def posed_skeleton(self) -> sk.PosedSkeleton:
+        """World heads/tails/rotations of the canonical joints (NaN where the rig has no bone)."""
+        al = self._al
+        n = len(sk.JOINTS)
+        heads = np.full((n, 3), np.nan)
+        tails = np.full((n, 3), np.nan)
+        rots = np.full((n, 3, 3), np.nan)
+        lin, off = self._world[:3, :3], self._world[:3, 3]
+        for joint, b in al.joint_bone.items():
+            m = _np(self._pose_bones[b].matrix)
+            w = m[:3, :3]
+            h = m[:3, 3]
+            j = sk.JOINT_INDEX[joint]
+            tail = h + w @ al.rest_rots[b].T @ (al.next_points[b] - al.heads[b])
+            heads[j] = lin @ h + off
+            tails[j] = lin @ tail + off
+            rots[j] = ra.canonical_rotation_of(al, b, w)
+        return sk.PosedSkeleton(list(sk.JOINT_NAMES), heads, tails, rots)
+
+    def keypoints(self) -> tuple[np.ndarray, np.ndarray]:
+        """3D keypoints (K, 3) and mask (K,) of the current pose (``skeleton.compute_keypoints``)."""
+        return sk.compute_keypoints(self.posed_skeleton(), self.face_landmarks)
+
+    def evaluated_vertices(self, obj=None) -> np.ndarray:
+        """World positions (N, 3) of the evaluated (posed, deformed, shape-keyed) mesh vertices of
+        one mesh object, or of all meshes stacked."""
+        dg = self.bpy.context.evaluated_depsgraph_get()
+        out = []
+        for o in ([obj] if obj is not None else self.meshes):
+            ev = o.evaluated_get(dg)
+            me = ev.to_mesh()
+            co = np.empty(len(me.vertices) * 3, dtype=np.float64)
+            me.vertices.foreach_get("co", co)
+            ev.to_mesh_clear()
+            m = _np(o.matrix_world)
+            out.append(co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3])
+        return np.concatenate(out) if out else np.zeros((0, 3))
+
+    def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min xyz, max xyz) of the evaluated meshes in world space."""
+        v = self.evaluated_vertices()
+        return v.min(axis=0), v.max(axis=0)
+
+    def remove(self) -> None:
+        """Delete the character's objects (the caller then purges orphans)."""
+        data = self.bpy.data
+        for obj in [*self.meshes, self.armature]:
+            if obj is not None and obj.name in data.objects:
+                data.objects.remove(obj, do_unlink=True)
+        for thing in self._owned:
+            if thing is not None and thing.name in data.collections:
+                data.collections.remove(thing)
+        self.meshes = []
+        self.armature = None
