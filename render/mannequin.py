@@ -142,16 +142,25 @@ class Mannequin:
             if name == "head":
                 # Skull: an ellipsoid centred on the head bone, plus a nose bump facing -Y.
                 centre = (head + tail) / 2
-                head_verts = _add_ellipsoid(bm, deform, groups[name], centre, tail - head, length * 0.55,
-                                            length * 0.42, 3)
-                nose = head + np.array([0.0, -0.42 * length, 0.30 * length])
-                _add_ellipsoid(bm, deform, groups[name], nose, [0, -1, 0], 0.08 * length, 0.06 * length, 3)
+                # Big enough to hold the default face landmarks (skeleton.FACE_LANDMARK_DEFAULTS).
+                head_verts = _add_ellipsoid(bm, deform, groups[name], centre, tail - head, length * 0.6,
+                                            length * 0.5, 3)
+                nose = head + np.array([0.0, -0.55 * length, 0.30 * length])
+                _add_ellipsoid(bm, deform, groups[name], nose, [0, -1, 0], 0.11 * length, 0.08 * length, 3)
+                continue
+            if name.endswith("_foot"):
+                # Heel to toes (the foot keypoints lie 0.35 foot lengths behind the ankle).
+                s = spec.height / 1.75
+                centre = head + np.array([0.0, -0.08, -0.04]) * s
+                _add_ellipsoid(bm, deform, groups[name], centre, [0, -1, 0], 0.16 * s,
+                               0.052 * s * max(spec.girth, 1.0) ** 0.5, 2)
                 continue
             radius, slot = _bone_radius(name, spec)
             _add_ellipsoid(bm, deform, groups[name], (head + tail) / 2, tail - head, length * 0.6, radius, slot)
         head_ids = [v.index for v in head_verts]
         bm.to_mesh(mesh)
         bm.free()
+        mesh.shade_smooth()
         for colour in (spec.top, spec.bottom, spec.shoes, spec.skin):
             mat = bpy.data.materials.new(f"{self.id}-mat")
             mat.diffuse_color = colour

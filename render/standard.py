@@ -7,7 +7,8 @@ neck to the top of the skull) is vertical in the A-pose. Its midpoint lands at
 of the frame height. The camera looks along +Y, level, from the head's height, at focal length
 ``STANDARD_FOCAL_MM``, with a vertical lens shift that puts the head centre where it belongs, so
 both numbers are exact for the head bone (which lies in one depth plane) whatever the body below.
-An adult (~9.7 head-bone lengths tall) then fills the frame down to ~91% of its height; a child's
+An adult (~9.7 head-bone lengths tall, arm span ~7.7) then fills the frame down to ~81% of its
+height and ~87% of a 2:3 frame's width; a child's
 body ends higher; unusually tall or small-headed characters are cut at the feet.
 """
 
@@ -29,8 +30,8 @@ __all__ = [
     "on_white",
 ]
 
-STANDARD_HEAD_CENTER = (0.5, 0.13)
-STANDARD_HEAD_HEIGHT = 0.085
+STANDARD_HEAD_CENTER = (0.5, 0.12)
+STANDARD_HEAD_HEIGHT = 0.075
 STANDARD_FOCAL_MM = 85.0
 STANDARD_EXPRESSION = "neutral"
 
