@@ -110,7 +110,8 @@ def validate_record(rec: dict, where: str = "record") -> dict:
         raise UserInputError(f"{where}: an accepted record has reason null, got {rec['reason']!r}")
     if not isinstance(rec["stats"], dict):
         raise UserInputError(f"{where}: stats must be an object")
-    check_id(rec["id"])
+    if not isinstance(rec["id"], str) or not _ID_RE.match(rec["id"]):
+        raise UserInputError(f"{where}: invalid asset id {rec['id']!r} (letters, digits, '-' and '_' only)")
     return rec
 
 
