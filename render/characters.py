@@ -61,3 +61,14 @@ def load_character(record: dict, assets_dir) -> "object":
         raise UserInputError(f"character {record.get('id')!r} is {record.get('status')!r} "
                              f"({record.get('reason')}); only accepted records can be loaded")
     return loader(record, Path(assets_dir))
+
+
+# Real formats (import engineer): glTF/GLB, VRM, FBX, .blend -> render/real_character.py.
+def _load_real(record: dict, assets_dir: Path):
+    from serialgen.render.real_character import load_real_character
+
+    return load_real_character(record, assets_dir)
+
+
+for _kind in ("gltf", "vrm", "fbx", "blend"):
+    register_loader(_kind, _load_real)

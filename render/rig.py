@@ -39,7 +39,7 @@ class CharacterRig:
         char_id: manifest id.
         armature: the bpy armature Object (normalised: metres, Z up, facing -Y, feet on z=0).
         meshes: bpy mesh Objects deformed by it (body, clothes, hair, accessories).
-        bone_map: canonical joint -> armature bone name; must cover ``skeleton.REQUIRED_JOINTS``.
+        bone_map: canonical joint -> armature bone name; must cover ``bone_maps.MIN_JOINTS``.
         expressions: name -> [(mesh object name, shape key name, weight), ...].
         face_landmarks: overrides of ``skeleton.FACE_LANDMARK_DEFAULTS`` (head-length units).
         owned: extra datablock owners to delete in ``remove`` (for example a collection).
@@ -52,7 +52,11 @@ class CharacterRig:
         self.bpy = import_bpy()
         if armature is None or armature.type != "ARMATURE":
             raise ValueError(f"character {char_id!r}: armature object missing or not an armature")
-        missing = [j for j in sk.REQUIRED_JOINTS if j not in bone_map]
+        # Real rigs often lack clavicles, a neck or a second spine bone (CesiumMan, KayKit); the
+        # alignment lets unmapped bones follow their parents, so only bone_maps.MIN_JOINTS (pelvis,
+        # head, arms, hands, legs, feet) are required (import engineer's edit, see docs/real_assets.md).
+        from serialgen.assets_manifest.bone_maps import MIN_JOINTS
+        missing = [j for j in MIN_JOINTS if j not in bone_map]
         if missing:
             raise ValueError(f"character {char_id!r}: bone_map lacks required joints {missing}")
         self.id = char_id
