@@ -163,6 +163,8 @@ def load_config(path_or_name: str | Path, overrides: dict | None = None) -> dict
         node = cfg
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node[part]
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise UserInputError(f"config override: unknown key {key!r}")
         node[leaf] = value
     return validate_config(cfg)

@@ -1,0 +1,155 @@
+"""Stage II commands: `serialgen train stage2`, `serialgen generate`, `serialgen eval personalization`.
+
+Pair building is part of `serialgen standardize` (registered by Stage I's CLI); its options and
+handler live in :mod:`serialgen.training.pairs_stage2` (``add_pair_arguments``, ``run_build_pairs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from serialgen.errors import UserInputError
+
+__all__ = ["register"]
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from serialgen.training.config_stage2 import load_config
+    from serialgen.training.train_stage2 import train_stage2
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserInputError(f"--set: {item!r} is not KEY=VALUE")
+        import yaml
+
+        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        cfg = load_config(args.config, overrides)
+    except KeyError as exc:
+        raise UserInputError(f"--set: unknown config key {exc}") from None
+    if args.mode:
+        cfg["mode"] = args.mode
+    summary = train_stage2(cfg, output_dir=args.output_dir, max_steps=args.max_steps, progress=not args.quiet)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from serialgen.training.generate import generate_series
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        f = Path(args.prompts_file)
+        if not f.is_file():
+            raise UserInputError(f"--prompts-file: {f} not found")
+        prompts += [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    record = generate_series(
+        ref=args.ref, prompts=prompts, out=args.out, adapter=args.adapter, standardizer=args.standardizer,
+        seeds=args.seeds, first_seed=args.first_seed, width=args.width, height=args.height, steps=args.steps,
+        guidance_scale=args.guidance, ip_scale=args.ip_scale, negative_prompt=args.negative_prompt,
+        sdxl=args.sdxl, image_encoder=args.image_encoder, vae=args.vae, device=_device(args.device),
+        progress=not args.quiet,
+    )
+    print(f"{len(record['images'])} images ({len(record['prompts'])} prompts x {len(record['seeds'])} seeds) "
+          f"-> {args.out} (grid.png, series.json); standardizer: {record['standardizer']}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from serialgen.training.metrics_personalization import (
+        ArcFaceOnnx,
+        ClipScorer,
+        evaluate_outputs,
+        format_table,
+        make_segmenter,
+    )
+
+    if bool(args.face_det) != bool(args.face_rec):
+        raise UserInputError("--face-det and --face-rec go together (SCRFD det_10g.onnx and ArcFace w600k_r50.onnx)")
+    segmenter = make_segmenter(args.segmenter)
+    faces = ArcFaceOnnx(args.face_det, args.face_rec) if args.face_det else None
+    clip = ClipScorer(args.clip, device=_device(args.device))
+    result = evaluate_outputs(args.outputs, args.refs or [], clip, segmenter, faces=faces, ap_pairs=args.ap_pairs)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "series"} | {
+            "series": [{k: v for k, v in s.items() if k != "per_image"} for s in result["series"]]}, indent=1))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def register(sub, groups) -> None:
+    """Add `train stage2`, `eval personalization` and the top-level `generate`."""
+    p = groups["train"].add_parser(
+        "stage2", help="train the Stage II IP-Adapter (SDXL) on pair shards",
+        description="Train (or resume, when --output-dir holds checkpoints) IP-Adapter Full on a frozen SDXL. "
+        "Multi-GPU: `accelerate launch --num_processes N -m serialgen.cli train stage2 --config C`.",
+    )
+    p.add_argument("--config", required=True, help="YAML config path, or a packaged name: stage2, stage2-tiny")
+    p.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
+    p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps)")
+    p.add_argument("--mode", choices=("two-stage", "unpaired", "paired-one-stage"),
+                   help="reference used in training (overrides the config; the last two are the Table 2 baselines)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.learning_rate=2e-5 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser(
+        "generate", help="two-stage generation: standardize a reference, then a series of images",
+        description="Standardize the reference once (Stage I), then generate one image per prompt x seed with "
+        "SDXL + the trained IP-Adapter (DDIM). Writes the images, grid.png and series.json to --out.",
+    )
+    p.add_argument("--standardizer", required=True,
+                   help="Stage I checkpoint folder; 'identity' (no standardization, letterbox only: a labelled stand-in); "
+                   "'none' (raw reference: the one-stage baselines)")
+    p.add_argument("--adapter", required=True, help="ip_adapter.safetensors, or a Stage II run / checkpoint folder holding one")
+    p.add_argument("--ref", required=True, help="reference image")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds first-seed .. first-seed+N-1; default 4)")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the paper)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale (0 = text only)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (default '': what text dropout trained)")
+    p.add_argument("--sdxl", help="SDXL folder (default: from the adapter's training config)")
+    p.add_argument("--image-encoder", help="CLIP vision folder (default: from the adapter's training config)")
+    p.add_argument("--vae", help="replacement VAE folder")
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_generate)
+
+    p = groups["eval"].add_parser(
+        "personalization", help="CLIP-I, CLIP-T, AP-CLIP-I, Face Sim of generated series",
+        description="Score series written by `serialgen generate` (paper Tables 1, 2, 4). CLIP-I/T and AP-CLIP-I "
+        "x100; Face Sim as a cosine. Backgrounds are removed before CLIP-I / AP-CLIP-I.",
+    )
+    p.add_argument("--outputs", nargs="+", required=True, help="series folders, or folders holding series folders")
+    p.add_argument("--refs", nargs="*", help="reference images or folders (default: the paths in series.json)")
+    p.add_argument("--clip", required=True, help="local transformers CLIP folder (e.g. clip-vit-large-patch14)")
+    p.add_argument("--segmenter", default="white", help="white[:T] (default), masks:DIR, rembg:MODEL.onnx")
+    p.add_argument("--face-det", help="SCRFD detector ONNX (insightface det_10g.onnx); enables Face Sim")
+    p.add_argument("--face-rec", help="ArcFace recognition ONNX (insightface w600k_r50.onnx)")
+    p.add_argument("--ap-pairs", choices=("cross-prompt", "all"), default="cross-prompt",
+                   help="AP-CLIP-I over pairs from different prompts (default) or all pairs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--out", help="also write the full JSON (per-image scores) to this file")
+    p.add_argument("--device", help="cuda / cpu")
+    p.set_defaults(handler=_eval)
