@@ -33,7 +33,7 @@ __all__ = [
 
 J = len(sk.JOINT_NAMES)
 _IDX = sk.JOINT_INDEX
-_FINGERS = [n for n in sk.HAND_JOINTS]
+_FINGERS = list(sk.HAND_JOINTS)
 _TAU = 2.0 * np.pi
 
 
@@ -262,7 +262,7 @@ def _wave(p, u):
     amp, high, tilt = _lerp(u[:, 0], 10, 30), _lerp(u[:, 1], 0, 1), _lerp(u[:, 2], -10, 10)
     x = _Pose(len(p))
     # Right hand waves: upper arm up and out, forearm vertical, swinging side to side.
-    x.arm("r", forward=_lerp(high, 40, 150) + 0 * w, out=_lerp(high, 70, 15), bend=[0, 0, 1],
+    x.arm("r", forward=_lerp(high, 40, 150), out=_lerp(high, 70, 15), bend=[0, 0, 1],
           elbow=_lerp(high, 100, 40) + amp * np.sin(w))
     x.add("r_lower_arm", twist=amp * np.sin(w))
     x.set("r_hand", abduct=20 * np.sin(w))
@@ -368,6 +368,9 @@ def _punch(p, u):
     return x.done()
 
 
+_ARM_BEND_UP_BACK = np.array([0.0, 0.3, 1.0])  # a throwing forearm cocks up and back
+
+
 def _throw(p, u):
     # Overhand throw with the right arm: wind-up, release, follow-through; step with the left leg.
     t = [0.0, 0.35, 0.6, 0.8, 1.0]
@@ -387,8 +390,6 @@ def _throw(p, u):
     x.set("neck", twist=_keys(p, t, [0, 20, 0, -5, 0]) * u[:, 1])
     return x.done()
 
-
-_ARM_BEND_UP_BACK = np.array([0.0, 0.3, 1.0])
 
 
 def _dance(p, u):
@@ -521,7 +522,7 @@ def _clap(p, u):
     x = _Pose(len(p))
     for side in ("l", "r"):
         x.arm(side, forward=np.where(high, 150, _lerp(u[:, 1], 45, 75)), out=np.where(high, 5 + 20 * apart, -5 + 35 * apart),
-              bend=np.where(high[:, None], [-1.0, 0, 0.3], [-1.0, 0, 0.3]), elbow=np.where(high, 40, 75 - 20 * apart))
+              bend=[-1.0, 0, 0.3], elbow=np.where(high, 40, 75 - 20 * apart))
         x.set(f"{side}_hand", flex=-20, abduct=10)
         x.fingers(side, 5)
     x.set("spine", flex=_lerp(u[:, 2], -5, 15))

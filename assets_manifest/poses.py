@@ -21,10 +21,9 @@ The library is then ordered by (motion, phase).
 from __future__ import annotations
 
 import io
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -236,11 +235,7 @@ class _Sources:
         order_key = np.concatenate([np.arange(len(c[3])) for c in chunks])
         src = np.concatenate([np.full(len(c[3]), s) for s, c in enumerate(chunks)])
         order = np.lexsort((src, order_key))
-        cat = [np.concatenate([c[i] for c in chunks])[order] for i in range(4)]
-        return cat
-
-    def exhausted(self) -> bool:
-        return False  # built-in motion sets are continuous: they never run out
+        return [np.concatenate([c[i] for c in chunks])[order] for i in range(4)]
 
 
 # Small per-sample "style" noise (degrees, standard deviation) on the spine, head and wrists, so
