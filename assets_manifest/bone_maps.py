@@ -169,6 +169,8 @@ def split_name(name: str) -> NameInfo:
     """Read a bone name: side, role stem and numbers; ``ignored`` for helper/leaf/IK/face bones."""
     raw = name.split(":")[-1].split("|")[-1]
     toks = _tokens(name)
+    # 3ds Max Biped's root name carries a number (Bip01, Bip001) that is not part of the bone's own.
+    toks = [t for k, t in enumerate(toks) if not (t.isdigit() and k > 0 and toks[k - 1] == "bip")]
     ignored = raw.startswith("__") or any(t in _IGNORE for t in toks)
     sides = {("l" if t in ("l", "left") else "r") for t in toks if t in ("l", "r", "left", "right")}
     side = sides.pop() if len(sides) == 1 else None
