@@ -23,7 +23,9 @@ import io
 import json
 import os
 import re
+import struct
 import tarfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -87,15 +89,27 @@ def split_of(character: str, test_fraction: float = 0.2) -> str:
     return "test" if h / 2**64 < test_fraction else "train"
 
 
-def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
-    """uint8 (H, W, 3|4) -> PNG bytes. Deterministic (no metadata); level 1 is ~3x faster than 6."""
-    from PIL import Image
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    arr = np.ascontiguousarray(image, dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGBA" if arr.shape[-1] == 4 else "RGB").save(buf, format="PNG",
-                                                                     compress_level=compress_level)
-    return buf.getvalue()
+
+def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 (H, W, 3|4) -> PNG bytes (8-bit RGB or RGBA), deterministic, no metadata chunks.
+
+    Written directly: filter type 0 (none) on every row, one zlib stream at ``compress_level``.
+    On our renders (flat-shaded figures on transparent or white ground) this measured ~3x faster
+    than Pillow at level 1 and ~8% smaller (``benchmarks/render.py``). Any PNG reader decodes it.
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"encode_png: expected uint8 (H, W, 3|4), got {arr.dtype} {arr.shape}")
+    h, w, c = arr.shape
+    raw = np.zeros((h, 1 + w * c), dtype=np.uint8)  # column 0: the per-row filter byte (0)
+    raw[:, 1:] = arr.reshape(h, w * c)
+    header = struct.pack(">IIBBBBB", w, h, 8, 6 if c == 4 else 2, 0, 0, 0)
+    return b"".join([_PNG_MAGIC, _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)),
+                     _png_chunk(b"IEND", b"")])
 
 
 def json_bytes(obj) -> bytes:

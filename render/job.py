@@ -284,9 +284,7 @@ class BlenderWorker:
             kps, defined = self._keypoints(loaded, camera)
         with _stage(timings, "encode"):
             if s.engine == "workbench":  # no lamps: intensity and colour temperature as a gain
-                gain = light_mod.rgb_gain(lighting)
-                rgb = np.clip(rgba[..., :3].astype(np.float32) * gain.astype(np.float32) + 0.5, 0, 255)
-                rgba = np.concatenate([rgb.astype(np.uint8), rgba[..., 3:]], axis=-1)
+                rgba = light_mod.apply_gain(rgba, light_mod.rgb_gain(lighting))
             motion_index = int(library.motion_index[pose_id])
             meta = {
                 "schema": shards.SAMPLE_SCHEMA,

@@ -24,6 +24,7 @@ __all__ = [
     "sample_lighting",
     "kelvin_to_rgb",
     "rgb_gain",
+    "apply_gain",
     "apply_lighting",
 ]
 
@@ -89,6 +90,18 @@ def kelvin_to_rgb(kelvin: float) -> np.ndarray:
 def rgb_gain(spec: LightingSpec) -> np.ndarray:
     """Per-channel gain (3,) that workbench images get for ``spec`` (intensity x colour)."""
     return spec.intensity * kelvin_to_rgb(spec.temperature_k)
+
+
+def apply_gain(rgba: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """Multiply the RGB of uint8 (H, W, 4) by ``gain`` (3,) through per-channel lookup tables
+    (Pillow ``point``: ~3x faster than float maths); alpha untouched."""
+    from PIL import Image
+
+    levels = np.arange(256, dtype=np.float64)
+    table = [np.clip(np.floor(levels * g + 0.5), 0, 255).astype(np.uint8) for g in gain]
+    table.append(levels.astype(np.uint8))
+    lut = np.concatenate(table).tolist()
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgba), "RGBA").point(lut))
 
 
 def apply_lighting(scene, spec: LightingSpec, engine: str) -> None:
