@@ -52,17 +52,20 @@ NEAR_DUPLICATE_L1 = 0.02
 
 
 def find_character_files(paths: Iterable) -> list[Path]:
-    """Character files under ``paths`` (files or folders, recursive), sorted and unique."""
-    out = set()
+    """Files with a known extension under ``paths`` (files or folders, recursive): in the order the
+    paths are given, sorted within each folder, each file once. The order decides which of two
+    duplicates is kept (the first)."""
+    out: list[Path] = []
+    seen: set[Path] = set()
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            for f in p.rglob("*"):
-                if f.is_file() and f.suffix.lower() in CHARACTER_EXTS:
-                    out.add(f.resolve())
-        elif p.is_file():
-            out.add(p.resolve())
-    return sorted(out)
+        found = sorted(f.resolve() for f in p.rglob("*") if f.is_file() and f.suffix.lower() in CHARACTER_EXTS) \
+            if p.is_dir() else ([p.resolve()] if p.is_file() else [])
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                out.append(f)
+    return out
 
 
 def run_inspector(path, timeout: float = WORKER_TIMEOUT_S) -> dict:

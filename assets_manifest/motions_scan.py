@@ -39,17 +39,20 @@ WORKER_TIMEOUT_S = float(os.environ.get("SERIALGEN_IMPORT_TIMEOUT", "120"))
 
 
 def find_motion_files(paths: Iterable) -> list[Path]:
-    """Files with a motion extension under ``paths`` (files or folders, recursive), sorted, unique."""
-    out = set()
+    """Files with a known extension under ``paths`` (files or folders, recursive): in the order the
+    paths are given, sorted within each folder, each file once. The order decides which of two
+    duplicates is kept (the first)."""
+    out: list[Path] = []
+    seen: set[Path] = set()
     for p in paths:
         p = Path(p)
-        if p.is_dir():
-            for f in p.rglob("*"):
-                if f.is_file() and f.suffix.lower() in MOTION_EXTS:
-                    out.add(f.resolve())
-        elif p.is_file():
-            out.add(p.resolve())
-    return sorted(out)
+        found = sorted(f.resolve() for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MOTION_EXTS) \
+            if p.is_dir() else ([p.resolve()] if p.is_file() else [])
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                out.append(f)
+    return out
 
 
 def _stride(fps: float, max_fps: float) -> int:
