@@ -15,6 +15,8 @@ import numpy as np
 
 __all__ = [
     "ATLAS_SIZE",
+    "ATLAS_REGIONS",
+    "clothing_regions",
     "BodyGeometry",
     "assign_regions",
     "region_colours",
@@ -23,7 +25,7 @@ __all__ = [
     "face_landmarks",
 ]
 
-ATLAS_SIZE = 512
+ATLAS_SIZE = 1024
 
 
 @dataclass
@@ -40,6 +42,7 @@ class BodyGeometry:
     group_names: list[str]
     joints: dict[str, np.ndarray]  # named joint positions
     scale: float  # head size relative to an adult (eye distance / 63 mm)
+    neck_radius: float  # median distance of neck-base vertices from the neck axis
 
     @classmethod
     def from_arrays(cls, verts, topo, heads, index) -> "BodyGeometry":
@@ -58,8 +61,12 @@ class BodyGeometry:
         j["neck"] = heads[index["neck01"]]
         j["head"] = heads[index["head"]]
         ipd = float(np.linalg.norm(j["l_eye"] - j["r_eye"]))
+        neck_g = topo.group_names.index("neck")
+        nv = verts[(topo.vertex_group_weight[:, neck_g] > 0.5)]
+        nv = nv[np.abs(nv[:, 2] - (j["neck"][2] + 0.03)) < 0.02]
+        radius = float(np.median(np.hypot(nv[:, 0] - j["neck"][0], nv[:, 1] - j["neck"][1]))) if len(nv) else 0.055
         return cls(verts, topo.faces, verts[topo.faces].mean(axis=1), topo.face_seg, topo.seg_names,
-                   topo.face_group, topo.vertex_group_weight, topo.group_names, j, ipd / 0.063)
+                   topo.face_group, topo.vertex_group_weight, topo.group_names, j, ipd / 0.063, radius)
 
     def seg(self, *names: str) -> np.ndarray:
         ids = [self.seg_names.index(n) for n in names]
@@ -96,26 +103,40 @@ def _region_ids():
     return {n: i for i, n in enumerate(REGION_NAMES)}
 
 
-def assign_regions(desc: dict, geo: BodyGeometry, topo) -> np.ndarray:
-    """Material region id (F,) per body face (see ``procedural.REGION_NAMES``)."""
+def clothing_regions(desc: dict, geo: BodyGeometry, points: np.ndarray, face_idx: np.ndarray,
+                     arm_s: np.ndarray | None = None, leg_s: np.ndarray | None = None) -> np.ndarray:
+    """Region id (N,) (skin, top, bottom or shoes) of surface points (N, 3) lying on faces
+    ``face_idx`` (N,): continuous rules in 3D (waist and neckline heights, limb coordinates), so the
+    per-texel atlas draws smooth garment edges while faces get the same rule at their centroids.
+    ``arm_s``/``leg_s`` (N,): limb coordinates when already known (else computed)."""
     R = _region_ids()
-    c = geo.centres
+    c = points
     s = geo.scale
     clothing = desc["clothing"]
     top, bottom, shoes = clothing["top"], clothing["bottom"], clothing["shoes"]
     region = np.full(len(c), R["skin"], dtype=np.int64)
-    body = geo.seg("body")
+    body = geo.seg("body")[face_idx]
+    group = geo.face_group[face_idx]
+    gid = {n: i for i, n in enumerate(geo.group_names)}
 
     # Torso: top above the waist line (minus the neckline), bottom below it.
-    torso = body & geo.group("torso")
+    # The neck group joins the torso so the neckline follows the height rule, not the bone groups.
+    torso = body & np.isin(group, [gid["torso"], gid["neck"]])
     waist_z = geo.joints["waist"][2] - float(top.get("length", 0.0))
+    # Neckline: a collar around the neck axis, lower in front than at the back (a plane alone
+    # would cut the sloping trapezius into a ragged line), plus an optional V in front.
     neck = geo.joints["neck"]
-    cut = np.full(len(c), neck[2] - 0.015 * s)
+    rho = np.hypot(c[:, 0] - neck[0], c[:, 1] - neck[1])
+    collar = geo.neck_radius + 0.022 * s
+    cut = neck[2] - 0.012 * s + 0.02 * s * np.clip((c[:, 1] - neck[1]) / (0.05 * s), -1.0, 1.0)
+    neck_skin = (rho < collar) & (c[:, 2] > cut - 0.01 * s * np.clip(collar - rho, 0, None) / collar)
+    neck_skin |= c[:, 2] > neck[2] + 0.03 * s
     if top.get("neckline") == "v":
-        front = c[:, 1] < neck[1]
-        depth = 0.09 * s * np.clip(1.0 - np.abs(c[:, 0]) / (0.07 * s), 0.0, 1.0)
-        cut = np.where(front, cut - depth, cut)
-    region[torso & (c[:, 2] > waist_z) & (c[:, 2] < cut)] = R["top"]
+        depth = 0.085 * s
+        below = np.clip((neck[2] - c[:, 2]) / depth, 0.0, 1.0)  # 0 at the neck base, 1 at the V tip
+        half_w = (0.055 * s) * (1.0 - below)
+        neck_skin |= (c[:, 1] < neck[1]) & (np.abs(c[:, 0]) < half_w) & (c[:, 2] > neck[2] - depth)
+    region[torso & (c[:, 2] > waist_z) & ~neck_skin] = R["top"]
     region[torso & (c[:, 2] <= waist_z)] = R["bottom"]
     if top.get("style") == "tank":
         sh_x = abs(geo.joints["l_shoulder"][0])
@@ -123,21 +144,32 @@ def assign_regions(desc: dict, geo: BodyGeometry, topo) -> np.ndarray:
         region[bare & (region == R["top"])] = R["skin"]
 
     # Arms: sleeves.
-    arms = body & geo.group("upper_arm", "lower_arm")
-    arm_s = limb_coordinates(geo, c, "arm")
+    arms = body & np.isin(group, [gid["upper_arm"], gid["lower_arm"]])
+    if arm_s is None:
+        arm_s = limb_coordinates(geo, c, "arm")
     sleeve = float(top.get("sleeve", 0.5))
     region[arms & (arm_s < sleeve)] = R["top"]
 
     # Legs: trousers/shorts; under a skirt only a short brief (the skirt is a mesh of its own).
-    legs = body & geo.group("upper_leg", "lower_leg", "foot")
-    leg_s = limb_coordinates(geo, c, "leg")
+    legs = body & np.isin(group, [gid["upper_leg"], gid["lower_leg"], gid["foot"]])
+    if leg_s is None:
+        leg_s = limb_coordinates(geo, c, "leg")
     leg_len = 0.15 if bottom.get("style") == "skirt" else float(bottom.get("length", 1.97))
     region[legs & (leg_s < leg_len)] = R["bottom"]
 
     # Shoes: the feet and the ankle (boots: up the shin).
     shoe_from = 1.55 if shoes.get("style") == "boots" else 1.93
-    region[geo.seg("foot.L", "foot.R")] = R["shoes"]
+    region[geo.seg("foot.L", "foot.R")[face_idx]] = R["shoes"]
     region[legs & (leg_s >= shoe_from)] = R["shoes"]
+    return region
+
+
+def assign_regions(desc: dict, geo: BodyGeometry, topo) -> np.ndarray:
+    """Material region id (F,) per body face (see ``procedural.REGION_NAMES``)."""
+    R = _region_ids()
+    c = geo.centres
+    s = geo.scale
+    region = clothing_regions(desc, geo, c, np.arange(len(c)))
 
     # Eyes: sclera, iris and pupil by the angle from the eye's forward axis.
     eyes = geo.seg("eye_front.L", "eye_front.R", "eye_back.L", "eye_back.R")
@@ -208,7 +240,8 @@ def _support_ring(points_xy: np.ndarray, centre: np.ndarray, n: int) -> np.ndarr
 
 
 def skirt_part(desc: dict, geo: BodyGeometry, index: dict[str, int]):
-    """A skirt or the skirt of a dress: (vertices, faces, uvs, weight_indices, weight_values) or None.
+    """A skirt or the skirt of a dress: (vertices, faces, uvs, weight_indices, weight_values, texture)
+    or None (texture (T, T, 3) uint8 over the skirt UVs when patterned, else empty).
 
     Rings from the waist to the hem; each ring is the convex support of the body slice (torso and
     legs) plus a margin, never narrower than the ring above below the hips (so it drapes across
@@ -236,7 +269,7 @@ def skirt_part(desc: dict, geo: BodyGeometry, index: dict[str, int]):
     widest = None
     for k, z in enumerate(zs):
         sl = pts[np.abs(pts[:, 2] - z) < 0.02]
-        r = _support_ring(sl[:, :2], centre, n_around) + 0.008 + 0.01 * k / rings
+        r = _support_ring(sl[:, :2], centre, n_around) + 0.01 + 0.025 * k / rings
         if z < hip_z:
             widest = r if widest is None else np.maximum(widest, r)
             r = np.maximum(r, widest * (1.0 + 0.012 * (k - rings / 4)))
@@ -261,13 +294,25 @@ def skirt_part(desc: dict, geo: BodyGeometry, index: dict[str, int]):
     v = np.repeat(np.linspace(1.0, 0.0, rings), n_around)
     uvs = np.stack([u, v], 1).astype(np.float32)
     depth = np.clip((top_z - verts[:, 2]) / max(top_z - hem_z, 1e-3), 0.0, 1.0)
-    side = np.clip(0.5 + verts[:, 0] / (0.16 * s), 0.0, 1.0)
-    w_root = 1.0 - 0.75 * depth
-    w_l = 0.75 * depth * side
-    w_r = 0.75 * depth * (1.0 - side)
+    # Legs carry most of the skirt near the hem (a lifted leg pushes the skirt along instead of
+    # going through it); between the legs the two share, so the hem stays between them.
+    w_legs = np.clip(2.0 * depth, 0.0, 1.0) ** 0.7 * 0.95
+    side = np.clip(0.5 + verts[:, 0] / (0.12 * s), 0.0, 1.0)
+    side = side * side * (3 - 2 * side)
+    w_root = 1.0 - w_legs
     idx = np.tile(np.array([index["root"], index["upperleg01.L"], index["upperleg01.R"], index["root"]]), (len(verts), 1))
-    val = np.stack([w_root, w_l, w_r, np.zeros(len(verts))], 1)
-    return verts.astype(np.float32), faces, uvs, idx.astype(np.int16), val.astype(np.float32)
+    val = np.stack([w_root, w_legs * side, w_legs * (1.0 - side), np.zeros(len(verts))], 1)
+    texture = np.zeros((0, 0, 3), np.uint8)
+    if bottom.get("pattern", "solid") != "solid":
+        size = 256
+        uu, vv = np.meshgrid((np.arange(size) + 0.5) / size, 1.0 - (np.arange(size) + 0.5) / size)
+        z = hem_z + vv * (top_z - hem_z)
+        perimeter = float(np.mean([2 * np.pi * np.mean(r) for r in radii]))
+        pts = np.stack([uu.ravel() * perimeter, np.zeros(uu.size), z.ravel()], 1)
+        second = _pattern(bottom["pattern"], pts, float(bottom.get("period", 0.05)))
+        rgb = np.where(second[:, None], np.asarray(bottom["colour2"]), np.asarray(bottom["colour"]))
+        texture = (rgb.reshape(size, size, 3) * 255).round().clip(0, 255).astype(np.uint8)
+    return verts.astype(np.float32), faces, uvs, idx.astype(np.int16), val.astype(np.float32), texture
 
 
 def _pattern(kind: str, p: np.ndarray, period: float) -> np.ndarray:
@@ -280,62 +325,88 @@ def _pattern(kind: str, p: np.ndarray, period: float) -> np.ndarray:
     return np.zeros(len(p), dtype=bool)
 
 
+#: Regions whose materials sample the body atlas (per-texel garment edges and patterns).
+ATLAS_REGIONS = ("skin", "top", "bottom", "shoes")
+
+
+class _Raster:
+    """Which body face covers each atlas texel, with barycentric weights, and for every texel the
+    nearest covered texel (to fill the gaps). The topology is fixed, so this is computed once per
+    process and atlas size."""
+
+    def __init__(self, topo, size: int):
+        from PIL import Image, ImageDraw
+        from scipy import ndimage
+
+        uv = topo.uv_coords[topo.face_uvs] * size  # (F, 3, 2) texel units
+        uv[..., 1] = size - uv[..., 1]  # image rows go down
+        ids = Image.new("I", (size, size), 0)
+        draw = ImageDraw.Draw(ids)
+        for k, tri in enumerate(uv.tolist()):
+            draw.polygon([tuple(q) for q in tri], fill=k + 1)
+        id_img = np.asarray(ids, dtype=np.int64)
+        self.ys, self.xs = np.nonzero(id_img)
+        self.face = id_img[self.ys, self.xs] - 1
+        t = uv[self.face]
+        q = np.stack([self.xs + 0.5, self.ys + 0.5], 1)
+        v0, v1, v2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0], q - t[:, 0]
+        den = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
+        den = np.where(np.abs(den) < 1e-12, 1e-12, den)
+        b1 = np.clip((v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / den, 0, 1)
+        b2 = np.clip((v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / den, 0, 1 - b1)
+        self.bary = np.stack([1 - b1 - b2, b1, b2], 1)
+        self.corners = topo.faces[self.face]  # (M, 3) vertex ids
+        covered = np.zeros((size, size), dtype=bool)
+        covered[self.ys, self.xs] = True
+        _, (self.fill_y, self.fill_x) = ndimage.distance_transform_edt(~covered, return_indices=True)
+
+    def interpolate(self, per_vertex: np.ndarray) -> np.ndarray:
+        return (per_vertex[self.corners] * self.bary.reshape(self.bary.shape + (1,) * (per_vertex.ndim - 1))).sum(1)
+
+
+_RASTERS: dict[tuple[int, int], _Raster] = {}
+
+
+def _raster(topo, size: int) -> _Raster:
+    key = (id(topo), size)
+    if key not in _RASTERS:
+        _RASTERS[key] = _Raster(topo, size)
+    return _RASTERS[key]
+
+
+#: Regions whose materials sample the body atlas (per-texel garment edges and patterns).
+ATLAS_REGIONS = ("skin", "top", "bottom", "shoes")
+
+
 def pattern_atlas(desc: dict, geo: BodyGeometry, topo, face_region: np.ndarray, colours: dict):
     """(ATLAS_SIZE, ATLAS_SIZE, 3) uint8 sRGB texture over the body UVs and the regions that use it.
 
-    Only patterned clothing regions are textured; the pattern is evaluated at the 3D rest position
-    of each texel (triangle ids rasterised with Pillow, barycentric interpolation), so stripes run
-    horizontally on the body whatever the UV layout. Uncovered texels take the nearest covered
-    colour (no seams when sampling bleeds across an island edge).
+    Each covered texel gets its 3D rest position and limb coordinates by barycentric interpolation
+    and its garment by the same 3D rules as the faces (``clothing_regions``), so garment edges are
+    smooth at texel resolution rather than following triangles, and stripes/checks are evaluated in
+    3D (stripes run horizontally whatever the UV layout). Texels of eyes, mouth, lips and brows
+    (their own flat materials) get skin; uncovered texels take the nearest covered colour, so
+    sampling across an island edge never shows a seam.
     """
-    from PIL import Image, ImageDraw
-
     R = _region_ids()
     cl = desc["clothing"]
-    specs = []
-    for name in ("top", "bottom"):
-        if cl[name].get("pattern", "solid") != "solid":
-            specs.append((name, cl[name]))
     size = ATLAS_SIZE
-    base = np.array(colours["skin"])
-    atlas = np.tile((base * 255).round().astype(np.uint8), (size, size, 1))
-    if not specs:
-        return atlas, []
-    faces = np.nonzero(np.isin(face_region, [R[n] for n, _ in specs]))[0]
-    uv = topo.uv_coords[topo.face_uvs[faces]] * size  # (N, 3, 2) texel units
-    uv[..., 1] = size - uv[..., 1]  # image rows go down
-    ids = Image.new("I", (size, size), 0)
-    draw = ImageDraw.Draw(ids)
-    for k, tri in enumerate(uv):
-        draw.polygon([tuple(map(float, q)) for q in tri], fill=k + 1)
-    id_img = np.asarray(ids, dtype=np.int64)
-    ys, xs = np.nonzero(id_img)
-    tri_k = id_img[ys, xs] - 1
-    t = uv[tri_k]  # (M, 3, 2)
-    q = np.stack([xs + 0.5, ys + 0.5], 1)
-    v0, v1, v2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0], q - t[:, 0]
-    den = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
-    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
-    b1 = np.clip((v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / den, 0, 1)
-    b2 = np.clip((v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / den, 0, 1 - b1)
-    b0 = 1 - b1 - b2
-    f = faces[tri_k]
-    p3 = (geo.verts[geo.faces[f, 0]] * b0[:, None] + geo.verts[geo.faces[f, 1]] * b1[:, None]
-          + geo.verts[geo.faces[f, 2]] * b2[:, None])
-    colour = np.zeros((len(f), 3))
-    for name, spec in specs:
-        sel = face_region[f] == R[name]
-        second = _pattern(spec["pattern"], p3[sel], float(spec.get("period", 0.05)))
-        colour[sel] = np.where(second[:, None], np.asarray(spec["colour2"]), np.asarray(spec["colour"]))
-    covered = np.zeros((size, size), dtype=bool)
-    covered[ys, xs] = True
-    img = np.zeros((size, size, 3))
-    img[ys, xs] = colour
-    from scipy import ndimage
-
-    _, (iy, ix) = ndimage.distance_transform_edt(~covered, return_indices=True)
-    img = img[iy, ix]
-    return (img * 255).round().clip(0, 255).astype(np.uint8), [n for n, _ in specs]
+    ras = _raster(topo, size)
+    p3 = ras.interpolate(geo.verts)
+    arm_s = ras.interpolate(limb_coordinates(geo, geo.verts, "arm"))
+    leg_s = ras.interpolate(limb_coordinates(geo, geo.verts, "leg"))
+    region = clothing_regions(desc, geo, p3, ras.face, arm_s, leg_s)
+    colour = np.zeros((len(p3), 3))
+    for name in ATLAS_REGIONS:
+        sel = region == R[name]
+        colour[sel] = np.asarray(colours[name])
+        spec = cl.get(name) if name in ("top", "bottom") else None
+        if spec and spec.get("pattern", "solid") != "solid":
+            second = _pattern(spec["pattern"], p3[sel], float(spec.get("period", 0.05)))
+            colour[sel] = np.where(second[:, None], np.asarray(spec["colour2"]), np.asarray(spec["colour"]))
+    img = np.zeros((size, size, 3), dtype=np.uint8)
+    img[ras.ys, ras.xs] = (colour * 255).round().clip(0, 255).astype(np.uint8)
+    return img[ras.fill_y, ras.fill_x], list(ATLAS_REGIONS)
 
 
 def face_landmarks(geo: BodyGeometry, head_head: np.ndarray, head_tail: np.ndarray) -> dict[str, list[float]]:

@@ -207,4 +207,4 @@ def hair_part(desc: dict, geo, index: dict[str, int]):
     idx = np.tile(np.array([index["head"], index["spine01"], index["head"], index["head"]]), (len(verts), 1))
     val = np.stack([w_head, w_chest, np.zeros(len(z)), np.zeros(len(z))], 1)
     return (verts.astype(np.float32), faces.astype(np.int32), uvs.astype(np.float32),
-            idx.astype(np.int16), val.astype(np.float32))
+            idx.astype(np.int16), val.astype(np.float32), np.zeros((0, 0, 3), np.uint8))

@@ -296,6 +296,7 @@ class MeshPart:
     region: int
     weight_indices: np.ndarray  # (N, 4) int16
     weight_values: np.ndarray  # (N, 4) float32, rows sum to 1
+    texture: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8))  # own pattern
 
 
 @dataclass
@@ -586,7 +587,7 @@ def build_mesh_data(description: dict) -> CharacterMesh:
 _ARRAYS = ("vertices", "faces", "uv_coords", "face_uvs", "face_region", "region_colors", "texture",
            "bone_heads", "bone_tails", "bone_z_axes", "bone_parents", "weight_indices", "weight_values",
            "expression_offsets", "expression_vertex", "expression_delta")
-_PART_ARRAYS = ("vertices", "faces", "uvs", "weight_indices", "weight_values")
+_PART_ARRAYS = ("vertices", "faces", "uvs", "weight_indices", "weight_values", "texture")
 
 
 def _meta(mesh: CharacterMesh) -> dict:
@@ -644,8 +645,11 @@ def load_mesh_data(path) -> CharacterMesh:
         raise ValueError(f"{path}: missing arrays {missing}")
     parts = []
     for i, p in enumerate(meta["parts"]):
+        missing = [f"part{i}_{k}" for k in _PART_ARRAYS if f"part{i}_{k}" not in data]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}")
         parts.append(MeshPart(p["name"], *(data[f"part{i}_{k}"] for k in _PART_ARRAYS[:3]), p["region"],
-                              data[f"part{i}_weight_indices"], data[f"part{i}_weight_values"]))
+                              *(data[f"part{i}_{k}"] for k in _PART_ARRAYS[3:])))
     return CharacterMesh(
         char_id=meta["char_id"], bone_names=meta["bone_names"], bone_map=meta["bone_map"],
         expression_names=meta["expression_names"], face_landmarks=meta["face_landmarks"],
@@ -667,8 +671,8 @@ def mesh_stats(mesh: CharacterMesh) -> dict:
     """Measured sizes (metres) for manifests and tests: height, shoulder/hip width, depth."""
     v = mesh.vertices.astype(np.float64)
     idx = {n: i for i, n in enumerate(mesh.bone_names)}
-    hip_z = float(mesh.bone_heads[idx["root"], 2])
-    band = v[np.abs(v[:, 2] - hip_z) < 0.04]
+    hip = mesh.bone_heads[idx["upperleg01.L"]]
+    band = v[(np.abs(v[:, 2] - hip[2]) < 0.04) & (np.abs(v[:, 0]) < 2.6 * abs(float(hip[0])))]  # no hands
     sh_z = float(mesh.bone_heads[idx["upperarm01.L"], 2])
     sh = v[np.abs(v[:, 2] - sh_z) < 0.03]
     return {

@@ -176,7 +176,11 @@ def build_character(mesh: CharacterMesh, collection=None) -> CharacterRig:
     for part in mesh.parts:
         pm = _new_mesh(bpy, f"{cid}_{part.name}", part.vertices, part.faces)
         _set_uvs(pm, part.uvs[part.faces].reshape(-1, 2))
-        pm.materials.append(slot[part.region])
+        if part.texture.size:
+            part_img = _atlas_image(bpy, f"{cid}_{part.name}_texture", part.texture)
+            pm.materials.append(_material(bpy, f"{cid}_{part.name}", mesh.region_colors[part.region], part_img))
+        else:
+            pm.materials.append(slot[part.region])
         pm.polygons.foreach_set("use_smooth", np.ones(len(part.faces), dtype=bool))
         po = bpy.data.objects.new(f"{cid}_{part.name}", pm)
         coll.objects.link(po)
