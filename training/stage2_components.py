@@ -23,6 +23,7 @@ from serialgen.errors import UserInputError
 __all__ = [
     "SDXLComponents",
     "load_components",
+    "check_model_paths",
     "load_sdxl",
     "load_image_encoder",
     "build_tiny_components",
@@ -150,6 +151,23 @@ def build_tiny_components(seed: int = 0) -> SDXLComponents:
     )
 
 
+def check_model_paths(models: dict[str, Any]) -> None:
+    """Fail fast (one line) on a missing or malformed local model folder, before anything loads.
+
+    Checks both folders before loading either: a typo in the second should not cost minutes of loading.
+    """
+    kind = models.get("kind", "sdxl")
+    if kind == "tiny":
+        return
+    if kind != "sdxl":
+        raise UserInputError(f"models.kind: {kind!r} is not one of 'sdxl', 'tiny'")
+    _require_dir(models.get("sdxl"), "models.sdxl", _SDXL_LAYOUT,
+                 ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"))
+    _require_dir(models.get("image_encoder"), "models.image_encoder", _ENCODER_LAYOUT, ("config.json",))
+    if models.get("vae"):
+        _require_dir(models["vae"], "models.vae", "a local AutoencoderKL folder", ("config.json",))
+
+
 def load_components(models: dict[str, Any], seed: int = 0) -> SDXLComponents:
     """Build or load the frozen models named by a config's ``models`` section.
 
@@ -161,8 +179,6 @@ def load_components(models: dict[str, Any], seed: int = 0) -> SDXLComponents:
         return build_tiny_components(seed)
     if kind != "sdxl":
         raise UserInputError(f"models.kind: {kind!r} is not one of 'sdxl', 'tiny'")
-    # Check both paths before loading either: a typo in the second should not cost minutes of loading.
-    _require_dir(models.get("sdxl"), "models.sdxl", _SDXL_LAYOUT)
-    _require_dir(models.get("image_encoder"), "models.image_encoder", _ENCODER_LAYOUT, ("config.json",))
+    check_model_paths(models)
     parts = load_sdxl(models["sdxl"], models.get("vae"))
     return SDXLComponents(image_encoder=load_image_encoder(models["image_encoder"]), **parts)

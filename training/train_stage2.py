@@ -185,7 +185,7 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters, encode_reference
     from serialgen.training.logging_utils import MetricsLogger, Throughput
     from serialgen.training.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
-    from serialgen.training.stage2_components import load_components
+    from serialgen.training.stage2_components import check_model_paths, load_components
     from serialgen.training.stage2_data import PairDataset, draw_cfg_dropout, sdxl_time_ids, write_synthetic_pairs
 
     if output_dir is not None:
@@ -197,6 +197,18 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     seed = int(cfg["seed"])
     width, height = dcfg["resolution"]
 
+    # Cheap checks first: a wrong weights path or a mismatched resume is one line, before any process
+    # group starts or any model loads.
+    check_model_paths(cfg["models"])
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:
+        saved = ckpt.read_checkpoint_config(latest)
+        for key in _RESUME_KEYS:
+            if _get(saved, key) != _get(cfg, key):
+                raise UserInputError(
+                    f"{latest}: resuming with a different {key} ({_get(saved, key)!r} -> {_get(cfg, key)!r}); "
+                    "use the run's config or a new --output-dir"
+                )
     accelerator = Accelerator(
         mixed_precision=tcfg["mixed_precision"], gradient_accumulation_steps=tcfg["gradient_accumulation_steps"]
     )
@@ -214,17 +226,6 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     for d in pair_dirs:
         if not (Path(d) / "index.json").is_file():
             raise UserInputError(f"data.pairs: {d} has no index.json; expected a pair set from `serialgen standardize`")
-
-    # ---- resume?
-    latest = ckpt.latest_checkpoint(out)
-    if latest is not None:
-        saved = ckpt.read_checkpoint_config(latest)
-        for key in _RESUME_KEYS:
-            if _get(saved, key) != _get(cfg, key):
-                raise UserInputError(
-                    f"{latest}: resuming with a different {key} ({_get(saved, key)!r} -> {_get(cfg, key)!r}); "
-                    "use the run's config or a new --output-dir"
-                )
 
     # ---- frozen models; the adapter
     comps = load_components(cfg["models"], seed=seed)
