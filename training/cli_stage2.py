@@ -1,7 +1,11 @@
-"""Stage II commands: `serialgen train stage2`, `serialgen generate`, `serialgen eval personalization`.
+"""Stage II commands: `serialgen train stage2`, `serialgen generate`, `serialgen eval personalization`,
+and the pair-building mode of `serialgen standardize`.
 
-Pair building is part of `serialgen standardize` (registered by Stage I's CLI); its options and
-handler live in :mod:`serialgen.training.pairs_stage2` (``add_pair_arguments``, ``run_build_pairs``).
+`serialgen standardize` belongs to Stage I (:mod:`serialgen.training.cli_stage1`, registered first).
+We extend it here without editing it: ``--pairs`` and the pair options are added to its parser, and
+its handler is wrapped so that ``--pairs`` runs :func:`serialgen.training.pairs_stage2.run_build_pairs`
+and everything else goes to Stage I's handler unchanged. Without Stage I's command (a trimmed
+install) we register a pairs-only ``standardize``.
 """
 
 from __future__ import annotations
@@ -91,8 +95,33 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extend_standardize(sub) -> None:
+    from serialgen.training.pairs_stage2 import add_pair_arguments, run_build_pairs
+
+    p = sub.choices.get("standardize")
+    if p is None:
+        p = sub.add_parser("standardize", help="build Stage II pair shards (--pairs) with a standardizer",
+                           description="Run a standardizer over a folder of real images or .tar shards and write "
+                           "Stage II pair shards (Ray Data).")
+        p.add_argument("--checkpoint", required=True, help="Stage I checkpoint folder, or 'identity'")
+        p.add_argument("--input", required=True, help="folder of images, or .tar shards")
+        p.add_argument("--out", required=True, help="pair-set folder")
+        stage1_handler = None
+    else:
+        stage1_handler = p.get_default("handler")
+    add_pair_arguments(p)
+
+    def handler(args: argparse.Namespace) -> int:
+        if getattr(args, "pairs", False) or stage1_handler is None:
+            return run_build_pairs(args)
+        return stage1_handler(args)
+
+    p.set_defaults(handler=handler)
+
+
 def register(sub, groups) -> None:
-    """Add `train stage2`, `eval personalization` and the top-level `generate`."""
+    """Add `train stage2`, `eval personalization`, the top-level `generate`, and `standardize --pairs`."""
+    _extend_standardize(sub)
     p = groups["train"].add_parser(
         "stage2", help="train the Stage II IP-Adapter (SDXL) on pair shards",
         description="Train (or resume, when --output-dir holds checkpoints) IP-Adapter Full on a frozen SDXL. "
