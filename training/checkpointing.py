@@ -238,7 +238,7 @@ def load_checkpoint(
     state = read_train_state(checkpoint)
     names = load_trainable_weights(model, checkpoint)
     own_trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if names != own_trainable:
+    if sorted(names) != sorted(own_trainable):
         raise UserInputError(
             f"{checkpoint}: trainable weights differ from this run's trainable parameters "
             f"({len(names)} saved, {len(own_trainable)} expected); resume with the same config"
@@ -251,7 +251,7 @@ def load_checkpoint(
     if ema is not None:
         shadow = load_file(str(checkpoint / "ema.safetensors"))
         ema_state = dict(resume["ema"])
-        ema_state["shadow_params"] = [shadow[n] for n in names]
+        ema_state["shadow_params"] = [shadow[n] for n in own_trainable]  # parameters() order, as EMAModel keeps them
         ema.load_state_dict(ema_state)
     rng_path = checkpoint / f"rng-{rank}.pt"
     if not rng_path.is_file():

@@ -141,6 +141,11 @@ def _check_type(f: dataclasses.Field, value: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserInputError(f"{source}: {key} must be an integer, got {value!r}")
     elif annotation.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserInputError(f"{source}: {key} must be a number, got {value!r}")
         value = float(value)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from serialgen.errors import UserInputError
 from serialgen.training.checkpointing import latest_checkpoint, load_checkpoint, rotate_checkpoints, save_checkpoint
 from serialgen.training.components_stage1 import Stage1Components, build_stage1_components, inference_scheduler
-from serialgen.training.config_stage1 import Stage1Config
+from serialgen.training.config_stage1 import Stage1Config, check_weight_paths
 from serialgen.training.data_stage1 import collate_stage1, open_stage1_dataset
 from serialgen.training.logging_utils import MetricsLogger, Throughput, save_image_grid, to_uint8_image
 from serialgen.training.model_stage1 import clip_image_embeds, encode_latents
@@ -142,6 +142,7 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
     if not config.data.train_shards:
         raise UserInputError(f"{config.source}: no training data: set data.train_shards or pass --train-shards (shards, or synthetic:N)")
     output_dir = Path(output_dir or config.output_dir)
+    check_weight_paths(config)  # before anything heavy
 
     # 1. Accelerator, seeds, output folder
     accelerator = _make_accelerator(config, output_dir)
