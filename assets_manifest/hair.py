@@ -163,8 +163,10 @@ def hair_part(desc: dict, geo, index: dict[str, int]):
     if style == "bun":
         d = np.array([0.0, 0.6, 0.8])
         d /= np.linalg.norm(d)
-        rr = np.max(r) + thick
-        extra.append(_sphere(centre + d * (rr + 0.025 * s * vol), np.array([0.045, 0.04, 0.04]) * s * vol))
+        # Seat the bun on the scalp: the head's own support radius in that direction.
+        r_d = float((rel @ d)[(rel_n @ d) > np.cos(np.deg2rad(14.0))].max())
+        radius = np.array([0.045, 0.04, 0.04]) * s * vol
+        extra.append(_sphere(centre + d * (r_d + thick + 0.6 * radius[1]), radius))
     if style == "ponytail":
         base = centre + np.array([0.0, np.max(r) + thick * 0.5, 0.01 * s])
         length = 0.22 * s * vol

@@ -33,6 +33,7 @@ from serialgen.assets_manifest import rig_alignment as ra
 __all__ = [
     "MESH_VERSION",
     "DESCRIPTION_VERSION",
+    "BUILDER_REVISION",
     "EXPRESSIONS",
     "EXPRESSION_RECIPES",
     "REGION_NAMES",
@@ -51,6 +52,9 @@ __all__ = [
 
 MESH_VERSION = 1
 DESCRIPTION_VERSION = 1
+#: Bumped whenever build_mesh_data changes its output for the same description; it is part of the
+#: description, so manifests that cache meshes by description rebuild them.
+BUILDER_REVISION = 1
 
 # ---------------------------------------------------------------------------------------------
 # Palettes (sRGB, 0..1)
@@ -265,6 +269,7 @@ def describe_character(char_id: str, seed: int) -> dict:
 
     return {
         "schema": f"serialgen.procedural_character/{DESCRIPTION_VERSION}",
+        "builder": f"anny-{MESH_VERSION}.{BUILDER_REVISION}",
         "id": char_id,
         "seed": int(seed),
         "age_group": group,
@@ -350,7 +355,9 @@ def anny_model():
         if _MODEL is None:
             import anny  # torch enters only here
 
-            _MODEL = anny.Anny(facial_actions="all")
+            # Plain torch skinning: we only read anny's rest model, and this keeps NVIDIA Warp (its
+            # default skinning backend, with CUDA probing and kernel compiles) out of the process.
+            _MODEL = anny.Anny(facial_actions="all", skinning_method="lbs")
         return _MODEL
 
 

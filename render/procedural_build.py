@@ -139,9 +139,8 @@ def build_character(mesh: CharacterMesh, collection=None) -> CharacterRig:
     me = _new_mesh(bpy, f"{cid}_body", mesh.vertices, mesh.faces)
     _set_uvs(me, mesh.uv_coords[mesh.face_uvs].reshape(-1, 2))
     image = _atlas_image(bpy, f"{cid}_atlas", mesh.texture) if mesh.textured_regions else None
-    used = sorted(set(np.unique(mesh.face_region).tolist()) | {p.region for p in mesh.parts})
     slot = {}
-    for r in used:
+    for r in sorted(set(np.unique(mesh.face_region).tolist())):
         name = REGION_NAMES[r]
         mat = _material(bpy, f"{cid}_{name}", mesh.region_colors[r],
                         image if name in mesh.textured_regions else None)
@@ -176,11 +175,9 @@ def build_character(mesh: CharacterMesh, collection=None) -> CharacterRig:
     for part in mesh.parts:
         pm = _new_mesh(bpy, f"{cid}_{part.name}", part.vertices, part.faces)
         _set_uvs(pm, part.uvs[part.faces].reshape(-1, 2))
-        if part.texture.size:
-            part_img = _atlas_image(bpy, f"{cid}_{part.name}_texture", part.texture)
-            pm.materials.append(_material(bpy, f"{cid}_{part.name}", mesh.region_colors[part.region], part_img))
-        else:
-            pm.materials.append(slot[part.region])
+        # Parts have UVs of their own: never the body atlas; their own pattern texture or flat.
+        part_img = _atlas_image(bpy, f"{cid}_{part.name}_texture", part.texture) if part.texture.size else None
+        pm.materials.append(_material(bpy, f"{cid}_{part.name}", mesh.region_colors[part.region], part_img))
         pm.polygons.foreach_set("use_smooth", np.ones(len(part.faces), dtype=bool))
         po = bpy.data.objects.new(f"{cid}_{part.name}", pm)
         coll.objects.link(po)
