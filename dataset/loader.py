@@ -1,0 +1,724 @@
+"""The Stage I training loader: shards -> (composited reference, mask, pose maps, standard) tensors.
+
+A stock WebDataset pipeline (``webdataset.DataPipeline`` of ``SimpleShardList`` / ``ResampledShards``,
+``tarfile_to_samples``, ``shuffle``, ``map``, ``batched``) wrapped in ``PairDataset``, a torch
+``IterableDataset`` that adds what the stages leave to the user: exact node/worker splitting with a
+clear error instead of a hang, seeds that make every run reproducible, and a count of every skipped
+sample or shard (a warning summary when a reader finishes; never a crash on bad data).
+
+Per sample (``batch_size=None``) or per batch (a leading ``B`` dimension):
+
+=================  ==========================  ===========================================================
+key                shape, dtype                meaning
+=================  ==========================  ===========================================================
+``ref``            (3, H, W) float32 [-1, 1]   the reference composited onto a random background
+``ref_mask``       (1, H, W) float32 {0, 1}    1 = background (from alpha >= 128, transformed with ``ref``)
+``ref_pose``       (3, H, W) float32 [0, 1]    OpenPose/DWPose map of the reference keypoints
+``std``            (3, H, W) float32 [-1, 1]   the standard image (fit into H x W, padded white)
+``std_pose``       (3, H, W) float32 [0, 1]    the canonical standard-pose map (or per character)
+``ref_keypoints``  (66, 3) float32             [x, y, visible] in output pixels, ``KEYPOINT_NAMES`` order
+``meta``           dict                        ``meta.json`` as stored
+``__key__``        str                         the sample key; ``__url__`` the shard
+=================  ==========================  ===========================================================
+
+Images (the VAE's inputs) are ``x / 127.5 - 1``; pose maps are conditioning images in [0, 1]
+(``x / 255``, as ControlNet and Animate Anyone's pose guider take them). Single samples are
+contiguous; batches (``batch_size=B``: collated inside the workers) are (B, C, H, W) in
+``torch.channels_last`` memory (the HWC bytes as decoded: no transpose copy on the CPU; call
+``.contiguous()`` on the device if a consumer needs it). With ``dtype="uint8"`` images and pose
+maps stay uint8 0..255 and masks 0/1 (4x fewer bytes to write and to send between processes);
+``to_model_range`` converts a sample or batch on any device.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tarfile
+import warnings
+import zlib
+from collections import Counter, OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.data
+from PIL import Image
+
+from serialgen.dataset.compositing import (
+    BackgroundPool,
+    CompositeConfig,
+    EmptyReferenceError,
+    composite_reference,
+    fit_to_canvas,
+    list_background_images,
+)
+from serialgen.dataset.posemap import Pose, RegionImage, draw_pose_map, draw_pose_region, parse_pose
+from serialgen.errors import UserInputError
+
+__all__ = [
+    "LOADER_VERSION",
+    "MEMBERS",
+    "IMAGE_KEYS",
+    "LoaderConfig",
+    "LoaderStats",
+    "PairDataset",
+    "make_loader",
+    "open_dataset",
+    "resolve_shards",
+    "load_canonical_pose",
+    "reference_standard_pose",
+    "decode_png",
+    "to_model_range",
+]
+
+LOADER_VERSION = 1
+MEMBERS = ("ref.png", "std.png", "ref_pose.json", "std_pose.json", "meta.json")
+IMAGE_KEYS = ("ref", "ref_pose", "std", "std_pose")
+MAX_PIXELS = 64 * 1024 * 1024  # a member larger than this is rejected before decoding (a PNG bomb)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, KeyError, TypeError, IndexError,
+                  Image.DecompressionBombError)
+
+log = logging.getLogger("serialgen.dataset.loader")
+
+try:  # optional fast path (a dependency of the package; PIL decodes everything when absent)
+    import pyspng as _spng
+except ImportError:  # pragma: no cover
+    _spng = None
+
+
+@dataclass
+class LoaderConfig:
+    """Everything that shapes what the loader yields; saved with training configs (``asdict``).
+
+    size: output (width, height). split: shard set when SHARDS is a folder or an index.
+    resampled: infinite training mode (shards drawn with replacement per reader); otherwise one
+    epoch, every sample exactly once across all ranks and workers. epoch_length: in resampled mode,
+    samples (or batches when batched) per reader per epoch (``with_epoch``); None = endless.
+    shuffle_buffer / shuffle_initial: sample shuffle buffer (raw, undecoded samples, ~250 KB each).
+    std_pose: "canonical" (one map for every sample) or "per_character" (from each std_pose.json).
+    canonical_pose: a std_pose.json-format file with the canonical standard keypoints; None takes
+    the index's ``standard_pose`` if any, else the first sample of the first shard (read once in the
+    main process so every rank and worker agrees). rank / world_size: None = from torch.distributed
+    or the RANK / WORLD_SIZE environment (as webdataset does).
+    """
+
+    size: tuple[int, int] = (512, 768)
+    split: str = "train"
+    resampled: bool = False
+    epoch_length: int | None = None
+    shuffle_buffer: int = 500
+    shuffle_initial: int = 100
+    seed: int = 0
+    std_pose: str = "canonical"
+    canonical_pose: str | None = None
+    scale_range: tuple[float, float] = (0.8, 1.1)
+    max_crop: float = 0.1
+    jitter: float = 0.06
+    background_pool: int = 32
+    background_refresh: float = 0.02
+    background_zoom: float = 1.5
+    background_jitter: float = 0.15
+    std_cache: int = 8
+    dtype: str = "float32"
+    batch_size: int | None = None
+    partial_batches: bool = True
+    rank: int | None = None
+    world_size: int | None = None
+
+    def __post_init__(self):
+        self.size = tuple(int(v) for v in self.size)
+        self.scale_range = tuple(float(v) for v in self.scale_range)
+        if self.std_pose not in ("canonical", "per_character"):
+            raise UserInputError(f"std_pose={self.std_pose!r}: expected 'canonical' or 'per_character'")
+        if self.dtype not in ("float32", "uint8"):
+            raise UserInputError(f"dtype={self.dtype!r}: expected 'float32' or 'uint8'")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserInputError(f"batch_size={self.batch_size}: must be at least 1")
+        if self.shuffle_buffer < 0 or self.std_cache < 1:
+            raise UserInputError("shuffle_buffer must be >= 0 and std_cache >= 1")
+        self.composite_config()  # validates size, scale_range, max_crop, jitter
+
+    def composite_config(self) -> CompositeConfig:
+        return CompositeConfig(size=self.size, scale_range=self.scale_range, max_crop=self.max_crop, jitter=self.jitter)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoaderConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserInputError(f"loader config: unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skips and counts
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LoaderStats:
+    """What one reader (a process, or a DataLoader worker) read and skipped, with a few examples."""
+
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+    std_cache_hits: int = 0
+    std_cache_misses: int = 0
+
+    def skip(self, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 3:
+            ex.append(detail)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset ``handler=``: count the error and continue with the next member or shard."""
+        args = [a for a in getattr(exn, "args", ()) if isinstance(a, str)]
+        where = next((a for a in reversed(args) if a.endswith(".tar") or "/" in a), "?")
+        if isinstance(exn, FileNotFoundError):
+            self.skip("missing shard", where)
+        elif isinstance(exn, (tarfile.ReadError, EOFError, zlib.error)) or "unexpected end" in str(exn):
+            self.skip("truncated or unreadable shard", f"{where}: {str(exn.args[0] if exn.args else exn)[:120]}")
+        elif isinstance(exn, ValueError) and "duplicate file name" in str(exn):
+            self.skip("duplicate member in shard", str(exn)[:160])
+        else:
+            self.skip(f"read error ({type(exn).__name__})", f"{where}: {str(exn)[:120]}")
+        return True
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"read {self.samples} samples, skipped none"
+        parts = [f"{n} x {reason} (e.g. {'; '.join(self.examples[reason][:2])})" for reason, n in self.skipped.most_common()]
+        return f"read {self.samples} samples, skipped {self.total_skipped}: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard lists
+# ---------------------------------------------------------------------------------------------
+
+def _index_entries(index_path: Path) -> tuple[dict, list[dict]]:
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{index_path}: not a readable JSON index ({exc})") from None
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        raise UserInputError(f"{index_path}: no 'shards' list (expected the shard set's index.json)")
+    return index, [s if isinstance(s, dict) else {"path": str(s)} for s in shards]
+
+
+def _entry_path(entry: dict) -> str | None:
+    for k in ("path", "file", "name", "url"):
+        if isinstance(entry.get(k), str):
+            return entry[k]
+    return None
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def resolve_shards(spec, split: str = "train") -> list[str]:
+    """Shard paths from SHARDS: a shard-set folder (``index.json``, else ``<split>/*.tar``, else
+    ``*.tar``), an ``index.json``, a ``.tar``, a brace pattern (``shard-{000000..000009}.tar``) or a
+    list of these. Remote URLs (``pipe:``, ``s3://``...) pass through unchecked.
+
+    Raises UserInputError (one line, naming the path) when a shard is missing or none is found.
+    """
+    import braceexpand
+
+    if isinstance(spec, (list, tuple)):
+        out = []
+        for s in spec:
+            out += resolve_shards(str(s), split)
+        return out
+    spec = str(spec)
+    if _is_remote(spec):
+        return list(braceexpand.braceexpand(spec))
+    if "{" in spec:
+        paths = list(braceexpand.braceexpand(spec))
+        for p in paths:
+            if not Path(p).is_file():
+                raise UserInputError(f"shard not found: {p} (from the pattern {spec})")
+        return paths
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "index.json").is_file():
+            return _shards_from_index(path / "index.json", split)
+        sub = path / split
+        tars = sorted(sub.glob("*.tar")) if sub.is_dir() else sorted(path.glob("*.tar"))
+        if not tars:
+            raise UserInputError(f"shards: no .tar files in {sub if sub.is_dir() else path} (and no index.json)")
+        return [str(p) for p in tars]
+    if path.is_file():
+        if path.suffix == ".json":
+            return _shards_from_index(path, split)
+        return [str(path)]
+    raise UserInputError(f"shard not found: {path}")
+
+
+def _shards_from_index(index_path: Path, split: str) -> list[str]:
+    _, entries = _index_entries(index_path)
+    root = index_path.parent
+    splits = {e.get("split") for e in entries}
+    chosen = [e for e in entries if e.get("split") in (split, None)] if split in splits or None in splits else []
+    if not chosen:
+        raise UserInputError(f"{index_path}: no shards of split {split!r} (splits: {sorted(str(s) for s in splits)})")
+    out = []
+    for e in chosen:
+        p = _entry_path(e)
+        if p is None:
+            raise UserInputError(f"{index_path}: a shard entry has no path: {e}")
+        full = p if _is_remote(p) or Path(p).is_absolute() else str(root / p)
+        if not _is_remote(full) and not Path(full).is_file():
+            raise UserInputError(f"shard not found: {full} (listed in {index_path})")
+        out.append(full)
+    return out
+
+
+def _first_member(url: str, member: str) -> bytes | None:
+    with tarfile.open(url, "r|*") as tf:
+        for info in tf:
+            if info.isreg() and info.name.split("/")[-1].split(".", 1)[-1] == member:
+                return tf.extractfile(info).read()
+    return None
+
+
+def reference_standard_pose(width: int, height: int) -> Pose:
+    """The documented standard-form layout: the reference figure (``skeleton.py``, 1.75 m, A-pose)
+    seen by the standard camera (``render/standard.py``: head centre and height fixed in the frame)
+    at a standard image of ``width`` x ``height``. Pure numpy; no bpy."""
+    from serialgen.assets_manifest import skeleton as sk
+    from serialgen.render.standard import standard_camera
+
+    skel = sk.forward_kinematics(np.zeros((len(sk.JOINTS), 3)))
+    kp3, defined = sk.compute_keypoints(skel)
+    uv, z = standard_camera(skel, width, height).project(kp3)
+    inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
+    vis = defined & inside
+    return Pose(np.where(vis[:, None], uv, 0).astype(np.float32), vis, (int(width), int(height)),
+                np.zeros((0, 2), np.float32))
+
+
+def load_canonical_pose(path=None, shards: list[str] | None = None, index_path: Path | None = None) -> Pose:
+    """The canonical standard-pose keypoints, the same for every sample (``std_pose="canonical"``).
+
+    In order: ``path`` (a std_pose.json-format file, e.g. the one saved with a checkpoint); the
+    index's ``standard_pose`` entry; the reference figure at the standard camera
+    (``reference_standard_pose``) at the size of the first sample's std_pose.json.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserInputError(f"canonical pose not found: {p} (expected a std_pose.json-format file)")
+        try:
+            return parse_pose(p.read_bytes())
+        except ValueError as exc:
+            raise UserInputError(f"{p}: not a pose file ({exc})") from None
+    if index_path is not None and index_path.is_file():
+        index, _ = _index_entries(index_path)
+        if isinstance(index.get("standard_pose"), dict):
+            return parse_pose(index["standard_pose"])
+    for url in shards or []:
+        if _is_remote(url):
+            continue
+        try:
+            data = _first_member(url, "std_pose.json")
+            if data is not None:
+                size = parse_pose(data).size
+                return reference_standard_pose(*size)
+        except (OSError, tarfile.TarError, ValueError):
+            continue  # a damaged first shard: try the next one
+    raise UserInputError("no canonical standard pose: pass canonical_pose=PATH (a std_pose.json) "
+                         "or shards that contain std_pose.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+def _png_header(data: bytes) -> tuple[int, int, int]:
+    """(width, height, colour type) from a PNG's IHDR, read before decoding (bomb check)."""
+    if len(data) < 33 or not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        raise ValueError("not a PNG file")
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[25]
+
+
+def decode_png(data: bytes, mode: str) -> np.ndarray:
+    """Decode a PNG member to an (H, W, 4) ("RGBA", references) or (H, W, 3) ("RGB", standards)
+    uint8 array.
+
+    libspng (``pyspng``) decodes plain 8-bit RGB/RGBA, about 1.5-2x faster than PIL; anything else
+    (palette, grey, 16-bit) goes through PIL. RGBA from a PNG without alpha is refused (a reference
+    without alpha has no mask); RGB from RGBA is flattened onto white (standards are on white).
+    Raises ValueError/OSError on a broken file.
+    """
+    w, h, colour = _png_header(data)
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS} limit")
+    if _spng is not None and data[24] == 8 and colour == (6 if mode == "RGBA" else 2):
+        try:
+            arr = _spng.load(data)
+        except RuntimeError as exc:  # pyspng reports every decode failure as RuntimeError
+            raise ValueError(str(exc)) from None
+        if arr.shape != (h, w, len(mode)):
+            raise ValueError(f"decoded shape {arr.shape} does not match the header's {w}x{h}")
+        return arr
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info)
+    if mode == "RGBA":
+        if not has_alpha:
+            raise ValueError(f"reference image has no alpha channel (PNG mode {im.mode})")
+        return np.asarray(im.convert("RGBA"))
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGB", im.size, (255, 255, 255))
+        white.paste(rgba, (0, 0), rgba)
+        return np.asarray(white)
+    return np.asarray(im.convert("RGB"))
+
+
+def _u8_tensor(arr: np.ndarray) -> torch.Tensor:
+    with warnings.catch_warnings():  # PIL's arrays are read-only; torch only reads them here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+# Per image key: (scale, offset) of the float conversion x * scale + offset, and the float value
+# of black (what a pose map's undrawn area becomes).
+_RANGES = {"ref": (2.0 / 255.0, -1.0), "std": (2.0 / 255.0, -1.0), "ref_pose": (1.0 / 255.0, 0.0),
+           "std_pose": (1.0 / 255.0, 0.0)}
+
+
+def _convert_into(out: torch.Tensor, src_u8: torch.Tensor, key: str, dtype: str) -> None:
+    """Write uint8 ``src_u8`` into ``out`` (same shape, any strides), converted for ``key``."""
+    out.copy_(src_u8)
+    if dtype == "float32":
+        scale, offset = _RANGES[key]
+        out.mul_(scale)
+        if offset:
+            out.add_(offset)
+
+
+class _Cached:
+    """A decoded image reused across samples (standards, canonical pose map), with its tensors."""
+
+    __slots__ = ("array", "hwc", "chw")
+
+    def __init__(self, array: np.ndarray, key: str, dtype: str):
+        self.array = array
+        torch_dtype = torch.float32 if dtype == "float32" else torch.uint8
+        h, w = array.shape[:2]
+        src = _u8_tensor(array)
+        self.hwc = torch.empty((h, w, 3), dtype=torch_dtype)  # for batches (channels_last)
+        _convert_into(self.hwc, src, key, dtype)
+        self.chw = self.hwc.permute(2, 0, 1).contiguous()  # for single samples
+
+
+def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Tensor:
+    """Per-sample images of one key -> tensor.
+
+    batched: (B, 3, H, W) in channels_last memory (the HWC bytes as decoded, no transpose on the
+    CPU); else (3, H, W) contiguous (items has one element). items: all (H, W, 3) uint8 arrays, all
+    ``_Cached`` or all ``RegionImage`` (mostly black pose maps: only the drawn box is converted).
+    """
+    first = items[0]
+    torch_dtype = torch.float32 if dtype == "float32" else torch.uint8
+    if isinstance(first, _Cached):
+        return torch.stack([it.hwc for it in items]).movedim(-1, 1) if batched else first.chw.clone()
+    if isinstance(first, RegionImage):
+        w, h = first.size
+    else:
+        h, w = first.shape[:2]
+    if batched:  # (B, H, W, 3) memory, seen as (B, 3, H, W) channels_last
+        out = torch.empty((len(items), h, w, 3), dtype=torch_dtype)
+        view = out.movedim(-1, 1)
+    else:  # contiguous (1, 3, H, W) memory, written through an (1, H, W, 3) view
+        view = torch.empty((len(items), 3, h, w), dtype=torch_dtype)
+        out = view.permute(0, 2, 3, 1)
+    for b, it in enumerate(items):
+        if isinstance(it, RegionImage):
+            out[b].fill_(0.0 if dtype != "float32" else _RANGES[key][1])
+            rh, rw = it.region.shape[:2]
+            if rh and rw:
+                _convert_into(out[b, it.y0:it.y0 + rh, it.x0:it.x0 + rw], _u8_tensor(it.region), key, dtype)
+        else:
+            _convert_into(out[b], _u8_tensor(it), key, dtype)
+    return view if batched else view[0]
+
+
+def _masks_tensor(items: list[np.ndarray], dtype: str, batched: bool) -> torch.Tensor:
+    t = _u8_tensor(np.stack(items)).unsqueeze(1)
+    t = t.to(torch.float32) if dtype == "float32" else t.clone()
+    return t if batched else t[0]
+
+
+def to_model_range(batch: dict) -> dict:
+    """Convert a ``dtype="uint8"`` sample or batch to the float32 layout (on its own device)."""
+    out = dict(batch)
+    for k in IMAGE_KEYS:
+        if k in out and out[k].dtype == torch.uint8:
+            scale, offset = _RANGES[k]
+            out[k] = out[k].to(torch.float32).mul_(scale).add_(offset)
+    if "ref_mask" in out and out["ref_mask"].dtype == torch.uint8:
+        out["ref_mask"] = out["ref_mask"].to(torch.float32)
+    return out
+
+
+def _seeded(*parts) -> random.Random:
+    # String seeds hash through SHA-512: identical in every process, unlike hash() of str.
+    return random.Random(":".join(str(p) for p in parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------
+
+class PairDataset(torch.utils.data.IterableDataset):
+    """A torch ``IterableDataset`` of loader samples (see the module doc for what it yields).
+
+    shards: anything ``resolve_shards`` accepts (checked now: a missing shard is an error here).
+    backgrounds: list of image paths, a folder or an assets folder (None: procedural backgrounds).
+    config: a LoaderConfig (keyword overrides are applied on top).
+    Call ``set_epoch(e)`` before each epoch to reshuffle (with non-persistent workers).
+    ``stats`` holds the counts of the last iteration in this process (num_workers=0).
+    """
+
+    def __init__(self, shards, backgrounds=None, config: LoaderConfig | None = None, **overrides):
+        cfg = config or LoaderConfig()
+        if overrides:
+            cfg = LoaderConfig(**{**asdict(cfg), **overrides})
+        self.config = cfg
+        self.urls = resolve_shards(shards, cfg.split)
+        if not self.urls:
+            raise UserInputError(f"shards: {shards} lists no shard")
+        self.background_paths = list_background_images(backgrounds)
+        self.epoch = 0
+        self.stats = LoaderStats()
+        self._canonical_map = None
+        if cfg.std_pose == "canonical":
+            index_path = None
+            if isinstance(shards, (str, Path)):
+                p = Path(shards)
+                index_path = p / "index.json" if p.is_dir() else (p if p.suffix == ".json" else None)
+            self.canonical_pose = load_canonical_pose(cfg.canonical_pose, self.urls, index_path)
+        else:
+            self.canonical_pose = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def readers(self, num_workers: int) -> int:
+        """Readers this process group will run: world_size x max(1, num_workers)."""
+        return self._world()[1] * max(1, num_workers)
+
+    def check_readers(self, num_workers: int) -> None:
+        """Epoch mode: every reader needs a shard, else DDP ranks wait forever on an empty one."""
+        if self.config.resampled:
+            return
+        n = self.readers(num_workers)
+        if len(self.urls) < n:
+            rank, world = self._world()
+            raise UserInputError(
+                f"{len(self.urls)} shards for {world} rank(s) x {max(1, num_workers)} worker(s) = {n} readers: "
+                f"each reader needs at least one shard in epoch mode; use fewer workers, more shards, "
+                f"or resampled=True")
+
+    def _world(self) -> tuple[int, int]:
+        cfg = self.config
+        if cfg.rank is not None or cfg.world_size is not None:
+            world = int(cfg.world_size or 1)
+            rank = int(cfg.rank or 0)
+            if not 0 <= rank < world:
+                raise UserInputError(f"rank={rank} is outside world_size={world}")
+            return rank, world
+        import webdataset as wds
+
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
+        return rank, world
+
+    @staticmethod
+    def _worker() -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    # -- the pipeline ------------------------------------------------------------------------
+    def pipeline(self, stats: LoaderStats):
+        """The stock webdataset pipeline for this reader (rank and worker), as a DataPipeline."""
+        import webdataset as wds
+
+        cfg = self.config
+        rank, world = self._world()
+        worker, nworkers = self._worker()
+        if cfg.resampled:
+            reader_id = rank * 1000 + worker
+            stages = [wds.ResampledShards(self.urls, seed=_seeded(cfg.seed, self.epoch).getrandbits(31),
+                                          worker_seed=lambda: reader_id, deterministic=True)]
+        else:
+            self.check_readers(nworkers)
+            epoch_seed = _seeded(cfg.seed, self.epoch, "shards").getrandbits(63)
+
+            def shuffle_and_split(src):
+                # The same permutation on every rank (seed + epoch only), then wds.split_by_node
+                # followed by wds.split_by_worker, with explicit rank/worker numbers.
+                urls = list(src)
+                random.Random(epoch_seed).shuffle(urls)
+                yield from islice(islice(urls, rank, None, world), worker, None, nworkers)
+
+            stages = [wds.SimpleShardList(self.urls), shuffle_and_split]
+        stages.append(wds.tarfile_to_samples(handler=stats.handler))
+        if cfg.shuffle_buffer > 1:
+            stages.append(wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial,
+                                      rng=_seeded(cfg.seed, self.epoch, rank, worker, "samples")))
+        processor = _SampleProcessor(self, stats, _seeded(cfg.seed, self.epoch, rank, worker, "augment"))
+        stages.append(wds.map(processor))
+        if cfg.batch_size:
+            stages.append(wds.batched(cfg.batch_size, collation_fn=processor.collate, partial=cfg.partial_batches))
+        else:
+            stages.append(wds.map(processor.finish))
+        pipe = wds.DataPipeline(*stages)
+        if cfg.resampled and cfg.epoch_length:
+            pipe = pipe.with_epoch(cfg.epoch_length)
+        return pipe
+
+    def __iter__(self):
+        stats = self.stats = LoaderStats()
+        try:
+            yield from self.pipeline(stats)
+        finally:
+            if stats.total_skipped:
+                rank, _ = self._world()
+                worker, _ = self._worker()
+                log.warning("loader rank %d worker %d: %s", rank, worker, stats.summary())
+
+
+class _SampleProcessor:
+    """Decode, composite and draw one raw sample (the ``map`` stage), plus its collation."""
+
+    def __init__(self, ds: PairDataset, stats: LoaderStats, rng: random.Random):
+        cfg = ds.config
+        self.cfg, self.stats, self.rng = cfg, stats, rng
+        self.composite_cfg = cfg.composite_config()
+        self.backgrounds = BackgroundPool(ds.background_paths, cfg.size, rng, cfg.background_pool,
+                                          cfg.background_refresh, cfg.background_zoom, cfg.background_jitter)
+        self.std_cache: OrderedDict = OrderedDict()
+        self.canonical_map = None
+        if ds.canonical_pose is not None:
+            p = ds.canonical_pose
+            t = fit_to_canvas(Image.new("L", p.size), cfg.size)[1]
+            self.canonical_map = _Cached(draw_pose_map(p.transformed(*t, cfg.size), cfg.size), "std_pose", cfg.dtype)
+
+    def _standard(self, sample: dict, meta: dict) -> tuple[_Cached, _Cached]:
+        """(std, std_pose), decoded once per character (LRU cache of ``cfg.std_cache`` entries).
+
+        Shards hold one character's poses, so most samples reuse the decoded standard; a hit is
+        confirmed by comparing the stored bytes (a character re-rendered differently still decodes).
+        """
+        std_bytes = sample["std.png"]
+        pose_bytes = sample["std_pose.json"] if self.canonical_map is None else b""
+        key = meta.get("character", meta.get("character_id"))
+        key = key if isinstance(key, (str, int)) else zlib.crc32(std_bytes)
+        hit = self.std_cache.get(key)
+        if hit is not None and hit[0] == std_bytes and hit[1] == pose_bytes:
+            self.std_cache.move_to_end(key)
+            self.stats.std_cache_hits += 1
+            return hit[2], hit[3]
+        self.stats.std_cache_misses += 1
+        std = Image.fromarray(decode_png(std_bytes, "RGB"))
+        canvas, t = fit_to_canvas(std, self.cfg.size)
+        if self.canonical_map is not None:
+            std_pose = self.canonical_map
+        else:
+            pose = parse_pose(pose_bytes)
+            if pose.size != std.size:
+                raise ValueError(f"std_pose.json is for {pose.size}, std.png is {std.size}")
+            std_pose = _Cached(draw_pose_map(pose.transformed(*t, self.cfg.size), self.cfg.size), "std_pose",
+                               self.cfg.dtype)
+        entry = (std_bytes, pose_bytes, _Cached(np.asarray(canvas), "std", self.cfg.dtype), std_pose)
+        self.std_cache[key] = entry
+        if len(self.std_cache) > self.cfg.std_cache:
+            self.std_cache.popitem(last=False)
+        return entry[2], entry[3]
+
+    def __call__(self, sample: dict):
+        key, url = sample.get("__key__"), sample.get("__url__")
+        where = f"{url}:{key}"
+        missing = [m for m in MEMBERS if m not in sample]
+        if missing:
+            self.stats.skip("incomplete sample", f"{where} lacks {', '.join(missing)}")
+            return None
+        member = "meta.json"
+        try:
+            meta = json.loads(sample["meta.json"])
+            if not isinstance(meta, dict):
+                raise ValueError("meta.json is not an object")
+            member = "ref_pose.json"
+            pose = parse_pose(sample["ref_pose.json"])
+            member = "ref.png"
+            ref = decode_png(sample["ref.png"], "RGBA")
+            if pose.size != (ref.shape[1], ref.shape[0]):
+                member = "ref_pose.json"
+                raise ValueError(f"ref_pose.json is for {pose.size}, ref.png is {ref.shape[1]}x{ref.shape[0]}")
+            member = "std.png/std_pose.json"
+            std, std_pose = self._standard(sample, meta)
+            member = "ref.png"
+            comp = composite_reference(ref, pose, self.backgrounds.sample(), self.composite_cfg, self.rng)
+        except EmptyReferenceError:
+            self.stats.skip("empty ref.png (fully transparent)", where)
+            return None
+        except _DECODE_ERRORS as exc:
+            self.stats.skip(f"corrupt {member}", f"{where}: {type(exc).__name__}: {str(exc)[:100]}")
+            return None
+        self.stats.samples += 1
+        return {
+            "__key__": key, "__url__": url, "meta": meta,
+            "ref": comp.image, "ref_mask": comp.mask, "ref_pose": draw_pose_region(comp.pose, self.cfg.size),
+            "std": std, "std_pose": std_pose, "ref_keypoints": comp.pose.as_array(),
+        }
+
+    def collate(self, samples: list[dict], batched: bool = True) -> dict:
+        """A batch: lists for key/url/meta, (B, ...) tensors for the rest (see the module doc)."""
+        out = {k: [s[k] for s in samples] for k in ("__key__", "__url__", "meta")}
+        for k in IMAGE_KEYS:
+            out[k] = _images_tensor([s[k] for s in samples], k, self.cfg.dtype, batched)
+        out["ref_mask"] = _masks_tensor([s["ref_mask"] for s in samples], self.cfg.dtype, batched)
+        kps = torch.from_numpy(np.stack([s["ref_keypoints"] for s in samples]))
+        out["ref_keypoints"] = kps if batched else kps[0]
+        return out
+
+    def finish(self, s: dict) -> dict:
+        """One sample's tensors, contiguous (C, H, W)."""
+        out = self.collate([s], batched=False)
+        for k in ("__key__", "__url__", "meta"):
+            out[k] = out[k][0]
+        return out
+
+
+def make_loader(shards, backgrounds=None, config: LoaderConfig | None = None, num_workers: int = 2,
+                **overrides):
+    """A torch DataLoader over a PairDataset: batching happens in the workers (``config.batch_size``),
+    the DataLoader itself uses ``batch_size=None``. Checks shards against readers up front."""
+    ds = PairDataset(shards, backgrounds, config, **overrides)
+    ds.check_readers(num_workers)
+    kw = {"prefetch_factor": 2} if num_workers > 0 else {}
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+
+
+def open_dataset(spec, *, width: int = 512, height: int = 768, seed: int = 0, split: str = "train",
+                 infinite: bool = False, backgrounds=None, **overrides) -> PairDataset:
+    """The training code's entry point: a PairDataset yielding single samples (the training loop
+    collates). ``infinite`` selects the resampled mode; ``backgrounds`` as in PairDataset (None:
+    procedural backgrounds, with a warning: real training wants real backgrounds)."""
+    if backgrounds is None:
+        log.warning("loader: no backgrounds given; compositing onto procedural colour fields")
+    cfg = LoaderConfig(size=(width, height), seed=seed, split=split, resampled=infinite, **overrides)
+    return PairDataset(spec, backgrounds, cfg)
