@@ -32,7 +32,15 @@ from typing import Any
 
 from serialgen.errors import UserInputError
 
-__all__ = ["AdapterView", "Stage2Denoiser", "train_stage2", "validation_grid", "step_generator"]
+__all__ = [
+    "AdapterView",
+    "Stage2Denoiser",
+    "prepare_inputs",
+    "denoising_loss",
+    "train_stage2",
+    "validation_grid",
+    "step_generator",
+]
 
 
 def _nn():
@@ -167,6 +175,59 @@ def _get(cfg: dict, dotted: str) -> Any:
     return node
 
 
+def prepare_inputs(comps: Any, pipe: Any, batch: dict[str, Any], generator: Any, *, drop: dict[str, float],
+                   noise_offset: float, target_hw: tuple[int, int], device: Any) -> dict[str, Any]:
+    """Everything frozen in one training micro-step (no grad): latents, noise, text and image tokens.
+
+    ``batch``: ``pixel_values`` (B, 3, H, W) in [-1, 1], ``ref_pixel_values`` (B, 3, S, S), ``caption``
+    (B strings), ``original_size`` / ``crop_top_left`` (B, 2). Every random draw (dropout, VAE sample,
+    noise, timesteps) comes from ``generator``. Returns the denoiser's inputs and its regression target.
+    """
+    import torch
+
+    from serialgen.training.ip_adapter import encode_reference
+    from serialgen.training.stage2_data import draw_cfg_dropout, sdxl_time_ids
+
+    sched = comps.noise_scheduler
+    bsz = batch["pixel_values"].shape[0]
+    with torch.no_grad():
+        drop_image, drop_text = draw_cfg_dropout(bsz, drop, generator)
+        px = batch["pixel_values"].to(device, torch.float32)  # the VAE runs in fp32 (SDXL's overflows in fp16)
+        latents = comps.vae.encode(px).latent_dist.sample(generator=generator)
+        shift = getattr(comps.vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * comps.vae.config.scaling_factor
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop_text.tolist())]
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        image_hidden = encode_reference(comps.image_encoder, batch["ref_pixel_values"], drop_image)
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target_hw).to(device)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+        if noise_offset:
+            noise = noise + noise_offset * torch.randn(
+                (bsz, latents.shape[1], 1, 1), generator=generator, device=device, dtype=latents.dtype
+            )
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=generator, device=device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        if sched.config.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+    return {"noisy": noisy, "timesteps": timesteps, "prompt_embeds": prompt_embeds, "pooled": pooled,
+            "time_ids": time_ids, "image_hidden": image_hidden, "target": target,
+            "drop_image": drop_image, "drop_text": drop_text}
+
+
+def denoising_loss(model: Any, inputs: dict[str, Any], weight_dtype: Any) -> Any:
+    """MSE between the denoiser's prediction and the target (eq. 5); the only part with gradients."""
+    import torch.nn.functional as F
+
+    w = weight_dtype
+    pred = model(inputs["noisy"].to(w), inputs["timesteps"], inputs["prompt_embeds"].to(w), inputs["pooled"].to(w),
+                 inputs["time_ids"].to(w), inputs["image_hidden"].to(w))
+    return F.mse_loss(pred.float(), inputs["target"].float())
+
+
 def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Train (or resume, when ``output_dir`` holds checkpoints) and return a summary dict.
@@ -175,18 +236,17 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     ``output_dir`` / ``max_steps`` override its values.
     """
     import torch
-    import torch.nn.functional as F
     import yaml
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from serialgen.training import checkpointing as ckpt
-    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters, encode_reference
+    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters
     from serialgen.training.logging_utils import MetricsLogger, Throughput
     from serialgen.training.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
     from serialgen.training.stage2_components import check_model_paths, load_components
-    from serialgen.training.stage2_data import PairDataset, draw_cfg_dropout, sdxl_time_ids, write_synthetic_pairs
+    from serialgen.training.stage2_data import PairDataset, write_synthetic_pairs
 
     if output_dir is not None:
         cfg["output_dir"] = str(output_dir)
@@ -282,9 +342,6 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     bar = tqdm(total=total, initial=start_step, desc="stage2", disable=not (main and progress), unit="step")
     losses: list[float] = []
     last_loss = float("nan")
-    noise_scheduler = comps.noise_scheduler
-    alphas = noise_scheduler.alphas_cumprod.to(device)
-    prediction_type = noise_scheduler.config.prediction_type
     t0 = time.perf_counter()
 
     def save(step: int) -> Path:
@@ -305,44 +362,18 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
         for micro in range(accum):
             _pos, batch = next(batches)
             g = step_generator(seed, step * accum + micro, rank, device)
-            bsz = batch["pixel_values"].shape[0]
-            with torch.no_grad():
-                drop_image, drop_text = draw_cfg_dropout(bsz, tcfg["drop"], g)
-                px = batch["pixel_values"].to(device, torch.float32)
-                latents = comps.vae.encode(px).latent_dist.sample(generator=g)
-                shift = getattr(comps.vae.config, "shift_factor", None) or 0.0
-                latents = (latents - shift) * comps.vae.config.scaling_factor
-                captions = ["" if d else c for c, d in zip(batch["caption"], drop_text.tolist())]
-                prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-                    captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-                )
-                image_hidden = encode_reference(comps.image_encoder, batch["ref_pixel_values"], drop_image)
-                time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], (height, width)).to(device)
-                noise = torch.randn(latents.shape, generator=g, device=device, dtype=latents.dtype)
-                if tcfg["noise_offset"]:
-                    noise = noise + tcfg["noise_offset"] * torch.randn(
-                        (bsz, latents.shape[1], 1, 1), generator=g, device=device, dtype=latents.dtype
-                    )
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=g, device=device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                if prediction_type == "v_prediction":
-                    a = alphas[timesteps].sqrt().view(-1, 1, 1, 1)
-                    s = (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1)
-                    target = a * noise - s * latents
-                else:
-                    target = noise
+            inputs = prepare_inputs(comps, pipe, batch, g, drop=tcfg["drop"], noise_offset=tcfg["noise_offset"],
+                                    target_hw=(height, width), device=device)
             with accelerator.accumulate(model):
-                pred = model(noisy.to(weight_dtype), timesteps, prompt_embeds.to(weight_dtype), pooled.to(weight_dtype),
-                             time_ids.to(weight_dtype), image_hidden.to(weight_dtype))
-                loss = F.mse_loss(pred.float(), target.float())
+                loss = denoising_loss(model, inputs, weight_dtype)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tcfg["max_grad_norm"]:
                     accelerator.clip_grad_norm_(params, tcfg["max_grad_norm"])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(accelerator.gather(loss.detach().reshape(1)).mean()))
-            samples_seen += bsz * world
-            throughput.add(bsz * world)
+            samples_seen += tcfg["batch_size"] * world
+            throughput.add(tcfg["batch_size"] * world)
         global_step = step + 1
         bar.update(1)
         if main and (global_step % tcfg["log_every"] == 0 or global_step == total):
