@@ -210,8 +210,9 @@ def describe_character(char_id: str, seed: int) -> dict:
     years = {"child": (4.5, 11.5), "teen": (12.0, 17.5), "adult": (18.0, 64.0), "elderly": (65.0, 88.0)}[group]
     years = float(rng.uniform(*years))
     female = float(rng.random() < 0.5)
-    gender = float(np.clip(female + rng.normal(0.0, 0.12) * (1 if female == 0 else -1), 0.0, 1.0))
-    gender = abs(gender)
+    # Mostly clearly male (near 0) or female (near 1), with a little androgynous spread.
+    spread = min(abs(float(rng.normal(0.0, 0.12))), 0.45)
+    gender = 1.0 - spread if female else spread
     age = _age_param(years)
     target_h = _mean_height(years, female) + rng.normal(0.0, 0.065 if years >= 16 else 0.05)
     adult = years >= 16

@@ -18,6 +18,10 @@ Notation, all in the rig's *armature space* (``frame`` maps world vectors into i
   gets ``W[b] = G[j] @ A[b] @ R[b]``; an unmapped bone follows its parent rigidly,
   ``W[b] = W[p] @ R[p].T @ R[b]``. Heads follow the parents' posed transforms; the root
   translation moves the top ancestor of the pelvis bone.
+* Central joints (``SPREAD_JOINTS``: spine, chest, neck, head) spread their local rotation over
+  the unmapped bones between them and their parent joint's bone (lumbar and neck segments of
+  detailed rigs): the i-th of k such bones turns by ``L ** (i / (k + 1))``, so a bow bends the
+  whole back instead of kinking at one vertebra. Limb twist bones are not spread.
 * The canonical world rotation recovered from a posed bone is ``W[b] @ R[b].T @ A[b].T``, which
   is what ``skeleton.PosedSkeleton.world_rot`` holds.
 """
@@ -33,6 +37,8 @@ from serialgen.assets_manifest import skeleton as sk
 __all__ = [
     "NEXT_JOINT",
     "NO_OWN_ALIGNMENT",
+    "SPREAD_JOINTS",
+    "fractional_rotation",
     "CANONICAL_DIRECTIONS",
     "swing_rotation",
     "RigAlignment",
@@ -65,6 +71,9 @@ assert set(NEXT_JOINT) == set(sk.JOINT_NAMES)  # invariant: every joint has an e
 #: normalised to face -Y, Z up) and the fingers (canonical finger rest positions are nominal only).
 NO_OWN_ALIGNMENT: frozenset[str] = frozenset({"pelvis", *sk.HAND_JOINTS})
 
+#: Joints whose rotation is shared with the unmapped bones just above them (spine segments).
+SPREAD_JOINTS: frozenset[str] = frozenset({"spine", "chest", "neck", "head"})
+
 #: Canonical A-pose bone direction (unit, world) per joint.
 CANONICAL_DIRECTIONS: dict[str, np.ndarray] = {
     j.name: (np.subtract(j.tail, j.head) / np.linalg.norm(np.subtract(j.tail, j.head))) for j in sk.JOINTS
@@ -84,6 +93,21 @@ def swing_rotation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return sk.axis_angle_matrix(axis / np.linalg.norm(axis), 180.0)
     k = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
     return np.eye(3) + k + k @ k / (1.0 + c)
+
+
+def fractional_rotation(r: np.ndarray, t: float) -> np.ndarray:
+    """``r ** t`` for a rotation matrix (same axis, angle scaled by t)."""
+    r = np.asarray(r, dtype=np.float64)
+    cos = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
+    angle = float(np.arccos(cos))
+    if angle < 1e-9:
+        return np.eye(3)
+    if np.pi - angle < 1e-6:  # half turn: axis from the symmetric part
+        b = (r + np.eye(3)) / 2.0
+        axis = b[:, int(np.argmax(np.diag(b)))]
+    else:
+        axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]])
+    return sk.axis_angle_matrix(axis / np.linalg.norm(axis), np.rad2deg(angle) * t)
 
 
 def _topological_order(parents: np.ndarray) -> list[int]:
@@ -115,6 +139,7 @@ class RigAlignment:
     order: list[int]  # parents before children
     frame: np.ndarray  # (3, 3) world -> armature-space rotation
     translate_bone: int  # bone that carries the root translation (-1 if no pelvis)
+    spread: dict[int, tuple[str, float]]  # unmapped bone -> (joint whose rotation it shares, fraction)
 
     def rest_length(self, b: int) -> float:
         return float(np.linalg.norm(self.next_points[b] - self.heads[b]))
@@ -172,13 +197,26 @@ def build_alignment(
         target = frame @ CANONICAL_DIRECTIONS[joint]
         align[b] = swing_rotation(inherited @ d, target) @ inherited
 
+    spread: dict[int, tuple[str, float]] = {}
+    for joint in SPREAD_JOINTS:
+        parent_joint = sk.JOINTS[sk.JOINT_INDEX[joint]].parent
+        if joint not in joint_bone or parent_joint not in joint_bone:
+            continue
+        chain, b = [], int(parents[joint_bone[joint]])
+        while b >= 0 and b != joint_bone[parent_joint] and bone_joint[b] is None:
+            chain.append(b)
+            b = int(parents[b])
+        if b == joint_bone[parent_joint]:  # only a clean unmapped chain between the two
+            for i, bone in enumerate(reversed(chain), start=1):
+                spread[bone] = (joint, i / (len(chain) + 1))
+
     translate_bone = -1
     if "pelvis" in joint_bone:
         translate_bone = joint_bone["pelvis"]
         while parents[translate_bone] >= 0:
             translate_bone = int(parents[translate_bone])
     return RigAlignment(list(bone_names), parents, heads, rest_rots, align, next_points, bone_joint,
-                        joint_bone, order, frame, translate_bone)
+                        joint_bone, order, frame, translate_bone, spread)
 
 
 def canonical_world_rotations(angles) -> np.ndarray:
@@ -203,6 +241,11 @@ def pose_bones(al: RigAlignment, world_rots: np.ndarray, root_translation=(0.0, 
         joint = al.bone_joint[b]
         if joint is not None:
             w[b] = g[sk.JOINT_INDEX[joint]] @ al.align[b] @ r[b]
+        elif b in al.spread:
+            sj, frac = al.spread[b]
+            j = sk.JOINT_INDEX[sj]
+            gp = g[sk.JOINT_INDEX[sk.JOINTS[j].parent]]
+            w[b] = gp @ fractional_rotation(gp.T @ g[j], frac) @ al.align[b] @ r[b]
         elif p >= 0:
             w[b] = w[p] @ r[p].T @ r[b]
         else:

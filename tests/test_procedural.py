@@ -197,3 +197,27 @@ def test_alignment_rejects_unknown_bones():
         ra.build_alignment(names, parents, heads, tails, rots, {"pelvis": "not_a_bone"})
     with pytest.raises(ValueError, match="unknown canonical joint"):
         ra.build_alignment(names, parents, heads, tails, rots, {"tail": "pelvis"})
+
+
+def test_spine_rotation_is_spread_over_unmapped_segments():
+    """An extra unmapped bone between pelvis and spine turns by half the spine's rotation."""
+    names, parents, heads, tails, rots = _t_pose_rig(np.random.default_rng(3))
+    p, sp = sk.JOINT_INDEX["pelvis"], sk.JOINT_INDEX["spine"]
+    names = names + ["lumbar"]
+    parents = np.append(parents, p)
+    heads = np.vstack([heads, heads[sp]])
+    tails = np.vstack([tails, heads[sp] + [0.0, 0.0, 0.05]])
+    rots = np.concatenate([rots, np.eye(3)[None]])
+    parents[sp] = len(names) - 1
+    al = ra.build_alignment(names, parents, heads, tails, rots, {n: n for n in sk.JOINT_NAMES})
+    angles = np.zeros((len(sk.JOINTS), 3))
+    angles[sp, 0] = 60.0
+    w, _ = ra.pose_bones(al, ra.canonical_world_rotations(angles))
+    lumbar = len(names) - 1
+    rel = w[lumbar] @ rots[lumbar].T
+    assert np.isclose(np.degrees(np.arccos((np.trace(rel) - 1) / 2)), 30.0, atol=1e-6)
+    assert np.allclose(ra.canonical_rotation_of(al, sp, w[sp]), sk.axis_angle_matrix([1, 0, 0], 60.0), atol=1e-9)
+    r = sk.axis_angle_matrix([0.3, -0.5, 0.8] / np.linalg.norm([0.3, -0.5, 0.8]), 170.0)
+    assert np.allclose(ra.fractional_rotation(r, 1.0), r, atol=1e-9)
+    half = ra.fractional_rotation(r, 0.5)
+    assert np.allclose(half @ half, r, atol=1e-9)
