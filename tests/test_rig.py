@@ -177,10 +177,17 @@ def test_load_character_errors(assets, tmp_path):
 # --- a generic rig: canonical proportions, arms in a T-pose, random bone rolls ----------------
 
 
-def _t_pose_armature():
+def _t_pose_armature(world=None):
+    """Canonical proportions in world space; with ``world`` (4x4) the armature object carries that
+    transform (an FBX-like cm, Y-up rig) and its bones are stored in the matching local space."""
     bpy_utils.reset_scene()
+    world = np.eye(4) if world is None else np.asarray(world, dtype=np.float64)
+    inv = np.linalg.inv(world)
     data = bpy.data.armatures.new("t_rig")
     obj = bpy.data.objects.new("t_rig", data)
+    from mathutils import Matrix
+
+    obj.matrix_world = Matrix(world.tolist())
     bpy.context.scene.collection.objects.link(obj)
     bpy.context.view_layer.objects.active = obj
     bpy.ops.object.mode_set(mode="EDIT")
@@ -193,6 +200,7 @@ def _t_pose_armature():
             pivot = np.array(sk.JOINTS[J[f"{j.name[0]}_upper_arm"]].head)
             rot = sk.axis_angle_matrix([0.0, 1.0, 0.0], -45.0 * sign)
             head, tail = pivot + rot @ (head - pivot), pivot + rot @ (tail - pivot)
+        head, tail = (inv @ np.append(head, 1.0))[:3], (inv @ np.append(tail, 1.0))[:3]
         eb = data.edit_bones.new("B_" + j.name)
         eb.head, eb.tail = head.tolist(), tail.tolist()
         eb.roll = float(rng.uniform(-np.pi, np.pi))
@@ -203,8 +211,13 @@ def _t_pose_armature():
     return obj
 
 
-def test_generic_t_pose_rig_matches_the_canonical_skeleton():
-    arm = _t_pose_armature()
+_FBX_LIKE = np.diag([0.01, 0.01, 0.01, 1.0]) @ np.array(
+    [[1.0, 0, 0, 0], [0, 0, -1.0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1.0]])  # cm, Y-up, rotated to Z-up
+
+
+@pytest.mark.parametrize("world", [None, _FBX_LIKE], ids=["identity", "fbx_cm_y_up"])
+def test_generic_t_pose_rig_matches_the_canonical_skeleton(world):
+    arm = _t_pose_armature(world)
     rig = CharacterRig("t-rig", arm, [], {j.name: "B_" + j.name for j in sk.JOINTS})
     rng = np.random.default_rng(5)
     for trial in range(3):
