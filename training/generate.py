@@ -129,6 +129,7 @@ def generate_series(
     from serialgen.training.ip_adapter import pad_to_square
     from serialgen.training.logging_utils import save_image_grid
     from serialgen.training.pairs_stage2 import load_standardizer
+    from serialgen.training.stage2_data import letterbox
 
     if not prompts:
         raise UserInputError("--prompt: give at least one prompt")
@@ -157,7 +158,7 @@ def generate_series(
     total = len(prompts) * len(seed_list)
     with tqdm(total=total, desc="generate", unit="img", disable=not progress) as bar:
         for pi, prompt in enumerate(prompts):
-            row = [np.asarray(_letterbox(standardized, width, height))]
+            row = [np.asarray(letterbox(standardized, width, height))]
             for seed in seed_list:
                 image = pipe(
                     prompt, negative_prompt=negative_prompt, ip_adapter_image=ip_image, height=height, width=width,
@@ -190,8 +191,3 @@ def generate_series(
     (out / "series.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
     return record
 
-
-def _letterbox(image: Any, width: int, height: int) -> Any:
-    from serialgen.training.train_stage2 import _letterbox as letterbox
-
-    return letterbox(image, width, height)

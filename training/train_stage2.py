@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch.nn as nn
+
 from serialgen.errors import UserInputError
 
 __all__ = [
@@ -43,13 +45,7 @@ __all__ = [
 ]
 
 
-def _nn():
-    import torch.nn as nn
-
-    return nn
-
-
-class AdapterView(_nn().Module):  # type: ignore[misc]
+class AdapterView(nn.Module):
     """The installed adapter's parameters (shared, not copied) under their IP-Adapter file names.
 
     ``named_parameters()`` yields ``image_proj.proj.{0,2,3}.{weight,bias}`` and
@@ -58,7 +54,6 @@ class AdapterView(_nn().Module):  # type: ignore[misc]
     """
 
     def __init__(self, unet: Any):
-        nn = _nn()
         super().__init__()
         from serialgen.training.ip_adapter import _PROJ_KEYS, adapter_modules
 
@@ -81,7 +76,7 @@ class AdapterView(_nn().Module):  # type: ignore[misc]
         self.ip_adapter = nn.ModuleDict({k: layers[k] for k in sorted(layers)})
 
 
-class Stage2Denoiser(_nn().Module):  # type: ignore[misc]
+class Stage2Denoiser(nn.Module):
     """The module accelerate wraps (DDP): SDXL UNet with the adapter installed -> predicted noise."""
 
     def __init__(self, unet: Any):
@@ -122,11 +117,12 @@ def validation_grid(pipe: Any, references: list[Any], prompts: list[str], path: 
 
     from serialgen.training.ip_adapter import pad_to_square
     from serialgen.training.logging_utils import save_image_grid
+    from serialgen.training.stage2_data import letterbox
 
     pipe.set_ip_adapter_scale(ip_scale)
     rows = []
     for ref in references:
-        row = [np.asarray(_letterbox(ref, width, height))]
+        row = [np.asarray(letterbox(ref, width, height))]
         for prompt in prompts:
             with autocast() if autocast is not None else contextlib.nullcontext():
                 image = pipe(
@@ -138,18 +134,6 @@ def validation_grid(pipe: Any, references: list[Any], prompts: list[str], path: 
         rows.append(row)
     save_image_grid(rows, path)
     return Path(path)
-
-
-def _letterbox(image: Any, width: int, height: int) -> Any:
-    """Fit ``image`` inside width x height on white (aspect kept)."""
-    from PIL import Image
-
-    im = image.convert("RGB")
-    s = min(width / im.width, height / im.height)
-    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    canvas.paste(im, ((width - im.width) // 2, (height - im.height) // 2))
-    return canvas
 
 
 def _link_adapter(checkpoint: Path) -> Path:
