@@ -84,10 +84,10 @@ def _standardize(args: argparse.Namespace) -> int:
 
     # inputs: our own shards (exact mask and keypoints from the loader) or pictures
     if _is_shard_input(args.input):
-        dataset = open_stage1_dataset(args.input, width=width, height=height, seed=0, split=args.split)
-        items = ((sample.get("meta", {}).get("key", f"sample-{i:06d}"), sample) for i, sample in
-                 enumerate(dataset[i] for i in range(len(dataset))) ) if hasattr(dataset, "__len__") else \
-            ((s.get("meta", {}).get("key", f"sample-{i:06d}"), s) for i, s in enumerate(dataset))
+        dataset = open_stage1_dataset(args.input, width=width, height=height, seed=args.seed, split=args.split,
+                                      backgrounds=args.backgrounds)
+        samples = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
+        items = ((s.get("__key__") or f"sample-{i:06d}", s) for i, s in enumerate(samples))
     else:
         pose = _pose_estimator(args) or BlankPose()
         if isinstance(pose, BlankPose):
@@ -146,7 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
     summary = evaluate_standardization(args.checkpoint, args.shards, device=_device(args.device),
                                        batch_size=args.batch_size, max_samples=args.max_samples,
                                        num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                                       progress=not args.json)
+                                       backgrounds=args.backgrounds, progress=not args.json)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))
@@ -179,6 +179,7 @@ def register(sub, groups) -> None:
     p.add_argument("--checkpoint", required=True, help="Stage I checkpoint folder (checkpoints/step-N)")
     p.add_argument("--shards", required=True, help="shard set (its test split is used), or synthetic:N")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--backgrounds", help="background images to composite the test references onto (default: procedural)")
     p.add_argument("--out", help="also write the full JSON (with per-sample scores) to this file")
     p.add_argument("--max-samples", type=int, help="stop after this many samples")
     p.add_argument("--batch-size", type=int, default=4)
@@ -203,6 +204,7 @@ def register(sub, groups) -> None:
     p.add_argument("--std-pose", help="target pose map image (default: the canonical map stored in the checkpoint)")
     p.add_argument("--dwpose-det", help="DWPose detector ONNX (yolox_l.onnx), local path; needs onnxruntime")
     p.add_argument("--dwpose-pose", help="DWPose pose ONNX (dw-ll_ucoco_384.onnx), local path")
+    p.add_argument("--backgrounds", help="shard input: background images to composite the references onto")
     p.add_argument("--white-threshold", type=float, default=0.94, help="without alpha: pixels brighter than this are background")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")

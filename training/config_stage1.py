@@ -53,6 +53,8 @@ class ModelConfig:
 class DataConfig:
     train_shards: str | None = None  # shard path/pattern for dataset/loader.py, or synthetic:N
     val_shards: str | None = None  # same; None: validate on the first training batch
+    backgrounds: str | None = None  # background image folder for the loader's compositing (None: procedural)
+    epoch_length: int | None = 2000  # loader samples per reader per epoch in infinite mode (bounds resume replay)
     width: int = 512
     height: int = 768
     num_workers: int = 4

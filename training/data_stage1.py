@@ -7,6 +7,7 @@ Sample contract (what `dataset/loader.py` yields and what the model consumes), p
     std       (3, H, W) float in [-1, 1]   standard image (target)
     std_pose  (3, H, W) float              canonical standard pose map
     meta      dict                         (character id, pose id, ...)
+    __key__   str                          the sample key
 Pose maps are passed to the networks as the loader gives them; training and inference must use the
 same drawing (inference reuses the loader's renderer or the checkpoint's stored canonical map).
 
@@ -114,7 +115,8 @@ class SyntheticStandardizationDataset(Dataset):
             "ref_pose": _to_tensor(ref_pose, 0.0, 1.0),
             "std": _to_tensor(std),
             "std_pose": _to_tensor(std_pose, 0.0, 1.0),
-            "meta": {"key": f"synthetic-{index:06d}", "character": f"synthetic-char-{character:04d}"},
+            "meta": {"character": f"synthetic-char-{character:04d}"},
+            "__key__": f"synthetic-{index:06d}",
         }
 
 
@@ -123,6 +125,7 @@ def collate_stage1(samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     samples = list(samples)
     batch = {key: torch.stack([s[key] for s in samples]) for key in SAMPLE_KEYS}
     batch["meta"] = [s.get("meta", {}) for s in samples]
+    batch["__key__"] = [s.get("__key__", "") for s in samples]
     return batch
 
 
@@ -137,11 +140,12 @@ def parse_synthetic_spec(spec: str) -> int | None:
 
 
 def open_stage1_dataset(spec: str, *, width: int, height: int, seed: int, split: str = "train",
-                        infinite: bool = False) -> Dataset:
+                        infinite: bool = False, backgrounds: str | None = None, epoch_length: int | None = None) -> Dataset:
     """A dataset for a data spec: `synthetic:N`, or shard path(s)/pattern read by `dataset/loader.py`.
 
-    `split` and `infinite` are passed to the shard loader (the synthetic data has no split: train
-    and test are then different seeds).
+    `split`, `infinite` (resampled shards), `backgrounds` and `epoch_length` (samples per reader per
+    epoch in infinite mode) go to the shard loader. The synthetic data has no split: train and test
+    are then different seeds.
     """
     count = parse_synthetic_spec(spec)
     if count is not None:
@@ -150,9 +154,6 @@ def open_stage1_dataset(spec: str, *, width: int, height: int, seed: int, split:
         from serialgen.dataset import loader as shard_loader
     except ImportError as exc:
         raise UserInputError(f"{spec}: reading shards needs serialgen.dataset.loader ({exc})") from None
-    return _shard_dataset(shard_loader, spec, width=width, height=height, seed=seed, split=split, infinite=infinite)
-
-
-def _shard_dataset(shard_loader, spec: str, **kwargs) -> Dataset:
-    """Adapter to the loader module (kept in one place so a loader API change is a one-line fix)."""
-    return shard_loader.open_dataset(spec, **kwargs)
+    extra = {"epoch_length": epoch_length} if infinite and epoch_length else {}
+    return shard_loader.open_dataset(spec, width=width, height=height, seed=seed, split=split, infinite=infinite,
+                                     backgrounds=backgrounds, **extra)

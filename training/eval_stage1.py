@@ -37,13 +37,15 @@ def _mean(values: list[float]) -> float:
 
 def evaluate_standardization(checkpoint: str | Path, shards: str, *, device: str = "cpu", batch_size: int = 4,
                              max_samples: int | None = None, num_inference_steps: int | None = None,
-                             guidance_scale: float | None = None, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                             guidance_scale: float | None = None, seed: int = 0, backgrounds: str | None = None,
+                             progress: bool = False) -> dict[str, Any]:
     """Run the checkpoint over the test split of `shards`; returns the summary dict (see `format_table`)."""
     from serialgen.training.pipeline_stage1 import StandardizePipeline
 
     pipe = StandardizePipeline.from_checkpoint(checkpoint, device=device, num_inference_steps=num_inference_steps,
                                                guidance_scale=guidance_scale)
-    dataset = open_stage1_dataset(shards, width=pipe.width, height=pipe.height, seed=pipe.config.seed, split="test")
+    dataset = open_stage1_dataset(shards, width=pipe.width, height=pipe.height, seed=pipe.config.seed, split="test",
+                                  backgrounds=backgrounds)
     generator = torch.Generator().manual_seed(seed)
     scores = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
     batches = _batches(dataset, batch_size, max_samples)

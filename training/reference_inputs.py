@@ -71,17 +71,27 @@ def list_images(path: str | Path) -> list[Path]:
     raise UserInputError(f"{path}: not found")
 
 
-def load_reference(path: str | Path, width: int, height: int, *, pose: PoseEstimator | None = None,
-                   mask: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-    """Read one picture -> {"ref": (3,H,W) [-1,1], "ref_mask": (1,H,W), "ref_pose": (3,H,W)} at width x height."""
-    path = Path(path)
+def _open_rgba(source: str | Path | Image.Image) -> tuple[Image.Image, bool]:
+    def convert(img: Image.Image) -> tuple[Image.Image, bool]:
+        has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+        return img.convert("RGBA"), has_alpha
+
+    if isinstance(source, Image.Image):
+        return convert(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
-            has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-            rgba = img.convert("RGBA")
+            return convert(img)
     except (OSError, ValueError) as exc:
-        raise UserInputError(f"{path}: cannot read image ({exc})") from None
+        raise UserInputError(f"{source}: cannot read image ({exc})") from None
+
+
+def load_reference(path: str | Path | Image.Image, width: int, height: int, *, pose: PoseEstimator | None = None,
+                   mask: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """One picture (a file or a PIL image) -> {"ref": (3,H,W) [-1,1], "ref_mask": (1,H,W), "ref_pose":
+    (3,H,W)} at width x height."""
+    rgba, has_alpha = _open_rgba(path)
+    path = path if not isinstance(path, Image.Image) else "<image>"
     # pad to the target aspect ratio (centred, transparent), then resize
     w0, h0 = rgba.size
     scale = min(width / w0, height / h0)

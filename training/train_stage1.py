@@ -169,10 +169,11 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
     ema = EMAModel(trainable, decay=t.ema_decay) if t.ema else None
 
     # 4. Data in a resumable order (validation batch: fixed, from the validation set or the first training batch)
-    train_set = open_stage1_dataset(config.data.train_shards, width=config.data.width, height=config.data.height,
-                                    seed=config.seed, split="train", infinite=True)
-    val_source = open_stage1_dataset(config.data.val_shards, width=config.data.width, height=config.data.height,
-                                     seed=config.seed, split="test") if config.data.val_shards else train_set
+    d = config.data
+    train_set = open_stage1_dataset(d.train_shards, width=d.width, height=d.height, seed=config.seed, split="train",
+                                    infinite=True, backgrounds=d.backgrounds, epoch_length=d.epoch_length)
+    val_source = open_stage1_dataset(d.val_shards, width=d.width, height=d.height, seed=config.seed, split="test",
+                                     backgrounds=d.backgrounds) if d.val_shards else train_set
     val_batch = collate_stage1([val_source[i] for i in range(min(t.validation_samples, len(val_source)))]) \
         if hasattr(val_source, "__len__") else collate_stage1(list(_take(val_source, t.validation_samples)))
 
