@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import random
+import re
 import tarfile
 import warnings
 import zlib
@@ -168,6 +169,7 @@ class LoaderStats:
     examples: dict = field(default_factory=dict)
     std_cache_hits: int = 0
     std_cache_misses: int = 0
+    _broken_shards: set = field(default_factory=set, repr=False)
 
     def skip(self, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
@@ -176,17 +178,22 @@ class LoaderStats:
             ex.append(detail)
 
     def handler(self, exn: Exception) -> bool:
-        """webdataset ``handler=``: count the error and continue with the next member or shard."""
-        args = [a for a in getattr(exn, "args", ()) if isinstance(a, str)]
-        where = next((a for a in reversed(args) if a.endswith(".tar") or "/" in a), "?")
+        """webdataset ``handler=``: count the error and continue with the next member or shard.
+
+        A truncated shard raises twice (the member read, then the tar iterator): counted once.
+        """
+        where = _shard_of(exn)
+        first = str(exn.args[0]).split(" @ ")[0] if getattr(exn, "args", None) else type(exn).__name__
         if isinstance(exn, FileNotFoundError):
             self.skip("missing shard", where)
         elif isinstance(exn, (tarfile.ReadError, EOFError, zlib.error)) or "unexpected end" in str(exn):
-            self.skip("truncated or unreadable shard", f"{where}: {str(exn.args[0] if exn.args else exn)[:120]}")
+            if where not in self._broken_shards:
+                self._broken_shards.add(where)
+                self.skip("truncated or unreadable shard", f"{where}: {first[:100]}")
         elif isinstance(exn, ValueError) and "duplicate file name" in str(exn):
-            self.skip("duplicate member in shard", str(exn)[:160])
+            self.skip("duplicate member in shard", f"{where}: {first[:100]}")
         else:
-            self.skip(f"read error ({type(exn).__name__})", f"{where}: {str(exn)[:120]}")
+            self.skip(f"read error ({type(exn).__name__})", f"{where}: {first[:100]}")
         return True
 
     @property
@@ -198,6 +205,18 @@ class LoaderStats:
             return f"read {self.samples} samples, skipped none"
         parts = [f"{n} x {reason} (e.g. {'; '.join(self.examples[reason][:2])})" for reason, n in self.skipped.most_common()]
         return f"read {self.samples} samples, skipped {self.total_skipped}: " + ", ".join(parts)
+
+
+def _shard_of(exn: Exception) -> str:
+    """The shard an exception from webdataset's tar stages is about (they append url and stream)."""
+    for a in reversed(getattr(exn, "args", ())):
+        if isinstance(a, str) and (a.endswith(".tar") or _is_remote(a) or "/" in a) and " " not in a:
+            return a
+        name = getattr(a, "name", None)
+        if isinstance(name, str):
+            return name
+    m = re.search(r"name='([^']+)'", str(exn))
+    return m.group(1) if m else "?"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ def _texture(img: Image.Image, rng: np.random.Generator, amplitude: float) -> Im
 
 
 def synth_pair(character: int, pose: int, size=(512, 768), std_size=None, hands: bool = True,
-               compress_level: int = 1, texture: float = 0.0) -> dict[str, bytes]:
+               compress_level: int = 1, texture: float = 0.0, key: str | None = None,
+               split: str = "train") -> dict[str, bytes]:
     """One sample's members (bytes): a posed figure (RGBA, transparent) and its standard (RGB on white).
 
     Poses, framing (scale, placement) and view (yaw) are drawn from ``(character, pose)``; colours
@@ -141,7 +142,8 @@ def synth_pair(character: int, pose: int, size=(512, 768), std_size=None, hands:
         im.save(buf, format="PNG", compress_level=compress_level)
         return buf.getvalue()
 
-    meta = {"character": f"synth{character:04d}", "pose_id": pose, "motion_id": "synthetic",
+    meta = {"schema": "serialgen.sample/1", "key": key or f"c{character:04d}_p{pose:05d}", "split": split,
+            "character": f"synth{character:04d}", "pose_id": pose, "motion_id": "synthetic",
             "expression_id": "neutral", "framing": framing, "camera": {"yaw_deg": round(yaw, 3)},
             "seed": int(character * 100_003 + pose)}
     return {"ref.png": png(ref), "std.png": png(std), "ref_pose.json": _pose_json(xy, ref_vis, size),
@@ -149,34 +151,34 @@ def synth_pair(character: int, pose: int, size=(512, 768), std_size=None, hands:
 
 
 def write_synthetic_shards(root: Path, n_shards: int = 4, per_shard: int = 6, split: str = "train",
-                           size=(512, 768), std_size=None, characters_per_shard: int = 2,
+                           size=(512, 768), std_size=None, characters_per_shard: int = 1,
                            first_character: int = 0, texture: float = 0.0) -> list[Path]:
-    """Write ``root/<split>/shard-NNNNNN.tar`` with TarWriter and an ``index.json``; return the paths.
+    """Write ``root/<split>/shard-NNNNNN.tar`` and ``root/index.json`` with the project's own shard
+    writer (``serialgen.dataset.shards``: the render farm's format); return the shard paths.
 
-    Keys are ``c<character>_p<pose>`` (no dots), unique across the whole set.
+    Keys are ``c<character>_p<pose>`` (no dots), unique across the whole set. Calling it again for
+    another split keeps the shards already listed in the index.
     """
-    import webdataset as wds
+    from serialgen.dataset import shards as fmt
 
-    out = Path(root) / split
-    out.mkdir(parents=True, exist_ok=True)
+    root = Path(root)
+    summaries = []
+    if (root / fmt.INDEX_NAME).is_file():
+        summaries = [fmt.ShardSummary(**{k: e[k] for k in ("path", "split", "samples", "bytes", "sha256")})
+                     for e in fmt.read_index(root)["shards"] if e["split"] != split]
     paths = []
     for s in range(n_shards):
-        path = out / f"shard-{s:06d}.tar"
-        with wds.TarWriter(str(path)) as tw:
+        rel = f"{split}/shard-{s:06d}.tar"
+        with fmt.ShardWriter(root, rel, split) as w:
             for i in range(per_shard):
                 character = first_character + s * characters_per_shard + i % characters_per_shard
                 pose = s * per_shard + i
-                sample = synth_pair(character, pose, size=size, std_size=std_size, texture=texture)
-                tw.write({"__key__": f"c{character:04d}_p{pose:05d}", **sample})
-        paths.append(path)
-    index_path = Path(root) / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"version": 1, "shards": []}
-    index["shards"] = [e for e in index["shards"] if e.get("split") != split] + [
-        {"path": str(p.relative_to(root)), "split": split, "samples": per_shard,
-         "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
-        for p in paths
-    ]
-    index_path.write_text(json.dumps(index, indent=1))
+                key = f"c{character:04d}_p{pose:05d}"
+                sample = synth_pair(character, pose, size=size, std_size=std_size, texture=texture, key=key, split=split)
+                w.write(key, sample)
+            summaries.append(w.close())
+        paths.append(root / rel)
+    fmt.write_index(root, summaries, config={"synthetic": True}, failures=[])
     return paths
 
 

@@ -1,0 +1,240 @@
+"""``serialgen data preview`` and ``serialgen data bench``: look at loader outputs, measure the loader.
+
+The benchmark runs the full pipeline (read tar -> decode -> composite -> pose maps -> tensors, in
+batches as training uses it) in this one process with one torch thread, i.e. what one DataLoader
+worker delivers on one core, and in the same run, interleaved in short slices so that a busy
+machine slows both alike, the raw PNG decode of the same members (ref.png + std.png per pair) with
+the decoder the pipeline uses. It reports both rates and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["register", "preview_grid", "bench"]
+
+_COLUMNS = ("reference (composited)", "mask (white = background)", "reference pose", "standard", "standard pose")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 512x768") from None
+    if w < 8 or h < 8:
+        raise argparse.ArgumentTypeError(f"size {text!r}: width and height must be at least 8")
+    return w, h
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shards", metavar="SHARDS",
+                   help="shard set folder (with index.json or train/ test/), index.json, .tar, or a brace pattern")
+    p.add_argument("--backgrounds", metavar="DIR", default=None,
+                   help="background images: a folder (jpg/png/webp, searched recursively) or an assets folder; "
+                        "default: procedural colour fields")
+    p.add_argument("--split", default="train", help="shard split when SHARDS is a folder or an index (default: train)")
+    p.add_argument("--size", type=_size, default=(512, 768), metavar="WxH", help="output size (default: 512x768)")
+    p.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation (default: 0)")
+    p.add_argument("--std-pose", choices=("canonical", "per_character"), default="canonical",
+                   help="standard pose map: one canonical map (default) or each character's own")
+    p.add_argument("--canonical-pose", metavar="JSON", default=None,
+                   help="std_pose.json-format file with the canonical standard keypoints")
+
+
+def register(sub, groups) -> None:
+    data = groups["data"]
+    p = data.add_parser("preview", help="draw a grid of loader outputs (composite, mask, pose maps, standard)",
+                        description="Draw a grid of loader outputs, one row per sample: "
+                                    + ", ".join(_COLUMNS) + ".")
+    _common(p)
+    p.add_argument("--out", required=True, metavar="PNG", help="output image")
+    p.add_argument("--count", type=int, default=6, help="rows (samples), default 6")
+    p.add_argument("--thumb-height", type=int, default=256, help="tile height in pixels (default 256)")
+    p.set_defaults(handler=_handle_preview)
+
+    b = data.add_parser("bench", help="loader throughput per worker process, with raw PNG decode in the same run",
+                        description="Pairs/s of the full loader pipeline in one process (one DataLoader worker, "
+                                    "one torch thread) and, interleaved in the same run, the raw PNG decode rate "
+                                    "of the same members; prints both and their ratio.")
+    _common(b)
+    b.add_argument("--seconds", type=float, default=10.0, help="measuring time, split between the two (default 10)")
+    b.add_argument("--warmup", type=float, default=2.0, help="seconds run first and not counted (default 2)")
+    b.add_argument("--batch-size", type=int, default=8, help="batch size collated in the worker; 0 = single samples")
+    b.add_argument("--dtype", choices=("float32", "uint8"), default="float32", help="output tensors (default float32)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.set_defaults(handler=_handle_bench)
+
+
+def _dataset(args, **overrides):
+    from serialgen.dataset.loader import LoaderConfig, PairDataset
+
+    cfg = LoaderConfig(size=args.size, split=args.split, seed=args.seed, std_pose=args.std_pose,
+                       canonical_pose=args.canonical_pose, **overrides)
+    return PairDataset(args.shards, args.backgrounds, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# preview
+# ---------------------------------------------------------------------------------------------
+
+def preview_grid(samples: list[dict], thumb_height: int = 256):
+    """One row per uint8 sample (tensors (C, H, W)): composite, mask, ref pose, std, std pose."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    def tile(t):
+        arr = t.permute(1, 2, 0).numpy()
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr * 255, 3, axis=2).astype(np.uint8)
+        im = Image.fromarray(np.ascontiguousarray(arr))
+        return im.resize((max(1, round(im.width * thumb_height / im.height)), thumb_height), Image.BILINEAR)
+
+    rows = [[tile(s[k]) for k in ("ref", "ref_mask", "ref_pose", "std", "std_pose")] for s in samples]
+    tw, th, header, pad = rows[0][0].width, thumb_height, 18, 4
+    grid = Image.new("RGB", (5 * (tw + pad) + pad, header + len(rows) * (th + pad) + pad), (40, 40, 40))
+    d = ImageDraw.Draw(grid)
+    for c, name in enumerate(_COLUMNS):
+        d.text((pad + c * (tw + pad), 3), name, fill=(230, 230, 230))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            grid.paste(im, (pad + c * (tw + pad), header + pad + r * (th + pad)))
+    return grid
+
+
+def _handle_preview(args) -> int:
+    from serialgen.errors import UserInputError
+
+    if args.count < 1:
+        raise UserInputError(f"--count {args.count}: must be at least 1")
+    ds = _dataset(args, dtype="uint8", shuffle_buffer=50, shuffle_initial=10)
+    samples = []
+    for s in ds:
+        samples.append(s)
+        if len(samples) >= args.count:
+            break
+    if not samples:
+        raise UserInputError(f"{args.shards}: no readable sample ({ds.stats.summary()})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    preview_grid(samples, args.thumb_height).save(out)
+    print(f"preview: {len(samples)} samples -> {out} ({ds.stats.summary()})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------
+
+def _raw_members(urls: list[str], limit: int) -> list[tuple[bytes, bytes]]:
+    """(ref.png, std.png) bytes of the first ``limit`` complete samples, read with stock webdataset."""
+    import webdataset as wds
+
+    out = []
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.ignore_and_continue))
+    for s in pipe:
+        if "ref.png" in s and "std.png" in s:
+            out.append((s["ref.png"], s["std.png"]))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def bench(args) -> dict:
+    """Run the benchmark described in the module doc; returns the result dict."""
+    import torch
+
+    from serialgen.dataset import loader as L
+    from serialgen.errors import UserInputError
+
+    torch.set_num_threads(1)
+    batch = args.batch_size or None
+    ds = _dataset(args, resampled=True, batch_size=batch, dtype=args.dtype)
+    members = _raw_members(ds.urls, 256)
+    if not members:
+        raise UserInputError(f"{args.shards}: no sample with ref.png and std.png")
+    use_spng = L._spng is not None
+
+    def decode_spng(data, mode):
+        return L.decode_png(data, mode)
+
+    def decode_pil(data, mode):
+        from PIL import Image
+
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
+
+    pipe = iter(ds)
+    per_item = batch or 1
+    t_end = time.perf_counter() + args.warmup
+    while time.perf_counter() < t_end:
+        next(pipe)
+    counts = {"pipe": 0, "raw": 0, "pil": 0}
+    times = {"pipe": 0.0, "raw": 0.0, "pil": 0.0}
+    i = 0
+    deadline = time.perf_counter() + args.seconds
+    slice_s = 0.25
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < slice_s:
+            next(pipe)
+            counts["pipe"] += per_item
+        times["pipe"] += time.perf_counter() - t0
+        for name, dec in (("raw", decode_spng), ("pil", decode_pil)):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < slice_s / 2:
+                ref, std = members[i % len(members)]
+                dec(ref, "RGBA")
+                dec(std, "RGB")
+                i += 1
+                counts[name] += 1
+            times[name] += time.perf_counter() - t0
+    stats = ds.stats
+    rate = counts["pipe"] / times["pipe"]
+    raw = counts["raw"] / times["raw"]
+    hits = stats.std_cache_hits + stats.std_cache_misses
+    return {
+        "pairs_per_s": round(rate, 2),
+        "raw_decode_pairs_per_s": round(raw, 2),
+        "ratio": round(rate / raw, 3),
+        "raw_decoder": "pyspng" if use_spng else "PIL",
+        "raw_decode_pil_pairs_per_s": round(counts["pil"] / times["pil"], 2),
+        "size": list(args.size),
+        "batch_size": batch or 0,
+        "dtype": args.dtype,
+        "seconds": round(times["pipe"] + times["raw"] + times["pil"], 2),
+        "samples_measured": counts["pipe"],
+        "std_cache_hit_rate": round(stats.std_cache_hits / hits, 3) if hits else None,
+        "backgrounds": len(ds.background_paths) or "procedural",
+        "skipped": dict(stats.skipped),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+    }
+
+
+def _handle_bench(args) -> int:
+    from serialgen.errors import UserInputError
+
+    if args.seconds <= 0 or args.warmup < 0 or args.batch_size < 0:
+        raise UserInputError("--seconds must be > 0, --warmup and --batch-size >= 0")
+    result = bench(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"loader bench ({result['size'][0]}x{result['size'][1]}, batch {result['batch_size']}, {result['dtype']}, "
+          f"1 process, 1 torch thread, {result['seconds']} s, load average {result['load_average_1min']} on "
+          f"{result['cpus']} CPUs)")
+    print(f"  full pipeline   {result['pairs_per_s']:8.1f} pairs/s")
+    print(f"  raw PNG decode  {result['raw_decode_pairs_per_s']:8.1f} pairs/s ({result['raw_decoder']}; "
+          f"PIL: {result['raw_decode_pil_pairs_per_s']:.1f})")
+    print(f"  ratio           {result['ratio']:8.3f}")
+    print(f"  standard-image cache hit rate {result['std_cache_hit_rate']}, backgrounds {result['backgrounds']}, "
+          f"skipped {result['skipped'] or 'none'}")
+    return 0

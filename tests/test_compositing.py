@@ -1,0 +1,158 @@
+"""Compositing: the mask and keypoints follow the image exactly under every transform."""
+
+import io
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from serialgen.dataset import compositing as C
+from serialgen.dataset.loader import decode_png
+from serialgen.dataset.posemap import parse_pose
+from serialgen.errors import UserInputError
+from test_loader_synth import synth_background, synth_pair
+
+SIZE = (256, 384)
+
+
+def _sample(character, pose, size=(256, 384)):
+    m = synth_pair(character, pose, size=size)
+    return decode_png(m["ref.png"], "RGBA"), parse_pose(m["ref_pose.json"])
+
+
+def _dilate(m, r):
+    """Binary dilation by a (2r+1)^2 square, without wrapping around the edges."""
+    h, w = m.shape
+    p = np.pad(m, r)
+    out = np.zeros_like(m)
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out |= p[dy:dy + h, dx:dx + w]
+    return out
+
+
+def _transforms():
+    """Configs that exercise downscale, upscale, no resize (scale 1), crops at every edge."""
+    yield C.CompositeConfig(size=SIZE, scale_range=(0.6, 0.8), jitter=0.06)
+    yield C.CompositeConfig(size=SIZE, scale_range=(1.2, 1.6), max_crop=0.3, jitter=0.0)
+    yield C.CompositeConfig(size=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.06)
+    yield C.CompositeConfig(size=(300, 300), scale_range=(0.8, 1.1), max_crop=0.3)  # other aspect
+
+
+@pytest.mark.parametrize("cfg", list(_transforms()), ids=["down", "up-crop", "scale1", "square"])
+def test_mask_equals_where_the_composite_differs_from_the_background(cfg):
+    rng = random.Random(5)
+    for pose_id in range(6):
+        ref, pose = _sample(pose_id % 3, pose_id)
+        # A background colour no figure colour reaches (figure channels lie in 40..215, jitter 6 %).
+        bg = Image.new("RGB", cfg.size, (250, 2, 250))
+        comp = C.composite_reference(ref, pose, bg, cfg, rng, keep_background=True)
+        diff = (comp.image != np.asarray(comp.background)).any(axis=2)
+        fg = comp.mask == 0
+        assert comp.mask.shape == (cfg.size[1], cfg.size[0]) and set(np.unique(comp.mask)) <= {0, 1}
+        assert fg.sum() > 100
+        assert not (fg & ~diff).any(), "a foreground pixel equals the background"
+        # Differences outside the mask are the antialiased rim only (0 < alpha < 128: within 2 px of
+        # the mask; thin fingers never reach alpha 128 after downscaling). A shifted mask fails
+        # one of the two checks: its leading edge lands on untouched background. (At the canvas
+        # border the rim may belong to a character just outside it.)
+        rim = diff & ~_dilate(fg, 2)
+        assert not rim[2:-2, 2:-2].any()
+
+
+def test_keypoints_stay_on_the_character_after_crop_and_scale():
+    rng = random.Random(11)
+    checked = 0
+    for cfg in _transforms():
+        for pose_id in range(8):
+            ref, pose = _sample(pose_id % 4, 100 + pose_id)
+            comp = C.composite_reference(ref, pose, Image.new("RGB", cfg.size), cfg, rng)
+            fg = _dilate(comp.mask == 0, 1)
+            sx, sy, tx, ty = comp.transform
+            for i in np.flatnonzero(comp.pose.visible):
+                x, y = comp.pose.xy[i]
+                assert fg[int(y), int(x)], (i, x, y)
+                np.testing.assert_allclose(comp.pose.xy[i], pose.xy[i] * [sx, sy] + [tx, ty], atol=1e-3)
+                checked += 1
+            # Points that left the canvas became invisible; nothing visible lies outside it.
+            gone = pose.visible & ~comp.pose.visible
+            if gone.any():
+                xy = pose.xy[gone] * [sx, sy] + [tx, ty]
+                w, h = cfg.size
+                assert ((xy[:, 0] < 0) | (xy[:, 0] >= w) | (xy[:, 1] < 0) | (xy[:, 1] >= h)).all()
+    assert checked > 500
+
+
+def test_uint8_composite_matches_float_alpha_blend():
+    ref, pose = _sample(2, 7)
+    bg_arr = np.random.default_rng(0).integers(0, 256, (SIZE[1], SIZE[0], 3), dtype=np.uint8)
+    cfg = C.CompositeConfig(size=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.0)
+    comp = C.composite_reference(ref, pose, Image.fromarray(bg_arr), cfg, random.Random(0), keep_background=True)
+    # scale 1: the render is pasted unscaled, so the float blend can be computed from it directly.
+    sx, sy, tx, ty = comp.transform
+    assert (sx, sy) == (1.0, 1.0)
+    canvas = np.zeros((SIZE[1], SIZE[0], 4), np.float64)
+    h, w = ref.shape[:2]
+    ox, oy = int(tx), int(ty)
+    ys, xs = slice(max(oy, 0), min(oy + h, SIZE[1])), slice(max(ox, 0), min(ox + w, SIZE[0]))
+    canvas[ys, xs] = ref[ys.start - oy:ys.stop - oy, xs.start - ox:xs.stop - ox]
+    a = canvas[..., 3:] / 255
+    expected = canvas[..., :3] * a + bg_arr * (1 - a)
+    assert np.abs(comp.image - expected).max() <= 1.0
+
+
+def test_a_side_cut_by_the_render_frame_stays_at_the_canvas_edge():
+    ref = np.zeros((384, 256, 4), np.uint8)
+    ref[200:, 60:190] = (200, 100, 50, 255)  # a body cut by the bottom of the frame
+    pose = parse_pose({"width": 256, "height": 384, "names": [], "keypoints": []})
+    cfg = C.CompositeConfig(size=SIZE, scale_range=(0.6, 1.0), max_crop=0.2)
+    rng = random.Random(3)
+    for _ in range(30):
+        comp = C.composite_reference(ref, pose, Image.new("RGB", SIZE), cfg, rng)
+        assert (comp.mask[-1] == 0).any(), "the cut bottom edge moved up into the canvas"
+
+
+def test_empty_reference_is_an_error_the_loader_can_count():
+    ref = np.zeros((64, 32, 4), np.uint8)
+    pose = parse_pose({"width": 32, "height": 64, "names": [], "keypoints": []})
+    with pytest.raises(C.EmptyReferenceError):
+        C.composite_reference(ref, pose, Image.new("RGB", SIZE), C.CompositeConfig(size=SIZE), random.Random(0))
+
+
+def test_fit_to_canvas_preserves_aspect_and_pads_white():
+    img = Image.new("RGB", (100, 100), (10, 20, 30))
+    canvas, (sx, sy, tx, ty) = C.fit_to_canvas(img, (200, 300))
+    arr = np.asarray(canvas)
+    assert canvas.size == (200, 300) and sx == sy == 2.0 and (tx, ty) == (0.0, 50.0)
+    assert tuple(arr[10, 100]) == (255, 255, 255) and tuple(arr[150, 100]) == (10, 20, 30)
+
+
+def test_background_pool_crops_skips_bad_files_and_fails_clearly(tmp_path):
+    good = [synth_background(tmp_path / f"bg{i}.jpg", i, size=(300, 200)) for i in range(2)]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    pool = C.BackgroundPool([str(p) for p in good] + [str(bad)], SIZE, random.Random(0), pool_size=8, refresh=0.5)
+    for _ in range(40):
+        crop = pool.sample()
+        assert crop.size == SIZE and crop.mode == "RGB"
+    assert list(pool.bad) == [str(bad)]
+    only_bad = C.BackgroundPool([str(bad)], SIZE, random.Random(0))
+    with pytest.raises(UserInputError, match="none of the 1 background"):
+        only_bad.sample()
+    procedural = C.BackgroundPool([], SIZE, random.Random(0), pool_size=2)
+    assert np.asarray(procedural.sample()).std() > 5
+    with pytest.raises(UserInputError, match="does not exist"):
+        C.list_background_images(tmp_path / "nope")
+    assert C.list_background_images(tmp_path) == sorted(str(p) for p in [bad, *good])
+
+
+def test_real_backgrounds_load(shared_assets):
+    folder = shared_assets / "backgrounds"
+    paths = C.list_background_images(folder)
+    assert any(p.endswith(".jpg") for p in paths) and any(p.endswith(".png") for p in paths)
+    pool = C.BackgroundPool(paths, (512, 768), random.Random(0), pool_size=len(paths), refresh=0.0)
+    for _ in range(len(paths) + 2):
+        assert pool.sample().size == (512, 768)
+    assert not pool.bad
