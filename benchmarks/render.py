@@ -108,9 +108,8 @@ def bench_stages(args, scratch: Path) -> dict:
     bare_mean = statistics.fmean(bare)
     per_pair = per_image + std_s / args.per_character
     # PNG levels on a real frame.
-    from serialgen.render.scene import render_rgba
 
-    frame = render_rgba(worker.scene)
+    frame = worker._render(worker.scene)
     png = {}
     for level in (0, 1, 3, 6):
         t = time.perf_counter()

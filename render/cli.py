@@ -19,7 +19,8 @@ def _handle_render(args: argparse.Namespace) -> int:
     width, height = parse_resolution(args.resolution)
     settings = RenderSettings(engine=args.engine, width=width, height=height, threads=args.threads,
                               cycles_samples=args.samples, cycles_denoise=args.denoise,
-                              cycles_device=args.cycles_device, eevee_samples=args.samples)
+                              cycles_device=args.cycles_device, eevee_samples=args.samples,
+                              supersample=args.supersample)
     if not 0.0 <= args.test_fraction <= 1.0:
         raise UserInputError(f"--test-fraction must be in 0..1, got {args.test_fraction}")
     if args.poses_per_shard < 1:
@@ -58,6 +59,8 @@ def register(sub, groups) -> None:
     p.add_argument("--poses-per-shard", type=int, default=1000,
                    help="at most this many pairs per shard; a character with more is split (default 1000)")
     p.add_argument("--samples", type=int, default=16, help="cycles/eevee samples per pixel (default 16)")
+    p.add_argument("--supersample", type=int, default=2, choices=[1, 2, 3, 4],
+                   help="workbench anti-aliasing: render k x k larger and average (default 2)")
     p.add_argument("--denoise", action="store_true", help="cycles: run the denoiser (slow on CPU)")
     p.add_argument("--cycles-device", default="CPU", choices=["CPU", "GPU"], help="cycles device (default CPU)")
     p.add_argument("--threads", type=int, default=0, help="render threads per worker (default: CPUs / workers)")

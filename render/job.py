@@ -128,7 +128,7 @@ class BlenderWorker:
         self.record_timings = record_timings
         self.scene = scene_mod.reset_scene()
         scene_mod.configure_render(self.scene, settings)
-        self._render = scene_mod.render_rgba
+        self._render = lambda scene: scene_mod.render_rgba(scene, settings.scale)
         self._loaded: _Loaded | None = None
         self._pose_libs: dict[str, object] = {}
         self.characters_done = 0

@@ -49,7 +49,8 @@ MANNEQUIN_VARIANTS = {
 
 # Joints the mannequin has: the required ones plus toes (no fingers: hand keypoints stay masked).
 _JOINTS = [j for j in sk.JOINTS if j.required or j.name.endswith("_toe")]
-# Ellipsoid radius per bone as a fraction of 1.75 m body (before girth), and its material slot.
+# Ellipsoid radius per bone as a fraction of 1.75 m body (before girth), and its colour slot
+# (0 top, 1 bottom, 2 shoes, 3 skin): a texel of the one palette texture.
 _RADIUS = {
     "pelvis": (0.15, 1), "spine": (0.14, 0), "chest": (0.16, 0), "neck": (0.05, 3), "head": (0.0, 3),
     "clavicle": (0.05, 0), "upper_arm": (0.05, 0), "lower_arm": (0.04, 3), "hand": (0.035, 3),
@@ -87,10 +88,11 @@ def _add_ellipsoid(bm, deform, group: int, centre, axis, half_length: float, rad
     for r in range(3):
         mat[r][0], mat[r][1], mat[r][2], mat[r][3] = x[r] * radius, y[r] * radius, z[r] * half_length, centre[r]
     geom = bmesh.ops.create_uvsphere(bm, u_segments=16, v_segments=10, radius=1.0, matrix=mat)
+    uv_layer = bm.loops.layers.uv.verify()
     for v in geom["verts"]:
         v[deform][group] = 1.0
-        for f in v.link_faces:
-            f.material_index = slot
+        for loop in v.link_loops:
+            loop[uv_layer].uv = ((slot + 0.5) / 4.0, 0.5)
     return geom["verts"]
 
 
@@ -155,21 +157,41 @@ class Mannequin:
                 _add_ellipsoid(bm, deform, groups[name], centre, [0, -1, 0], 0.16 * s,
                                0.052 * s * max(spec.girth, 1.0) ** 0.5, 2)
                 continue
+            if name.endswith("_toe"):
+                continue  # the foot ellipsoid reaches past the toes already
             radius, slot = _bone_radius(name, spec)
             _add_ellipsoid(bm, deform, groups[name], (head + tail) / 2, tail - head, length * 0.6, radius, slot)
         head_ids = [v.index for v in head_verts]
         bm.to_mesh(mesh)
         bm.free()
         mesh.shade_smooth()
-        for colour in (spec.top, spec.bottom, spec.shoes, spec.skin):
-            mat = bpy.data.materials.new(f"{self.id}-mat")
-            mat.diffuse_color = colour
-            mesh.materials.append(mat)
+        mesh.materials.append(self._palette_material())
         self._add_expression_keys(obj, head_ids)
         mod = obj.modifiers.new("armature", "ARMATURE")
         mod.object = self.armature
         obj.parent = self.armature
         return obj
+
+    def _palette_material(self):
+        """One material whose colour comes from a 4x1 palette texture (top, bottom, shoes, skin).
+
+        One material, not four: Workbench draws per-material batches in an order that varies
+        between runs, so where two differently coloured parts intersect, a pixel could flip.
+        """
+        spec = self.spec
+        img = bpy.data.images.new(f"{self.id}-palette", 4, 1, alpha=True)
+        img.pixels[:] = np.array([spec.top, spec.bottom, spec.shoes, spec.skin], dtype=np.float64).ravel().tolist()
+        img.pack()  # keep the pixels (a generated image would be regenerated blank)
+        img.colorspace_settings.name = "sRGB"
+        mat = bpy.data.materials.new(f"{self.id}-mat")
+        mat.use_nodes = True
+        nodes = mat.node_tree.nodes
+        tex = nodes.new("ShaderNodeTexImage")
+        tex.image, tex.interpolation = img, "Closest"
+        bsdf = nodes.get("Principled BSDF")
+        mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+        nodes.active = tex
+        return mat
 
     def _add_expression_keys(self, obj, head_ids: list[int]) -> None:
         """Shape keys that move only the lower front of the skull (a mouth region)."""

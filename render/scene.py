@@ -8,7 +8,11 @@ thread-safe).
 Engines (``docs/rendering.md``):
 
 * ``workbench`` (default, CPU through Mesa EGL): studio lighting, textures shown (objects without
-  an image texture show their material colour), 8x anti-aliasing. Deterministic.
+  an image texture show their material colour). Anti-aliasing by 2x2 supersampling
+  (``supersample``: render at 2W x 2H with Workbench AA off, box-downsample with premultiplied
+  alpha): byte-reproducible and ~40% faster than Workbench's own 8-sample AA, which here gave
+  identical scenes slightly different pixels from run to run (about one pixel in ten images, by a
+  few levels) and so broke byte-identical shards.
 * ``eevee`` (GPU nodes through EGL; ~17 s a frame on software GL): ``eevee_samples`` TAA samples.
 * ``cycles``: ``cycles_samples`` path-tracing samples, a fixed seed, no denoiser unless asked
   (OIDN costs 6-10 s a frame on 2 CPU cores), persistent data on (pose-only changes reuse the BVH).
@@ -53,7 +57,8 @@ class RenderSettings:
     cycles_denoise: bool = False
     cycles_device: str = "CPU"
     eevee_samples: int = 16
-    workbench_aa: str = "8"
+    workbench_aa: str = "OFF"
+    supersample: int = 2  # workbench only: render at k x the size, box-downsample
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -64,11 +69,18 @@ class RenderSettings:
                 raise UserInputError(f"--resolution: {name} {value!r} must be an integer in 16..{_MAX_SIDE}")
         if self.cycles_samples < 1 or self.eevee_samples < 1:
             raise UserInputError("render samples must be >= 1")
+        if self.supersample not in (1, 2, 3, 4):
+            raise UserInputError(f"supersample {self.supersample!r}: expected 1..4")
         if self.cycles_device not in ("CPU", "GPU"):
             raise UserInputError(f"cycles device {self.cycles_device!r}: expected CPU or GPU")
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def scale(self) -> int:
+        """Render-size factor: ``supersample`` on workbench, 1 on engines that sample themselves."""
+        return self.supersample if self.engine == "workbench" else 1
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -103,7 +115,8 @@ def configure_render(scene, settings: RenderSettings) -> None:
     """Apply ``settings`` to ``scene``: engine, resolution, threads, colour management, output."""
     r = scene.render
     r.engine = ENGINES[settings.engine]
-    r.resolution_x, r.resolution_y, r.resolution_percentage = settings.width, settings.height, 100
+    k = settings.scale
+    r.resolution_x, r.resolution_y, r.resolution_percentage = settings.width * k, settings.height * k, 100
     r.pixel_aspect_x = r.pixel_aspect_y = 1.0
     r.film_transparent = True  # RGBA; the standard image is put on white afterwards, in numpy
     r.threads_mode = "FIXED" if settings.threads else "AUTO"
@@ -162,11 +175,13 @@ def _quiet_stdout():
         os.close(devnull)
 
 
-def render_rgba(scene) -> np.ndarray:
+def render_rgba(scene, supersample: int = 1) -> np.ndarray:
     """Render the scene and return the image as uint8 (H, W, 4) RGBA, straight (unpremultiplied) alpha.
 
     Blender's Render Result has no Python pixel access, so the frame goes through an uncompressed
-    TGA in /dev/shm (~1 ms each way at 512x768), which is cheaper than any compressed format.
+    TGA in /dev/shm (~1 ms each way at 512x768), which is cheaper than any compressed format. With
+    ``supersample`` k > 1 the frame (rendered at k times the size) is averaged over k x k blocks
+    with premultiplied alpha, so edges do not darken.
     """
     import bpy
     from PIL import Image
@@ -176,5 +191,8 @@ def render_rgba(scene) -> np.ndarray:
     with _quiet_stdout():  # Blender prints "Saved: ..." per frame; keep progress bars clean
         bpy.ops.render.render(write_still=True)
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGBA"))
+        im = im.convert("RGBA")
+        if supersample > 1:
+            im = im.convert("RGBa").reduce(supersample).convert("RGBA")
+        arr = np.asarray(im)
     return arr
