@@ -254,7 +254,8 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
                     "use the run's config or a new --output-dir"
                 )
     accelerator = Accelerator(
-        mixed_precision=tcfg["mixed_precision"], gradient_accumulation_steps=tcfg["gradient_accumulation_steps"]
+        mixed_precision=tcfg["mixed_precision"], gradient_accumulation_steps=tcfg["gradient_accumulation_steps"],
+        cpu=not torch.cuda.is_available(),  # without it accelerate ignores a CPU torchrun/MPI world (no gloo group)
     )
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
