@@ -206,3 +206,16 @@ def test_layer_geometry_rounds_odd_sizes_up():
     assert layer_hw(3 * 2, (5, 3)) == (3, 2)
     with pytest.raises(RuntimeError):
         layer_hw(7, (12, 8))
+
+
+def test_min_snr_loss_is_finite_with_zero_terminal_snr():
+    from serialgen.training.tiny_models import build_tiny_scheduler
+    from serialgen.training.train_stage1 import diffusion_loss
+
+    pred, target = torch.randn(3, 4, 6, 4), torch.randn(3, 4, 6, 4)
+    t = torch.tensor([0, 500, 999])
+    for prediction_type in ("epsilon", "v_prediction"):
+        sched = build_tiny_scheduler(rescale_betas_zero_snr=True, prediction_type=prediction_type)
+        assert sched.alphas_cumprod[-1] == 0  # SNR 0 at t = 999
+        weighted = diffusion_loss(pred, target, t, sched, 5.0)
+        assert torch.isfinite(weighted) and weighted != diffusion_loss(pred, target, t, sched, None)

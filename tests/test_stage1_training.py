@@ -140,3 +140,19 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         load_stage1_config(packaged_config("stage1-tiny"), ["train.mixed_precision=fp8"])
     paper = load_stage1_config(packaged_config("stage1"))
     assert (paper.data.width, paper.data.height, paper.train.batch_size, paper.inference.num_inference_steps) == (512, 768, 4, 20)
+
+
+def test_train_cli_ablation_switches_leave_out_fbdm_and_rpim(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ablation"
+    code = main(["train", "stage1", "--config", "stage1-tiny", "--output-dir", str(out), "--max-steps", "1",
+                 "--train-shards", "synthetic:2", "--no-fbdm", "--no-rpim", "--set", "data.width=32",
+                 "--set", "data.height=48", "--set", "inference.num_inference_steps=1"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = load_file(f"{summary['checkpoint']}/trainable.safetensors").keys()
+    assert not any(n.startswith(("fbdm.", "rpim.")) for n in names)
+    assert any(n.startswith("pose_guider.") for n in names)
+    config = load_stage1_config(f"{summary['checkpoint']}/config.yaml")
+    assert config.model.fbdm is False and config.model.rpim is False
