@@ -1,6 +1,7 @@
 """Stage II pair shards: (standardized reference, real target, caption) in WebDataset tar files.
 
-Format ``serialgen-pairs`` version 1 (see docs/stage2.md). A pair set is a folder:
+Format ``serialgen.pairs`` version 1 (see docs/stage2.md); conventions follow the render shards
+(:mod:`serialgen.dataset.shards`: key rule, deterministic tars, hidden temporary names, index fields). A pair set is a folder:
 
 * ``pairs-000000.tar``, ``pairs-000001.tar``, ...: WebDataset tars, one sample per pair, members
   ``<key>.std_ref.png`` (Stage I output, RGB on white, 512x768), ``<key>.target.jpg`` (the real image,
@@ -9,7 +10,8 @@ Format ``serialgen-pairs`` version 1 (see docs/stage2.md). A pair set is a folde
   same identity, the reference of the paper's paired one-stage baseline). Keys contain no dots.
 * ``pairs-000000.json`` next to each tar: written after the tar is complete (its presence marks the
   shard done): sample count, bytes, sha256, skipped inputs with reasons.
-* ``index.json``: format, version, shard list with counts and checksums, totals, and what built it.
+* ``index.json``: format, format_version, members, versions, shard list (path, samples, bytes, sha256),
+  totals (samples, skipped), and what built it.
 
 A tar is written under a temporary name and renamed when complete, then its sidecar is written; a
 rerun treats a shard as done only if both exist and the tar's size matches, and rebuilds the rest.
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from serialgen.dataset.shards import validate_key
 from serialgen.errors import UserInputError
 
 __all__ = [
@@ -48,7 +51,7 @@ __all__ = [
     "verify_pairs",
 ]
 
-PAIRS_FORMAT = "serialgen-pairs"
+PAIRS_FORMAT = "serialgen.pairs"  # named like the render shards' "serialgen.shards"
 PAIRS_VERSION = 1
 PAIR_MEMBERS = ("std_ref.png", "target.jpg", "caption.txt", "meta.json")  # required; alt_ref.jpg optional
 OPTIONAL_MEMBERS = ("alt_ref.jpg",)
@@ -111,7 +114,7 @@ class ShardStats:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": PAIRS_FORMAT, "version": PAIRS_VERSION, "name": self.name, "samples": self.samples,
+            "format": PAIRS_FORMAT, "format_version": PAIRS_VERSION, "path": self.name, "samples": self.samples,
             "bytes": self.bytes, "sha256": self.sha256, "skipped": self.skipped,
         }
 
@@ -119,7 +122,7 @@ class ShardStats:
 class PairShardWriter:
     """Write one pair shard atomically: ``with PairShardWriter(dir, index) as w: w.add(...)``.
 
-    The tar goes to ``<name>.tmp`` and is renamed on a clean exit, then ``<name minus .tar>.json`` is
+    The tar goes to ``.<name>.tmp`` (hidden, as the render shards do) and is renamed on a clean exit, then ``<name minus .tar>.json`` is
     written; on an exception the temporary file is removed and nothing final appears.
     """
 
@@ -128,7 +131,7 @@ class PairShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stats = ShardStats(shard_name(index))
         self.path = self.out_dir / self.stats.name
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
         self._tar: tarfile.TarFile | None = None
         self._keys: set[str] = set()
 
@@ -156,8 +159,7 @@ class PairShardWriter:
         alt_ref: Any = None,
     ) -> None:
         """Append one pair. Images are PIL images or already-encoded bytes (PNG for std_ref, JPEG else)."""
-        if "." in key or "/" in key or not key:
-            raise ValueError(f"pair key {key!r} must be non-empty and contain no '.' or '/'")
+        validate_key(key)  # the render shards' rule: [A-Za-z0-9_-]{1,90}, no dots
         if key in self._keys:
             raise ValueError(f"duplicate pair key {key!r} in {self.stats.name}")
         self._keys.add(key)
@@ -188,6 +190,20 @@ class PairShardWriter:
         self._tmp.replace(self.path)
         sidecar = self.path.with_suffix(".json")
         sidecar.write_text(json.dumps(self.stats.to_json(), indent=1), encoding="utf-8")
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of what wrote the set (no timestamps: the index stays deterministic)."""
+    import platform
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("serialgen", "torch", "diffusers", "ray", "pillow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
 
 
 def _sha256(path: Path) -> str:
@@ -221,16 +237,18 @@ def write_index(out_dir: str | Path, extra: dict[str, Any] | None = None) -> dic
     shards = completed_shards(d)
     index = {
         "format": PAIRS_FORMAT,
-        "version": PAIRS_VERSION,
+        "format_version": PAIRS_VERSION,
+        "members": list(PAIR_MEMBERS) + [f"{m} (optional)" for m in OPTIONAL_MEMBERS],
+        "versions": _versions(),
         "shards": [
-            {"name": n, "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+            {"path": n, "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
             for n, s in sorted(shards.items())
         ],
-        "total_samples": sum(s["samples"] for s in shards.values()),
-        "total_skipped": sum(len(s.get("skipped", [])) for s in shards.values()),
+        "samples": sum(s["samples"] for s in shards.values()),
+        "skipped": sum(len(s.get("skipped", [])) for s in shards.values()),
         **(extra or {}),
     }
-    tmp = d / "index.json.tmp"
+    tmp = d / ".index.json.tmp"
     tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
     tmp.replace(d / "index.json")
     return index
@@ -248,8 +266,8 @@ def read_index(pairs_dir: str | Path) -> dict[str, Any]:
         raise UserInputError(f"{path}: not valid JSON ({exc})") from None
     if index.get("format") != PAIRS_FORMAT:
         raise UserInputError(f"{path}: format is {index.get('format')!r}, expected {PAIRS_FORMAT!r}")
-    if int(index.get("version", 0)) > PAIRS_VERSION:
-        raise UserInputError(f"{path}: version {index.get('version')} is newer than this reader ({PAIRS_VERSION})")
+    if index.get("format_version") != PAIRS_VERSION:
+        raise UserInputError(f"{path}: format_version {index.get('format_version')!r}, this reader reads {PAIRS_VERSION}")
     return index
 
 
@@ -302,7 +320,7 @@ def iter_pairs(pairs_dir: str | Path, stats: dict[str, int] | None = None) -> It
     """Every pair of a pair set, shard by shard in index order."""
     d = Path(pairs_dir)
     for shard in read_index(d)["shards"]:
-        yield from iter_shard(d / shard["name"], stats)
+        yield from iter_shard(d / shard["path"], stats)
 
 
 def verify_pairs(pairs_dir: str | Path) -> dict[str, Any]:
@@ -315,25 +333,25 @@ def verify_pairs(pairs_dir: str | Path) -> dict[str, Any]:
     problems: list[str] = []
     samples = 0
     for shard in index["shards"]:
-        p = d / shard["name"]
+        p = d / shard["path"]
         if not p.is_file():
-            problems.append(f"{shard['name']}: missing")
+            problems.append(f"{shard['path']}: missing")
             continue
         if p.stat().st_size != shard["bytes"]:
-            problems.append(f"{shard['name']}: {p.stat().st_size} bytes, index says {shard['bytes']}")
+            problems.append(f"{shard['path']}: {p.stat().st_size} bytes, index says {shard['bytes']}")
         if _sha256(p) != shard["sha256"]:
-            problems.append(f"{shard['name']}: sha256 mismatch")
+            problems.append(f"{shard['path']}: sha256 mismatch")
         stats: dict[str, int] = {}
         try:
             n = sum(1 for _ in iter_shard(p, stats))
         except tarfile.TarError as exc:
-            problems.append(f"{shard['name']}: unreadable tar ({exc})")
+            problems.append(f"{shard['path']}: unreadable tar ({exc})")
             continue
         samples += n
         if n != shard["samples"]:
-            problems.append(f"{shard['name']}: {n} complete samples, index says {shard['samples']}")
+            problems.append(f"{shard['path']}: {n} complete samples, index says {shard['samples']}")
         for what, count in stats.items():
-            problems.append(f"{shard['name']}: {count} {what} samples")
+            problems.append(f"{shard['path']}: {count} {what} samples")
     return {"ok": not problems, "shards": len(index["shards"]), "samples": samples, "problems": problems}
 
 

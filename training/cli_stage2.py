@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from serialgen.errors import UserInputError
@@ -44,7 +45,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.mode:
         cfg["mode"] = args.mode
     summary = train_stage2(cfg, output_dir=args.output_dir, max_steps=args.max_steps, progress=not args.quiet)
-    print(json.dumps(summary, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per run, not per process
+        print(json.dumps(summary, indent=1))
     return 0
 
 

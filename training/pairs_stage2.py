@@ -404,7 +404,7 @@ class ShardBuilder:
         out: dict[str, list] = {"name": [], "samples": [], "skipped": []}
         for index, items in zip(batch["index"], batch["items"]):
             stats = self.build(int(index), json.loads(str(items)))
-            out["name"].append(stats["name"])
+            out["name"].append(stats["path"])
             out["samples"].append(stats["samples"])
             out["skipped"].append(json.dumps(stats["skipped"]))
         return out
@@ -509,9 +509,9 @@ def build_pairs(
         "shards": len(jobs),
         "shards_built": len(built),
         "shards_kept": len(jobs) - len(todo),
-        "pairs": index["total_samples"],
+        "pairs": index["samples"],
         "pairs_built_now": new_pairs,
-        "skipped": index["total_skipped"],
+        "skipped": index["skipped"],
         "skip_reasons": reasons,
         "with_alt_ref": sum(1 for it in items if it.alt is not None),
         "seconds": round(seconds, 2),

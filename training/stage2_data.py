@@ -168,7 +168,7 @@ class PairDataset:
         for d in pair_dirs:
             d = Path(d)
             for shard in read_index(d)["shards"]:
-                path = d / shard["name"]
+                path = d / shard["path"]
                 if not path.is_file():
                     raise UserInputError(f"{path}: listed in {d / 'index.json'} but missing")
                 for _key, members in scan_shard(path):
