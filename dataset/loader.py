@@ -443,6 +443,16 @@ class _Cached:
         self.chw = self.hwc.permute(2, 0, 1).contiguous()  # for single samples
 
 
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; inside a DataLoader worker, allocated in shared memory directly
+    (what torch's default_collate does), so sending it to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
 def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Tensor:
     """Per-sample images of one key -> tensor.
 
@@ -453,16 +463,20 @@ def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Te
     first = items[0]
     torch_dtype = torch.float32 if dtype == "float32" else torch.uint8
     if isinstance(first, _Cached):
-        return torch.stack([it.hwc for it in items]).movedim(-1, 1) if batched else first.chw.clone()
+        if not batched:
+            return first.chw.clone()
+        out = _empty((len(items),) + tuple(first.hwc.shape), first.hwc.dtype)
+        torch.stack([it.hwc for it in items], out=out)
+        return out.movedim(-1, 1)
     if isinstance(first, RegionImage):
         w, h = first.size
     else:
         h, w = first.shape[:2]
     if batched:  # (B, H, W, 3) memory, seen as (B, 3, H, W) channels_last
-        out = torch.empty((len(items), h, w, 3), dtype=torch_dtype)
+        out = _empty((len(items), h, w, 3), torch_dtype)
         view = out.movedim(-1, 1)
     else:  # contiguous (1, 3, H, W) memory, written through an (1, H, W, 3) view
-        view = torch.empty((len(items), 3, h, w), dtype=torch_dtype)
+        view = _empty((len(items), 3, h, w), torch_dtype)
         out = view.permute(0, 2, 3, 1)
     for b, it in enumerate(items):
         if isinstance(it, RegionImage):
