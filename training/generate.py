@@ -144,7 +144,7 @@ def generate_series(
         standardized, std_name = reference, "none (raw reference)"
     else:
         std = load_standardizer(standardizer, device=device)
-        standardized, std_name = std([reference])[0], std.name
+        standardized, std_name = std([reference], seed=first_seed)[0], std.name
         del std
     pipe, models = load_adapter_pipeline(adapter, sdxl=sdxl, image_encoder=image_encoder, vae=vae, device=device)
     pipe.set_ip_adapter_scale(ip_scale)
