@@ -181,7 +181,7 @@ class BlenderWorker:
 
     # -- rendering ----------------------------------------------------------------------------------
 
-    def _keypoints(self, loaded: _Loaded, camera):
+    def _keypoints(self, loaded: _Loaded, camera, skel):
         import bpy
 
         from serialgen.render.keypoints import keypoints_2d
@@ -189,7 +189,7 @@ class BlenderWorker:
         depsgraph = bpy.context.evaluated_depsgraph_get()
         height = float(loaded.std_meta.get("character_height_m", 1.7))
         return keypoints_2d(self.scene, depsgraph, loaded.rig, camera, loaded.parts,
-                            surface_tolerance=0.015 * height)
+                            surface_tolerance=0.015 * height, skel=skel)
 
     def _render_standard(self, loaded: _Loaded) -> None:
         """Render the standard image of the loaded character once (cached on ``loaded``)."""
@@ -210,7 +210,7 @@ class BlenderWorker:
         with _stage(timings, "render"):
             rgba = self._render(self.scene)
         with _stage(timings, "keypoints"):
-            kps, defined = self._keypoints(loaded, camera)
+            kps, defined = self._keypoints(loaded, camera, skel)
         with _stage(timings, "encode"):
             loaded.std_png = shards.encode_png(std_mod.on_white(rgba))
             loaded.std_pose = shards.json_bytes(pose_record(kps, defined, s.width, s.height))
@@ -281,7 +281,7 @@ class BlenderWorker:
         with _stage(timings, "render"):
             rgba = self._render(self.scene)
         with _stage(timings, "keypoints"):
-            kps, defined = self._keypoints(loaded, camera)
+            kps, defined = self._keypoints(loaded, camera, skel)
         with _stage(timings, "encode"):
             if s.engine == "workbench":  # no lamps: intensity and colour temperature as a gain
                 rgba = light_mod.apply_gain(rgba, light_mod.rgb_gain(lighting))

@@ -10,7 +10,9 @@ asks *whose* surface it meets. A ray is cast from the camera towards the keypoin
 evaluated (posed, deformed) meshes (``scene.ray_cast``); the keypoint is occluded when the first hit
 lies more than ``surface_tolerance`` in front of it **and** belongs to a body part more than two
 bones away from the keypoint's joint in the canonical skeleton (a hand in front of the face hides
-the nose; the forearm's own skin does not hide the wrist). A face's body part is the canonical joint
+the nose; the forearm's own skin does not hide the wrist). Face landmarks (nose, eyes, ears) lie
+on the surface, not inside, so for them any hit more than ``face_tolerance`` (0.15 head-bone
+lengths) in front hides them, whoever it belongs to: seen from behind, the skull hides the eyes. A face's body part is the canonical joint
 of the bone that weighs most on its first vertex (unmapped bones resolve to their nearest mapped
 ancestor); meshes with no vertex groups belong to their parent bone, or to no part (always occlude).
 """
@@ -108,8 +110,11 @@ class PartLookup:
         return self._names[obj_name][g] if g >= 0 else None
 
 
+_FACE = np.array([kp.kind == "face" for kp in sk.KEYPOINTS])
+
+
 def occluded(scene, depsgraph, origin: np.ndarray, points: np.ndarray, candidates: np.ndarray,
-             parts: PartLookup, surface_tolerance: float) -> np.ndarray:
+             parts: PartLookup, surface_tolerance: float, face_tolerance: float) -> np.ndarray:
     """Boolean (K,): keypoints hidden by another body part or object, by ray casting (see module doc).
 
     ``candidates`` (K,) limits the casts to keypoints that are defined and in frame.
@@ -127,6 +132,9 @@ def occluded(scene, depsgraph, origin: np.ndarray, points: np.ndarray, candidate
         if not hit:
             continue
         t_hit = (Vector(loc) - o).length
+        if _FACE[k]:
+            out[k] = t_hit < dist - face_tolerance
+            continue
         if t_hit >= dist - surface_tolerance:
             continue
         part = parts.part(obj.original.name if obj is not None else "", face)
@@ -134,16 +142,21 @@ def occluded(scene, depsgraph, origin: np.ndarray, points: np.ndarray, candidate
     return out
 
 
-def keypoints_2d(scene, depsgraph, rig, camera, parts: PartLookup, surface_tolerance: float = 0.02):
+def keypoints_2d(scene, depsgraph, rig, camera, parts: PartLookup, surface_tolerance: float = 0.02,
+                 skel=None):
     """Project the rig's keypoints for ``camera``: (K, 3) float [x, y, visible] and (K,) defined mask.
 
-    Undefined keypoints (the rig lacks the joint) are [0, 0, 0].
+    Undefined keypoints (the rig lacks the joint) are [0, 0, 0]. ``skel``: the rig's current
+    ``posed_skeleton()`` if the caller has it already.
     """
-    pts, defined = sk.compute_keypoints(rig.posed_skeleton(), rig.face_landmarks)
+    skel = skel if skel is not None else rig.posed_skeleton()
+    pts, defined = sk.compute_keypoints(skel, rig.face_landmarks)
     uv, _z, inside = project(np.where(np.isfinite(pts), pts, 0.0), camera)
     inside &= defined
+    h = skel.joint("head")
+    head_length = float(np.linalg.norm(skel.tails[h] - skel.heads[h]))
     hidden = occluded(scene, depsgraph, np.asarray(camera.location, dtype=np.float64), pts, inside, parts,
-                      surface_tolerance)
+                      surface_tolerance, 0.15 * head_length)
     visible = inside & ~hidden
     out = np.zeros((len(pts), 3))
     out[defined, :2] = uv[defined]

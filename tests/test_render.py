@@ -237,3 +237,29 @@ def test_failed_character_is_recorded(worker, poses_path, tmp_path):
     assert not list(tmp_path.rglob("*.tar")) and not list(tmp_path.rglob(".*.tmp"))
     ok = worker.run(_job(_record("child"), tmp_path, poses_path, k=1))
     assert ok["status"] == "ok"  # the worker goes on
+
+
+def test_face_keypoints_hidden_from_behind(worker, procedural):
+    from serialgen.assets_manifest import skeleton as sk
+    from serialgen.render import camera as cm
+    from serialgen.render.standard import standard_angles
+
+    assets, records = procedural
+    loaded = worker._load_character(records["adult"], str(assets))
+    rig = loaded.rig
+    rig.set_expression(None)
+    rig.apply_pose(standard_angles())
+    skel = rig.posed_skeleton()
+    pts, _ = sk.compute_keypoints(skel, rig.face_landmarks)
+    face = [sk.KEYPOINT_NAMES.index(n) for n in ("nose", "l_eye", "r_eye")]
+    body = [sk.KEYPOINT_NAMES.index(n) for n in ("neck", "l_hip", "r_knee")]
+    seen = {}
+    for azimuth in (0.0, 180.0):
+        cam = cm.fit_camera(cm.ViewSample(azimuth, 5.0, 50.0, "full_body", 0.9, (0.0, 0.0)),
+                            worker._mesh_points(rig), W, H)
+        cm.apply_camera(worker.scene.camera, cam)
+        kps, defined = worker._keypoints(loaded, cam, skel)
+        seen[azimuth] = kps[:, 2]
+        assert defined[face + body].all()
+    assert seen[0.0][face].all() and not seen[180.0][face].any()
+    assert seen[0.0][body].all() and seen[180.0][body].all()  # joints inside the body stay visible
