@@ -106,9 +106,10 @@ def _noise(latents: torch.Tensor, parts: Stage1Components, config: Stage1Config,
 @torch.no_grad()
 def _validate(step: int, model, parts: Stage1Components, config: Stage1Config, val_batch, output_dir: Path, logger, ema):
     """Grid of (reference | predicted standard | target) rows -> validation/step-XXXXXXXX.png."""
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to([p for p in model.parameters() if p.requires_grad])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if ema is not None:  # validate with the EMA weights, then put the training weights back
+        ema.store(trainable)
+        ema.copy_to(trainable)
     was_training = model.training
     model.eval()
     pipe = StandardizePipeline(model, parts.vae, parts.image_encoder, inference_scheduler(parts.noise_scheduler),
@@ -123,7 +124,7 @@ def _validate(step: int, model, parts: Stage1Components, config: Stage1Config, v
         logger.log_image("validation/ref_pred_target", grid, step)
     model.train(was_training)
     if ema is not None:
-        ema.restore(model.parameters())
+        ema.restore(trainable)
 
 
 def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, max_steps: int | None = None,
