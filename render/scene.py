@@ -190,9 +190,12 @@ def render_rgba(scene, supersample: int = 1) -> np.ndarray:
     scene.render.filepath = str(path)
     with _quiet_stdout():  # Blender prints "Saved: ..." per frame; keep progress bars clean
         bpy.ops.render.render(write_still=True)
-    with Image.open(path) as im:
-        im = im.convert("RGBA")
-        if supersample > 1:
-            im = im.convert("RGBa").reduce(supersample).convert("RGBA")
-        arr = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGBA")
+            if supersample > 1:
+                im = im.convert("RGBa").reduce(supersample).convert("RGBA")
+            arr = np.asarray(im)
+    finally:
+        path.unlink(missing_ok=True)  # /dev/shm is memory: never leave frames behind
     return arr
