@@ -58,8 +58,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _is_shard_input(value: str) -> bool:
+    """synthetic:N, a .tar, a brace pattern, an index.json, or a folder of shards (index.json, *.tar, <split>/*.tar)."""
     path = Path(value)
-    return value.startswith("synthetic:") or path.suffix == ".tar" or (path.is_dir() and (path / "index.json").is_file())
+    if value.startswith("synthetic:") or path.suffix in (".tar", ".json") or "{" in value:
+        return True
+    return path.is_dir() and ((path / "index.json").is_file() or any(path.glob("*.tar")) or any(path.glob("*/*.tar")))
 
 
 def _standardize(args: argparse.Namespace) -> int:
@@ -82,8 +85,12 @@ def _standardize(args: argparse.Namespace) -> int:
     elif pipe.canonical_pose is not None and tuple(pipe.canonical_pose.shape[-2:]) != (height, width):
         raise UserInputError(f"--width/--height {width}x{height} differ from the checkpoint's canonical pose map; pass --std-pose")
 
+    out = Path(args.out)
+    single_file = out.suffix.lower() == ".png"
     # inputs: our own shards (exact mask and keypoints from the loader) or pictures
     if _is_shard_input(args.input):
+        if single_file:
+            raise UserInputError(f"--out {out}: a shard input gives many images; pass a folder")
         dataset = open_stage1_dataset(args.input, width=width, height=height, seed=args.seed, split=args.split,
                                       backgrounds=args.backgrounds)
         samples = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
@@ -94,10 +101,10 @@ def _standardize(args: argparse.Namespace) -> int:
             print("serialgen: no pose estimator given (--dwpose-det/--dwpose-pose): using a blank reference pose map",
                   file=sys.stderr)
         mask = WhiteBackgroundMask(args.white_threshold)
-        items = ((p.stem, load_reference(p, width, height, pose=pose, mask=mask)) for p in list_images(args.input))
-
-    out = Path(args.out)
-    single_file = out.suffix.lower() == ".png"
+        pictures = list_images(args.input)
+        if single_file and len(pictures) > 1:
+            raise UserInputError(f"--out {out}: {args.input} holds {len(pictures)} images; pass a folder")
+        items = ((p.stem, load_reference(p, width, height, pose=pose, mask=mask)) for p in pictures)
     (out.parent if single_file else out).mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     written = 0
@@ -121,8 +128,6 @@ def _standardize(args: argparse.Namespace) -> int:
         batch.append((name, sample))
         if len(batch) == args.batch_size:
             flush()
-        if single_file and written + len(batch) >= 1:
-            break
     flush()
     print(f"standardized {written} image(s) -> {out}")
     return 0
