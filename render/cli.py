@@ -28,12 +28,16 @@ def _handle_render(args: argparse.Namespace) -> int:
     config = FarmConfig(
         assets=args.assets, out=args.out, settings=settings, per_character=args.poses_per_character,
         seed=args.seed, test_fraction=args.test_fraction, poses_per_shard=args.poses_per_shard,
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker, address=args.address,
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        address=args.address, job_timeout=args.job_timeout, max_attempts=args.max_attempts,
+        retry_quarantined=args.retry_quarantined,
         max_characters_per_worker=args.max_characters_per_worker, rss_cap_mb=args.rss_cap_mb,
         limit_characters=args.limit_characters, record_timings=args.record_timings,
         overwrite=args.overwrite, progress=not args.no_progress)
     summary = run_farm(config)
-    print(format_summary(summary))
+    print(format_summary(summary), flush=True)
+    if summary["status"] == "interrupted":
+        return 130
     return 1 if summary["failed_characters"] and not summary["pairs"] else 0
 
 
@@ -42,8 +46,9 @@ def register(sub, groups) -> None:
         "render", help="render (non-standard, standard) pairs into WebDataset shards on Ray",
         description="Render every accepted character of an asset folder: its standard image once, then "
                     "K non-standard images (library poses, random views, framings, expressions, lighting), "
-                    "written as train/test WebDataset shards plus index.json. Re-running the same command "
-                    "renders only missing shards.")
+                    "written as train/test WebDataset shards plus index.json. Workers that crash or hang are "
+                    "replaced and their jobs retried; a character failing --max-attempts times is quarantined. "
+                    "Re-running the same command renders only missing shards; Ctrl-C stops cleanly.")
     p.add_argument("--assets", required=True, metavar="DIR", help="folder from `serialgen assets build`")
     p.add_argument("--out", required=True, metavar="SHARDS", help="output folder for the shards")
     p.add_argument("--poses-per-character", type=int, default=12, metavar="K",
@@ -64,7 +69,19 @@ def register(sub, groups) -> None:
     p.add_argument("--denoise", action="store_true", help="cycles: run the denoiser (slow on CPU)")
     p.add_argument("--cycles-device", default="CPU", choices=["CPU", "GPU"], help="cycles device (default CPU)")
     p.add_argument("--threads", type=int, default=0, help="render threads per worker (default: CPUs / workers)")
-    p.add_argument("--cpus-per-worker", type=int, default=0, help="Ray CPUs reserved per worker (default: CPUs / workers)")
+    p.add_argument("--cpus-per-worker", type=float, default=0,
+                   help="Ray CPUs reserved per worker; also its render threads unless --threads "
+                        "(default: the machine's or cluster's CPUs / workers)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="Ray GPUs per worker (0.5 packs two workers on a GPU); cycles renders on exactly "
+                        "the assigned GPU (default 0: CPU workers)")
+    p.add_argument("--job-timeout", type=float, default=0.0, metavar="S",
+                   help="kill and retry a job running longer than S seconds (default 0: automatic, "
+                        "10x the run's median time per pair; 600 s + 20 s per pair before any job ended)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="quarantine a character after this many failed jobs or worker crashes (default 3)")
+    p.add_argument("--retry-quarantined", action="store_true",
+                   help="render again the characters an earlier run of this folder quarantined")
     p.add_argument("--max-characters-per-worker", type=int, default=50,
                    help="recycle a worker process after this many characters (default 50)")
     p.add_argument("--rss-cap-mb", type=float, default=6000.0, help="recycle a worker past this RSS (default 6000)")

@@ -1,36 +1,40 @@
-"""The render farm driver: plan jobs from the manifests, run Blender workers on Ray, write the index.
+"""The render farm driver: plan jobs from the manifests, run Blender workers, write the index.
 
 Planning happens here, on the driver (no bpy); rendering happens in Blender worker processes, one
-``bpy`` per process (Ray actors, each its own process). Work items are ``(character, sample range)``
-jobs (:class:`serialgen.render.job.RenderJob`) whose shard names are deterministic
-(``<split>/<character>-p<start>-<stop>.tar``), so a retried or re-run job rewrites the same file.
-Workers write their shard straight into the output folder (temporary name, renamed when complete)
-and send back only a small summary; the driver writes ``index.json`` last.
+``bpy`` per process (Ray actors, :mod:`serialgen.render.farm_pool`). Work items are
+``(character, sample range)`` jobs (:class:`serialgen.render.job.RenderJob`) whose shard names are
+deterministic (``<split>/<character>-p<start>-<stop>.tar``), so a retried or re-run job rewrites the
+same file with the same bytes. Workers write their shard straight into the output folder (temporary
+name, renamed when complete) and send back only a small summary; the driver journals each finished
+shard and writes ``index.json`` last.
 
-Re-running the same command (same ``run.json`` configuration) keeps the shards that are already
-complete and renders only the missing ones; a different configuration into a folder that holds
-shards is refused unless ``overwrite``.
+Faults (``docs/rendering.md``, "The farm"): a worker that dies is replaced and its job retried; a job
+past its timeout is killed and retried; a character that fails ``max_attempts`` times is quarantined
+(:mod:`serialgen.render.farm_schedule`); Ctrl-C (or SIGTERM) stops the workers, leaves only whole
+shards and writes no index; re-running the same command renders what is missing
+(:mod:`serialgen.render.farm_journal`), and a finished run renders nothing.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import signal
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from serialgen.dataset import shards
 from serialgen.errors import UserInputError
+from serialgen.render import farm_journal
+from serialgen.render.farm_journal import JOURNAL_NAME, LOGS_NAME, REPORT_NAME, RUN_NAME  # noqa: F401
+from serialgen.render.farm_report import Progress, WorkerStats, format_summary
+from serialgen.render.farm_schedule import JobBook
 from serialgen.render.job import RenderJob
 from serialgen.render.scene import RenderSettings
 
 __all__ = ["FarmConfig", "load_characters", "plan_jobs", "run_farm", "format_summary"]
-
-RUN_NAME = "run.json"
-REPORT_NAME = "report.json"
 
 
 @dataclass
@@ -45,8 +49,12 @@ class FarmConfig:
     test_fraction: float = 0.2
     poses_per_shard: int = 1000
     workers: int = 1
-    cpus_per_worker: int = 0  # 0: the machine's CPUs divided among the workers
+    cpus_per_worker: float = 0  # 0: local: the machine's CPUs / workers; cluster: its CPUs / workers
+    gpus_per_worker: float = 0.0  # > 0: GPU workers (fractions pack several on one GPU)
     address: str | None = None
+    job_timeout: float = 0.0  # seconds per job; 0: automatic (farm_schedule.JobBook.timeout_for)
+    max_attempts: int = 3  # failures of one character before it is quarantined
+    retry_quarantined: bool = False
     max_characters_per_worker: int = 50
     rss_cap_mb: float = 6000.0
     limit_characters: int | None = None
@@ -119,264 +127,236 @@ def plan_jobs(config: FarmConfig, characters: list[dict]) -> list[RenderJob]:
     return jobs
 
 
-def _prepare_out(config: FarmConfig, jobs: list[RenderJob]) -> dict:
-    """Check the output folder against the plan; returns {shard: summary} of complete shards to keep."""
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_path = out / RUN_NAME
-    wanted = {j.shard for j in jobs}
-    existing = sorted(f"{p.parent.name}/{p.name}" for s in shards.SPLITS for p in (out / s).glob("*.tar"))
-    previous = json.loads(run_path.read_text()) if run_path.is_file() else None
-    same_run = previous == config.render_config()
-    stray = [p for p in existing if p not in wanted]
-    if existing and not config.overwrite and (not same_run or stray):
-        example = stray[0] if stray else existing[0]
-        raise UserInputError(
-            f"--out: {out} holds {len(existing)} shards of another run (e.g. {example}); "
-            "use a new folder or --overwrite")
-    (out / shards.INDEX_NAME).unlink(missing_ok=True)  # the index marks a finished run: not anymore
-    if config.overwrite or not same_run:
-        for rel in existing:
-            (out / rel).unlink()
-        existing = []
-    for s in shards.SPLITS:  # temporaries of an interrupted run
-        for tmp in (out / s).glob(".*.tmp"):
-            tmp.unlink()
-    run_path.write_text(json.dumps(config.render_config(), indent=1, sort_keys=True) + "\n")
-    keep = {}
-    for job in jobs:
-        if job.shard in existing:
-            keep[job.shard] = shards.summarize_shard(out, job.shard, job.split)
-    return keep
-
-
-class _Scheduler:
-    """Hands out jobs so that consecutive jobs of one character go to the worker that has it loaded."""
-
-    def __init__(self, jobs: list[RenderJob]):
-        self.by_char: dict[str, deque] = {}
-        for job in jobs:
-            self.by_char.setdefault(job.character["id"], deque()).append(job)
-        self.order = deque(self.by_char)
-
-    def next(self, last_character: str | None) -> RenderJob | None:
-        if last_character in self.by_char and self.by_char[last_character]:
-            return self.by_char[last_character].popleft()
-        while self.order:
-            char = self.order[0]
-            if self.by_char[char]:
-                return self.by_char[char].popleft()
-            self.order.popleft()
-        return None
-
-
-class _LocalPool:
-    """Runs jobs in this process (``workers=0``): no Ray, for debugging and for measuring Ray's cost."""
-
-    def __init__(self, config: FarmConfig, settings: RenderSettings):
-        from serialgen.render.job import BlenderWorker
-
-        self.worker = BlenderWorker(settings, config.max_characters_per_worker, config.rss_cap_mb,
-                                    config.record_timings)
-
-    def run_all(self, scheduler: _Scheduler, on_result) -> None:
-        last = None
-        while (job := scheduler.next(last)) is not None:
-            on_result(self.worker.run(job), "local-0")
-            last = job.character["id"]
-        self.worker.unload()
-
-
-class _RayActor:
-    """The Ray actor body: one Blender worker per actor process."""
-
-    def __init__(self, settings: RenderSettings, max_characters: int, rss_cap_mb: float, record_timings: bool):
-        from serialgen.render.job import BlenderWorker
-
-        self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
-
-    def run(self, job: RenderJob) -> dict:
-        result = self.worker.run(job)
-        result["recycle"] = self.worker.should_recycle()
-        result["pid"] = os.getpid()
-        return result
-
-    def ready(self) -> int:
-        return os.getpid()
-
-
-class _RayPool:
-    def __init__(self, config: FarmConfig, settings: RenderSettings, cpus_per_worker: int):
-        import ray
-
-        self.ray = ray
-        self.config, self.settings = config, settings
-        self.started_ray = False
-        if not ray.is_initialized():
-            kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            if config.address:
-                ray.init(address=config.address, **kwargs)
-            else:
-                ray.init(num_cpus=max(config.workers * cpus_per_worker, 1), **kwargs)
-            self.started_ray = True
-        self.actor_cls = ray.remote(num_cpus=cpus_per_worker, max_restarts=0)(_RayActor)
-        self.serial = 0
-
-    def _new_actor(self):
-        self.serial += 1
-        c = self.config
-        return self.actor_cls.remote(self.settings, c.max_characters_per_worker, c.rss_cap_mb, c.record_timings)
-
-    def run_all(self, scheduler: _Scheduler, on_result) -> None:
-        ray = self.ray
-        actors = {}  # actor -> (name, last character)
-        pending = {}  # object ref -> (actor, job)
-        for i in range(self.config.workers):
-            actors[self._new_actor()] = (f"worker-{i}", None)
-        try:
-            def submit(actor):
-                name, last = actors[actor]
-                job = scheduler.next(last)
-                if job is None:
-                    return
-                actors[actor] = (name, job.character["id"])
-                pending[actor.run.remote(job)] = (actor, job)
-
-            for actor in list(actors):
-                submit(actor)
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                ref = done[0]
-                actor, job = pending.pop(ref)
-                name = actors[actor][0]
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as exc:  # the worker process died (segfault, OOM)
-                    result = {"job": job.name, "character": job.character["id"], "status": "failed",
-                              "shard": None, "pairs": 0, "timings_s": {}, "recycle": True,
-                              "error": f"worker died: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
-                    result["failures"] = [{"character": job.character["id"], "key": None, "error": result["error"]}]
-                on_result(result, name)
-                if result.get("recycle"):
-                    # Past its RSS cap or character count: replace the process (memory back to the OS).
-                    del actors[actor]
-                    ray.kill(actor)
-                    actor = self._new_actor()
-                    actors[actor] = (name, None)
-                submit(actor)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-            if self.started_ray:
-                ray.shutdown()
-
-
-def run_farm(config: FarmConfig) -> dict:
-    """Render everything ``config`` asks for; returns the run summary (also in ``report.json``)."""
-    t0 = time.perf_counter()
-    characters, rejected = load_characters(Path(config.assets))
-    if config.limit_characters is not None:
-        characters = characters[: config.limit_characters]
-    n_poses = _pose_count(Path(config.assets) / "poses.npz")
+def _validate(config: FarmConfig) -> None:
     if config.per_character < 1:
         raise UserInputError(f"--poses-per-character must be >= 1, got {config.per_character}")
     if config.workers < 0:
         raise UserInputError(f"--workers must be >= 0, got {config.workers}")
-    jobs = plan_jobs(config, characters)
-    keep = _prepare_out(config, jobs)
-    todo = [j for j in jobs if j.shard not in keep]
-    cpus = config.cpus_per_worker or max(1, (os.cpu_count() or 1) // max(config.workers, 1))
-    settings = RenderSettings(**{**config.settings.to_json(), "threads": config.settings.threads or cpus})
+    if config.cpus_per_worker < 0 or config.gpus_per_worker < 0:
+        raise UserInputError("--cpus-per-worker and --gpus-per-worker must be >= 0")
+    if config.gpus_per_worker and config.workers == 0:
+        raise UserInputError("--gpus-per-worker needs Ray workers (--workers >= 1)")
+    if config.max_attempts < 1:
+        raise UserInputError(f"--max-attempts must be >= 1, got {config.max_attempts}")
+    if config.job_timeout < 0:
+        raise UserInputError(f"--job-timeout must be >= 0 (0 = automatic), got {config.job_timeout}")
 
-    summaries = dict(keep)
-    failures: list[dict] = []
-    job_reports: list[dict] = []
-    stage_totals: dict[str, float] = {}
-    per_worker: dict[str, dict] = {}
-    bar = None
-    if config.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=sum(j.stop - j.start for j in todo), unit="pair", desc="render", file=sys.stderr,
-                   dynamic_ncols=True)
+@contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (cluster schedulers, ``kill``) stops a run like Ctrl-C does."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
 
-    def on_result(result: dict, worker: str) -> None:
-        if result.get("shard"):
-            s = result["shard"]
-            summaries[s["path"]] = shards.ShardSummary(**s)
-        failures.extend(result.get("failures", []))
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _Driver:
+    """Receives the pool's events: updates the job book, the journal, the progress bar, the stats."""
+
+    def __init__(self, book: JobBook, journal: farm_journal.Journal, progress: Progress, summaries: dict):
+        self.book, self.journal, self.progress = book, journal, progress
+        self.summaries = summaries
+        self.stats = WorkerStats()
+        self.sample_failures: list[dict] = []
+        self.stage_totals: dict[str, float] = {}
+        self.attempts: list[dict] = []
+        self.pairs_rendered = 0
+
+    def worker_started(self, slot: str, info: dict) -> None:
+        self.stats.started(slot, info)
+
+    def worker_event(self, slot: str, kind: str, pid, detail: str) -> None:
+        self.stats.event(slot, kind)
+        if kind in ("start_failed", "recycled"):
+            self.progress.note(f"worker {slot}: {kind} ({detail})")
+
+    def job_result(self, slot: str, job: RenderJob, result: dict, seconds: float) -> None:
+        ok = result["status"] == "ok"
+        self.stats.job(slot, result.get("pairs", 0), seconds, ok)
+        self.attempts.append({"job": job.name, "character": job.character["id"], "worker": slot,
+                              "attempt": result.get("attempt"), "pid": result.get("pid"),
+                              "status": result["status"], "pairs": result.get("pairs", 0),
+                              "seconds": round(seconds, 2), "error": result.get("error")})
+        if not ok:
+            kind = "bad_input" if str(result.get("error", "")).startswith("UserInputError") else "error"
+            self._failed(slot, job, result.get("attempt") or self.book.attempt_of(job), kind,
+                         result.get("error", "unknown error"), seconds)
+            return
+        summary = shards.ShardSummary(**result["shard"])
+        summary.keys = []  # the driver needs counts and hashes, not keys
+        self.summaries[summary.path] = summary
+        self.journal.shard(summary)
+        self.book.succeeded(job, seconds, result.get("pairs", 0))
+        self.pairs_rendered += result.get("pairs", 0)
+        self.sample_failures.extend(f for f in result.get("failures", []) if f.get("key"))
         for k, v in result.get("timings_s", {}).items():
-            stage_totals[k] = stage_totals.get(k, 0.0) + v
-        w = per_worker.setdefault(worker, {"jobs": 0, "pairs": 0, "seconds": 0.0})
-        w["jobs"] += 1
-        w["pairs"] += result.get("pairs", 0)
-        w["seconds"] += result.get("timings_s", {}).get("job", 0.0)
-        job_reports.append({k: v for k, v in result.items() if k not in ("shard",)})
-        if bar is not None:
-            bar.update(max(result.get("pairs", 0), 0))
-            bar.set_postfix(shards=len(summaries), failed=len(failures), refresh=False)
+            self.stage_totals[k] = self.stage_totals.get(k, 0.0) + v
+        self.progress.job_done(result.get("pairs", 0), job.stop - job.start)
 
-    if todo:
-        if config.workers == 0:
-            pool = _LocalPool(config, settings)
+    def job_failed(self, slot: str, job: RenderJob, attempt: int, kind: str, error: str, seconds: float) -> None:
+        """The worker process died or was killed under the job: it could not log that itself."""
+        self.stats.job(slot, 0, seconds, True)
+        try:
+            from serialgen.render.farm_pool import log_path
+
+            path = log_path(job)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as log:
+                log.write(f"== driver: attempt {attempt} on {slot} failed after {seconds:.1f} s: {kind}: {error}\n")
+        except OSError:
+            pass  # the log is a convenience; never fail the run for it
+        self.attempts.append({"job": job.name, "character": job.character["id"], "worker": slot,
+                              "attempt": attempt, "pid": None, "status": kind, "pairs": 0,
+                              "seconds": round(seconds, 2), "error": error})
+        self._failed(slot, job, attempt, kind, error, seconds)
+
+    def _failed(self, slot: str, job: RenderJob, attempt: int, kind: str, error: str, seconds: float) -> None:
+        char = job.character["id"]
+        outcome = self.book.failed(job, kind, error, slot, seconds)
+        if outcome == "quarantined":
+            reason = self.book.quarantined[char]["reason"]
+            self.journal.quarantine(char, reason)
+            dropped = [j for j in self.book.jobs.values() if j.character["id"] == char and j.name not in self.book.done]
+            self.progress.failed(sum(j.stop - j.start for j in dropped), quarantined=True, jobs_dropped=len(dropped))
+            self.progress.note(f"quarantined {char}: {reason}")
         else:
-            pool = _RayPool(config, settings, cpus)
-        pool.run_all(_Scheduler(todo), on_result)
-    if bar is not None:
-        bar.close()
+            self.progress.failed()
 
+
+def _nothing_to_do(config: FarmConfig, index: dict, t0: float) -> dict:
+    entries = index.get("shards", [])
+    quarantined = {f["character"]: {"reason": f["error"]} for f in index.get("failures", []) if f.get("key") is None}
+    return {"status": "nothing_to_do", "out": str(config.out), "pairs": index.get("samples", 0), "pairs_rendered": 0,
+            "shards": len(entries), "shards_kept": len(entries), "bytes": sum(e["bytes"] for e in entries),
+            "seconds": round(time.perf_counter() - t0, 3), "quarantined": quarantined,
+            "failed_characters": sorted(quarantined), "failures": index.get("failures", [])}
+
+
+def _remove_temporaries(out: Path) -> int:
+    n = 0
+    for s in shards.SPLITS:
+        for tmp in (out / s).glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def run_farm(config: FarmConfig) -> dict:
+    """Render everything ``config`` asks for; returns the run summary (also in ``report.json``).
+
+    ``summary["status"]``: "complete", "interrupted" (Ctrl-C / SIGTERM: whole shards kept, no index)
+    or "nothing_to_do" (a finished run of the same configuration: nothing is written).
+    """
+    t0 = time.perf_counter()
+    _validate(config)
+    characters, rejected = load_characters(Path(config.assets))
+    if config.limit_characters is not None:
+        characters = characters[: config.limit_characters]
+    n_poses = _pose_count(Path(config.assets) / "poses.npz")
+    settings = config.settings
+    if config.gpus_per_worker and settings.engine == "cycles":
+        settings = replace(settings, cycles_device="GPU")
+        config = replace(config, settings=settings)
+    jobs = plan_jobs(config, characters)
+    planned = {j.shard: j.split for j in jobs}
+    out = Path(config.out)
+    if not config.overwrite and not config.retry_quarantined:
+        index = farm_journal.finished_run(out, config.render_config(), set(planned))
+        if index is not None:
+            return _nothing_to_do(config, index, t0)
+    resume = farm_journal.prepare_out(out, config.render_config(), planned, config.overwrite,
+                                      config.retry_quarantined)
+    todo = [j for j in jobs if j.shard not in resume.keep and j.character["id"] not in resume.quarantined]
+
+    local_cpus = os.cpu_count() or 1
+    if config.workers == 0:
+        threads = settings.threads or int(config.cpus_per_worker) or local_cpus
+    else:
+        threads = settings.threads or int(config.cpus_per_worker) or max(1, local_cpus // config.workers)
+    summaries = dict(resume.keep)
+    book = JobBook(todo, config.max_attempts)
+    journal = farm_journal.Journal(out)
+    progress = Progress(sum(j.stop - j.start for j in todo), len(jobs) - len(
+        [j for j in jobs if j.character["id"] in resume.quarantined and j.shard not in resume.keep]),
+        len(resume.keep), enabled=config.progress and bool(todo))
+    driver = _Driver(book, journal, progress, summaries)
+    status = "complete"
+    pool_info = {"cpus_per_worker": config.cpus_per_worker, "threads": threads}
+    try:
+        with _sigterm_as_interrupt():
+            if todo:
+                from serialgen.render import farm_pool
+
+                if config.workers == 0:
+                    pool = farm_pool.LocalPool(settings, config.max_characters_per_worker, config.rss_cap_mb,
+                                               config.record_timings, threads)
+                else:
+                    pool = farm_pool.RayPool(settings, config.workers, config.cpus_per_worker,
+                                             config.gpus_per_worker, settings.threads,
+                                             config.max_characters_per_worker, config.rss_cap_mb,
+                                             config.record_timings, address=config.address,
+                                             job_timeout=config.job_timeout)
+                    pool_info = {"cpus_per_worker": pool.cpus_per_worker, "threads": pool.threads}
+                    threads = pool.threads
+                pool.run_all(book, driver)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        progress.close()
+        journal.close()
+    # The pool is shut down (its workers are gone): temporaries of crashed, killed, quarantined or
+    # interrupted jobs are never whole, so none may stay (a re-run would remove them anyway).
+    _remove_temporaries(out)
+
+    quarantined = {c: {"reason": r, "from_earlier_run": True} for c, r in resume.quarantined.items()}
+    quarantined.update(book.quarantined)
+    char_failures = [{"character": c, "key": None, "error": q["reason"]} for c, q in sorted(quarantined.items())]
+    failures = char_failures + driver.sample_failures
+    shard_list = sorted(summaries.values(), key=lambda s: s.path)
     index_config = {**config.render_config(), "characters": len(characters), "rejected_characters": rejected,
                     "poses": n_poses}
-    shard_list = sorted(summaries.values(), key=lambda s: s.path)
-    shards.write_index(config.out, shard_list, index_config, failures)
+    if status == "complete":
+        shards.write_index(out, shard_list, index_config, failures)
     wall = time.perf_counter() - t0
-    pairs_rendered = sum(r.get("pairs", 0) for r in job_reports)
     summary = {
+        "status": status,
         "out": str(config.out),
         "pairs": sum(s.samples for s in shard_list),
-        "pairs_rendered": pairs_rendered,
+        "pairs_rendered": driver.pairs_rendered,
         "shards": len(shard_list),
-        "shards_kept": len(keep),
+        "shards_planned": len(jobs),
+        "shards_kept": len(resume.keep),
+        "shards_read_from_disk": resume.read_from_disk,
         "bytes": sum(s.bytes for s in shard_list),
         "seconds": round(wall, 2),
-        "pairs_per_s": round(pairs_rendered / wall, 3) if wall > 0 else None,
-        "failed_characters": sorted({f["character"] for f in failures if f.get("key") is None}),
-        "failed_samples": sum(1 for f in failures if f.get("key") is not None),
+        "pairs_per_s": round(driver.pairs_rendered / wall, 3) if wall > 0 else None,
+        "failed_characters": sorted(quarantined),
+        "failed_samples": len(driver.sample_failures),
         "failures": failures,
+        "quarantined": quarantined,
+        "retries": [f.to_json() for f in book.failures],
         "rejected_characters": rejected,
         "workers": config.workers,
-        "threads_per_worker": settings.threads,
+        "cpus_per_worker": pool_info["cpus_per_worker"],
+        "gpus_per_worker": config.gpus_per_worker,
+        "threads_per_worker": threads,
+        "max_attempts": config.max_attempts,
+        "job_timeout_s": config.job_timeout or "auto",
         "engine": settings.engine,
         "resolution": [settings.width, settings.height],
-        "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_totals.items())},
-        "per_worker": per_worker,
-        "jobs": job_reports,
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(driver.stage_totals.items())},
+        "per_worker": driver.stats.to_json(),
+        "attempts": driver.attempts,
+        "logs": str(out / LOGS_NAME) if todo else None,
     }
-    report = Path(config.out) / REPORT_NAME
-    report.write_text(json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
+    (out / REPORT_NAME).write_text(json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
     return summary
-
-
-def format_summary(summary: dict) -> str:
-    """The human summary printed at the end of ``serialgen render``."""
-    mb = summary["bytes"] / 1e6
-    per_pair = summary["bytes"] / summary["pairs"] / 1e3 if summary["pairs"] else 0.0
-    lines = [
-        f"rendered {summary['pairs_rendered']} pairs in {summary['seconds']:.1f} s "
-        f"({summary['pairs_per_s'] or 0:.2f} pairs/s, {summary['workers']} workers x "
-        f"{summary['threads_per_worker']} threads, {summary['engine']} "
-        f"{summary['resolution'][0]}x{summary['resolution'][1]})",
-        f"dataset: {summary['pairs']} pairs in {summary['shards']} shards"
-        + (f" ({summary['shards_kept']} kept from before)" if summary["shards_kept"] else "")
-        + f", {mb:.1f} MB ({per_pair:.0f} KB/pair) -> {summary['out']}",
-    ]
-    if summary["stage_seconds"]:
-        stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items() if k != "job")
-        lines.append(f"time by stage (all workers): {stages}")
-    if summary["rejected_characters"]:
-        lines.append(f"rejected characters in the manifest: {summary['rejected_characters']}")
-    failed = summary["failed_characters"]
-    lines.append(f"failures: {len(failed)} characters, {summary['failed_samples']} samples")
-    for f in summary["failures"][:5]:
-        lines.append(f"  {f['character']} {f.get('key') or ''}: {f['error']}")
-    return "\n".join(lines)

@@ -133,6 +133,10 @@ class BlenderWorker:
         self._pose_libs: dict[str, object] = {}
         self.characters_done = 0
         self.pose_library_override = None  # tests: an object with the PoseLibrary fields
+        # The farm's per-sample hook (render/farm_pool.py): ``after_sample(job, key, written)`` runs
+        # after each sample is appended to the shard; it logs progress and, in fault-injection tests
+        # only, crashes or hangs the worker mid-job. An exception from it fails the job.
+        self.after_sample = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -353,6 +357,8 @@ class BlenderWorker:
                 for k, v in timings.items():
                     totals[k] += v
                 result["pairs"] += 1
+                if self.after_sample is not None:
+                    self.after_sample(job, key, result["pairs"])
             summary = writer.close()
             writer = None
             result["shard"] = summary.to_json(with_keys=True)
