@@ -1,0 +1,248 @@
+"""The render farm under faults, with real Ray actors and real Blender workers (64x96 renders).
+
+Faults are real: a worker process is SIGKILLed from outside in the middle of a job, the driver gets
+SIGINT, and poison character records crash (SIGKILL of its own process) or hang their worker
+(``render/farm_faults.py``, enabled only by ``SERIALGEN_FAULT_INJECTION=1`` in the driver's
+environment). Characters are procedural (closed surfaces: byte-reproducible across processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serialgen.cli import main
+
+pytestmark = pytest.mark.blender
+
+CHARS = ("proc-000001", "proc-000002", "proc-000003")
+PER_CHAR = 4
+SERIALGEN = [sys.executable, "-c", "import sys; from serialgen.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def _write_assets(root: Path, meshes: Path, poses: Path, records: list[dict]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meshes").symlink_to(meshes)
+    (root / "poses.npz").symlink_to(poses)
+    (root / "characters.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def _record(char_id: str, **extra) -> dict:
+    return {"schema": "serialgen.character/1", "id": char_id, "kind": "procedural", "status": "accepted",
+            "mesh_file": f"meshes/{char_id}.npz", **extra}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(meshes dir, poses.npz) of three procedural characters and a 30-pose library."""
+    from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
+    from serialgen.assets_manifest.procedural import build_mesh_data, describe_character, save_mesh_data
+
+    root = tmp_path_factory.mktemp("built")
+    for char_id in CHARS:
+        save_mesh_data(build_mesh_data(describe_character(char_id, 0)), root / "meshes" / f"{char_id}.npz")
+    return root / "meshes", save_pose_library(build_pose_library(30, seed=0), root / "poses.npz")
+
+
+@pytest.fixture(scope="module")
+def assets(built, tmp_path_factory):
+    """The three characters; proc-000002 sleeps 1 s per sample when fault injection is on (a long job
+    to kill); without injection (the reference run) the record renders normally."""
+    meshes, poses = built
+    records = [_record(c, **({"fault": "slow:1.0"} if c == "proc-000002" else {})) for c in CHARS]
+    return _write_assets(tmp_path_factory.mktemp("assets"), meshes, poses, records)
+
+
+def _args(assets: Path, out: Path, workers: int, *extra) -> list[str]:
+    return ["render", "--assets", str(assets), "--out", str(out), "--poses-per-character", str(PER_CHAR),
+            "--poses-per-shard", "2", "--resolution", "64x96", "--workers", str(workers), "--no-progress", *extra]
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "SERIALGEN_FAULT_INJECTION": "1"}
+    return subprocess.Popen(SERIALGEN + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _tars(out: Path) -> dict[str, bytes]:
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for s in ("train", "test") for p in (out / s).glob("*.tar")}
+
+
+def _hidden(out: Path) -> list[str]:
+    return [p.name for s in ("train", "test") if (out / s).is_dir() for p in (out / s).iterdir()
+            if p.name.startswith(".")]
+
+
+def _expected_keys(characters, assets: Path) -> list[str]:
+    from serialgen.dataset.shards import sample_key
+    from serialgen.render.job import character_samples
+
+    import numpy as np
+
+    with np.load(assets / "poses.npz") as data:
+        n = int(data["angles"].shape[0])
+    return sorted(sample_key(c, p, v) for c in characters for p, v in character_samples(c, n, PER_CHAR, 0))
+
+
+def _indexed_keys(out: Path) -> list[str]:
+    from serialgen.dataset.shards import iter_shard
+
+    index = json.loads((out / "index.json").read_text())
+    return sorted(k for s in index["shards"] for k, _ in iter_shard(out / s["path"]))
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (killed, not yet reaped by its parent) is not running either
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _log_pids(out: Path) -> set[int]:
+    return {int(m) for p in (out / "logs").rglob("*.log") for m in re.findall(r"pid (\d+)", p.read_text())}
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """A clean run with one worker (no fault injection): {shard path: bytes}."""
+    out = tmp_path_factory.mktemp("ref") / "shards"
+    assert os.environ.get("SERIALGEN_FAULT_INJECTION") != "1"
+    assert main(_args(assets, out, 1)) == 0
+    return out, _tars(out)
+
+
+def test_one_and_two_workers_give_the_same_bytes(assets, reference, tmp_path):
+    ref_out, ref = reference
+    out = tmp_path / "shards"
+    assert main(_args(assets, out, 2)) == 0
+    assert len(ref) == len(CHARS) * PER_CHAR // 2
+    assert _tars(out) == ref
+    assert _indexed_keys(out) == _indexed_keys(ref_out) == _expected_keys(CHARS, assets)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["per_worker"]) == {"w0", "w1"} and all(w["jobs"] > 0 for w in report["per_worker"].values())
+
+
+def test_sigkill_of_a_worker_mid_job_loses_and_duplicates_nothing(assets, reference, tmp_path):
+    _, ref = reference
+    out = tmp_path / "shards"
+    proc = _spawn(_args(assets, out, 2))
+    try:
+        # proc-000002's jobs write a sample, then sleep 1 s: kill its worker right after sample 1.
+        def in_progress():
+            for path in (out / "logs").rglob("proc-000002-*.log") if (out / "logs").is_dir() else []:
+                text = path.read_text()
+                if "sample 1/2" in text and "== ok" not in text:
+                    return path, int(re.findall(r"pid (\d+)", text)[-1])
+            return None
+
+        log, pid = _wait_for(in_progress, 90, "a job of proc-000002 in progress")
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    job = f"{log.parent.name}/{log.stem}.tar"
+    died = [r for r in report["retries"] if r["kind"] == "died"]
+    assert [r["job"] for r in died] == [job], report["retries"]
+    assert report["quarantined"] == {}
+    assert sum(len(w["processes"]) for w in report["per_worker"].values()) == 3  # 2 + 1 replacement
+    # Every expected key exactly once, the same bytes as the clean one-worker run, nothing hidden.
+    assert _indexed_keys(out) == _expected_keys(CHARS, assets)
+    assert _tars(out) == ref
+    assert _hidden(out) == []
+    assert main(["shards", "verify", str(out)]) == 0
+    assert "== driver: attempt 1" in log.read_text() and "died" in log.read_text()
+
+
+@pytest.mark.slow
+def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, capsys):
+    meshes, poses = built
+    # Every character slow (0.5 s a sample) and one pair per shard: 12 jobs, ~7 s at least.
+    records = [_record(c, fault="slow:0.5") for c in CHARS]
+    assets = _write_assets(tmp_path / "assets", meshes, poses, records)
+    out = tmp_path / "shards"
+    args = _args(assets, out, 1, "--poses-per-shard", "1")
+    proc = _spawn(args)
+    try:
+        _wait_for(lambda: len(_tars(out)) >= 3, 90, "three finished shards")
+        os.kill(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted" in stdout and "Re-run the same command" in stdout
+    assert not (out / "index.json").exists()
+    assert _hidden(out) == []  # no half-written shard, not even a hidden one
+    done = _tars(out)
+    assert 3 <= len(done) < len(CHARS) * PER_CHAR
+    assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
+    pids = _log_pids(out)
+    assert pids and _wait_for(lambda: not any(_alive(p) for p in pids), 15, "the workers to exit")
+    mtimes = {rel: (out / rel).stat().st_mtime_ns for rel in done}
+
+    # The same command again (without the slow fault): renders only the missing shards.
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete" and report["shards_kept"] == len(done)
+    assert report["pairs_rendered"] == len(CHARS) * PER_CHAR - len(done)
+    assert {a["job"] for a in report["attempts"]}.isdisjoint(done)
+    assert all((out / rel).stat().st_mtime_ns == t for rel, t in mtimes.items())
+    assert _indexed_keys(out) == _expected_keys(CHARS, assets)
+
+    # And once more: a finished run renders nothing and says so.
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "nothing to render" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_poison_assets_are_quarantined_and_the_rest_is_rendered(built, tmp_path):
+    meshes, poses = built
+    poison = {"schema": "serialgen.character/1", "kind": "mannequin", "variant": "adult", "status": "accepted"}
+    records = [_record("proc-000001"), _record("proc-000003"),
+               {**poison, "id": "poison-crash", "fault": "crash"}, {**poison, "id": "poison-hang", "fault": "hang"}]
+    assets = _write_assets(tmp_path / "assets", meshes, poses, records)
+
+    out = tmp_path / "shards"
+    proc = _spawn(_args(assets, out, 2, "--poses-per-shard", "4", "--max-attempts", "2", "--job-timeout", "8"))
+    stdout, stderr = proc.communicate(timeout=150)
+    assert proc.returncode == 0, stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    q = report["quarantined"]
+    assert set(q) == {"poison-crash", "poison-hang"}
+    assert "died x2" in q["poison-crash"]["reason"] and "timeout x2" in q["poison-hang"]["reason"]
+    assert "quarantined characters: 2" in stdout and "poison-hang: failed 2 times" in stdout
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(f["character"] for f in index["failures"]) == ["poison-crash", "poison-hang"]
+    assert _indexed_keys(out) == _expected_keys(["proc-000001", "proc-000003"], assets)
+    assert _hidden(out) == []
+    assert main(["shards", "verify", str(out)]) == 0
+    # The hung workers were killed, not left behind.
+    pids = _log_pids(out)
+    assert _wait_for(lambda: not any(_alive(p) for p in pids), 15, "the workers to exit")
