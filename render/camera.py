@@ -31,12 +31,20 @@ __all__ = [
     "look_rotation",
     "sample_view",
     "fit_camera",
+    "keep_clear",
+    "clearance_for",
+    "CLIP_START",
+    "CLEARANCE_FRACTION",
     "apply_camera",
     "view_direction",
     "view_to_json",
 ]
 
 SENSOR_MM = 36.0
+CLIP_START = 0.01  # metres, the Blender camera's near clip distance
+# The camera keeps this fraction of the character's height (plus 2 near-clip distances) away from
+# the character's evaluated mesh bounds: a close-up never starts inside the body or the head.
+CLEARANCE_FRACTION = 0.05
 
 # Share of each framing among non-standard images (sums to 1): mostly full body, as the standard
 # image is full body; close-ups teach the model to complete a body it does not see.
@@ -85,6 +93,7 @@ class CameraSpec:
     height: int
     shift_x: float = 0.0
     shift_y: float = 0.0
+    pushed_back_m: float = 0.0  # how far keep_clear moved the camera back (0: the fit was clear)
 
     @property
     def focal_px(self) -> float:
@@ -132,6 +141,7 @@ class CameraSpec:
             "focal_mm": round(float(self.focal_mm), 6),
             "sensor_mm": SENSOR_MM,
             "shift": [round(float(self.shift_x), 6), round(float(self.shift_y), 6)],
+            "pushed_back_m": round(float(self.pushed_back_m), 6),
         }
 
 
@@ -173,12 +183,41 @@ def sample_view(rng: np.random.Generator, ranges: ViewRanges = ViewRanges()) -> 
     )
 
 
-def fit_camera(view: ViewSample, points: np.ndarray, width: int, height: int, iterations: int = 6) -> CameraSpec:
+def clearance_for(lo: np.ndarray, hi: np.ndarray) -> float:
+    """Clearance (metres) kept between the camera and mesh bounds ``lo``/``hi`` (3,) of a character."""
+    return CLEARANCE_FRACTION * float(hi[2] - lo[2]) + 2.0 * CLIP_START
+
+
+def keep_clear(cam: CameraSpec, back: np.ndarray, lo: np.ndarray, hi: np.ndarray, clearance: float) -> float:
+    """Move ``cam`` back along ``back`` (unit, subject -> camera) until it is outside the box
+    ``[lo - clearance, hi + clearance]``; returns the distance moved (0 when it already was).
+
+    Moving along the optical axis keeps the framed region centred on the same image point and
+    only makes it smaller, so a close-up that would start inside the body becomes a wider shot.
+    """
+    lo = np.asarray(lo, dtype=np.float64) - clearance
+    hi = np.asarray(hi, dtype=np.float64) + clearance
+    p = np.asarray(cam.location, dtype=np.float64)
+    if not ((p > lo).all() and (p < hi).all()):
+        return 0.0
+    back = np.asarray(back, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        exits = np.where(back > 1e-12, (hi - p) / back, np.where(back < -1e-12, (lo - p) / back, np.inf))
+    t = float(exits.min()) + 1e-6
+    cam.location = p + back * t
+    return t
+
+
+def fit_camera(view: ViewSample, points: np.ndarray, width: int, height: int, iterations: int = 6,
+               bounds: tuple[np.ndarray, np.ndarray] | None = None, clearance: float | None = None) -> CameraSpec:
     """Place a camera for ``view`` so that ``points`` (N, 3) fill ``view.fill`` of the frame.
 
     The look direction is fixed by azimuth/elevation; distance and a sideways/vertical offset are
     solved by a few fixed-point steps (projected size scales with 1/depth), then the framed region
-    is moved off-centre by ``view.offset`` times the free margin.
+    is moved off-centre by ``view.offset`` times the free margin. ``bounds``: the character's
+    evaluated mesh bounds (min xyz, max xyz); the camera then ends outside them by ``clearance``
+    metres (default :func:`clearance_for`), pushed back along the view axis if needed
+    (``CameraSpec.pushed_back_m``).
     """
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     back = view_direction(view.azimuth, view.elevation)
@@ -209,6 +248,10 @@ def fit_camera(view: ViewSample, points: np.ndarray, width: int, height: int, it
     shift_px = np.asarray(view.offset) * free
     mean_z = float(np.median(z))
     cam.location = cam.location - right * shift_px[0] * mean_z / fx + up * shift_px[1] * mean_z / fx
+    if bounds is not None:
+        b_lo, b_hi = (np.asarray(b, dtype=np.float64) for b in bounds)
+        margin = clearance_for(b_lo, b_hi) if clearance is None else float(clearance)
+        cam.pushed_back_m = keep_clear(cam, back, b_lo, b_hi, margin)
     return cam
 
 
@@ -226,7 +269,7 @@ def apply_camera(cam_obj, spec: CameraSpec) -> None:
     data.lens = spec.focal_mm
     data.shift_x = spec.shift_x
     data.shift_y = spec.shift_y
-    data.clip_start = 0.01
+    data.clip_start = CLIP_START
     data.clip_end = 1000.0
 
 

@@ -34,6 +34,7 @@ from serialgen.dataset import shards
 from serialgen.render import camera as cam_mod
 from serialgen.render import lighting as light_mod
 from serialgen.render import standard as std_mod
+from serialgen.render.head_geometry import head_geometry_of
 from serialgen.render.keypoints import pose_record
 from serialgen.render.scene import RenderSettings
 
@@ -207,7 +208,8 @@ class BlenderWorker:
             rig.apply_pose(std_mod.standard_angles())
             skel = rig.posed_skeleton()
             lo, hi = rig.world_bounds()
-            camera = std_mod.standard_camera(skel, s.width, s.height)
+            head = head_geometry_of(rig, skel)
+            camera = std_mod.standard_camera(skel, s.width, s.height, head)
             cam_mod.apply_camera(self.scene.camera, camera)
             light_mod.apply_lighting(self.scene, light_mod.STANDARD_LIGHTING, s.engine)
         loaded.std_meta["character_height_m"] = float(hi[2] - lo[2])
@@ -220,28 +222,40 @@ class BlenderWorker:
             loaded.std_pose = shards.json_bytes(pose_record(kps, defined, s.width, s.height))
         loaded.std_meta.update({
             "camera": camera.to_json(),
-            "head_box": std_mod.head_box(skel, camera),
+            "head_box": std_mod.head_box(skel, camera, head),
             "lighting": light_mod.STANDARD_LIGHTING.to_json(),
             "timings_s": timings,
         })
 
-    def _framing_points(self, framing: str, rig, skel, kps3d: np.ndarray, defined: np.ndarray) -> np.ndarray:
-        """World points (N, 3) that the camera must frame for ``framing``."""
-        head_i = skel.joint("head")
-        head, tail = skel.heads[head_i], skel.tails[head_i]
-        length = float(np.linalg.norm(tail - head))
-        centre = 0.5 * (head + tail)
-        # A box around the skull (the head bone is ~ the skull height): six points at 0.65 L.
-        skull = centre + 0.65 * length * np.concatenate([np.eye(3), -np.eye(3)])
+    def view_camera(self, rig, view, skel=None):
+        """The camera of a drawn ``view`` for the rig's current pose: frame the view's points
+        (:meth:`_framing_points`), never inside the character (outside its evaluated mesh bounds
+        by ``camera.clearance_for``)."""
+        s = self.settings
+        skel = skel if skel is not None else rig.posed_skeleton()
+        kps3d, defined = sk.compute_keypoints(skel, rig.face_landmarks)
+        mesh_points = self._mesh_points(rig)
+        points = self._framing_points(view.framing, rig, skel, kps3d, defined, mesh_points)
+        return cam_mod.fit_camera(view, points, s.width, s.height,
+                                  bounds=(mesh_points.min(0), mesh_points.max(0)))
+
+    def _framing_points(self, framing: str, rig, skel, kps3d: np.ndarray, defined: np.ndarray,
+                        mesh_points: np.ndarray | None = None) -> np.ndarray:
+        """World points (N, 3) that the camera must frame for ``framing``: head = the measured head's
+        points (rigid with the head joint, ``head_geometry``), upper body = those plus the
+        shoulder/elbow/hip/face keypoints, full body = every evaluated mesh vertex."""
+        head = head_geometry_of(rig, skel).world_points(skel)
         if framing == "head":
-            return skull
+            return head
         if framing == "upper_body":
             idx = [_KP[n] for n in _UPPER_BODY if defined[_KP[n]]]
-            return np.concatenate([skull, kps3d[idx]])
-        return self._mesh_points(rig)
+            return np.concatenate([head, kps3d[idx]])
+        return mesh_points if mesh_points is not None else self._mesh_points(rig)
 
     @staticmethod
-    def _mesh_points(rig, max_points: int = 4000) -> np.ndarray:
+    def _mesh_points(rig, max_points: int | None = None) -> np.ndarray:
+        """World positions (N, 3) of every evaluated (posed, deformed) mesh vertex of ``rig``
+        (``max_points``: an evenly strided subsample)."""
         import bpy
 
         depsgraph = bpy.context.evaluated_depsgraph_get()
@@ -256,7 +270,7 @@ class BlenderWorker:
             co = co.reshape(-1, 3)
             chunks.append(co @ m[:3, :3].T + m[:3, 3])
         pts = np.concatenate(chunks) if chunks else np.zeros((0, 3))
-        step = max(1, len(pts) // max_points)
+        step = max(1, len(pts) // max_points) if max_points else 1
         return pts[::step]
 
     def _render_sample(self, job: RenderJob, loaded: _Loaded, library, pose_id: int, view_index: int):
@@ -277,9 +291,7 @@ class BlenderWorker:
             rig.apply_pose(np.asarray(library.angles[pose_id], dtype=np.float64),
                            np.asarray(library.root_translation[pose_id], dtype=np.float64))
             skel = rig.posed_skeleton()
-            kps3d, defined = sk.compute_keypoints(skel, rig.face_landmarks)
-            points = self._framing_points(view.framing, rig, skel, kps3d, defined)
-            camera = cam_mod.fit_camera(view, points, s.width, s.height)
+            camera = self.view_camera(rig, view, skel)
             cam_mod.apply_camera(self.scene.camera, camera)
             light_mod.apply_lighting(self.scene, lighting, s.engine)
         with _stage(timings, "render"):

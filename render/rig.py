@@ -11,7 +11,9 @@ face_landmarks)``. The math (``assets_manifest.rig_alignment``, ``docs/character
   its parent's motion, converts these to pose-bone quaternions in hierarchy order and updates the
   view layer once; zeros = the canonical A-pose whatever the rig's own rest pose;
 * ``posed_skeleton()`` reads the posed bones back and recovers the canonical world rotation
-  ``W @ R_rest^T @ A^T`` per joint, so ``skeleton.compute_keypoints`` works for any rig.
+  ``W @ R_rest^T @ A^T`` per joint, so ``skeleton.compute_keypoints`` works for any rig;
+* at construction the head's geometry is measured on the rest mesh (``head_geometry``, see
+  ``render/head_geometry.py``); a rig given no face landmarks gets landmarks estimated on it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from serialgen.assets_manifest import rig_alignment as ra
 from serialgen.assets_manifest import skeleton as sk
 from serialgen.render.bpy_utils import import_bpy
+from serialgen.render.head_geometry import HeadGeometry, measure_head
 
 __all__ = ["CharacterRig", "Expression"]
 
@@ -41,8 +44,12 @@ class CharacterRig:
         meshes: bpy mesh Objects deformed by it (body, clothes, hair, accessories).
         bone_map: canonical joint -> armature bone name; must cover ``bone_maps.MIN_JOINTS``.
         expressions: name -> [(mesh object name, shape key name, weight), ...].
-        face_landmarks: overrides of ``skeleton.FACE_LANDMARK_DEFAULTS`` (head-length units).
+        face_landmarks: overrides of ``skeleton.FACE_LANDMARK_DEFAULTS`` (head-length units);
+            None: estimated on the measured head (``head_geometry.estimate_face_landmarks``).
         owned: extra datablock owners to delete in ``remove`` (for example a collection).
+
+    ``head_geometry`` (:class:`~serialgen.render.head_geometry.HeadGeometry`): the head region's box
+    and points in the head joint's canonical rest frame, measured once here on the rest mesh.
     """
 
     def __init__(self, char_id: str, armature, meshes, bone_map: dict[str, str],
@@ -92,6 +99,78 @@ class CharacterRig:
         self._al = ra.build_alignment(self._bone_names, parents, heads, tails, rots, self.bone_map,
                                       frame=rot_world.T)
         self._pose_bones = [armature.pose.bones[n] for n in self._bone_names]
+        self.head_geometry: HeadGeometry = self._measure_head(need_landmarks=self.face_landmarks is None)
+        if self.face_landmarks is None and self.head_geometry.landmarks:
+            self.face_landmarks = dict(self.head_geometry.landmarks)
+
+    # -- head geometry ------------------------------------------------------------------------
+
+    def _measure_head(self, need_landmarks: bool) -> HeadGeometry:
+        """Measure the head on the rest mesh (pose-independent: rest bones and undeformed vertices).
+
+        A vertex rigid with the head bone is, in any pose, at ``head_w + G @ local`` with ``G`` the
+        canonical world rotation of the head joint (``posed_skeleton``); at rest ``G`` is
+        ``canonical_rotation_of(rest rotation)``, so ``local = G_rest^T (v_rest - head_rest)``.
+        """
+        al = self._al
+        b = al.joint_bone["head"]
+        lin, off = self._world[:3, :3], self._world[:3, 3]
+        head_w = lin @ al.heads[b] + off
+        g_rest = ra.canonical_rotation_of(al, b, al.rest_rots[b])
+        length = float(np.linalg.norm(lin @ (al.next_points[b] - al.heads[b])))
+        head_bone = self.armature.data.bones[al.bone_names[b]]
+        head_set = {head_bone.name, *(c.name for c in head_bone.children_recursive)}
+        bone_names = set(self._bone_names)
+        locs, dominant, influence, tris = [], [], [], []
+        n = 0
+        self.bpy.context.view_layer.update()  # fresh matrix_world for newly linked meshes
+        for obj in self.meshes:
+            me = obj.data
+            nv = len(me.vertices)
+            if nv == 0 or not obj.vertex_groups:
+                continue
+            co = np.empty(nv * 3, dtype=np.float64)
+            src = me.shape_keys.reference_key.data if me.shape_keys is not None else me.vertices
+            src.foreach_get("co", co)
+            m = _np(obj.matrix_world)
+            world = co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+            groups = [g.name for g in obj.vertex_groups]
+            in_head = np.array([g in head_set for g in groups])
+            is_bone = np.array([g in bone_names for g in groups])
+            dom = np.zeros(nv, dtype=bool)
+            inf = np.zeros(nv)
+            for v in me.vertices:  # dominant bone per vertex (no vectorised access to weights)
+                best_w, best_head, total = 0.0, False, 0.0
+                for g in v.groups:
+                    gi = g.group
+                    if gi >= len(groups) or not is_bone[gi]:
+                        continue
+                    if in_head[gi]:
+                        total += g.weight
+                    if g.weight > best_w:
+                        best_w, best_head = g.weight, bool(in_head[gi])
+                dom[v.index], inf[v.index] = best_head, total
+            locs.append((world - head_w) @ g_rest)  # rows: G_rest^T (v - head)
+            dominant.append(dom)
+            influence.append(inf)
+            if need_landmarks and (dom.any() or (inf >= 0.1).any()):
+                me.calc_loop_triangles()
+                t = np.empty(len(me.loop_triangles) * 3, dtype=np.int64)
+                me.loop_triangles.foreach_get("vertices", t)
+                tris.append(t.reshape(-1, 3) + n)
+            n += nv
+        if not locs:
+            return HeadGeometry.from_bone(length)
+        eyes = {}
+        for bone in head_bone.children_recursive:  # eye bones (VRM leftEye, eye.L, ...) fix the eyes
+            low = bone.name.lower()
+            if "eye" in low and not any(w in low for w in ("brow", "lid", "lash", "end")):
+                p = (lin @ np.array(bone.head_local) + off - head_w) @ g_rest
+                eyes["l_eye" if p[0] > 0 else "r_eye"] = p
+        if len(eyes) < 2:
+            eyes = None
+        return measure_head(np.concatenate(locs), np.concatenate(dominant), np.concatenate(influence), length,
+                            np.concatenate(tris) if tris else None, eyes)
 
     # -- posing -------------------------------------------------------------------------------
 
