@@ -11,7 +11,7 @@ so the projected height is exact (a few fixed-point steps: projected size ~ 1/de
 shift moves the projected centre to its place (a shift does not change sizes), so both numbers
 hold exactly. Rigs without head geometry (the mannequin test character) use the head bone: centre
 = its midpoint, height = its length. A procedural adult (~7 measured heads tall, hair included)
-then ends at ~85% of the frame height; a child's body ends higher; tall characters are cut at the
+then ends at ~86% of the frame height; a child's body ends higher; tall characters are cut at the
 feet; big-headed characters (chibis, robots) are small below their head.
 """
 
