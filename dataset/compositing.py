@@ -4,18 +4,23 @@ One render becomes unlimited training variety: each time a sample is read, its R
 scaled, placed (possibly cropped by the frame) and lightly colour-jittered onto a random crop of a
 random background, and the background mask and keypoints follow the same transform exactly.
 
-Everything runs in uint8 (PIL and torch's uint8 resampling kernels); no float math on full images:
+Everything runs in uint8, and only the character's bounding box (from alpha) is processed; the rest
+of the canvas is the background window, copied once into the output:
 
-* the character's bounding box (from alpha) is the only part that is resampled, premultiplied
-  (``RGBa``) so its edges do not pick up the black of transparent pixels, with torch's uint8
-  bilinear kernel (antialiased), about 5x faster than PIL's RGBA resize;
-* compositing is ``Image.paste(fg, mask=alpha)`` on the background crop (straight alpha over an
-  opaque background: ``a fg + (1 - a) bg``, the same result as ``alpha_composite``, touching only
-  the character's box);
-* backgrounds are decoded once into a small per-process pool (decoded, resized to cover the canvas
-  with a random zoom, jittered, randomly flipped) and a random canvas-sized window is cut per
-  sample; ``refresh`` is the probability that a sample replaces one pool entry with a newly decoded
-  background, so decode cost is amortised while every background still gets used.
+* ``prepare_reference``: the box is cut from the render and colour-jittered through one lookup
+  table (``Image.point``, straight colours), premultiplied (numpy: one copy that zeroes empty
+  pixels, then arithmetic only on the pixels with 0 < alpha < 255, the antialiased rim, a few
+  thousand pixels; opaque pixels are already premultiplied), then resampled with torch's antialiased
+  uint8 bilinear kernel (premultiplied, so transparent pixels do not darken the edges);
+* ``PlacedReference.composite_into``: the background window is copied into the output and the box
+  region is blended with PIL's premultiplied "over" (``paste`` with an ``RGBa`` mask:
+  ``P + (1 - a) bg``, the same result as ``alpha_composite`` of the straight colours) and written
+  back; ``mask_into`` writes ``alpha < 128`` of the same resampled box;
+* backgrounds are decoded once into a small per-process pool of numpy arrays (resized once to
+  cover the canvas with a random zoom, jittered, randomly flipped); a sample reads a random
+  canvas-sized window of one entry (a view, no copy); ``refresh`` is the probability that a sample
+  replaces one pool entry with a newly decoded background, so decode cost is amortised while every
+  background still gets used.
 
 Coordinates are continuous pixels: pixel ``i`` spans ``[i, i + 1)``. Sizes are ``(width, height)``.
 """
@@ -37,9 +42,12 @@ from serialgen.errors import UserInputError
 __all__ = [
     "CompositeConfig",
     "Composite",
+    "PlacedReference",
     "BackgroundPool",
     "EmptyReferenceError",
     "place_reference",
+    "prepare_reference",
+    "premultiply",
     "composite_reference",
     "fit_to_canvas",
     "jitter_lut",
@@ -102,39 +110,51 @@ def resize_uint8(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Bilinear (antialiased) resize of an 8-bit image (L, RGB, RGBA, RGBa) to ``size`` = (w, h).
 
     torch's uint8 kernel, about 5x faster than PIL's for 3-4 channels. It maps the input's pixel
-    extent onto the output's (as PIL's resize does): x_out = x_in * w_out / w_in. The result comes
-    back planar and is re-interleaved by ``Image.merge`` (a strided numpy copy would cost 2 ms).
-    RGBA is resampled as stored (straight alpha): pass RGBa to resample premultiplied.
+    extent onto the output's (as PIL's resize does): x_out = x_in * w_out / w_in. Multi-band images
+    go in as a true channels-last tensor (torch's fast interleaved kernel; see
+    ``_resize_premultiplied``) and come back interleaved. RGBA is resampled as stored (straight
+    alpha): pass RGBa to resample premultiplied.
     """
     import torch
     import torch.nn.functional as F
 
     if img.size == tuple(size):
         return img
+    w, h = img.size
+    nw, nh = size
     with warnings.catch_warnings():  # PIL's arrays are read-only; torch only reads them here
         warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(np.asarray(img))
-    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]  # channels-last view, no copy
-    planes = F.interpolate(t, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
-    bands = [Image.frombuffer("L", tuple(size), planes[i], "raw", "L", 0, 1) for i in range(planes.shape[0])]
-    return bands[0] if img.mode == "L" else Image.merge(img.mode, bands)
+        arr = np.ascontiguousarray(np.asarray(img))
+        t = torch.from_numpy(arr)
+    c = 1 if arr.ndim == 2 else arr.shape[2]
+    t = t.as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
+    out = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    if c == 1:
+        return Image.frombuffer("L", (nw, nh), out.reshape(nh, nw).contiguous().numpy(), "raw", "L", 0, 1)
+    if out.is_contiguous(memory_format=torch.channels_last):
+        return Image.frombuffer(img.mode, (nw, nh), out[0].permute(1, 2, 0).numpy(), "raw", img.mode, 0, 1)
+    planes = out[0].numpy()
+    bands = [Image.frombuffer("L", (nw, nh), np.ascontiguousarray(planes[i]), "raw", "L", 0, 1) for i in range(c)]
+    return Image.merge(img.mode, bands)
+
+
+_RAMP = np.arange(256, dtype=np.float32)
+_IDENTITY = list(range(256))
 
 
 def jitter_lut(rng: random.Random, amount: float, alpha: bool) -> list[int]:
-    """A per-band lookup table: contrast about mid-grey, brightness, and per-channel gain."""
+    """A per-band lookup table: contrast about mid-grey, brightness, and per-channel gain.
+
+    Draws, in order: contrast, brightness, then one gain per colour channel.
+    """
     if amount <= 0:
-        base = list(range(256))
-        return base * (4 if alpha else 3)
-    v = np.arange(256, dtype=np.float32)
+        return _IDENTITY * (4 if alpha else 3)
     contrast = 1 + rng.uniform(-amount, amount)
     bright = 1 + rng.uniform(-amount, amount)
-    lut = []
-    for _ in range(3):
-        gain = bright * (1 + rng.uniform(-amount / 2, amount / 2))
-        lut.append(np.clip(((v - 128) * contrast + 128) * gain + 0.5, 0, 255).astype(np.uint8))
-    if alpha:
-        lut.append(np.arange(256, dtype=np.uint8))
-    return np.concatenate(lut).tolist()
+    gains = np.array([bright * (1 + rng.uniform(-amount / 2, amount / 2)) for _ in range(3)], np.float32)
+    base = (_RAMP - 128) * contrast + 128
+    lut = np.clip(base[None, :] * gains[:, None] + 0.5, 0, 255).astype(np.uint8).ravel().tolist()
+    return lut + _IDENTITY if alpha else lut
 
 
 def place_reference(bbox: tuple[int, int, int, int], image_size: tuple[int, int], cfg: CompositeConfig,
@@ -169,46 +189,203 @@ def place_reference(bbox: tuple[int, int, int, int], image_size: tuple[int, int]
     return start(dw, cw, touch[0], touch[1]), start(dh, ch, touch[2], touch[3]), dw, dh
 
 
-def composite_reference(ref: np.ndarray, pose: Pose, background: Image.Image, cfg: CompositeConfig,
-                        rng: random.Random, keep_background: bool = False) -> Composite:
-    """Place the render ``ref`` ((H0, W0, 4) uint8, straight alpha) and its ``pose`` onto
-    ``background`` (RGB PIL image at the canvas size; composited in place) with a random scale,
-    position and colour jitter. Returns the composite, the mask and the keypoints.
+def premultiply(rgba: np.ndarray) -> np.ndarray:
+    """Premultiplied copy of an (H, W, 4) uint8 RGBA array (any row stride, may be read-only):
+    ``c = round(c * a / 255)``, exactly PIL's ``convert("RGBa")``, about 3x faster here.
 
-    Only the character's box is processed: premultiplied (``RGBa``), resampled with torch's uint8
-    kernel, un-premultiplied, jittered through a lookup table and pasted with its alpha as the mask.
-    (Measured against the same steps in torch or numpy integer maths: PIL's C loops are 1.6-2x
-    faster here.) Raises EmptyReferenceError when the render has no opaque pixel.
+    Vectorised on the pixels seen as little-endian uint32 (alpha in the top byte): the copy is one
+    multiply by ``alpha > 0`` (empty pixels become 0, whatever colour they had), and only the
+    pixels with 0 < alpha < 255 (the antialiased rim of a render: a few thousand of ~10^5) are
+    then multiplied; opaque ones are already premultiplied.
+    """
+    if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8 or rgba.strides[2] != 1 or rgba.strides[1] != 4:
+        raise ValueError(f"premultiply needs an (H, W, 4) uint8 array with packed pixels, got {rgba.shape} {rgba.dtype}")
+    out = np.empty(rgba.shape, np.uint8)
+    v = rgba.view("<u4")[..., 0]
+    alive = v >= np.uint32(0x01000000)
+    w = out.view("<u4")[..., 0]
+    np.multiply(v, alive, out=w)
+    rim = w < np.uint32(0xFF000000)
+    rim &= alive
+    flat = out.reshape(-1, 4)
+    idx = np.flatnonzero(rim)
+    if idx.size:
+        px = flat[idx]
+        t = px[:, :3].astype(np.uint32) * px[:, 3:].astype(np.uint32) + 128
+        flat[idx, :3] = ((t + (t >> 8)) >> 8).astype(np.uint8)  # exact round(c * a / 255), as PIL
+    return out
+
+
+def _point(img: Image.Image, lut: list[int]) -> Image.Image:
+    """``img.point(lut)`` for a table of ints, without PIL's per-entry ``round`` (0.1 ms a call)."""
+    try:
+        return img._new(img.im.point(lut, None))
+    except (AttributeError, TypeError):  # a Pillow without these internals: the public call
+        return img.point(lut)
+
+
+_ARROW = None  # pyarrow, imported on first use (False: not available)
+
+
+def _rgba_array(img: Image.Image) -> np.ndarray:
+    """An (h, w, 4) uint8 read-only view of an RGBA/RGBa PIL image's own memory, without a copy.
+
+    Through the Arrow C data interface (Pillow >= 11.2, pyarrow): ``np.asarray(img)`` instead packs
+    the pixels through ``tobytes`` (64 KB chunks, then a join: ~0.15 ms a megabyte). Falls back to
+    that when an image cannot be exported (one stored in several memory blocks) or pyarrow is missing.
+    """
+    global _ARROW
+    if _ARROW is None:
+        try:
+            import pyarrow
+            _ARROW = pyarrow
+        except ImportError:  # pragma: no cover - pyarrow is a dependency
+            _ARROW = False
+    w, h = img.size
+    if _ARROW and img.mode in ("RGBA", "RGBa"):
+        try:
+            arr = np.frombuffer(_ARROW.array(img).buffers()[-1], np.uint8)
+            if arr.size == w * h * 4:
+                return arr.reshape(h, w, 4)
+        except (ValueError, TypeError, _ARROW.ArrowException):
+            pass
+    return np.asarray(img)
+
+
+def _rows_view(arr: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(a flat uint8 view from the first to the last byte of ``arr``, its row stride in bytes) for an
+    (h, w, 3) uint8 array with packed pixels, so PIL's raw decoder reads it without a copy; None if
+    its layout does not allow that."""
+    h, w = arr.shape[:2]
+    if arr.dtype != np.uint8 or arr.strides[1:] != (3, 1) or h == 0 or w == 0 or arr.strides[0] < 3 * w:
+        return None
+    span = (h - 1) * arr.strides[0] + 3 * w
+    return np.lib.stride_tricks.as_strided(arr, shape=(span,), strides=(1,)), arr.strides[0]
+
+
+def _resize_premultiplied(box: np.ndarray, size: tuple[int, int]) -> tuple[Image.Image, np.ndarray]:
+    """Resample a premultiplied C-contiguous (h, w, 4) box to ``size`` = (w', h'): (RGBa image,
+    (h', w') alpha view).
+
+    torch's antialiased uint8 bilinear kernel, given the box as a true channels-last tensor (a batch
+    stride of h*w*4: ``t[None]`` would give a stride torch does not recognise as channels-last, and
+    it would then take its generic planar path, 2x slower). The result is channels-last too, i.e.
+    (h', w', 4) interleaved bytes, which PIL wraps without a copy.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    h, w = box.shape[:2]
+    nw, nh = size
+    t = torch.from_numpy(box).as_strided((1, 4, h, w), (h * w * 4, 1, w * 4, 4))
+    out = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    if out.is_contiguous(memory_format=torch.channels_last):
+        hwc = out[0].permute(1, 2, 0).numpy()  # (h', w', 4) contiguous view
+        return Image.frombuffer("RGBa", (nw, nh), hwc, "raw", "RGBa", 0, 1), hwc[..., 3]
+    planes = out[0].numpy()  # a torch without the channels-last kernel: interleave with PIL
+    bands = [Image.frombuffer("L", (nw, nh), np.ascontiguousarray(planes[i]), "raw", "L", 0, 1) for i in range(4)]
+    return Image.merge("RGBa", bands), planes[3]
+
+
+@dataclass
+class PlacedReference:
+    """The character ready to be composited: its premultiplied pixels on the canvas and its pose.
+
+    image: ``RGBa`` (premultiplied) PIL image of the part of the box that lies on the canvas, at
+    (x0, y0); alpha: its (h, w) uint8 alpha (any strides); pose: keypoints in output pixels;
+    transform: (sx, sy, tx, ty) with x' = sx x + tx; size: the canvas (width, height).
+    """
+
+    image: Image.Image
+    alpha: np.ndarray
+    x0: int
+    y0: int
+    pose: Pose
+    transform: tuple[float, float, float, float]
+    size: tuple[int, int]
+
+    def composite_into(self, out: np.ndarray, background: np.ndarray) -> None:
+        """Write the composite into ``out`` ((H, W, 3) uint8, writable, rows contiguous):
+        ``background`` ((H, W, 3) uint8, any row stride, not modified) with the character over it."""
+        np.copyto(out, background)
+        w, h = self.image.size
+        if w == 0 or h == 0:
+            return
+        ys, xs = slice(self.y0, self.y0 + h), slice(self.x0, self.x0 + w)
+        view = _rows_view(background[ys, xs])
+        if view is not None:  # PIL reads the window's rows in place (fromarray of a strided view: 30x slower)
+            region = Image.frombuffer("RGB", (w, h), view[0], "raw", "RGB", view[1], 1)
+        else:
+            region = Image.fromarray(np.ascontiguousarray(background[ys, xs]))
+        region.paste(self.image, (0, 0), self.image)  # RGBa mask: premultiplied over, P + (1 - a) bg
+        out[ys, xs] = np.asarray(region)
+
+    def mask_into(self, out: np.ndarray) -> None:
+        """Write the background mask into ``out`` ((H, W) uint8): 1 = background (alpha < 128)."""
+        out.fill(1)
+        h, w = self.alpha.shape
+        if w and h:
+            np.less(self.alpha, MASK_THRESHOLD, out=out[self.y0:self.y0 + h, self.x0:self.x0 + w].view(np.bool_))
+
+
+def prepare_reference(ref: np.ndarray, pose: Pose, cfg: CompositeConfig, rng: random.Random) -> PlacedReference:
+    """Choose the placement of the render ``ref`` ((H0, W0, 4) uint8, straight alpha; not modified)
+    and its ``pose`` on the canvas, jitter its colours and resample it (see the module doc).
+
+    Random draws, in order: scale, x, y (``place_reference``), then the jitter table. Raises
+    EmptyReferenceError when the render has no opaque pixel.
     """
     cw, ch = cfg.size
-    if background.size != (cw, ch) or background.mode != "RGB":
-        raise ValueError(f"background must be RGB {cw}x{ch}, got {background.mode} {background.size}")
-    if ref.ndim != 3 or ref.shape[2] != 4:
-        raise ValueError(f"reference must be (H, W, 4) RGBA, got {ref.shape}")
-    image = Image.fromarray(ref, "RGBA")  # a view of the decoder's buffer, no copy
+    if ref.ndim != 3 or ref.shape[2] != 4 or ref.dtype != np.uint8:
+        raise ValueError(f"reference must be (H, W, 4) uint8 RGBA, got {ref.shape} {ref.dtype}")
+    image = Image.fromarray(np.ascontiguousarray(ref), "RGBA")  # a view of the decoder's buffer, no copy
     bbox = image.getbbox(alpha_only=True)
     if bbox is None:
         raise EmptyReferenceError("ref.png is fully transparent")
     x0, y0, x1, y1 = bbox
     dx0, dy0, dw, dh = place_reference(bbox, image.size, cfg, rng)
     sx, sy = dw / (x1 - x0), dh / (y1 - y0)
-    region = image.crop(bbox)
-    if (dw, dh) != region.size:
-        # Premultiplied resampling, so transparent (black) pixels do not darken the edges.
-        region = resize_uint8(region.convert("RGBa"), (dw, dh)).convert("RGBA")
-    # Only the part on the canvas is jittered, pasted and masked.
+    if cfg.jitter > 0:  # on straight colours, before premultiplying (a lookup table cannot follow alpha)
+        box = premultiply(_rgba_array(_point(image.crop(bbox), jitter_lut(rng, cfg.jitter, alpha=True))))
+    else:
+        box = premultiply(ref[y0:y1, x0:x1])
+    if (dw, dh) != (x1 - x0, y1 - y0):
+        placed, alpha = _resize_premultiplied(box, (dw, dh))
+    else:
+        placed, alpha = Image.frombuffer("RGBa", (dw, dh), box, "raw", "RGBa", 0, 1), box[..., 3]
+    # Only the part on the canvas is kept.
     cx0, cy0, cx1, cy1 = max(dx0, 0), max(dy0, 0), min(dx0 + dw, cw), min(dy0 + dh, ch)
+    cx1, cy1 = max(cx1, cx0), max(cy1, cy0)
     if (cx0, cy0, cx1, cy1) != (dx0, dy0, dx0 + dw, dy0 + dh):
-        region = region.crop((cx0 - dx0, cy0 - dy0, cx1 - dx0, cy1 - dy0))
-    if cfg.jitter > 0:
-        region = region.point(jitter_lut(rng, cfg.jitter, alpha=True))
-    kept = background.copy() if keep_background else None
-    background.paste(region, (cx0, cy0), region)
-    mask = np.ones((ch, cw), np.uint8)
-    mask[cy0:cy1, cx0:cx1] = np.asarray(region.getchannel("A")) < MASK_THRESHOLD
+        placed = placed.crop((cx0 - dx0, cy0 - dy0, cx1 - dx0, cy1 - dy0))
+        alpha = alpha[cy0 - dy0:cy1 - dy0, cx0 - dx0:cx1 - dx0]
     tx, ty = dx0 - x0 * sx, dy0 - y0 * sy
-    out_pose = pose.transformed(sx, sy, tx, ty, (cw, ch))
-    return Composite(np.asarray(background), mask, out_pose, (sx, sy, tx, ty), kept)
+    return PlacedReference(placed, alpha, cx0, cy0, pose.transformed(sx, sy, tx, ty, (cw, ch)), (sx, sy, tx, ty),
+                           (cw, ch))
+
+
+def composite_reference(ref: np.ndarray, pose: Pose, background, cfg: CompositeConfig,
+                        rng: random.Random, keep_background: bool = False) -> Composite:
+    """Place the render ``ref`` ((H0, W0, 4) uint8, straight alpha) and its ``pose`` onto
+    ``background`` (RGB PIL image or (H, W, 3) uint8 array at the canvas size; not modified) with a
+    random scale, position and colour jitter. Returns the composite, the mask and the keypoints.
+
+    The loader uses ``prepare_reference`` + ``PlacedReference.composite_into`` directly, writing
+    into its batch buffers; this is the same computation into fresh arrays. Raises
+    EmptyReferenceError when the render has no opaque pixel.
+    """
+    cw, ch = cfg.size
+    bg = np.asarray(background)
+    if bg.shape != (ch, cw, 3) or bg.dtype != np.uint8:
+        mode = background.mode if isinstance(background, Image.Image) else bg.dtype
+        raise ValueError(f"background must be RGB {cw}x{ch}, got {mode} {bg.shape[1::-1]}")
+    placed = prepare_reference(ref, pose, cfg, rng)
+    image = np.empty((ch, cw, 3), np.uint8)
+    placed.composite_into(image, bg)
+    mask = np.empty((ch, cw), np.uint8)
+    placed.mask_into(mask)
+    kept = Image.fromarray(np.ascontiguousarray(bg)) if keep_background else None
+    return Composite(image, mask, placed.pose, placed.transform, kept)
 
 
 def fit_to_canvas(img: Image.Image, size: tuple[int, int], fill=(255, 255, 255)) -> tuple[Image.Image, tuple[float, float, float, float]]:
@@ -268,15 +445,17 @@ def list_background_images(source) -> list[str]:
 
 
 class BackgroundPool:
-    """Random canvas-sized background crops from a list of image files (or procedural fields).
+    """Random canvas-sized background windows from a list of image files (or procedural fields).
 
     paths: image files (empty: procedural colour fields, for previews and tests without assets).
     pool_size: decoded backgrounds kept per process (each ~ canvas size x zoom^2 x 3 bytes).
     refresh: probability per sample of decoding a new background into the pool.
-    zoom: a loaded background covers the canvas times a random factor in [1, zoom].
+    zoom: a loaded background covers the canvas times a random factor in [1, zoom] (aspect kept).
     jitter: colour jitter applied once when a background is loaded.
-    Unreadable files are skipped and counted in ``bad`` (path -> reason); if every file fails, the
-    pool raises UserInputError.
+    Pool entries are read-only (H', W', 3) uint8 arrays, resized once when loaded: a sample is a
+    window of one of them (``sample_array``: a view, no resize, no copy). Unreadable files are
+    skipped and counted in ``bad`` (path -> reason); if every file fails, the pool raises
+    UserInputError.
     """
 
     def __init__(self, paths, size: tuple[int, int], rng: random.Random, pool_size: int = 32,
@@ -288,7 +467,7 @@ class BackgroundPool:
         self.refresh = float(refresh)
         self.zoom = max(1.0, float(zoom))
         self.jitter = jitter
-        self.pool: list[Image.Image] = []
+        self.pool: list[np.ndarray] = []
         self.bad: dict[str, str] = {}
         self.loads = 0
 
@@ -318,31 +497,35 @@ class BackgroundPool:
             img = img.point(jitter_lut(self.rng, self.jitter, alpha=False))
         return img
 
-    def _new(self) -> Image.Image:
+    def _new(self) -> np.ndarray:
         self.loads += 1
         if not self.paths:
-            return self._procedural()
+            return np.asarray(self._procedural())
         while self.paths:
             path = self.rng.choice(self.paths)
             try:
-                return self._load(path)
+                return np.asarray(self._load(path))  # read-only: windows of it are handed out
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 self.bad[path] = f"{type(exc).__name__}: {exc}"
                 self.paths.remove(path)
         raise UserInputError(f"backgrounds: none of the {len(self.bad)} background images could be read "
                              f"(first: {next(iter(self.bad))}: {next(iter(self.bad.values()))})")
 
-    def sample(self) -> Image.Image:
-        """A fresh (copied) RGB canvas-sized background crop."""
+    def sample_array(self) -> np.ndarray:
+        """A random canvas-sized window, (H, W, 3) uint8: a read-only view of a pool entry."""
         if len(self.pool) < self.pool_size:
             self.pool.append(self._new())
             img = self.pool[-1]
         else:
             i = self.rng.randrange(len(self.pool))
             if self.rng.random() < self.refresh:
-                self.pool[i] = self._new()
+                self.pool[i] = self._new()  # a replaced entry stays alive while a window of it is used
             img = self.pool[i]
         w, h = self.size
-        x = self.rng.randint(0, img.width - w)
-        y = self.rng.randint(0, img.height - h)
-        return img.crop((x, y, x + w, y + h))
+        x = self.rng.randint(0, img.shape[1] - w)
+        y = self.rng.randint(0, img.shape[0] - h)
+        return img[y:y + h, x:x + w]
+
+    def sample(self) -> Image.Image:
+        """A random canvas-sized window as a (copied) RGB PIL image."""
+        return Image.fromarray(np.ascontiguousarray(self.sample_array()))

@@ -54,9 +54,10 @@ from serialgen.dataset.compositing import (
     BackgroundPool,
     CompositeConfig,
     EmptyReferenceError,
-    composite_reference,
+    PlacedReference,
     fit_to_canvas,
     list_background_images,
+    prepare_reference,
 )
 from serialgen.dataset.posemap import Pose, RegionImage, draw_pose_map, draw_pose_region, parse_pose
 from serialgen.errors import UserInputError
@@ -453,12 +454,26 @@ def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+class _Composite:
+    """A reference composite not written yet: ``collate`` writes it straight into the batch tensor
+    (background window copy + the character's box), so no intermediate canvas is made or copied."""
+
+    __slots__ = ("placed", "background")
+
+    def __init__(self, placed: PlacedReference, background: np.ndarray):
+        self.placed, self.background = placed, background
+
+    def write(self, out: np.ndarray) -> None:
+        self.placed.composite_into(out, self.background)
+
+
 def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Tensor:
     """Per-sample images of one key -> tensor.
 
     batched: (B, 3, H, W) in channels_last memory (the HWC bytes as decoded, no transpose on the
-    CPU); else (3, H, W) contiguous (items has one element). items: all (H, W, 3) uint8 arrays, all
-    ``_Cached`` or all ``RegionImage`` (mostly black pose maps: only the drawn box is converted).
+    CPU); else (3, H, W) contiguous (items has one element). items: all ``_Composite`` (written
+    into uint8 HWC memory, then converted once per batch for float32), all ``_Cached`` or all
+    ``RegionImage`` (mostly black pose maps: only the drawn box is converted).
     """
     first = items[0]
     torch_dtype = torch.float32 if dtype == "float32" else torch.uint8
@@ -468,6 +483,25 @@ def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Te
         out = _empty((len(items),) + tuple(first.hwc.shape), first.hwc.dtype)
         torch.stack([it.hwc for it in items], out=out)
         return out.movedim(-1, 1)
+    if isinstance(first, _Composite):
+        w, h = first.placed.size
+        if batched and dtype == "uint8":  # the fast path: composited in place, nothing else to do
+            out = _empty((len(items), h, w, 3), torch.uint8)
+            arr = out.numpy()
+            for b, it in enumerate(items):
+                it.write(arr[b])
+            return out.movedim(-1, 1)
+        u8 = np.empty((len(items), h, w, 3), np.uint8)
+        for b, it in enumerate(items):
+            it.write(u8[b])
+        src = torch.from_numpy(u8)
+        if batched:
+            out = _empty((len(items), h, w, 3), torch_dtype)
+            _convert_into(out, src, key, dtype)
+            return out.movedim(-1, 1)
+        view = _empty((3, h, w), torch_dtype)
+        _convert_into(view.permute(1, 2, 0), src[0], key, dtype)
+        return view
     if isinstance(first, RegionImage):
         w, h = first.size
     else:
@@ -489,9 +523,22 @@ def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Te
     return view if batched else view[0]
 
 
-def _masks_tensor(items: list[np.ndarray], dtype: str, batched: bool) -> torch.Tensor:
-    t = _u8_tensor(np.stack(items)).unsqueeze(1)
-    t = t.to(torch.float32) if dtype == "float32" else t.clone()
+def _masks_tensor(items: list, dtype: str, batched: bool) -> torch.Tensor:
+    """Masks (``_Composite`` items or (H, W) uint8 arrays) -> (B, 1, H, W) or (1, H, W)."""
+    first = items[0]
+    h, w = (first.placed.size[1], first.placed.size[0]) if isinstance(first, _Composite) else first.shape
+    u8 = _empty((len(items), 1, h, w), torch.uint8) if dtype == "uint8" else torch.empty((len(items), 1, h, w),
+                                                                                            dtype=torch.uint8)
+    arr = u8.numpy()
+    for b, it in enumerate(items):
+        if isinstance(it, _Composite):
+            it.placed.mask_into(arr[b, 0])
+        else:
+            arr[b, 0] = it
+    t = u8
+    if dtype == "float32":
+        t = _empty(tuple(u8.shape), torch.float32)
+        t.copy_(u8)
     return t if batched else t[0]
 
 
@@ -704,7 +751,8 @@ class _SampleProcessor:
             member = "std.png/std_pose.json"
             std, std_pose = self._standard(sample, meta)
             member = "ref.png"
-            comp = composite_reference(ref, pose, self.backgrounds.sample(), self.composite_cfg, self.rng)
+            background = self.backgrounds.sample_array()
+            placed = prepare_reference(ref, pose, self.composite_cfg, self.rng)
         except EmptyReferenceError:
             self.stats.skip("empty ref.png (fully transparent)", where)
             return None
@@ -712,10 +760,11 @@ class _SampleProcessor:
             self.stats.skip(f"corrupt {member}", f"{where}: {type(exc).__name__}: {str(exc)[:100]}")
             return None
         self.stats.samples += 1
+        composite = _Composite(placed, background)
         return {
             "__key__": key, "__url__": url, "meta": meta,
-            "ref": comp.image, "ref_mask": comp.mask, "ref_pose": draw_pose_region(comp.pose, self.cfg.size),
-            "std": std, "std_pose": std_pose, "ref_keypoints": comp.pose.as_array(),
+            "ref": composite, "ref_mask": composite, "ref_pose": draw_pose_region(placed.pose, self.cfg.size),
+            "std": std, "std_pose": std_pose, "ref_keypoints": placed.pose.as_array(),
         }
 
     def collate(self, samples: list[dict], batched: bool = True) -> dict:

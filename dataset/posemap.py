@@ -228,36 +228,37 @@ def draw_pose_region(pose: Pose, size: tuple[int, int] | None = None, *, feet: b
 
 
 def _draw(d: ImageDraw.ImageDraw, pose: Pose, origin: np.ndarray, k: float, feet: bool, hands: bool, face: bool) -> None:
-    xy, vis = pose.xy - origin, pose.visible
+    # Coordinates go to PIL as Python floats (numpy scalars in these loops cost more than drawing).
+    xy_arr, vis = pose.xy - origin, pose.visible
+    xy = xy_arr.tolist()
     n_limbs = len(BODY_LIMBS) + (len(FOOT_LIMBS) if feet else 0)
     ok = vis[_LIMBS_A[:n_limbs]] & vis[_LIMBS_B[:n_limbs]]
     if ok.any():
         idx = np.flatnonzero(ok)
-        polys = _limb_polygons(xy[_LIMBS_A[idx]], xy[_LIMBS_B[idx]], 4.0 * k)
-        for j, poly in zip(idx, polys):
-            d.polygon(poly.ravel().tolist(), fill=_LIMB_FILL[j])
+        polys = _limb_polygons(xy_arr[_LIMBS_A[idx]], xy_arr[_LIMBS_B[idx]], 4.0 * k).reshape(len(idx), -1).tolist()
+        for j, poly in zip(idx.tolist(), polys):
+            d.polygon(poly, fill=_LIMB_FILL[j])
     r = 4.0 * k
     n_points = 24 if feet else 18
-    for i in np.flatnonzero(vis[:n_points]):
+    for i in np.flatnonzero(vis[:n_points]).tolist():
         x, y = xy[i]
-        colour = BODY_COLOURS[i] if i < 18 else FOOT_COLOURS[i - 18]
-        d.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+        d.ellipse((x - r, y - r, x + r, y + r), fill=BODY_COLOURS[i] if i < 18 else FOOT_COLOURS[i - 18])
     if hands:
         w = max(1, int(round(2 * k)))
         for off in _HAND_OFFSETS:
-            hv = vis[off:off + 21]
-            if not hv.any():
+            hv = vis[off:off + 21].tolist()
+            if not any(hv):
                 continue
             hxy = xy[off:off + 21]
             for e, (a, b) in enumerate(HAND_EDGES):
                 if hv[a] and hv[b]:
                     d.line((*hxy[a], *hxy[b]), fill=HAND_EDGE_COLOURS[e], width=w)
-            for i in np.flatnonzero(hv):
-                x, y = hxy[i]
-                d.ellipse((x - r, y - r, x + r, y + r), fill=HAND_POINT_COLOUR)
+            for (x, y), v in zip(hxy, hv):
+                if v:
+                    d.ellipse((x - r, y - r, x + r, y + r), fill=HAND_POINT_COLOUR)
     if face and len(pose.face):
         rf = 3.0 * k
-        for x, y in pose.face - origin:
+        for x, y in (pose.face - origin).tolist():
             d.ellipse((x - rf, y - rf, x + rf, y + rf), fill=FACE_POINT_COLOUR)
 
 

@@ -7,13 +7,26 @@ import pytest
 
 from serialgen.assets_manifest.skeleton import KEYPOINT_NAMES
 from serialgen.dataset import posemap as pm
-from serialgen.dataset.loader import reference_standard_pose
 
 N = {n: i for i, n in enumerate(KEYPOINT_NAMES)}
 
 
 def _pose(size=(512, 768)):
-    return reference_standard_pose(*size)
+    """The canonical figure in the rest A-pose, front view, fitted into 80 % of the canvas.
+
+    (Not ``reference_standard_pose``: the standard camera's framing belongs to the renderer and may
+    cut the hands; these tests need every point on the canvas.)
+    """
+    from serialgen.assets_manifest import skeleton as sk
+
+    kp3, defined = sk.compute_keypoints(sk.forward_kinematics(np.zeros((len(sk.JOINTS), 3))))
+    xy = np.stack([kp3[:, 0], -kp3[:, 2]], axis=1)
+    lo, hi = xy[defined].min(axis=0), xy[defined].max(axis=0)
+    w, h = size
+    s = 0.8 * min(w / (hi[0] - lo[0]), h / (hi[1] - lo[1]))
+    xy = (xy - (lo + hi) / 2) * s + [w / 2, h / 2]
+    return pm.Pose(np.where(defined[:, None], xy, 0).astype(np.float32), defined.copy(), tuple(size),
+                   np.zeros((0, 2), np.float32))
 
 
 def _body_only(pose):
@@ -50,9 +63,12 @@ def test_feet_and_hands_colours():
     for side in "lr":  # hand points are drawn last, all blue
         for f in ("thumb_4", "index_4", "pinky_4"):
             assert _px(img, pose.xy[N[f"{side}_{f}"]]) == pm.HAND_POINT_COLOUR
-    # The thumb's first edge uses hue 0 (red); a point between its joints shows it.
-    a, b = pose.xy[N["l_hand_root"]], pose.xy[N["l_thumb_1"]]
-    edge = pm.draw_pose_map(pm.Pose(pose.xy, np.isin(np.arange(66), [N["l_hand_root"], N["l_thumb_1"]]), pose.size,
+    # The thumb's first edge uses hue 0 (red); a point between its joints shows it (the joints
+    # placed 30 px apart, so the two discs do not cover the line).
+    xy = pose.xy.copy()
+    xy[N["l_thumb_1"]] = xy[N["l_hand_root"]] + [0, 30]
+    a, b = xy[N["l_hand_root"]], xy[N["l_thumb_1"]]
+    edge = pm.draw_pose_map(pm.Pose(xy, np.isin(np.arange(66), [N["l_hand_root"], N["l_thumb_1"]]), pose.size,
                                     pose.face))
     colours = {tuple(c) for c in edge.reshape(-1, 3)} - {(0, 0, 0), pm.HAND_POINT_COLOUR}
     assert pm.HAND_EDGE_COLOURS[0] in colours and np.linalg.norm(a - b) > 8
