@@ -41,7 +41,7 @@ from typing import Iterable
 import numpy as np
 
 from .expressions import map_expressions
-from .manifest import file_stats, incremental_scan, make_record
+from .manifest import file_stats, find_files, incremental_scan, make_record
 
 __all__ = ["CHARACTER_EXTS", "find_character_files", "run_inspector", "record_from_facts", "mark_duplicates",
            "scan_characters", "WORKER_TIMEOUT_S"]
@@ -52,20 +52,8 @@ NEAR_DUPLICATE_L1 = 0.02
 
 
 def find_character_files(paths: Iterable) -> list[Path]:
-    """Files with a known extension under ``paths`` (files or folders, recursive): in the order the
-    paths are given, sorted within each folder, each file once. The order decides which of two
-    duplicates is kept (the first)."""
-    out: list[Path] = []
-    seen: set[Path] = set()
-    for p in paths:
-        p = Path(p)
-        found = sorted(f.resolve() for f in p.rglob("*") if f.is_file() and f.suffix.lower() in CHARACTER_EXTS) \
-            if p.is_dir() else ([p.resolve()] if p.is_file() else [])
-        for f in found:
-            if f not in seen:
-                seen.add(f)
-                out.append(f)
-    return out
+    """CHARACTER_EXTS files under ``paths``; see ``manifest.find_files``."""
+    return find_files(paths, CHARACTER_EXTS)
 
 
 def run_inspector(path, timeout: float = WORKER_TIMEOUT_S) -> dict:

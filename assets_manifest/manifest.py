@@ -24,6 +24,7 @@ __all__ = [
     "MANIFEST_VERSION",
     "REPORT_SCHEMA",
     "MANIFEST_FILES",
+    "find_files",
     "REASONS",
     "schema_for",
     "make_record",
@@ -189,6 +190,25 @@ def resolve_record_path(assets_dir: str | Path, path: str) -> Path:
     if "\\" in path or ".." in p.parts:
         raise UserInputError(f"manifest path {path!r}: must stay inside {assets_dir} (no '..' or backslashes)")
     return Path(assets_dir).resolve() / p
+
+
+def find_files(paths: Iterable, extensions: Iterable[str]) -> list[Path]:
+    """Files whose suffix is in ``extensions`` under ``paths`` (files or folders, recursive): in the
+    order the paths are given, sorted within each folder, each file once. The order decides which of
+    two duplicates a scanner keeps (the first)."""
+    exts = {e.lower() for e in extensions}
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f.resolve() for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+        else:
+            found = [p.resolve()] if p.is_file() else []
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                out.append(f)
+    return out
 
 
 def file_stats(path: str | Path) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from . import skeleton as sk
 from .bone_maps import map_skeleton
 from .bvh import BvhError, BvhMotion, read_bvh
-from .manifest import file_stats, incremental_scan, make_record
+from .manifest import file_stats, find_files, incremental_scan, make_record
 from .retarget import RetargetedMotion, SourceMotion, retarget
 
 __all__ = ["MOTION_EXTS", "find_motion_files", "scan_motions", "bvh_to_source", "retarget_bvh",
@@ -39,20 +39,8 @@ WORKER_TIMEOUT_S = float(os.environ.get("SERIALGEN_IMPORT_TIMEOUT", "120"))
 
 
 def find_motion_files(paths: Iterable) -> list[Path]:
-    """Files with a known extension under ``paths`` (files or folders, recursive): in the order the
-    paths are given, sorted within each folder, each file once. The order decides which of two
-    duplicates is kept (the first)."""
-    out: list[Path] = []
-    seen: set[Path] = set()
-    for p in paths:
-        p = Path(p)
-        found = sorted(f.resolve() for f in p.rglob("*") if f.is_file() and f.suffix.lower() in MOTION_EXTS) \
-            if p.is_dir() else ([p.resolve()] if p.is_file() else [])
-        for f in found:
-            if f not in seen:
-                seen.add(f)
-                out.append(f)
-    return out
+    """MOTION_EXTS files under ``paths``; see ``manifest.find_files``."""
+    return find_files(paths, MOTION_EXTS)
 
 
 def _stride(fps: float, max_fps: float) -> int:
