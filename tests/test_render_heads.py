@@ -175,6 +175,7 @@ def test_standard_image_head_at_the_documented_place(worker, characters, library
 
 
 def test_head_close_up_shows_the_head(worker, characters):
+    from serialgen.assets_manifest.skeleton import KEYPOINT_NAMES
     from serialgen.render import camera as cm
 
     assets, records = characters
@@ -193,8 +194,6 @@ def test_head_close_up_shows_the_head(worker, characters):
             (cx, cy), = cam.project(rig.head_geometry.world_center(skel)[None])[0]
             assert alpha[int(cy), int(cx)] > 0, (name, azimuth)
             kps, _ = worker._keypoints(loaded, cam, skel)
-            from serialgen.assets_manifest.skeleton import KEYPOINT_NAMES
-
             for n in FACE:
                 x, y, v = kps[KEYPOINT_NAMES.index(n)]
                 assert v, (name, azimuth, n)
@@ -242,3 +241,40 @@ def test_no_view_puts_the_camera_in_the_character(worker, characters, library, t
                 total += len(vis)
     assert total > 300
     assert inside / total >= 0.95, f"{inside}/{total} visible keypoints inside the silhouette"
+
+
+def test_keep_clear_and_head_fallbacks():
+    """Pure numpy: a camera inside the grown bounds is pushed out along its axis; a degenerate head
+    region falls back to the influence region, then to the bone box; a sphere with a nose gets its
+    nose on the nose and its eyes above it on the front surface."""
+    from serialgen.render import camera as cm
+    from serialgen.render.head_geometry import HeadGeometry, measure_head
+
+    cam = cm.CameraSpec(np.array([0.0, -0.2, 1.0]), cm.look_rotation([0.0, 1.0, 0.0]), 50.0, W, H)
+    moved = cm.keep_clear(cam, np.array([0.0, -1.0, 0.0]), np.array([-0.5, -0.3, 0.0]), np.array([0.5, 0.3, 1.8]), 0.1)
+    assert moved == pytest.approx(0.2, abs=1e-4) and cam.location[1] == pytest.approx(-0.4, abs=1e-4)
+    assert cm.keep_clear(cam, np.array([0.0, -1.0, 0.0]), np.array([-0.5, -0.3, 0.0]), np.array([0.5, 0.3, 1.8]), 0.1) == 0.0
+
+    # A unit-ish sphere head (radius 0.1 m, centre 0.1 m above the head joint) with a nose bump.
+    u, v = np.meshgrid(np.linspace(0, np.pi, 25), np.linspace(0, 2 * np.pi, 48, endpoint=False), indexing="ij")
+    pts = np.stack([np.sin(u) * np.sin(v), -np.sin(u) * np.cos(v), np.cos(u)], -1).reshape(-1, 3) * 0.1
+    nose_dir = np.array([0.0, -1.0, -0.15]) / np.linalg.norm([0.0, -1.0, -0.15])
+    pts = pts + 0.03 * np.clip((pts / 0.1) @ nose_dir - 0.97, 0, None)[:, None] / 0.03 * nose_dir[None]
+    pts[:, 2] += 0.1
+    n_v = 48
+    tris = [(i * n_v + j, (i + 1) * n_v + j, (i + 1) * n_v + (j + 1) % n_v) for i in range(24) for j in range(n_v)]
+    tris += [(i * n_v + j, (i + 1) * n_v + (j + 1) % n_v, i * n_v + (j + 1) % n_v) for i in range(24) for j in range(n_v)]
+    dominant = np.ones(len(pts), bool)
+    geo = measure_head(pts, dominant, np.ones(len(pts)), 0.12, np.array(tris))
+    assert geo.source == "weights" and geo.height == pytest.approx(0.2, abs=0.01)
+    nose, l_eye, r_eye = (np.array(geo.landmarks[k]) * 0.12 for k in ("nose", "l_eye", "r_eye"))
+    assert nose[1] < -0.1 and abs(nose[0]) < 0.01  # on the bump, in front of the sphere
+    assert l_eye[0] > 0.02 > -0.02 > r_eye[0] and l_eye[2] > nose[2] and r_eye[2] > nose[2]
+    assert -0.1 < l_eye[1] < -0.07  # on the front surface, not on the box face
+    # Degenerate regions: two dominant vertices -> the influence region; nothing -> the bone box.
+    few = np.zeros(len(pts), bool)
+    few[:2] = True
+    assert measure_head(pts, few, np.full(len(pts), 0.2), 0.12).source == "influence"
+    bone = measure_head(pts, few, np.zeros(len(pts)), 0.12)
+    assert bone.source == "bone" and bone.landmarks == {}
+    assert bone.height == pytest.approx(HeadGeometry.from_bone(0.12).height)
