@@ -30,9 +30,42 @@ from serialgen.render.farm_schedule import JobBook
 from serialgen.render.job import RenderJob
 from serialgen.render.scene import RenderSettings
 
-__all__ = ["log_path", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
+__all__ = ["log_path", "code_fingerprint", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
 
 _THREAD_VARS = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_CODE_PACKAGES = ("serialgen.render", "serialgen.dataset", "serialgen.assets_manifest")
+
+
+def code_fingerprint() -> str:
+    """sha256 (16 hex) of the code that decides a sample's bytes: the ``.py`` files of render/,
+    dataset/ and assets_manifest/ plus the bpy and numpy versions.
+
+    Worker processes import the code when they start, so a node with another install, or an edit
+    of the working tree during a run, would silently mix two versions of the data in one folder.
+    The driver refuses workers whose fingerprint differs from its own.
+    """
+    import hashlib
+    import importlib
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    for name in _CODE_PACKAGES:
+        root = Path(importlib.import_module(name).__file__).parent
+        for path in sorted(root.glob("*.py")):
+            h.update(f"{name}/{path.name}\0".encode())
+            h.update(path.read_bytes())
+    for dist in ("bpy", "numpy"):
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist}=none".encode())
+    return h.hexdigest()[:16]
+
+
+def _log_progress(written: int, total: int) -> bool:
+    """Which samples get a progress line: the first two, every 25th, the last (a line per sample
+    would be thousands of small appends per second to shared storage on a big cluster)."""
+    return written <= 2 or written % 25 == 0 or written == total
 
 
 def log_path(job: RenderJob) -> Path:
@@ -78,6 +111,7 @@ class FarmWorker:
         self.capture_stderr = capture_stderr
         self.gpu_ids: list[str] = []
         self.device = "cpu"
+        self.code = code_fingerprint()
         self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
         if use_gpus:
             import ray
@@ -95,7 +129,7 @@ class FarmWorker:
         self.worker.after_sample = self._after_sample
 
     def _after_sample(self, job: RenderJob, key: str, written: int) -> None:
-        if self._log is not None:
+        if self._log is not None and _log_progress(written, job.stop - job.start):
             self._log.write(f"sample {written}/{job.stop - job.start} {key}\n")
             self._log.flush()
         self._inject(job.character, written)
@@ -103,7 +137,7 @@ class FarmWorker:
     def info(self) -> dict:
         """Who this worker is (logged at start and in the report)."""
         return {"slot": self.slot, "pid": os.getpid(), "host": socket.gethostname(), "threads": self.threads,
-                "gpu_ids": self.gpu_ids, "device": self.device}
+                "gpu_ids": self.gpu_ids, "device": self.device, "code": self.code}
 
     def pid(self) -> int:
         return os.getpid()
@@ -219,6 +253,7 @@ class RayPool:
         self.gpus_per_worker = gpus_per_worker
         self.job_timeout = job_timeout
         self.max_start_failures = max_start_failures or 3 * workers + 2
+        self.code = code_fingerprint()
         self.started_ray = False
         if not ray.is_initialized():
             kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -274,8 +309,7 @@ class RayPool:
         slots = [_Slot(f"w{i}") for i in range(self.workers)]
         running: dict[object, _Running] = {}
         starting: dict[object, _Slot] = {}
-        start_failures = 0
-        started_any = False
+        start_failures = 0  # in a row
         for slot in slots:
             self._start(slot)
             starting[slot.ready_ref] = slot
@@ -313,13 +347,18 @@ class RayPool:
                             kind, error = classify_ray_error(exc)
                             sink.worker_event(slot.name, "start_failed", None, error)
                             self._kill(slot)
-                            if start_failures >= self.max_start_failures and not started_any:
-                                raise SerialgenError(f"render workers fail to start ({start_failures} times); "
-                                                     f"last error: {error}") from None
+                            if start_failures >= self.max_start_failures:
+                                raise SerialgenError(f"render workers fail to start ({start_failures} times in a "
+                                                     f"row); last error: {error}") from None
                             self._start(slot)
                             starting[slot.ready_ref] = slot
                             continue
-                        started_any = True
+                        if slot.info.get("code") != self.code:
+                            raise SerialgenError(
+                                f"worker {slot.info.get('slot')} on {slot.info.get('host')} runs other serialgen code "
+                                f"than the driver (fingerprint {slot.info.get('code')} vs {self.code}): install the "
+                                "same version on every node, and do not edit the source during a run")
+                        start_failures = 0
                         slot.ready_ref, slot.pid = None, slot.info.get("pid")
                         sink.worker_started(slot.name, slot.info)
                         continue

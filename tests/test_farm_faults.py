@@ -246,3 +246,33 @@ def test_poison_assets_are_quarantined_and_the_rest_is_rendered(built, tmp_path)
     # The hung workers were killed, not left behind.
     pids = _log_pids(out)
     assert _wait_for(lambda: not any(_alive(p) for p in pids), 15, "the workers to exit")
+
+
+def test_a_worker_with_other_code_stops_the_run(assets, tmp_path):
+    """Workers import the code when they start: one running another version (a stale node, an edit
+    during the run) would mix two versions of the data in one folder, so the driver refuses it."""
+    from serialgen.errors import SerialgenError
+    from serialgen.render.farm import FarmConfig, load_characters, plan_jobs
+    from serialgen.render.farm_pool import RayPool, code_fingerprint
+    from serialgen.render.farm_schedule import JobBook
+    from serialgen.render.scene import RenderSettings
+
+    class Sink:
+        def __init__(self):
+            self.events = []
+
+        def __getattr__(self, name):
+            return lambda *args: self.events.append(name)
+
+    config = FarmConfig(assets=str(assets), out=str(tmp_path / "out"), per_character=2)
+    jobs = plan_jobs(config, load_characters(assets)[0])
+    pool = RayPool(RenderSettings(width=64, height=96), 1, 1, 0, 1, 50, 6000.0, False)
+    assert pool.code == code_fingerprint() and len(pool.code) == 16
+    pool.code = "0" * 16  # as if the driver ran another version than the worker
+    sink = Sink()
+    with pytest.raises(SerialgenError, match="runs other serialgen code than the driver"):
+        pool.run_all(JobBook(jobs), sink)
+    assert "job_result" not in sink.events  # refused before any job
+    import ray
+
+    assert not ray.is_initialized()

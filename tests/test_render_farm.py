@@ -88,3 +88,115 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--engine", "povray"])
     assert not out.exists()  # nothing was started or written
+
+
+# -- the farm's pure parts (no Ray, no bpy) ---------------------------------------------------------
+
+def _jobs(spec):
+    """RenderJobs from {character: number of jobs}."""
+    from serialgen.render.job import RenderJob
+
+    return [RenderJob({"id": c}, "", "/out", f"train/{c}-p{i}.tar", "train", 2 * i, 2 * i + 2, 2 * n, 0, "")
+            for c, n in spec.items() for i in range(n)]
+
+
+def test_job_book_affinity_retry_and_quarantine():
+    from serialgen.render.farm_schedule import JobBook
+
+    book = JobBook(_jobs({"a": 2, "b": 1, "c": 1}), max_attempts=2)
+    first = book.next(None)
+    assert first.character["id"] == "a"
+    other = book.next(None)  # another worker: a's second job (a is first in order), no affinity needed
+    assert other.name == "train/a-p1.tar"
+    # a's first job crashes: retried after the fresh work, and a moves behind b and c.
+    assert book.failed(first, "died", "SIGKILL", "w0", 1.0) == "retry"
+    assert [book.next("b").character["id"], book.next(None).character["id"]] == ["b", "c"]
+    assert book.next(None).name == first.name and book.attempt_of(first) == 2
+    # Second failure of character a (another of its jobs): quarantined, its queue emptied.
+    assert book.failed(other, "timeout", "killed after 9 s", "w1", 9.0) == "quarantined"
+    assert "failed 2 times (died x1, timeout x1)" in book.quarantined["a"]["reason"]
+    assert book.failed(first, "died", "again", "w0", 1.0) == "dropped"
+    assert not book.has_queued() and book.next(None) is None
+
+
+def test_job_book_bad_input_not_retried_and_lost_not_counted():
+    from serialgen.render.farm_schedule import JobBook
+
+    book = JobBook(_jobs({"a": 1, "b": 1}), max_attempts=2)
+    a, b = book.next(None), book.next(None)
+    assert book.failed(a, "bad_input", "UserInputError: mesh missing") == "quarantined"
+    assert book.quarantined["a"]["reason"].startswith("bad input (not retried)")
+    for _ in range(5):  # node losses do not count against the asset
+        assert book.failed(b, "lost", "node died") == "retry"
+        b = book.next(None)
+    assert "b" not in book.quarantined
+    book.succeeded(b, seconds=4.0, pairs=2)
+    assert book.finished() and book.seconds_per_pair() == 2.0
+
+
+def test_job_timeouts_fixed_and_automatic():
+    from serialgen.render.farm_schedule import JobBook
+
+    jobs = _jobs({"a": 2})
+    book = JobBook(jobs)
+    assert book.timeout_for(jobs[0], fixed=30) == 30
+    assert book.timeout_for(jobs[0]) == 600 + 20 * 2  # nothing measured yet: generous
+    book.succeeded(book.next(None), seconds=100.0, pairs=2)  # 50 s a pair
+    assert book.timeout_for(jobs[1]) == 120 + 10 * 50 * 2
+
+
+def test_cycles_device_selection_from_device_lists():
+    from serialgen.render.farm_gpu import CyclesDevice, parse_pci, select_cycles_devices
+
+    assert parse_pci("CUDA_NVIDIA H100 80GB HBM3_0000:41:00_OptiX") == (0, 0x41, 0)
+    assert parse_pci("00000000:C1:00.0") == (0, 0xC1, 0)
+    # Blender lists the 4 GPUs of the node (it ignored CUDA_VISIBLE_DEVICES), not in PCI order.
+    buses = ["c1", "41", "81", "01"]
+    devices = [CyclesDevice("CPU", "CPU", "AMD EPYC")]
+    devices += [CyclesDevice("CUDA", f"CUDA_NVIDIA H100_0000:{b}:00", "H100") for b in buses]
+    devices += [CyclesDevice("OPTIX", f"CUDA_NVIDIA H100_0000:{b}:00_OptiX", "H100") for b in buses]
+    pci = {0: (0, 0x01, 0), 1: (0, 0x41, 0), 2: (0, 0x81, 0), 3: (0, 0xC1, 0)}  # nvidia-smi order
+    assert select_cycles_devices(devices, ["2"], pci) == ("OPTIX", ["CUDA_NVIDIA H100_0000:81:00_OptiX"])
+    assert select_cycles_devices(devices, [3], pci, backends=("CUDA",)) == ("CUDA", ["CUDA_NVIDIA H100_0000:c1:00"])
+    # No nvidia-smi: the PCI order stands in for NVML's.
+    assert select_cycles_devices(devices, ["1"], {}) == ("OPTIX", ["CUDA_NVIDIA H100_0000:41:00_OptiX"])
+    # CUDA_VISIBLE_DEVICES honoured: only the assigned GPU is listed, whatever its index.
+    only = [devices[0], CyclesDevice("CUDA", "CUDA_NVIDIA H100_0000:81:00", "H100")]
+    assert select_cycles_devices(only, ["2"], {}) == ("CUDA", ["CUDA_NVIDIA H100_0000:81:00"])
+    with pytest.raises(RuntimeError, match="no GPU device"):
+        select_cycles_devices(devices[:1], ["0"], {})
+    with pytest.raises(RuntimeError, match="no GPU assigned"):
+        select_cycles_devices(devices, [], pci)
+
+
+def test_journal_resume_trusts_sizes_and_skips_torn_lines(tmp_path):
+    from serialgen.dataset import shards
+    from serialgen.render import farm_journal
+
+    out = tmp_path / "out"
+    cfg = {"seed": 0}
+    planned = {"train/a.tar": "train", "train/b.tar": "train", "train/c.tar": "train"}
+    farm_journal.prepare_out(out, cfg, planned, overwrite=False, retry_quarantined=False)
+    journal = farm_journal.Journal(out)
+    summaries = {}
+    for name in ("a", "b"):
+        with shards.ShardWriter(out, f"train/{name}.tar", "train") as w:
+            w.write(f"k{name}", {m: b"x" for m in shards.MEMBERS})
+            summaries[name] = w.close()
+    journal.shard(summaries["a"])  # b finished on disk but the driver died before journalling it
+    journal.quarantine("c", "failed 3 times")
+    journal.close()
+    with open(out / farm_journal.JOURNAL_NAME, "a") as f:
+        f.write('{"kind": "shard", "path": "train/z.t')  # torn line
+    (out / "train" / ".c.tar.tmp").write_bytes(b"half")
+    resume = farm_journal.prepare_out(out, cfg, planned, overwrite=False, retry_quarantined=False)
+    assert set(resume.keep) == {"train/a.tar", "train/b.tar"} and resume.read_from_disk == 1
+    assert resume.keep["train/b.tar"].sha256 == summaries["b"].sha256
+    assert resume.quarantined == {"c": "failed 3 times"}
+    assert not (out / "train" / ".c.tar.tmp").exists()
+    assert farm_journal.prepare_out(out, cfg, planned, False, retry_quarantined=True).quarantined == {}
+    # Another configuration into the same folder is refused, in one line.
+    from serialgen.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="shards of another run"):
+        farm_journal.prepare_out(out, {"seed": 1}, planned, overwrite=False, retry_quarantined=False)

@@ -1,0 +1,152 @@
+"""Render farm benchmark: the same jobs in one plain process, on Ray with 1 worker and with 2 workers,
+and the cost of a no-op re-run, all in one run (numbers to stdout as JSON, and ``--json``).
+
+Configurations (same characters, pairs, resolution, engine; each into a fresh folder):
+
+* ``plain``: ``--workers 0`` (no Ray; the CLI process renders), 2 render threads;
+* ``ray1``: 1 Ray worker x 2 threads (``num_cpus=2``, ``LP_NUM_THREADS=2``, Blender ``threads=2``);
+* ``ray2``: 2 Ray workers x 1 thread each (``num_cpus=1``, ``LP_NUM_THREADS=1``, ``threads=1``);
+
+run in the order plain, ray1, ray2, ray2, ray1, plain (``--repeats 2``) so that drift from other load
+on a shared machine cancels in the means. Reported per configuration: wall seconds of ``run_farm``
+(includes Ray start, worker start, character loads), pairs/s on the wall clock, and pairs/s inside
+the jobs (pairs / summed job seconds x workers). Then ``ray2 / ray1`` and ``ray1 / plain`` ratios,
+the no-op re-run of a finished folder (``run_farm`` in-process, and the whole ``serialgen render``
+command in a fresh interpreter), and the 1-minute load average before and after.
+
+    .venv/bin/python benchmarks/farm.py [--assets DIR] [--characters 4] [--per-character 8] \
+        [--resolution 512x768] [--repeats 2] [--json out.json]
+
+Without ``--assets``, ``--characters`` procedural characters are built into a scratch folder first
+(~4 s each, not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _build_assets(root: Path, n: int) -> Path:
+    from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
+    from serialgen.assets_manifest.procedural import build_mesh_data, describe_character, save_mesh_data
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_pose_library(build_pose_library(200, seed=0), root / "poses.npz")
+    records = []
+    for i in range(n):
+        cid = f"proc-{i:06d}"
+        desc = describe_character(cid, 0)
+        save_mesh_data(build_mesh_data(desc), root / "meshes" / f"{cid}.npz")
+        records.append({"schema": "serialgen.character/1", "id": cid, "kind": "procedural", "status": "accepted",
+                        "mesh_file": f"meshes/{cid}.npz", "expressions": desc["expressions"]})
+    (root / "characters.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+CONFIGS = {"plain": (0, 2), "ray1": (1, 2), "ray2": (2, 1)}  # name -> (workers, threads per worker)
+
+
+def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
+    from serialgen.render.farm import FarmConfig, run_farm
+    from serialgen.render.scene import RenderSettings
+
+    config = FarmConfig(assets=str(assets), out=str(out), per_character=args.per_character,
+                        settings=RenderSettings(width=args.width, height=args.height, threads=threads),
+                        workers=workers, cpus_per_worker=threads, limit_characters=args.characters,
+                        progress=False)
+    t = time.perf_counter()
+    s = run_farm(config)
+    wall = time.perf_counter() - t
+    busy = sum(w["busy_s"] for w in s["per_worker"].values())
+    index = json.loads((out / "index.json").read_text())
+    return {"wall_s": wall, "shards": {e["path"]: e["sha256"] for e in index["shards"]}, "pairs": s["pairs_rendered"], "busy_s": busy,
+            "in_job_pairs_per_s": s["pairs_rendered"] / busy * max(workers, 1) if busy else None,
+            "bytes_per_pair": s["bytes"] / max(s["pairs"], 1), "failures": len(s["failures"]),
+            "stage_seconds": s["stage_seconds"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--assets", type=Path, default=None)
+    p.add_argument("--characters", type=int, default=4)
+    p.add_argument("--per-character", type=int, default=8)
+    p.add_argument("--resolution", default="512x768")
+    p.add_argument("--repeats", type=int, default=2, help="ABC then CBA blocks (default 2 = one of each)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    args.width, args.height = (int(x) for x in args.resolution.lower().split("x"))
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="serialgen-bench-farm-") as tmp:
+        scratch = Path(tmp)
+        assets = args.assets or _build_assets(scratch / "assets", args.characters)
+        runs: dict[str, list[dict]] = {k: [] for k in CONFIGS}
+        order = list(CONFIGS)
+        last_out = None
+        for r in range(args.repeats):
+            for name in (order if r % 2 == 0 else order[::-1]):
+                workers, threads = CONFIGS[name]
+                out = scratch / f"{name}-{r}"
+                runs[name].append(_run(assets, out, workers, threads, args))
+                print(f"{name} #{r}: {runs[name][-1]['wall_s']:.1f} s", file=sys.stderr)
+                if name == "ray2":
+                    last_out = out
+        # No-op re-run of a finished folder: in-process and as the whole command.
+        from serialgen.render.farm import FarmConfig, run_farm
+        from serialgen.render.scene import RenderSettings
+
+        cfg = FarmConfig(assets=str(assets), out=str(last_out), per_character=args.per_character,
+                         settings=RenderSettings(width=args.width, height=args.height, threads=1), workers=2,
+                         limit_characters=args.characters, progress=False)
+        t = time.perf_counter()
+        noop = run_farm(cfg)
+        noop_s = time.perf_counter() - t
+        cmd = [sys.executable, "-c", "import sys; from serialgen.cli import main; sys.exit(main(sys.argv[1:]))",
+               "render", "--assets", str(assets), "--out", str(last_out), "--poses-per-character",
+               str(args.per_character), "--resolution", args.resolution, "--workers", "2",
+               "--limit-characters", str(args.characters)]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        noop_cli_s = time.perf_counter() - t
+    result = {"characters": args.characters, "pairs_per_run": args.characters * args.per_character,
+              "resolution": [args.width, args.height], "engine": "workbench", "repeats": args.repeats,
+              "load_avg_1min_before": round(load_before[0], 2), "load_avg_1min_after": round(os.getloadavg()[0], 2),
+              "cpus": os.cpu_count(), "configs": {}}
+    for name, rs in runs.items():
+        workers, threads = CONFIGS[name]
+        wall = statistics.fmean(r["wall_s"] for r in rs)
+        pairs = rs[0]["pairs"]
+        result["configs"][name] = {
+            "workers": workers, "threads_per_worker": threads, "wall_s": [round(r["wall_s"], 2) for r in rs],
+            "pairs_per_s_wall": round(pairs / wall, 3),
+            "pairs_per_s_in_jobs": round(statistics.fmean(r["in_job_pairs_per_s"] for r in rs), 3),
+            "bytes_per_pair": round(rs[0]["bytes_per_pair"]), "failures": sum(r["failures"] for r in rs)}
+    c = result["configs"]
+    digests = {f"{name}#{i}": r["shards"] for name, rs in runs.items() for i, r in enumerate(rs)}
+    first = next(iter(digests.values()))
+    result["same_shard_bytes_in_all_runs"] = all(d == first for d in digests.values())
+    if not result["same_shard_bytes_in_all_runs"]:
+        result["shard_sha256_by_run"] = {n: {k: v[:12] for k, v in d.items()} for n, d in digests.items()}
+    result["ratio_ray2_over_ray1_wall"] = round(c["ray2"]["pairs_per_s_wall"] / c["ray1"]["pairs_per_s_wall"], 3)
+    result["ratio_ray2_over_ray1_in_jobs"] = round(c["ray2"]["pairs_per_s_in_jobs"] / c["ray1"]["pairs_per_s_in_jobs"], 3)
+    result["ray1_over_plain_wall_time"] = round(statistics.fmean(c["ray1"]["wall_s"]) / statistics.fmean(c["plain"]["wall_s"]), 3)
+    result["ray_overhead_s_per_run"] = round(statistics.fmean(c["ray1"]["wall_s"]) - statistics.fmean(c["plain"]["wall_s"]), 2)
+    result["noop_rerun"] = {"run_farm_s": round(noop_s, 3), "status": noop["status"],
+                            "cli_process_s": round(noop_cli_s, 2), "cli_rc": done.returncode,
+                            "cli_says": done.stdout.strip().splitlines()[-1][:160] if done.stdout.strip() else done.stderr[-300:]}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
