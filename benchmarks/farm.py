@@ -12,7 +12,8 @@ on a shared machine cancels in the means. Reported per configuration: wall secon
 (includes Ray start, worker start, character loads), pairs/s on the wall clock, and pairs/s inside
 the jobs (pairs / summed job seconds x workers). Then ``ray2 / ray1`` and ``ray1 / plain`` ratios,
 the no-op re-run of a finished folder (``run_farm`` in-process, and the whole ``serialgen render``
-command in a fresh interpreter), and the 1-minute load average before and after.
+command in a fresh interpreter), Ray's fixed costs per run (cluster start, first worker actor ready,
+shutdown, against making the worker in-process), and the 1-minute load average before and after.
 
     .venv/bin/python benchmarks/farm.py [--assets DIR] [--characters 4] [--per-character 8] \
         [--resolution 512x768] [--repeats 2] [--json out.json]
@@ -73,6 +74,35 @@ def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
             "stage_seconds": s["stage_seconds"]}
 
 
+def _ray_fixed_costs() -> dict:
+    """Seconds of Ray's fixed costs per run: start a local cluster, start one Blender worker actor
+    (until it answers), shut down; against making the same worker in this process."""
+    import ray
+
+    from serialgen.render.farm_pool import FarmWorker
+    from serialgen.render.scene import RenderSettings
+
+    settings = RenderSettings(width=64, height=96, threads=1)
+    t = time.perf_counter()
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_s = time.perf_counter() - t
+    actor_cls = ray.remote(num_cpus=1, max_restarts=0)(FarmWorker)
+    t = time.perf_counter()
+    actor = actor_cls.remote(settings, "w0.1", 50, 6000.0, False, 1)
+    ray.get(actor.info.remote())
+    actor_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ray.kill(actor)
+    ray.shutdown()
+    shutdown_s = time.perf_counter() - t
+    t = time.perf_counter()
+    FarmWorker(settings, "local", 50, 6000.0, False, 1, capture_stderr=False)
+    local_s = time.perf_counter() - t
+    return {"ray_init_s": round(init_s, 2), "actor_ready_s": round(actor_s, 2), "ray_shutdown_s": round(shutdown_s, 2),
+            "in_process_worker_s": round(local_s, 2),
+            "fixed_overhead_s": round(init_s + actor_s + shutdown_s - local_s, 2)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--assets", type=Path, default=None)
@@ -98,6 +128,7 @@ def main(argv=None) -> int:
                 print(f"{name} #{r}: {runs[name][-1]['wall_s']:.1f} s", file=sys.stderr)
                 if name == "ray2":
                     last_out = out
+        fixed = _ray_fixed_costs()
         # No-op re-run of a finished folder: in-process and as the whole command.
         from serialgen.render.farm import FarmConfig, run_farm
         from serialgen.render.scene import RenderSettings
@@ -138,6 +169,7 @@ def main(argv=None) -> int:
     result["ratio_ray2_over_ray1_in_jobs"] = round(c["ray2"]["pairs_per_s_in_jobs"] / c["ray1"]["pairs_per_s_in_jobs"], 3)
     result["ray1_over_plain_wall_time"] = round(statistics.fmean(c["ray1"]["wall_s"]) / statistics.fmean(c["plain"]["wall_s"]), 3)
     result["ray_overhead_s_per_run"] = round(statistics.fmean(c["ray1"]["wall_s"]) - statistics.fmean(c["plain"]["wall_s"]), 2)
+    result["ray_fixed_costs"] = fixed
     result["noop_rerun"] = {"run_farm_s": round(noop_s, 3), "status": noop["status"],
                             "cli_process_s": round(noop_cli_s, 2), "cli_rc": done.returncode,
                             "cli_says": done.stdout.strip().splitlines()[-1][:160] if done.stdout.strip() else done.stderr[-300:]}

@@ -328,6 +328,7 @@ def run_farm(config: FarmConfig) -> dict:
         shards.write_index(out, shard_list, index_config, failures)
     wall = time.perf_counter() - t0
     summary = {
+        "format": farm_journal.REPORT_FORMAT,
         "status": status,
         "out": str(config.out),
         "pairs": sum(s.samples for s in shard_list),

@@ -4,7 +4,7 @@ Files the farm keeps next to the shards (the shard format itself is ``docs/shard
 
 * ``run.json``: the configuration that fixes the bytes (``FarmConfig.render_config``). A re-run with
   the same configuration resumes; another configuration is refused unless ``--overwrite``.
-* ``journal.jsonl``: one line per finished shard (path, split, samples, bytes, sha256) and per
+* ``journal.jsonl`` (format ``serialgen.render-journal/1``, its first line): one line per finished shard (path, split, samples, bytes, sha256) and per
   quarantined character (id, reason), appended by the driver (one writer) and fsynced as each job
   ends. A resumed run trusts a journal line whose shard exists with the journalled size, so resuming
   costs one ``stat`` per shard instead of re-reading terabytes; a complete ``*.tar`` the journal does
@@ -24,13 +24,15 @@ from pathlib import Path
 from serialgen.dataset import shards
 from serialgen.errors import UserInputError
 
-__all__ = ["RUN_NAME", "JOURNAL_NAME", "REPORT_NAME", "LOGS_NAME", "Journal", "Resume", "prepare_out",
+__all__ = ["RUN_NAME", "JOURNAL_NAME", "JOURNAL_FORMAT", "REPORT_FORMAT", "REPORT_NAME", "LOGS_NAME", "Journal", "Resume", "prepare_out",
            "finished_run"]
 
 RUN_NAME = "run.json"
 JOURNAL_NAME = "journal.jsonl"
 REPORT_NAME = "report.json"
 LOGS_NAME = "logs"
+JOURNAL_FORMAT = "serialgen.render-journal/1"  # first line of journal.jsonl: {"kind": "header", "format": ...}
+REPORT_FORMAT = "serialgen.render-report/1"  # report.json's "format"
 
 
 class Journal:
@@ -51,6 +53,9 @@ class Journal:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn line from a killed driver
+            if rec.get("kind") == "header" and rec.get("format") != JOURNAL_FORMAT:
+                raise UserInputError(f"{self.path}: journal format {rec.get('format')!r}, expected {JOURNAL_FORMAT!r}; "
+                                     "use a new folder or --overwrite")
             if rec.get("kind") == "shard":
                 done[rec["path"]] = shards.ShardSummary(rec["path"], rec["split"], rec["samples"],
                                                         rec["bytes"], rec["sha256"])
@@ -60,7 +65,10 @@ class Journal:
 
     def _append(self, rec: dict) -> None:
         if self._f is None:
+            new = not self.path.is_file() or self.path.stat().st_size == 0
             self._f = open(self.path, "a")
+            if new:
+                self._f.write(json.dumps({"kind": "header", "format": JOURNAL_FORMAT}) + "\n")
         self._f.write(json.dumps(rec, sort_keys=True) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
