@@ -1,0 +1,246 @@
+"""Loader benchmark: throughput in several output configurations, and where a pair's time goes.
+
+Modes (one process, one torch thread, i.e. one DataLoader worker on one core):
+
+* ``configs`` (default): ``serialgen data bench`` (``dataset/cli.py``: the full pipeline and, in the
+  same run, interleaved, the raw PNG decode of the same members) for uint8 batch 8, float32 batch 8
+  and float32 single samples; a table of pairs/s and both ratios (raw decode = ref + std per pair,
+  and ref only).
+* ``steps``: the per-pair steps of the uint8 batch path on real samples held in memory, timed one
+  by one (tar reading is timed separately, as stock webdataset reads the shards).
+* ``alternatives``: each optimised step against the way it was done before, on the same real
+  samples, interleaved round by round so that load from other jobs hits both alike: premultiply
+  (numpy on the rim vs PIL ``convert("RGBa")``), resize (torch given a true channels-last tensor vs
+  the planar path + ``Image.merge``), blend (premultiplied ``paste`` vs straight-alpha ``paste``
+  after un-premultiplying), pose drawing (Python floats vs numpy scalars), PIL -> numpy of an RGBA
+  image (Arrow view vs ``np.asarray``).
+
+Usage::
+
+    .venv/bin/python benchmarks/loader.py SHARDS --backgrounds ASSETS [--mode configs|steps|alternatives]
+
+Make real shards first, e.g. ``serialgen assets build --procedural 4 --out /tmp/a && serialgen render
+--assets /tmp/a --out /tmp/s --poses-per-character 24 --resolution 512x768 --workers 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+
+
+def _configs(args) -> list[dict]:
+    from serialgen.dataset import cli
+
+    rows = []
+    for dtype, batch in (("uint8", 8), ("float32", 8), ("float32", 0)):
+        ns = argparse.Namespace(shards=args.shards, backgrounds=args.backgrounds, split="train", size=tuple(args.size),
+                                seed=0, std_pose="canonical", canonical_pose=None, seconds=args.seconds, warmup=2.0,
+                                batch_size=batch, dtype=dtype, json=True)
+        rows.append(cli.bench(ns))
+    print(f"| output | pipeline pairs/s | raw decode ref+std pairs/s | ratio | raw decode ref only | ratio | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        out = f"{r['dtype']}, " + (f"batch {r['batch_size']}" if r["batch_size"] else "single samples")
+        print(f"| {out} | {r['pairs_per_s']:.1f} | {r['raw_decode_pairs_per_s']:.1f} | {r['ratio']:.3f} | "
+              f"{r['raw_decode_ref_only_pairs_per_s']:.1f} | {r['ratio_ref_only']:.3f} | {r['load_average_1min']} |")
+    return rows
+
+
+def _samples(shards: str) -> list[dict]:
+    import webdataset as wds
+
+    from serialgen.dataset.loader import resolve_shards
+
+    urls = resolve_shards(shards)
+    t0 = time.perf_counter()
+    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+    return samples, (time.perf_counter() - t0) / max(1, len(samples))
+
+
+def _steps(args) -> dict:
+    import torch
+
+    from serialgen.dataset import compositing as C
+    from serialgen.dataset import loader as L
+    from serialgen.dataset import posemap as pm
+
+    torch.set_num_threads(1)
+    samples, _ = _samples(args.shards)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        _samples(args.shards)
+    tar_ms = (time.perf_counter() - t0) / (3 * len(samples)) * 1e3
+    ds = L.PairDataset(args.shards, args.backgrounds, L.LoaderConfig(size=tuple(args.size), batch_size=8, dtype="uint8"))
+    proc = L._SampleProcessor(ds, L.LoaderStats(), random.Random(0))
+    for s in samples[: ds.config.background_pool + 16]:  # fill the background pool (start-up, not steady state)
+        proc(dict(s))
+    times: dict[str, float] = {}
+
+    def tick(name, t):
+        now = time.perf_counter()
+        times[name] = times.get(name, 0.0) + now - t
+        return now
+
+    n = 0
+    size = tuple(args.size)
+    for _ in range(args.rounds):
+        batch = []
+        for s in samples:
+            t = time.perf_counter()
+            meta = json.loads(s["meta.json"])
+            pose = pm.parse_pose(s["ref_pose.json"])
+            t = tick("json + pose parse", t)
+            ref = L.decode_png(s["ref.png"], "RGBA")
+            t = tick("ref.png decode", t)
+            std, std_pose = proc._standard(s, meta)
+            t = tick("standard (cached per character)", t)
+            bg = proc.backgrounds.sample_array()
+            t = tick("background window", t)
+            placed = C.prepare_reference(ref, pose, proc.composite_cfg, proc.rng)
+            t = tick("prepare reference (bbox, jitter, premultiply, resize)", t)
+            region = pm.draw_pose_region(placed.pose, size)
+            t = tick("pose map", t)
+            batch.append((L._Composite(placed, bg), region, std, std_pose))
+            n += 1
+            if len(batch) == 8:
+                t = time.perf_counter()
+                L._images_tensor([b[0] for b in batch], "ref", "uint8", True)
+                t = tick("collate: composite into the batch", t)
+                L._masks_tensor([b[0] for b in batch], "uint8", True)
+                t = tick("collate: mask", t)
+                L._images_tensor([b[1] for b in batch], "ref_pose", "uint8", True)
+                t = tick("collate: pose map", t)
+                L._images_tensor([b[2] for b in batch], "std", "uint8", True)
+                L._images_tensor([b[3] for b in batch], "std_pose", "uint8", True)
+                t = tick("collate: std + std_pose copies", t)
+                batch = []
+    result = {"tar reading + grouping (stock webdataset)": tar_ms}
+    result.update({k: v / n * 1e3 for k, v in times.items()})
+    total = sum(result.values())
+    for k, v in result.items():
+        print(f"  {k:58s} {v:7.3f} ms")
+    print(f"  {'total':58s} {total:7.3f} ms  ({1e3 / total:.1f} pairs/s without shuffling and stage overhead)")
+    return {"ms_per_pair": result, "total_ms": total}
+
+
+def _alternatives(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image, ImageDraw
+
+    from serialgen.dataset import compositing as C
+    from serialgen.dataset import loader as L
+    from serialgen.dataset import posemap as pm
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", UserWarning)
+    samples, _ = _samples(args.shards)
+    samples = samples[:24]
+    refs = [L.decode_png(s["ref.png"], "RGBA") for s in samples]
+    poses = [pm.parse_pose(s["ref_pose.json"]) for s in samples]
+    boxes = []
+    for r in refs:
+        x0, y0, x1, y1 = Image.fromarray(r, "RGBA").getbbox(alpha_only=True)
+        boxes.append(np.ascontiguousarray(r[y0:y1, x0:x1]))
+    crops = [Image.fromarray(b, "RGBA") for b in boxes]
+    prem = [C.premultiply(b) for b in boxes]
+    size = lambda b: (round(b.shape[1] * 0.9), round(b.shape[0] * 0.9))  # noqa: E731
+    placed = [C._resize_premultiplied(p, size(p))[0] for p in prem]
+    straight = [p.convert("RGBA") for p in placed]
+    bg = Image.new("RGB", (placed[0].width + 64, placed[0].height + 64), (30, 120, 200))
+
+    def planar_resize(p):  # the previous path: a (1, 4, h, w) view torch does not see as channels-last
+        t = torch.from_numpy(p).permute(2, 0, 1)[None]
+        w, h = size(p)
+        planes = F.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+        return Image.merge("RGBa", [Image.frombuffer("L", (w, h), planes[i], "raw", "L", 0, 1) for i in range(4)])
+
+    def old_draw(d, pose, origin, k, feet, hands, face):  # the previous pm._draw: numpy scalars in the loops
+        xy, vis = pose.xy - origin, pose.visible
+        ok = vis[pm._LIMBS_A] & vis[pm._LIMBS_B]
+        if ok.any():
+            idx = np.flatnonzero(ok)
+            for j, poly in zip(idx, pm._limb_polygons(xy[pm._LIMBS_A[idx]], xy[pm._LIMBS_B[idx]], 4.0 * k)):
+                d.polygon(poly.ravel().tolist(), fill=pm._LIMB_FILL[j])
+        r = 4.0 * k
+        for i in np.flatnonzero(vis[:24]):
+            x, y = xy[i]
+            d.ellipse((x - r, y - r, x + r, y + r), fill=pm.BODY_COLOURS[i] if i < 18 else pm.FOOT_COLOURS[i - 18])
+        for off in (24, 45):
+            hv, hxy = vis[off:off + 21], xy[off:off + 21]
+            if not hv.any():
+                continue
+            for e, (a, b) in enumerate(pm.HAND_EDGES):
+                if hv[a] and hv[b]:
+                    d.line((*hxy[a], *hxy[b]), fill=pm.HAND_EDGE_COLOURS[e], width=max(1, int(round(2 * k))))
+            for i in np.flatnonzero(hv):
+                x, y = hxy[i]
+                d.ellipse((x - r, y - r, x + r, y + r), fill=pm.HAND_POINT_COLOUR)
+
+    def draw_old(pose):
+        current = pm._draw
+        pm._draw = old_draw
+        try:
+            return pm.draw_pose_region(pose, (512, 768))
+        finally:
+            pm._draw = current
+
+    def draw_new(pose):
+        return pm.draw_pose_region(pose, (512, 768))
+
+    pairs = {
+        "premultiply": (lambda i: C.premultiply(boxes[i]), lambda i: crops[i].convert("RGBa")),
+        "resize (scale 0.9)": (lambda i: C._resize_premultiplied(prem[i], size(prem[i])), lambda i: planar_resize(prem[i])),
+        "blend onto background": (lambda i: bg.paste(placed[i], (0, 0), placed[i]),
+                                  lambda i: bg.paste(placed[i].convert("RGBA"), (0, 0), straight[i])),
+        "pose map (region)": (lambda i: draw_new(poses[i]), lambda i: draw_old(poses[i])),
+        "RGBA image -> numpy": (lambda i: C._rgba_array(crops[i]), lambda i: np.asarray(crops[i])),
+    }
+    for new, old in pairs.values():  # warm up (first calls import pyarrow, fill caches)
+        new(0), old(0)
+    acc = {k: [0.0, 0.0] for k in pairs}
+    n = 0
+    for _ in range(args.rounds):
+        for i in range(len(samples)):
+            for k, (new, old) in pairs.items():
+                for j, fn in enumerate((new, old)):
+                    t = time.perf_counter()
+                    fn(i)
+                    acc[k][j] += time.perf_counter() - t
+            n += 1
+    out = {}
+    print(f"  {'step':24s} {'now':>9s} {'before':>9s}")
+    for k, (a, b) in acc.items():
+        out[k] = {"now_ms": a / n * 1e3, "before_ms": b / n * 1e3}
+        print(f"  {k:24s} {a / n * 1e3:7.3f} ms {b / n * 1e3:7.3f} ms")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("shards", help="shard set (folder, index.json, .tar or brace pattern)")
+    p.add_argument("--backgrounds", default=None, help="backgrounds folder or assets folder (default: procedural)")
+    p.add_argument("--mode", choices=("configs", "steps", "alternatives"), default="configs")
+    p.add_argument("--size", type=int, nargs=2, default=(512, 768), metavar=("W", "H"))
+    p.add_argument("--seconds", type=float, default=10.0, help="configs: measuring time per configuration")
+    p.add_argument("--rounds", type=int, default=5, help="steps/alternatives: passes over the samples")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    print(f"loader benchmark, mode {args.mode}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    result = {"configs": _configs, "steps": _steps, "alternatives": _alternatives}[args.mode](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"mode": args.mode, "load_average_1min": os.getloadavg()[0], "result": result}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
