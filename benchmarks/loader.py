@@ -60,9 +60,9 @@ def _samples(shards: str) -> list[dict]:
     from serialgen.dataset.loader import resolve_shards
 
     urls = resolve_shards(shards)
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
-    return samples, (time.perf_counter() - t0) / max(1, len(samples))
+    return samples, (time.thread_time() - t0) / max(1, len(samples))
 
 
 def _steps(args) -> dict:
@@ -74,10 +74,10 @@ def _steps(args) -> dict:
 
     torch.set_num_threads(1)
     samples, _ = _samples(args.shards)
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for _ in range(3):
         _samples(args.shards)
-    tar_ms = (time.perf_counter() - t0) / (3 * len(samples)) * 1e3
+    tar_ms = (time.thread_time() - t0) / (3 * len(samples)) * 1e3
     ds = L.PairDataset(args.shards, args.backgrounds, L.LoaderConfig(size=tuple(args.size), batch_size=8, dtype="uint8"))
     proc = L._SampleProcessor(ds, L.LoaderStats(), random.Random(0))
     for s in samples[: ds.config.background_pool + 16]:  # fill the background pool (start-up, not steady state)
@@ -85,7 +85,7 @@ def _steps(args) -> dict:
     times: dict[str, float] = {}
 
     def tick(name, t):
-        now = time.perf_counter()
+        now = time.thread_time()
         times[name] = times.get(name, 0.0) + now - t
         return now
 
@@ -94,7 +94,7 @@ def _steps(args) -> dict:
     for _ in range(args.rounds):
         batch = []
         for s in samples:
-            t = time.perf_counter()
+            t = time.thread_time()
             meta = json.loads(s["meta.json"])
             pose = pm.parse_pose(s["ref_pose.json"])
             t = tick("json + pose parse", t)
@@ -111,7 +111,7 @@ def _steps(args) -> dict:
             batch.append((L._Composite(placed, bg), region, std, std_pose))
             n += 1
             if len(batch) == 8:
-                t = time.perf_counter()
+                t = time.thread_time()
                 L._images_tensor([b[0] for b in batch], "ref", "uint8", True)
                 t = tick("collate: composite into the batch", t)
                 L._masks_tensor([b[0] for b in batch], "uint8", True)
@@ -212,9 +212,9 @@ def _alternatives(args) -> dict:
         for i in range(len(samples)):
             for k, (new, old) in pairs.items():
                 for j, fn in enumerate((new, old)):
-                    t = time.perf_counter()
+                    t = time.thread_time()
                     fn(i)
-                    acc[k][j] += time.perf_counter() - t
+                    acc[k][j] += time.thread_time() - t
             n += 1
     out = {}
     print(f"  {'step':24s} {'now':>9s} {'before':>9s}")

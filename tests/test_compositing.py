@@ -156,3 +156,136 @@ def test_real_backgrounds_load(shared_assets):
     for _ in range(len(paths) + 2):
         assert pool.sample().size == (512, 768)
     assert not pool.bad
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths (docs/loader.md, "Throughput"): each equals the plain computation it replaces.
+# ---------------------------------------------------------------------------------------------
+
+def _random_rgba(shape, seed, coloured_empty):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, shape + (4,), dtype=np.uint8)
+    a[..., 3][rng.random(shape) < 0.4] = 0
+    a[..., 3][rng.random(shape) < 0.4] = 255
+    if not coloured_empty:
+        a[a[..., 3] == 0] = 0
+    return a
+
+
+@pytest.mark.parametrize("coloured_empty", [False, True])
+@pytest.mark.parametrize("hint", [False, True])
+def test_premultiply_equals_pil_on_arrays_and_strided_views(coloured_empty, hint):
+    a = _random_rgba((60, 90), 3, coloured_empty)
+    for arr in (a, a[5:50, 7:80]):  # a window of a bigger image: rows not contiguous
+        expected = np.asarray(Image.fromarray(np.ascontiguousarray(arr), "RGBA").convert("RGBa"))
+        out = C.premultiply(arr, transparent_black=hint)  # the hint only changes the speed
+        np.testing.assert_array_equal(out, expected)
+    arr = a.copy()
+    arr.setflags(write=False)
+    C.premultiply(arr)  # read-only input is fine: the result is a new array
+    np.testing.assert_array_equal(arr, a)
+    with pytest.raises(ValueError, match="packed pixels"):
+        C.premultiply(a[..., :3])
+
+
+def test_resize_channels_last_equals_torch_planar_result():
+    import torch
+    import torch.nn.functional as F
+
+    box = C.premultiply(_random_rgba((70, 50), 4, False))
+    for size in ((41, 57), (64, 90)):
+        img, alpha = C._resize_premultiplied(box, size)
+        planar = F.interpolate(torch.from_numpy(box).permute(2, 0, 1)[None].contiguous(), size=size[::-1],
+                               mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+        assert img.mode == "RGBa" and img.size == size
+        np.testing.assert_array_equal(np.asarray(img), planar)
+        np.testing.assert_array_equal(alpha, planar[..., 3])
+
+
+def test_rgba_array_is_a_view_that_outlives_the_image():
+    import gc
+
+    img = Image.fromarray(_random_rgba((40, 30), 5, True), "RGBA").point(list(range(255, -1, -1)) * 4)
+    expected = np.array(img)
+    arr = C._rgba_array(img)
+    assert arr.shape == (40, 30, 4) and not arr.flags.writeable
+    del img
+    gc.collect()
+    _ = [Image.new("RGBA", (30, 40), (1, 2, 3, 4)) for _ in range(20)]  # reuse freed memory if it was freed
+    np.testing.assert_array_equal(arr, expected)
+
+
+@pytest.mark.parametrize("width", [240, 120], ids=["wide-box (rows path)", "narrow-box (crop path)"])
+def test_jittered_composite_matches_float_blend_of_the_jittered_render(width):
+    """Jitter on straight colours, then premultiplied resampling and blending: at scale 1 the
+    result is the float blend of the jittered render (both jitter paths: a wide box is mapped
+    row by row without a crop, a narrow one is cropped first)."""
+    ref = np.zeros((384, 256, 4), np.uint8)
+    rng_np = np.random.default_rng(6)
+    ref[40:340, 8:8 + width, :3] = rng_np.integers(0, 256, (300, width, 3))
+    alpha = np.full((300, width), 255, np.uint8)
+    alpha[:, :3] = [40, 128, 200]  # an antialiased rim on the left
+    alpha[:, -2:] = [150, 60]
+    alpha[rng_np.random((300, width)) < 0.05] = 0  # holes
+    ref[40:340, 8:8 + width, 3] = alpha
+    ref[ref[..., 3] == 0, :3] = 0
+    pose = parse_pose({"width": 256, "height": 384, "names": [], "keypoints": []})
+    bg_arr = np.random.default_rng(1).integers(0, 256, (SIZE[1], SIZE[0], 3), dtype=np.uint8)
+    cfg = C.CompositeConfig(size=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.08)
+    for seed in range(4):  # contrast up and down: black kept or lifted
+        comp = C.composite_reference(ref, pose, Image.fromarray(bg_arr), cfg, random.Random(seed))
+        r = random.Random(seed)
+        C.place_reference((8, 40, 8 + width, 340), (256, 384), cfg, r)  # the same draws, in order
+        lut = np.array(C.jitter_lut(r, cfg.jitter, alpha=True), np.uint8).reshape(4, 256)
+        jittered = np.stack([lut[c][ref[..., c]] for c in range(4)], axis=2)
+        sx, sy, tx, ty = comp.transform
+        assert (sx, sy) == (1.0, 1.0)
+        ox, oy = int(tx), int(ty)
+        canvas = np.zeros((SIZE[1], SIZE[0], 4), np.float64)
+        ys = slice(max(oy, 0), min(oy + 384, SIZE[1]))
+        xs = slice(max(ox, 0), min(ox + 256, SIZE[0]))
+        canvas[ys, xs] = jittered[ys.start - oy:ys.stop - oy, xs.start - ox:xs.stop - ox]
+        a = canvas[..., 3:] / 255
+        expected = canvas[..., :3] * a + bg_arr * (1 - a)
+        assert np.abs(comp.image - expected).max() <= 1.0
+        np.testing.assert_array_equal(comp.mask, (canvas[..., 3] < 128).astype(np.uint8))
+
+
+def test_composite_into_a_batch_slot_equals_a_fresh_composite():
+    ref, pose = _sample(1, 3)
+    cfg = C.CompositeConfig(size=SIZE)
+    bg = np.random.default_rng(2).integers(0, 256, (SIZE[1] + 50, SIZE[0] + 30, 3), dtype=np.uint8)
+    window = bg[20:20 + SIZE[1], 10:10 + SIZE[0]]  # a window of a pool entry: strided rows
+    placed = C.prepare_reference(ref, pose, cfg, random.Random(9))
+    batch = np.zeros((2, SIZE[1], SIZE[0], 3), np.uint8)
+    placed.composite_into(batch[1], window)
+    comp = C.composite_reference(ref, pose, np.ascontiguousarray(window), cfg, random.Random(9))
+    np.testing.assert_array_equal(batch[1], comp.image)
+    assert not batch[0].any()
+    masks = np.full((2, SIZE[1], SIZE[0]), 7, np.uint8)
+    placed.mask_into(masks[0])
+    np.testing.assert_array_equal(masks[0], comp.mask)
+    assert (masks[1] == 7).all()
+
+
+def test_background_pool_prescales_once_keeps_aspect_and_hands_out_windows(tmp_path):
+    paths = [synth_background(tmp_path / "wide.jpg", 0, size=(900, 300)),
+             synth_background(tmp_path / "tall.png", 1, size=(200, 700))]
+    pool = C.BackgroundPool([str(p) for p in paths], SIZE, random.Random(0), pool_size=2, refresh=0.0, zoom=1.4)
+    windows = [pool.sample_array() for _ in range(30)]
+    assert pool.loads == 2 and len(pool.pool) == 2  # decoded and resized once each, then only windows
+    for entry in pool.pool:
+        h, w = entry.shape[:2]
+        assert w >= SIZE[0] and h >= SIZE[1] and not entry.flags.writeable
+        # The pre-scaled entry covers the canvas with zoom <= 1.4 on its tighter axis.
+        assert min(w / SIZE[0], h / SIZE[1]) <= 1.4 + 0.02
+    sources = {(900, 300): None, (200, 700): None}
+    for entry in pool.pool:
+        h, w = entry.shape[:2]
+        src = min(sources, key=lambda s: abs(s[0] / s[1] - w / h))
+        assert abs(src[0] / src[1] - w / h) < 0.01 * (src[0] / src[1])  # aspect kept
+    for win in windows:
+        assert win.shape == (SIZE[1], SIZE[0], 3)
+        assert any(np.shares_memory(win, e) for e in pool.pool)  # a view, not a copy
+    # Different windows over the run: random placement inside the entries.
+    assert len({win.__array_interface__["data"][0] for win in windows}) > 5

@@ -68,6 +68,14 @@ def test_batches_are_channels_last_and_uint8_converts_to_the_same_floats(shard_s
     conv = to_model_range(b8)
     for k in ("ref", "ref_pose", "std", "std_pose", "ref_mask"):
         torch.testing.assert_close(conv[k], b32[k], atol=1e-6, rtol=0)
+    # Batches are composited straight into the batch tensor; single samples through a temporary
+    # canvas: the same pixels, sample for sample.
+    singles = iter(PairDataset(root, bgs, _cfg(dtype="uint8")))
+    for i in range(3):
+        s = next(singles)
+        assert s["__key__"] == b8["__key__"][i]
+        for k in ("ref", "ref_mask", "ref_pose", "std", "std_pose"):
+            assert torch.equal(s[k], b8[k][i]), k
 
 
 def test_deterministic_given_a_seed_and_reshuffled_by_epoch(shard_set):
@@ -205,6 +213,12 @@ def test_cli_preview_and_bench(shard_set, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["pairs_per_s"] > 0 and result["raw_decode_pairs_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["pairs_per_s"] / result["raw_decode_pairs_per_s"], rel=0.01)
+    # Both definitions of raw decode: decoding one PNG per pair is faster than decoding two.
+    ref_only = result["raw_decode_ref_only_pairs_per_s"]
+    assert ref_only > result["raw_decode_pairs_per_s"]
+    assert result["ratio_ref_only"] == pytest.approx(result["pairs_per_s"] / ref_only, rel=0.01)
+    assert result["pairs_per_cpu_s"] > 0 and "std.png" in result["raw_decode_definition"]
+    assert result["warmup_samples"] >= 32 + 16  # the background pool filled before measuring
 
 
 def test_reads_the_render_farms_shards_when_present():
