@@ -71,6 +71,7 @@ def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
     return {"wall_s": wall, "shards": {e["path"]: e["sha256"] for e in index["shards"]}, "pairs": s["pairs_rendered"], "busy_s": busy,
             "in_job_pairs_per_s": s["pairs_rendered"] / busy * max(workers, 1) if busy else None,
             "bytes_per_pair": s["bytes"] / max(s["pairs"], 1), "failures": len(s["failures"]),
+            "job_overhead_s": s["job_overhead_s_mean"],
             "stage_seconds": s["stage_seconds"]}
 
 
@@ -95,9 +96,13 @@ def _ray_fixed_costs() -> dict:
     ray.kill(actor)
     ray.shutdown()
     shutdown_s = time.perf_counter() - t
-    t = time.perf_counter()
-    FarmWorker(settings, "local", 50, 6000.0, False, 1, capture_stderr=False)
-    local_s = time.perf_counter() - t
+    # In a fresh interpreter, as --workers 0 pays it (this process has bpy imported already).
+    code = ("import time; t = time.perf_counter(); from serialgen.render.farm_pool import FarmWorker; "
+            "from serialgen.render.scene import RenderSettings; "
+            "FarmWorker(RenderSettings(width=64, height=96, threads=1), 'local', 50, 6000.0, False, 1, "
+            "capture_stderr=False); print(time.perf_counter() - t)")
+    local_s = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   check=True).stdout.strip().splitlines()[-1])
     return {"ray_init_s": round(init_s, 2), "actor_ready_s": round(actor_s, 2), "ray_shutdown_s": round(shutdown_s, 2),
             "in_process_worker_s": round(local_s, 2),
             "fixed_overhead_s": round(init_s + actor_s + shutdown_s - local_s, 2)}
@@ -158,7 +163,8 @@ def main(argv=None) -> int:
             "workers": workers, "threads_per_worker": threads, "wall_s": [round(r["wall_s"], 2) for r in rs],
             "pairs_per_s_wall": round(pairs / wall, 3),
             "pairs_per_s_in_jobs": round(statistics.fmean(r["in_job_pairs_per_s"] for r in rs), 3),
-            "bytes_per_pair": round(rs[0]["bytes_per_pair"]), "failures": sum(r["failures"] for r in rs)}
+            "bytes_per_pair": round(rs[0]["bytes_per_pair"]), "failures": sum(r["failures"] for r in rs),
+            "job_overhead_ms": round(1e3 * statistics.fmean(r["job_overhead_s"] for r in rs), 2)}
     c = result["configs"]
     digests = {f"{name}#{i}": r["shards"] for name, rs in runs.items() for i, r in enumerate(rs)}
     first = next(iter(digests.values()))

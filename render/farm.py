@@ -169,6 +169,7 @@ class _Driver:
         self.sample_failures: list[dict] = []
         self.stage_totals: dict[str, float] = {}
         self.attempts: list[dict] = []
+        self.overheads: list[float] = []
         self.pairs_rendered = 0
 
     def worker_started(self, slot: str, info: dict) -> None:
@@ -182,10 +183,14 @@ class _Driver:
     def job_result(self, slot: str, job: RenderJob, result: dict, seconds: float) -> None:
         ok = result["status"] == "ok"
         self.stats.job(slot, result.get("pairs", 0), seconds, ok)
+        # What the job cost beyond its own work: Ray's dispatch and result transfer, the log set-up.
+        overhead = max(seconds - result.get("timings_s", {}).get("job", seconds), 0.0)
+        self.overheads.append(overhead)
         self.attempts.append({"job": job.name, "character": job.character["id"], "worker": slot,
                               "attempt": result.get("attempt"), "pid": result.get("pid"),
                               "status": result["status"], "pairs": result.get("pairs", 0),
-                              "seconds": round(seconds, 2), "error": result.get("error")})
+                              "seconds": round(seconds, 3), "overhead_s": round(overhead, 4),
+                              "error": result.get("error")})
         if not ok:
             kind = "bad_input" if str(result.get("error", "")).startswith("UserInputError") else "error"
             self._failed(slot, job, result.get("attempt") or self.book.attempt_of(job), kind,
@@ -355,6 +360,7 @@ def run_farm(config: FarmConfig) -> dict:
         "engine": settings.engine,
         "resolution": [settings.width, settings.height],
         "stage_seconds": {k: round(v, 3) for k, v in sorted(driver.stage_totals.items())},
+        "job_overhead_s_mean": round(sum(driver.overheads) / len(driver.overheads), 4) if driver.overheads else None,
         "per_worker": driver.stats.to_json(),
         "attempts": driver.attempts,
         "logs": str(out / LOGS_NAME) if todo else None,

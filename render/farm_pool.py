@@ -33,12 +33,13 @@ from serialgen.render.scene import RenderSettings
 __all__ = ["log_path", "code_fingerprint", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
 
 _THREAD_VARS = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_CODE_PACKAGES = ("serialgen.render", "serialgen.dataset", "serialgen.assets_manifest")
+# The code that decides a sample's bytes: rendering, the shard writer, skeleton/poses/characters.
+_CODE_FILES = (("serialgen.render", "*.py"), ("serialgen.dataset", "shards.py"), ("serialgen.assets_manifest", "*.py"))
 
 
 def code_fingerprint() -> str:
-    """sha256 (16 hex) of the code that decides a sample's bytes: the ``.py`` files of render/,
-    dataset/ and assets_manifest/ plus the bpy and numpy versions.
+    """sha256 (16 hex) of the code that decides a sample's bytes: the ``.py`` files of render/ and
+    assets_manifest/, dataset/shards.py, and the bpy and numpy versions.
 
     Worker processes import the code when they start, so a node with another install, or an edit
     of the working tree during a run, would silently mix two versions of the data in one folder.
@@ -49,9 +50,9 @@ def code_fingerprint() -> str:
     from importlib import metadata
 
     h = hashlib.sha256()
-    for name in _CODE_PACKAGES:
+    for name, pattern in _CODE_FILES:
         root = Path(importlib.import_module(name).__file__).parent
-        for path in sorted(root.glob("*.py")):
+        for path in sorted(root.glob(pattern)):
             h.update(f"{name}/{path.name}\0".encode())
             h.update(path.read_bytes())
     for dist in ("bpy", "numpy"):
