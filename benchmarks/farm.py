@@ -9,8 +9,9 @@ Configurations (same characters, pairs, resolution, engine; each into a fresh fo
 
 run in the order plain, ray1, ray2, ray2, ray1, plain (``--repeats 2``) so that drift from other load
 on a shared machine cancels in the means. Reported per configuration: wall seconds of ``run_farm``
-(includes Ray start, worker start, character loads), pairs/s on the wall clock, and pairs/s inside
-the jobs (pairs / summed job seconds x workers). Then ``ray2 / ray1`` and ``ray1 / plain`` ratios,
+(includes Ray start, worker start, character loads), pairs/s on the wall clock, pairs/s inside
+the jobs (pairs / summed job seconds x workers), and CPU seconds per pair (all threads of the worker
+processes: the cost of a pair, little affected by other load on a shared machine). Then ``ray2 / ray1`` and ``ray1 / plain`` ratios,
 the no-op re-run of a finished folder (``run_farm`` in-process, and the whole ``serialgen render``
 command in a fresh interpreter), Ray's fixed costs per run (cluster start, first worker actor ready,
 shutdown, against making the worker in-process), and the 1-minute load average before and after.
@@ -67,11 +68,12 @@ def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
     s = run_farm(config)
     wall = time.perf_counter() - t
     busy = sum(w["busy_s"] for w in s["per_worker"].values())
+    cpu = sum(w["cpu_s"] for w in s["per_worker"].values())
     index = json.loads((out / "index.json").read_text())
     return {"wall_s": wall, "shards": {e["path"]: e["sha256"] for e in index["shards"]}, "pairs": s["pairs_rendered"], "busy_s": busy,
             "in_job_pairs_per_s": s["pairs_rendered"] / busy * max(workers, 1) if busy else None,
             "bytes_per_pair": s["bytes"] / max(s["pairs"], 1), "failures": len(s["failures"]),
-            "job_overhead_s": s["job_overhead_s_mean"],
+            "job_overhead_s": s["job_overhead_s_mean"], "cpu_s_per_pair": cpu / max(s["pairs_rendered"], 1),
             "stage_seconds": s["stage_seconds"]}
 
 
@@ -164,7 +166,8 @@ def main(argv=None) -> int:
             "pairs_per_s_wall": round(pairs / wall, 3),
             "pairs_per_s_in_jobs": round(statistics.fmean(r["in_job_pairs_per_s"] for r in rs), 3),
             "bytes_per_pair": round(rs[0]["bytes_per_pair"]), "failures": sum(r["failures"] for r in rs),
-            "job_overhead_ms": round(1e3 * statistics.fmean(r["job_overhead_s"] for r in rs), 2)}
+            "job_overhead_ms": round(1e3 * statistics.fmean(r["job_overhead_s"] for r in rs), 2),
+            "cpu_s_per_pair": round(statistics.fmean(r["cpu_s_per_pair"] for r in rs), 3)}
     c = result["configs"]
     digests = {f"{name}#{i}": r["shards"] for name, rs in runs.items() for i, r in enumerate(rs)}
     first = next(iter(digests.values()))

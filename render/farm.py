@@ -182,7 +182,7 @@ class _Driver:
 
     def job_result(self, slot: str, job: RenderJob, result: dict, seconds: float) -> None:
         ok = result["status"] == "ok"
-        self.stats.job(slot, result.get("pairs", 0), seconds, ok)
+        self.stats.job(slot, result.get("pairs", 0), seconds, ok, result.get("cpu_s", 0.0))
         # What the job cost beyond its own work: Ray's dispatch and result transfer, the log set-up.
         overhead = max(seconds - result.get("timings_s", {}).get("job", seconds), 0.0)
         self.overheads.append(overhead)

@@ -145,6 +145,7 @@ class FarmWorker:
 
     def run(self, job: RenderJob, attempt: int = 1) -> dict:
         """Render ``job`` (never raises for job failures: they come back in the summary)."""
+        cpu0 = time.process_time()  # all threads of this process (Blender's and Mesa's included)
         path = log_path(job)
         path.parent.mkdir(parents=True, exist_ok=True)
         info = self.info()
@@ -166,6 +167,7 @@ class FarmWorker:
             for f in result["failures"]:
                 if f.get("key"):
                     log.write(f"   sample {f['key']} failed: {f['error']}\n")
+        result["cpu_s"] = round(time.process_time() - cpu0, 4)
         result["recycle"] = self.worker.should_recycle()
         result["pid"] = os.getpid()
         result["attempt"] = attempt

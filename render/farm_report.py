@@ -3,7 +3,8 @@
 * Progress bar (tqdm, on stderr): pairs done / to do, pairs/s, elapsed and ETA (tqdm's own), and a
   postfix with shards done / planned, failed attempts (retries) and quarantined characters.
 * ``WorkerStats``: per worker slot (``w0``, ``w1``, ...; a slot keeps its name across replacement
-  processes ``w0.1``, ``w0.2``): jobs, pairs, busy seconds, pairs/s while busy, processes started,
+  processes ``w0.1``, ``w0.2``): jobs, pairs, busy seconds, CPU seconds (all threads of the
+  process: the cost of a pair independent of other load), pairs/s while busy, processes started,
   deaths, timeouts, recycles.
 * :func:`format_summary`: the human report printed at the end of ``serialgen render`` (also built
   from ``report.json``).
@@ -69,18 +70,19 @@ class WorkerStats:
         self.slots: dict[str, dict] = {}
 
     def _slot(self, name: str) -> dict:
-        return self.slots.setdefault(name, {"processes": [], "jobs": 0, "pairs": 0, "busy_s": 0.0, "died": 0,
+        return self.slots.setdefault(name, {"processes": [], "jobs": 0, "pairs": 0, "busy_s": 0.0, "cpu_s": 0.0, "died": 0,
                                             "timeouts": 0, "errors": 0, "recycled": 0, "start_failed": 0})
 
     def started(self, name: str, info: dict) -> None:
         self._slot(name)["processes"].append({k: info.get(k) for k in ("slot", "pid", "host", "threads",
                                                                        "gpu_ids", "device")})
 
-    def job(self, name: str, pairs: int, seconds: float, ok: bool) -> None:
+    def job(self, name: str, pairs: int, seconds: float, ok: bool, cpu_s: float = 0.0) -> None:
         s = self._slot(name)
         s["jobs"] += 1
         s["pairs"] += pairs
         s["busy_s"] += seconds
+        s["cpu_s"] += cpu_s
         if not ok:
             s["errors"] += 1
 
@@ -94,7 +96,7 @@ class WorkerStats:
     def to_json(self) -> dict:
         out = {}
         for name, s in sorted(self.slots.items()):
-            out[name] = {**s, "busy_s": round(s["busy_s"], 2),
+            out[name] = {**s, "busy_s": round(s["busy_s"], 2), "cpu_s": round(s["cpu_s"], 2),
                          "pairs_per_s": round(s["pairs"] / s["busy_s"], 3) if s["busy_s"] > 0 else None}
         return out
 
