@@ -8,6 +8,10 @@ Modes (one process, one torch thread, i.e. one DataLoader worker on one core):
   and ref only).
 * ``steps``: the per-pair steps of the uint8 batch path on real samples held in memory, timed one
   by one (tar reading is timed separately, as stock webdataset reads the shards).
+* ``ab``: the loader of an earlier commit (``--baseline REV``: its ``dataset/{posemap,compositing,
+  loader}.py``, loaded under the same module names) against the working tree's, in the same process,
+  interleaved in 0.3 s slices with the raw decodes (ref + std, ref only); ``--batch-size``,
+  ``--dtype``. The fair before/after comparison on a shared machine.
 * ``alternatives``: each optimised step against the way it was done before, on the same real
   samples, interleaved round by round so that load from other jobs hits both alike: premultiply
   (numpy on the rim vs PIL ``convert("RGBa")``), resize (torch given a true channels-last tensor vs
@@ -18,6 +22,7 @@ Modes (one process, one torch thread, i.e. one DataLoader worker on one core):
 Usage::
 
     .venv/bin/python benchmarks/loader.py SHARDS --backgrounds ASSETS [--mode configs|steps|alternatives]
+    .venv/bin/python benchmarks/loader.py SHARDS --backgrounds ASSETS --mode ab --baseline 94afd90 --dtype uint8
 
 Make real shards first, e.g. ``serialgen assets build --procedural 4 --out /tmp/a && serialgen render
 --assets /tmp/a --out /tmp/s --poses-per-character 24 --resolution 512x768 --workers 1``.
@@ -45,12 +50,14 @@ def _configs(args) -> list[dict]:
                                 seed=0, std_pose="canonical", canonical_pose=None, seconds=args.seconds, warmup=2.0,
                                 batch_size=batch, dtype=dtype, json=True)
         rows.append(cli.bench(ns))
-    print(f"| output | pipeline pairs/s | raw decode ref+std pairs/s | ratio | raw decode ref only | ratio | load |")
+    print("| output | pipeline pairs/s (per CPU-s) | raw decode ref+std pairs/s | ratio | raw decode ref only | ratio "
+          "| load |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         out = f"{r['dtype']}, " + (f"batch {r['batch_size']}" if r["batch_size"] else "single samples")
-        print(f"| {out} | {r['pairs_per_s']:.1f} | {r['raw_decode_pairs_per_s']:.1f} | {r['ratio']:.3f} | "
-              f"{r['raw_decode_ref_only_pairs_per_s']:.1f} | {r['ratio_ref_only']:.3f} | {r['load_average_1min']} |")
+        print(f"| {out} | {r['pairs_per_s']:.1f} ({r['pairs_per_cpu_s']:.1f}) | {r['raw_decode_pairs_per_s']:.1f} | "
+              f"{r['ratio']:.3f} | {r['raw_decode_ref_only_pairs_per_s']:.1f} | {r['ratio_ref_only']:.3f} | "
+              f"{r['load_average_1min']} |")
     return rows
 
 
@@ -78,7 +85,8 @@ def _steps(args) -> dict:
     for _ in range(3):
         _samples(args.shards)
     tar_ms = (time.thread_time() - t0) / (3 * len(samples)) * 1e3
-    ds = L.PairDataset(args.shards, args.backgrounds, L.LoaderConfig(size=tuple(args.size), batch_size=8, dtype="uint8"))
+    cfg = L.LoaderConfig(size=tuple(args.size), batch_size=8, dtype="uint8")
+    ds = L.PairDataset(args.shards, args.backgrounds, cfg)
     proc = L._SampleProcessor(ds, L.LoaderStats(), random.Random(0))
     for s in samples[: ds.config.background_pool + 16]:  # fill the background pool (start-up, not steady state)
         proc(dict(s))
@@ -198,7 +206,8 @@ def _alternatives(args) -> dict:
 
     pairs = {
         "premultiply": (lambda i: C.premultiply(boxes[i]), lambda i: crops[i].convert("RGBa")),
-        "resize (scale 0.9)": (lambda i: C._resize_premultiplied(prem[i], size(prem[i])), lambda i: planar_resize(prem[i])),
+        "resize (scale 0.9)": (lambda i: C._resize_premultiplied(prem[i], size(prem[i])),
+                               lambda i: planar_resize(prem[i])),
         "blend onto background": (lambda i: bg.paste(placed[i], (0, 0), placed[i]),
                                   lambda i: bg.paste(placed[i].convert("RGBA"), (0, 0), straight[i])),
         "pose map (region)": (lambda i: draw_new(poses[i]), lambda i: draw_old(poses[i])),
@@ -224,18 +233,107 @@ def _alternatives(args) -> dict:
     return out
 
 
+def _load_baseline(rev: str):
+    """The loader module of commit ``rev`` (with its own compositing and posemap), imported beside
+    the current one: each old module is executed under its real name, then the current modules are
+    put back, so the old loader keeps references to the old helpers."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import serialgen.dataset.loader  # noqa: F401 - the current modules, to restore afterwards
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp(prefix="loader-baseline-"))
+    names = ("posemap", "compositing", "loader")
+    current = {n: sys.modules[f"serialgen.dataset.{n}"] for n in names}
+    try:
+        for n in names:
+            src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:dataset/{n}.py"], check=True,
+                                 capture_output=True).stdout
+            (tmp / f"{n}.py").write_bytes(src)
+            spec = importlib.util.spec_from_file_location(f"serialgen.dataset.{n}", tmp / f"{n}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            spec.loader.exec_module(mod)
+        return sys.modules["serialgen.dataset.loader"]
+    finally:
+        sys.modules.update({f"serialgen.dataset.{n}": m for n, m in current.items()})
+
+
+def _ab(args) -> dict:
+    import torch
+    import webdataset as wds
+
+    from serialgen.dataset import loader as new_loader
+
+    if not args.baseline:
+        raise SystemExit("--mode ab needs --baseline REV (a commit whose dataset/loader.py to compare against)")
+    torch.set_num_threads(1)
+    old_loader = _load_baseline(args.baseline)
+    bs = args.batch_size or None
+
+    def reader(L):
+        cfg = L.LoaderConfig(size=tuple(args.size), resampled=True, batch_size=bs, dtype=args.dtype)
+        it = iter(L.PairDataset(args.shards, args.backgrounds, cfg))
+        for _ in range((cfg.background_pool + 32) // (bs or 1)):  # fill the background pool first
+            next(it)
+        return it
+
+    its = {"before": reader(old_loader), "now": reader(new_loader)}
+    urls = new_loader.resolve_shards(args.shards)
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    members = [(s["ref.png"], s["std.png"]) for s in pipe if "ref.png" in s and "std.png" in s][:256]
+    dec = new_loader.decode_png
+    counts = {"before": 0, "now": 0, "raw": 0, "raw_ref": 0}
+    times = dict.fromkeys(counts, 0.0)
+    i = 0
+    load0 = os.getloadavg()[0]
+    deadline = time.perf_counter() + args.seconds
+    while time.perf_counter() < deadline:
+        for k in ("before", "now"):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.3:
+                next(its[k])
+                counts[k] += bs or 1
+            times[k] += time.perf_counter() - t0
+        for k in ("raw", "raw_ref"):
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.1:
+                ref, std = members[i % len(members)]
+                dec(ref, "RGBA")
+                if k == "raw":
+                    dec(std, "RGB")
+                i += 1
+                counts[k] += 1
+            times[k] += time.perf_counter() - t0
+    rate = {k: counts[k] / times[k] for k in counts}
+    out = {"baseline": args.baseline, "batch_size": args.batch_size, "dtype": args.dtype,
+           **{f"{k}_pairs_per_s": round(v, 1) for k, v in rate.items()},
+           "speedup": round(rate["now"] / rate["before"], 3),
+           "ratio_before": round(rate["before"] / rate["raw"], 3), "ratio_now": round(rate["now"] / rate["raw"], 3),
+           "ratio_now_ref_only": round(rate["now"] / rate["raw_ref"], 3),
+           "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    print(json.dumps(out))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="shard set (folder, index.json, .tar or brace pattern)")
     p.add_argument("--backgrounds", default=None, help="backgrounds folder or assets folder (default: procedural)")
-    p.add_argument("--mode", choices=("configs", "steps", "alternatives"), default="configs")
+    p.add_argument("--mode", choices=("configs", "steps", "alternatives", "ab"), default="configs")
+    p.add_argument("--baseline", default=None, help="ab: the earlier commit to compare against")
+    p.add_argument("--batch-size", type=int, default=8, help="ab: batch size (0 = single samples)")
+    p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8", help="ab: output dtype")
     p.add_argument("--size", type=int, nargs=2, default=(512, 768), metavar=("W", "H"))
-    p.add_argument("--seconds", type=float, default=10.0, help="configs: measuring time per configuration")
+    p.add_argument("--seconds", type=float, default=10.0, help="configs, ab: measuring time (per configuration)")
     p.add_argument("--rounds", type=int, default=5, help="steps/alternatives: passes over the samples")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     print(f"loader benchmark, mode {args.mode}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    result = {"configs": _configs, "steps": _steps, "alternatives": _alternatives}[args.mode](args)
+    result = {"configs": _configs, "steps": _steps, "alternatives": _alternatives, "ab": _ab}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mode": args.mode, "load_average_1min": os.getloadavg()[0], "result": result}, f, indent=1)

@@ -6,9 +6,9 @@ worker delivers on one core, and in the same run, interleaved in short slices so
 machine slows all alike, the raw PNG decode of the same members with the decoder the pipeline uses:
 ref.png + std.png per pair (the headline ratio: what a reader that decodes every image of a pair
 does) and ref.png only (what the pipeline decodes per pair, since it caches the standard per
-character); plus ref + std with PIL. It reports the rates and both ratios. Rates are given per wall-clock second and per CPU-second of the
-measuring thread (on a shared machine the second says what the work costs a core; the ratios use
-wall time, which the interleaving keeps fair).
+character); plus ref + std with PIL. It reports the rates and both ratios. Rates are given per
+wall-clock second and per CPU-second of the measuring thread (on a shared machine the second says
+what the work costs a core; the ratios use wall time, which the interleaving keeps fair).
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ def register(sub, groups) -> None:
                                     "of the same members (ref.png + std.png per pair, and ref.png only); prints "
                                     "the rates and both ratios.")
     _common(b)
-    b.add_argument("--seconds", type=float, default=10.0, help="measuring time, split between the pipeline (60 %%) and raw decodes (default 10)")
-    b.add_argument("--warmup", type=float, default=2.0, help="seconds run first and not counted, and at least until the background pool is full "
+    b.add_argument("--seconds", type=float, default=10.0,
+                   help="measuring time, split between the pipeline (60 %%) and raw decodes (default 10)")
+    b.add_argument("--warmup", type=float, default=2.0,
+                   help="seconds run first and not counted, and at least until the background pool is full "
                         "(default 2)")
     b.add_argument("--batch-size", type=int, default=8, help="batch size collated in the worker; 0 = single samples")
     b.add_argument("--dtype", choices=("float32", "uint8"), default="float32", help="output tensors (default float32)")
@@ -153,8 +155,8 @@ def _raw_members(urls: list[str], limit: int) -> list[tuple[bytes, bytes]]:
 
 RAW_DECODE_DEFINITION = ("ref.png (RGBA) + std.png (RGB) of each pair, decoded with the pipeline's decoder: what a "
                          "reader that decodes every image member of a pair does")
-RAW_DECODE_REF_ONLY_DEFINITION = ("ref.png only: what the pipeline itself decodes per pair (it decodes std.png once per "
-                                  "character and reuses it)")
+RAW_DECODE_REF_ONLY_DEFINITION = ("ref.png only: what the pipeline itself decodes per pair (it decodes std.png "
+                                  "once per character and reuses it)")
 
 
 def bench(args) -> dict:

@@ -202,7 +202,8 @@ def premultiply(rgba: np.ndarray, transparent_black: bool = False) -> np.ndarray
     The result is exact either way; a wrong hint only costs time.
     """
     if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8 or rgba.strides[2] != 1 or rgba.strides[1] != 4:
-        raise ValueError(f"premultiply needs an (H, W, 4) uint8 array with packed pixels, got {rgba.shape} {rgba.dtype}")
+        raise ValueError(f"premultiply needs an (H, W, 4) uint8 array with packed pixels, got {rgba.shape} "
+                         f"{rgba.dtype}")
     out = np.empty(rgba.shape, np.uint8)
     v = rgba.view("<u4")[..., 0]
     w = out.view("<u4")[..., 0]

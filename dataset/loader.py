@@ -491,16 +491,19 @@ def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Te
             for b, it in enumerate(items):
                 it.write(arr[b])
             return out.movedim(-1, 1)
-        u8 = np.empty((len(items), h, w, 3), np.uint8)
-        for b, it in enumerate(items):
-            it.write(u8[b])
-        src = torch.from_numpy(u8)
+        # One canvas-sized uint8 scratch, reused per sample (a batch-sized one would be fresh
+        # memory, page-faulted on every batch), converted into the output.
+        scratch = np.empty((h, w, 3), np.uint8)
+        src = torch.from_numpy(scratch)
         if batched:
             out = _empty((len(items), h, w, 3), torch_dtype)
-            _convert_into(out, src, key, dtype)
+            for b, it in enumerate(items):
+                it.write(scratch)
+                _convert_into(out[b], src, key, dtype)
             return out.movedim(-1, 1)
         view = _empty((3, h, w), torch_dtype)
-        _convert_into(view.permute(1, 2, 0), src[0], key, dtype)
+        first.write(scratch)
+        _convert_into(view.permute(1, 2, 0), src, key, dtype)
         return view
     if isinstance(first, RegionImage):
         w, h = first.size
@@ -682,7 +685,8 @@ class PairDataset(torch.utils.data.IterableDataset):
 
 
 class _SampleProcessor:
-    """Decode, composite and draw one raw sample (the ``map`` stage), plus its collation."""
+    """Decode, place and draw one raw sample (the ``map`` stage), plus its collation, which writes
+    the composite (background window + character) and its mask straight into the batch tensors."""
 
     def __init__(self, ds: PairDataset, stats: LoaderStats, rng: random.Random):
         cfg = ds.config
