@@ -50,6 +50,7 @@ __all__ = [
     "premultiply",
     "composite_reference",
     "fit_to_canvas",
+    "fit_transform",
     "jitter_lut",
     "resize_uint8",
     "list_background_images",
@@ -409,21 +410,29 @@ def composite_reference(ref: np.ndarray, pose: Pose, background, cfg: CompositeC
     return Composite(image, mask, placed.pose, placed.transform, kept)
 
 
+def fit_transform(src_size: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """(sx, sy, tx, ty) that fits a ``src_size`` image into ``size`` preserving aspect, centred:
+    x' = sx x + tx. Shared by images (``fit_to_canvas``) and keypoints with no image behind them."""
+    (w0, h0), (cw, ch) = src_size, size
+    if (w0, h0) == (cw, ch):
+        return 1.0, 1.0, 0.0, 0.0
+    s = min(cw / w0, ch / h0)
+    nw, nh = max(1, round(w0 * s)), max(1, round(h0 * s))
+    return nw / w0, nh / h0, float((cw - nw) // 2), float((ch - nh) // 2)
+
+
 def fit_to_canvas(img: Image.Image, size: tuple[int, int], fill=(255, 255, 255)) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """Resize ``img`` to fit ``size`` preserving aspect, centred, padded with ``fill``.
 
     Returns the canvas and (sx, sy, tx, ty) with x' = sx x + tx (the standard image and its pose).
     """
-    w0, h0 = img.size
-    cw, ch = size
-    if (w0, h0) == (cw, ch):
-        return img, (1.0, 1.0, 0.0, 0.0)
-    s = min(cw / w0, ch / h0)
-    nw, nh = max(1, round(w0 * s)), max(1, round(h0 * s))
-    ox, oy = (cw - nw) // 2, (ch - nh) // 2
-    canvas = Image.new(img.mode, (cw, ch), fill)
-    canvas.paste(img.resize((nw, nh), Image.BILINEAR), (ox, oy))
-    return canvas, (nw / w0, nh / h0, float(ox), float(oy))
+    t = fit_transform(img.size, size)
+    if t == (1.0, 1.0, 0.0, 0.0):
+        return img, t
+    nw, nh = round(img.size[0] * t[0]), round(img.size[1] * t[1])
+    canvas = Image.new(img.mode, size, fill)
+    canvas.paste(img.resize((nw, nh), Image.BILINEAR), (int(t[2]), int(t[3])))
+    return canvas, t
 
 
 def list_background_images(source) -> list[str]:

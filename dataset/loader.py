@@ -56,6 +56,7 @@ from serialgen.dataset.compositing import (
     EmptyReferenceError,
     PlacedReference,
     fit_to_canvas,
+    fit_transform,
     list_background_images,
     prepare_reference,
 )
@@ -698,7 +699,7 @@ class _SampleProcessor:
         self.canonical_map = None
         if ds.canonical_pose is not None:
             p = ds.canonical_pose
-            t = fit_to_canvas(Image.new("L", p.size), cfg.size)[1]
+            t = fit_transform(p.size, cfg.size)
             self.canonical_map = _Cached(draw_pose_map(p.transformed(*t, cfg.size), cfg.size), "std_pose", cfg.dtype)
 
     def _standard(self, sample: dict, meta: dict) -> tuple[_Cached, _Cached]:

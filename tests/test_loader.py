@@ -233,3 +233,17 @@ def test_reads_the_render_farms_shards_when_present():
         if n >= 8:
             break
     assert n > 0 and ds.stats.total_skipped == 0
+
+
+def test_output_size_other_than_the_render_size(shard_set):
+    """`make shards` renders 256x384 while the loader defaults to 512x768: the canonical standard
+    pose map must be fitted to the output canvas like the standard image (a regression: building it
+    once crashed with a PIL fill error)."""
+    root, bgs = shard_set
+    out = (SIZE[0] * 2, SIZE[1] * 2)
+    s = next(iter(PairDataset(root, bgs, _cfg(size=out))))
+    w, h = out
+    assert s["std"].shape == (3, h, w) and s["std_pose"].shape == (3, h, w)
+    drawn = s["std_pose"].amax(0) > 0
+    ys, xs = np.nonzero(drawn.numpy())
+    assert drawn.any() and xs.max() - xs.min() > w / 4 and ys.max() - ys.min() > h / 3
