@@ -177,7 +177,7 @@ class _Driver:
 
     def worker_event(self, slot: str, kind: str, pid, detail: str) -> None:
         self.stats.event(slot, kind)
-        if kind in ("start_failed", "recycled"):
+        if kind in ("start_failed", "recycled", "waiting"):
             self.progress.note(f"worker {slot}: {kind} ({detail})")
 
     def job_result(self, slot: str, job: RenderJob, result: dict, seconds: float) -> None:

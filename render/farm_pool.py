@@ -32,6 +32,7 @@ from serialgen.render.scene import RenderSettings
 
 __all__ = ["log_path", "code_fingerprint", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
 
+WAIT_WARNING_S = 60.0  # a worker not started after this long gets a note on the progress bar
 _THREAD_VARS = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # The code that decides a sample's bytes: rendering, the shard writer, skeleton/poses/characters.
 _CODE_FILES = (("serialgen.render", "*.py"), ("serialgen.dataset", "shards.py"), ("serialgen.assets_manifest", "*.py"))
@@ -227,6 +228,8 @@ class _Slot:
     actor: object = None
     generation: int = 0
     ready_ref: object = None
+    starting_since: float = 0.0
+    warned: bool = False
     busy: bool = False
     last_character: str | None = None
     pid: int | None = None
@@ -296,6 +299,7 @@ class RayPool:
             use_gpus=bool(self.gpus_per_worker), capture_stderr=True)
         slot.ready_ref = slot.actor.info.remote()
         slot.busy, slot.last_character, slot.pid = False, None, None
+        slot.starting_since, slot.warned = time.monotonic(), False
 
     def _kill(self, slot: _Slot) -> None:
         if slot.actor is not None:
@@ -399,6 +403,14 @@ class RayPool:
                             self.ray.kill(run.slot.actor, no_restart=True)
                         except Exception:  # died on its own meanwhile: reported as such
                             pass
+                # A worker Ray cannot place (the cluster lacks the CPUs/GPUs asked for) waits
+                # silently: say so (once per worker start) rather than look hung.
+                for slot in starting.values():
+                    if not slot.warned and now - slot.starting_since > WAIT_WARNING_S:
+                        slot.warned = True
+                        sink.worker_event(slot.name, "waiting", None,
+                                          f"not started after {now - slot.starting_since:.0f} s: does the cluster have "
+                                          f"{self.cpus_per_worker} CPUs and {self.gpus_per_worker} GPUs free for it?")
                 # Idle workers with nothing left to do give their resources back (clusters).
                 if not book.has_queued():
                     for slot in slots:
