@@ -140,6 +140,10 @@ def _validate(config: FarmConfig) -> None:
         raise UserInputError(f"--max-attempts must be >= 1, got {config.max_attempts}")
     if config.job_timeout < 0:
         raise UserInputError(f"--job-timeout must be >= 0 (0 = automatic), got {config.job_timeout}")
+    if config.address and config.workers:
+        from serialgen.render.farm_pool import check_reachable
+
+        check_reachable(config.address)  # before the output folder is touched
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from serialgen.render.farm_schedule import JobBook
 from serialgen.render.job import RenderJob
 from serialgen.render.scene import RenderSettings
 
-__all__ = ["log_path", "code_fingerprint", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
+__all__ = ["log_path", "code_fingerprint", "check_reachable", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
 
 WAIT_WARNING_S = 60.0  # a worker not started after this long gets a note on the progress bar
 _THREAD_VARS = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -62,6 +62,31 @@ def code_fingerprint() -> str:
         except metadata.PackageNotFoundError:
             h.update(f"{dist}=none".encode())
     return h.hexdigest()[:16]
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """One-line error for a ``host:port`` nobody listens on: ``ray.init`` would retry it for many
+    minutes, deaf to Ctrl-C. Other forms ("auto", "ray://...") are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise SerialgenError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                             "start one with `ray start --head` or give the head's host:port") from None
+
+
+def _token_auth_for(address: str) -> None:
+    """Ray 2.60 clusters use token authentication by default, but ``ray.init(address=host:port)``
+    does not pick up an existing token by itself (``address="auto"`` does), and then times out.
+    With a token at hand and no explicit ``RAY_AUTH_MODE``, ask for token mode (a cluster without
+    authentication accepts it too; checked with Ray 2.60)."""
+    if os.environ.get("RAY_AUTH_MODE") is not None or address == "auto":
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _log_progress(written: int, total: int) -> bool:
@@ -264,7 +289,14 @@ class RayPool:
         if not ray.is_initialized():
             kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
             if address:
-                ray.init(address=address, **kwargs)
+                check_reachable(address)
+                _token_auth_for(address)
+                try:
+                    ray.init(address=address, **kwargs)
+                except ConnectionError as exc:
+                    raise SerialgenError(f"--address {address}: cannot connect to the Ray cluster ({exc}); is it "
+                                         "running (`ray status`), and is its auth token here (~/.ray/auth_token "
+                                         "or RAY_AUTH_TOKEN)?") from None
             else:
                 cpus = cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
                 gpus = None

@@ -276,3 +276,27 @@ def test_a_worker_with_other_code_stops_the_run(assets, tmp_path):
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_address_joins_an_existing_cluster_and_leaves_it_running(assets, reference, tmp_path):
+    """`--address` joins a running cluster (here: one that another process started), sizes the
+    workers from the cluster's CPUs, renders the same bytes, and does not shut the cluster down."""
+    _, ref = reference
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=2, include_dashboard=False); "
+                               "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = owner.stdout.readline().strip()
+        assert re.fullmatch(r"[\d.]+:\d+", address), address
+        out = tmp_path / "shards"
+        done = subprocess.run(SERIALGEN + _args(assets, out, 2, "--address", address), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["cpus_per_worker"] == 1 and report["threads_per_worker"] == 1  # 2 cluster CPUs / 2 workers
+        assert _tars(out) == ref
+        assert owner.poll() is None  # the cluster outlives the run
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=60)

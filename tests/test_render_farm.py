@@ -87,6 +87,23 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):
     assert "--resolution" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(base + ["--engine", "povray"])
+    capsys.readouterr()
+    # A cluster address nobody answers at: one line at once (Ray itself would retry for minutes).
+    import socket
+
+    with socket.socket() as s:  # a free port, closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (assets / "characters.jsonl").write_text(json.dumps({"id": "x", "kind": "mannequin"}) + "\n")
+    from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
+
+    save_pose_library(build_pose_library(5, seed=0), assets / "poses.npz")
+    assert main(base + ["--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--address 127.0.0.1:{port}: no Ray cluster answers there" in err[0]
+    for bad in (["--max-attempts", "0"], ["--job-timeout", "-1"], ["--workers", "0", "--gpus-per-worker", "1"]):
+        assert main(base + bad) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()  # nothing was started or written
 
 
