@@ -203,10 +203,11 @@ class _Driver:
         summary = shards.ShardSummary(**result["shard"])
         summary.keys = []  # the driver needs counts and hashes, not keys
         self.summaries[summary.path] = summary
-        self.journal.shard(summary)
+        failed_samples = [f for f in result.get("failures", []) if f.get("key")]
+        self.journal.shard(summary, failed_samples)
         self.book.succeeded(job, seconds, result.get("pairs", 0))
         self.pairs_rendered += result.get("pairs", 0)
-        self.sample_failures.extend(f for f in result.get("failures", []) if f.get("key"))
+        self.sample_failures.extend(failed_samples)
         for k, v in result.get("timings_s", {}).items():
             self.stage_totals[k] = self.stage_totals.get(k, 0.0) + v
         self.progress.job_done(result.get("pairs", 0), job.stop - job.start)
@@ -329,7 +330,7 @@ def run_farm(config: FarmConfig) -> dict:
     quarantined = {c: {"reason": r, "from_earlier_run": True} for c, r in resume.quarantined.items()}
     quarantined.update(book.quarantined)
     char_failures = [{"character": c, "key": None, "error": q["reason"]} for c, q in sorted(quarantined.items())]
-    failures = char_failures + driver.sample_failures
+    failures = char_failures + resume.sample_failures + driver.sample_failures
     shard_list = sorted(summaries.values(), key=lambda s: s.path)
     index_config = {**config.render_config(), "characters": len(characters), "rejected_characters": rejected,
                     "poses": n_poses}
@@ -350,7 +351,7 @@ def run_farm(config: FarmConfig) -> dict:
         "seconds": round(wall, 2),
         "pairs_per_s": round(driver.pairs_rendered / wall, 3) if wall > 0 else None,
         "failed_characters": sorted(quarantined),
-        "failed_samples": len(driver.sample_failures),
+        "failed_samples": len(resume.sample_failures) + len(driver.sample_failures),
         "failures": failures,
         "quarantined": quarantined,
         "retries": [f.to_json() for f in book.failures],

@@ -42,12 +42,14 @@ class Journal:
         self.path = Path(out) / JOURNAL_NAME
         self._f = None
 
-    def read(self) -> tuple[dict[str, shards.ShardSummary], dict[str, str]]:
-        """({shard path: summary}, {character: quarantine reason}); later lines win."""
+    def read(self) -> tuple[dict[str, shards.ShardSummary], dict[str, str], dict[str, list[dict]]]:
+        """({shard path: summary}, {character: quarantine reason}, {shard path: its failed samples});
+        later lines win."""
         done: dict[str, shards.ShardSummary] = {}
         quarantined: dict[str, str] = {}
+        sample_failures: dict[str, list[dict]] = {}
         if not self.path.is_file():
-            return done, quarantined
+            return done, quarantined, sample_failures
         for line in self.path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -59,9 +61,10 @@ class Journal:
             if rec.get("kind") == "shard":
                 done[rec["path"]] = shards.ShardSummary(rec["path"], rec["split"], rec["samples"],
                                                         rec["bytes"], rec["sha256"])
+                sample_failures[rec["path"]] = rec.get("failures", [])
             elif rec.get("kind") == "quarantine":
                 quarantined[rec["character"]] = rec["reason"]
-        return done, quarantined
+        return done, quarantined, sample_failures
 
     def _append(self, rec: dict) -> None:
         if self._f is None:
@@ -73,8 +76,9 @@ class Journal:
         self._f.flush()
         os.fsync(self._f.fileno())
 
-    def shard(self, summary: shards.ShardSummary) -> None:
-        self._append({"kind": "shard", **summary.to_json()})
+    def shard(self, summary: shards.ShardSummary, failures: list[dict] = ()) -> None:
+        """A finished shard, with the samples of its job that failed (they go into the index)."""
+        self._append({"kind": "shard", **summary.to_json(), "failures": list(failures)})
 
     def quarantine(self, character: str, reason: str) -> None:
         self._append({"kind": "quarantine", "character": character, "reason": reason})
@@ -92,6 +96,7 @@ class Resume:
     keep: dict[str, shards.ShardSummary] = field(default_factory=dict)  # shard path -> summary
     quarantined: dict[str, str] = field(default_factory=dict)  # character -> reason
     read_from_disk: int = 0  # complete shards the journal did not know (summarised by reading them)
+    sample_failures: list[dict] = field(default_factory=list)  # failed samples of the kept shards' jobs
 
 
 def _existing_tars(out: Path) -> list[str]:
@@ -159,7 +164,7 @@ def prepare_out(out: str | Path, render_config: dict, planned: dict[str, str], o
         for tmp in (out / s).glob(".*.tmp"):
             tmp.unlink()
     run_path.write_text(json.dumps(render_config, indent=1, sort_keys=True) + "\n")
-    journalled, quarantined = journal.read()
+    journalled, quarantined, failed_samples = journal.read()
     resume = Resume(quarantined={} if retry_quarantined else quarantined)
     on_disk = set(existing)
     for rel, split in planned.items():
@@ -168,6 +173,7 @@ def prepare_out(out: str | Path, render_config: dict, planned: dict[str, str], o
         summary = journalled.get(rel)
         if summary is not None and (out / rel).stat().st_size == summary.bytes:
             resume.keep[rel] = summary
+            resume.sample_failures.extend(failed_samples.get(rel, []))
         else:
             resume.keep[rel] = shards.summarize_shard(out, rel, split)
             resume.read_from_disk += 1

@@ -200,7 +200,8 @@ def test_journal_resume_trusts_sizes_and_skips_torn_lines(tmp_path):
         with shards.ShardWriter(out, f"train/{name}.tar", "train") as w:
             w.write(f"k{name}", {m: b"x" for m in shards.MEMBERS})
             summaries[name] = w.close()
-    journal.shard(summaries["a"])  # b finished on disk but the driver died before journalling it
+    lost = {"character": "a", "key": "a_p00001_v0", "error": "RuntimeError: boom"}
+    journal.shard(summaries["a"], [lost])  # b finished on disk but the driver died before journalling it
     journal.quarantine("c", "failed 3 times")
     journal.close()
     with open(out / farm_journal.JOURNAL_NAME, "a") as f:
@@ -209,6 +210,7 @@ def test_journal_resume_trusts_sizes_and_skips_torn_lines(tmp_path):
     resume = farm_journal.prepare_out(out, cfg, planned, overwrite=False, retry_quarantined=False)
     assert set(resume.keep) == {"train/a.tar", "train/b.tar"} and resume.read_from_disk == 1
     assert resume.keep["train/b.tar"].sha256 == summaries["b"].sha256
+    assert resume.sample_failures == [lost]  # a kept shard's failed samples still reach the index
     assert resume.quarantined == {"c": "failed 3 times"}
     assert not (out / "train" / ".c.tar.tmp").exists()
     assert farm_journal.prepare_out(out, cfg, planned, False, retry_quarantined=True).quarantined == {}
