@@ -1,7 +1,9 @@
 """GPU device selection for Blender workers: enable exactly the GPU(s) Ray assigned to this worker.
 
 Ray gives a GPU actor its GPU ids (``ray.get_runtime_context().get_accelerator_ids()["GPU"]``, the
-node's physical indices in NVML / ``nvidia-smi`` order) and sets ``CUDA_VISIBLE_DEVICES``. Blender
+node's GPU indices; taken here in NVML / ``nvidia-smi`` order, which is CUDA's order when the node
+sets ``CUDA_DEVICE_ORDER=PCI_BUS_ID``: do so on nodes with mixed GPU models) and sets
+``CUDA_VISIBLE_DEVICES``. Blender
 does not always honour that variable (and its device list is not in CUDA's order), so Cycles would
 render on whatever devices its preferences enable - several workers on GPU 0. We therefore select the
 device explicitly:
