@@ -262,27 +262,12 @@ def render_procedural(params: dict, size: Sequence[int] = PROCEDURAL_SIZE):
 # HDRI views
 # ---------------------------------------------------------------------------------------------
 
-_EXR_READER = r"""
-import sys
-import numpy as np
-import bpy
-arrays = {}
-for i, p in enumerate(sys.argv[2:]):
-    img = bpy.data.images.load(p, check_existing=False)
-    w, h = img.size
-    a = np.empty(w * h * 4, np.float32)
-    img.pixels.foreach_get(a)
-    arrays["img%d" % i] = a.reshape(h, w, 4)[::-1, :, :3]  # Blender's rows go bottom-up
-    bpy.data.images.remove(img)
-np.savez(sys.argv[1], **arrays)
-"""
-
-
 def _read_exrs(paths: Sequence[Path], timeout: float = 300.0) -> list[np.ndarray]:
-    """Decode OpenEXR files to float32 (H, W, 3) linear RGB in a ``bpy`` subprocess."""
+    """Decode OpenEXR files to float32 (H, W, 3) linear RGB in a Blender subprocess
+    (``serialgen.render.exr_reader``: bpy stays under render/ and out of this process)."""
     with tempfile.TemporaryDirectory(prefix="serialgen-exr-") as tmp:
         out = Path(tmp) / "exr.npz"
-        proc = subprocess.run([sys.executable, "-c", _EXR_READER, str(out), *map(str, paths)],
+        proc = subprocess.run([sys.executable, "-m", "serialgen.render.exr_reader", str(out), *map(str, paths)],
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.is_file():
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
