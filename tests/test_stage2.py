@@ -281,3 +281,26 @@ def test_face_sim_needs_both_onnx_files(tmp_path):
 
     with pytest.raises(UserInputError, match="--face-det: .*det_10g.onnx"):
         ArcFaceOnnx(tmp_path / "det_10g.onnx", tmp_path / "w600k_r50.onnx")
+
+
+def test_reference_pictures_flatten_transparency_onto_white(tmp_path):
+    """Generation and validation open references the same way: transparent pixels become white
+    (the background of the CLIP padding and the standard images), never black."""
+    from PIL import Image
+
+    from serialgen.errors import UserInputError
+    from serialgen.training.ip_adapter import open_reference
+
+    rgba = Image.new("RGBA", (8, 12), (0, 0, 0, 0))
+    rgba.putpixel((4, 6), (200, 10, 10, 255))
+    rgba.save(tmp_path / "ref.png")
+    rgb = open_reference(tmp_path / "ref.png", "--ref")
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((4, 6)) == (200, 10, 10)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    for name, text in (("bad.png", "not a readable image"), ("missing.png", "not found")):
+        try:
+            open_reference(tmp_path / name, "validation.references")
+        except UserInputError as exc:
+            assert str(exc).startswith("validation.references:") and text in str(exc)
+        else:
+            raise AssertionError(f"{name}: no error")

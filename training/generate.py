@@ -75,26 +75,6 @@ def load_adapter_pipeline(adapter: str | Path, *, sdxl: str | None = None, image
     return pipe, models
 
 
-def _load_reference(path: str | Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserInputError(f"--ref: {p} not found")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P"):
-                from serialgen.training.ip_adapter import WHITE
-
-                rgba = im.convert("RGBA")
-                base = Image.new("RGBA", rgba.size, WHITE + (255,))
-                return Image.alpha_composite(base, rgba).convert("RGB")
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserInputError(f"--ref: {p} is not a readable image ({exc})") from None
-
-
 def generate_series(
     *,
     ref: str | Path,
@@ -138,7 +118,9 @@ def generate_series(
     if width % 8 or height % 8:
         raise UserInputError(f"--width/--height: {width}x{height} must be multiples of 8")
     out = Path(out)
-    reference = _load_reference(ref)
+    from serialgen.training.ip_adapter import open_reference
+
+    reference = open_reference(ref, "--ref")
     # Stage I first (its model is freed before SDXL loads).
     if standardizer == "none":
         standardized, std_name = reference, "none (raw reference)"

@@ -37,6 +37,7 @@ from serialgen.errors import UserInputError
 __all__ = [
     "NUM_TOKENS",
     "WEIGHT_NAME",
+    "open_reference",
     "pad_to_square",
     "reference_pixel_values",
     "clip_processor",
@@ -56,6 +57,25 @@ __all__ = [
 NUM_TOKENS = 257  # ViT-H/14 at 224 px; diffusers hard-codes this count for "Full" (proj.3.* keys)
 WEIGHT_NAME = "ip_adapter.safetensors"
 WHITE = (255, 255, 255)
+
+
+def open_reference(path: str | Path, what: str) -> Any:
+    """A reference picture as RGB, transparency flattened onto white (the background the adapter
+    sees everywhere: CLIP padding, standard images). ``what`` names the argument in errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError(f"{what}: {p} not found")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P"):
+                rgba = im.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserInputError(f"{what}: {p} is not a readable image ({exc})") from None
 
 
 def pad_to_square(image: Any, fill: tuple[int, int, int] = WHITE) -> Any:

@@ -226,7 +226,7 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     from tqdm import tqdm
 
     from serialgen.training import checkpointing as ckpt
-    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters
+    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters, open_reference
     from serialgen.training.logging_utils import MetricsLogger, Throughput
     from serialgen.training.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
     from serialgen.training.stage2_components import check_model_paths, load_components
@@ -314,7 +314,7 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     batches = iter(resumable)  # resumable.position: micro-batches consumed so far (what a resume skips)
 
     pipe = comps.pipeline()  # for encode_prompt (identical to inference) and validation grids
-    val_refs = [_open_image(p) for p in vcfg["references"]] or [
+    val_refs = [open_reference(p, "validation.references") for p in vcfg["references"]] or [
         dataset.reference_image(i) for i in range(min(vcfg["num_references"], len(dataset)))
     ]
 
@@ -409,14 +409,3 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     return summary
 
 
-def _open_image(path: str | Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserInputError(f"validation.references: {p} not found")
-    try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserInputError(f"validation.references: {p} is not a readable image ({exc})") from None
