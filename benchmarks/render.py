@@ -55,11 +55,9 @@ def _poses_path(assets: Path | None, scratch: Path) -> Path:
 
 
 def bench_stages(args, scratch: Path) -> dict:
-    import bpy
-
     from serialgen.dataset import shards
     from serialgen.render.job import BlenderWorker, RenderJob, character_samples
-    from serialgen.render.scene import RenderSettings
+    from serialgen.render.scene import RenderSettings, time_bare_render
 
     settings = RenderSettings(engine=args.engine, width=args.width, height=args.height, threads=args.threads)
     worker = BlenderWorker(settings)
@@ -78,25 +76,13 @@ def bench_stages(args, scratch: Path) -> dict:
     writer = shards.ShardWriter(scratch, "train/bench.tar", "train")
     rows, bare, bare_write = [], [], []
     still = str(scratch / "bare.png")
-    scene = worker.scene
-    from serialgen.render.scene import _quiet_stdout
     for i, (pose_id, view) in enumerate(plan):
         key, members, timings = worker._render_sample(job, loaded, library, pose_id, view)
         t = time.perf_counter()
         writer.write(key, members)
         timings["write"] = time.perf_counter() - t
-        # Bare: the same scene state rendered again with nothing around it: render only, and
-        # render + save with Blender's own PNG writer (RGBA, its default 15% compression).
-        t = time.perf_counter()
-        bpy.ops.render.render()
-        b = time.perf_counter() - t
-        scene.render.filepath, scene.render.image_settings.file_format = still, "PNG"
-        scene.render.image_settings.compression = 15
-        t = time.perf_counter()
-        with _quiet_stdout():
-            bpy.ops.render.render(write_still=True)
-        bw = time.perf_counter() - t
-        scene.render.image_settings.file_format = "TARGA_RAW"
+        # Bare: the same scene state rendered again with nothing around it.
+        b, bw = time_bare_render(worker.scene, still)
         if i >= 2:  # the first frames warm caches (shaders, BVH): not steady state
             rows.append(timings)
             bare.append(b)

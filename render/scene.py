@@ -39,6 +39,7 @@ __all__ = [
     "reset_scene",
     "configure_render",
     "render_rgba",
+    "time_bare_render",
 ]
 
 ENGINES = {"workbench": "BLENDER_WORKBENCH", "eevee": "BLENDER_EEVEE", "cycles": "CYCLES"}
@@ -199,3 +200,27 @@ def render_rgba(scene, supersample: int = 1) -> np.ndarray:
     finally:
         path.unlink(missing_ok=True)  # /dev/shm is memory: never leave frames behind
     return arr
+
+
+def time_bare_render(scene, still_path: str) -> tuple[float, float]:
+    """Seconds for two bare loops on the scene as it is (the render benchmark's baseline):
+    ``bpy.ops.render.render()`` alone, and render + save with Blender's own PNG writer (RGBA, its
+    default 15% compression), i.e. what a plain render loop that keeps its images pays."""
+    import time
+
+    import bpy
+
+    t = time.perf_counter()
+    bpy.ops.render.render()
+    render_s = time.perf_counter() - t
+    settings = scene.render.image_settings
+    previous = (scene.render.filepath, settings.file_format, settings.compression)
+    scene.render.filepath, settings.file_format = still_path, "PNG"
+    settings.compression = 15
+    t = time.perf_counter()
+    with _quiet_stdout():
+        bpy.ops.render.render(write_still=True)
+    save_s = time.perf_counter() - t
+    scene.render.filepath, settings.file_format = previous[0], previous[1]
+    settings.compression = previous[2]
+    return render_s, save_s
