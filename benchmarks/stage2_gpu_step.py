@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(count_only(), indent=1))
         return 0
 
-    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters, pad_to_square
+    from serialgen.imaging import pad_to_square
+    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters
     from serialgen.training.stage2_components import build_tiny_components
     from serialgen.training.train_stage2 import AdapterView, Stage2Denoiser, denoising_loss, prepare_inputs
 

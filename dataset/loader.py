@@ -318,7 +318,7 @@ def reference_standard_pose(width: int, height: int) -> Pose:
     seen by the standard camera (``render/standard.py``: head centre and height fixed in the frame)
     at a standard image of ``width`` x ``height``. Pure numpy; no bpy."""
     from serialgen.assets_manifest import skeleton as sk
-    from serialgen.render.standard import standard_camera
+    from serialgen.assets_manifest.geometry.standard_form import standard_camera
 
     skel = sk.forward_kinematics(np.zeros((len(sk.JOINTS), 3)))
     kp3, defined = sk.compute_keypoints(skel)

@@ -31,10 +31,12 @@ import numpy as np
 
 from serialgen.assets_manifest import skeleton as sk
 from serialgen.dataset import shards
-from serialgen.render import camera as cam_mod
+from serialgen.imaging import flatten_on_white
+from serialgen.assets_manifest.geometry import camera as cam_mod
+from serialgen.assets_manifest.geometry import standard_form as std_mod
+from serialgen.assets_manifest.geometry.head import head_geometry_of
 from serialgen.render import lighting as light_mod
-from serialgen.render import standard as std_mod
-from serialgen.render.head_geometry import head_geometry_of
+from serialgen.render.camera import apply_camera
 from serialgen.render.keypoints import pose_record
 from serialgen.render.scene import RenderSettings
 
@@ -210,7 +212,7 @@ class BlenderWorker:
             lo, hi = rig.world_bounds()
             head = head_geometry_of(rig, skel)
             camera = std_mod.standard_camera(skel, s.width, s.height, head)
-            cam_mod.apply_camera(self.scene.camera, camera)
+            apply_camera(self.scene.camera, camera)
             light_mod.apply_lighting(self.scene, light_mod.STANDARD_LIGHTING, s.engine)
         loaded.std_meta["character_height_m"] = float(hi[2] - lo[2])
         with _stage(timings, "render"):
@@ -218,7 +220,7 @@ class BlenderWorker:
         with _stage(timings, "keypoints"):
             kps, defined = self._keypoints(loaded, camera, skel)
         with _stage(timings, "encode"):
-            loaded.std_png = shards.encode_png(std_mod.on_white(rgba))
+            loaded.std_png = shards.encode_png(flatten_on_white(rgba))
             loaded.std_pose = shards.json_bytes(pose_record(kps, defined, s.width, s.height))
         loaded.std_meta.update({
             "camera": camera.to_json(),
@@ -292,7 +294,7 @@ class BlenderWorker:
                            np.asarray(library.root_translation[pose_id], dtype=np.float64))
             skel = rig.posed_skeleton()
             camera = self.view_camera(rig, view, skel)
-            cam_mod.apply_camera(self.scene.camera, camera)
+            apply_camera(self.scene.camera, camera)
             light_mod.apply_lighting(self.scene, lighting, s.engine)
         with _stage(timings, "render"):
             rgba = self._render(self.scene)

@@ -13,7 +13,7 @@ face_landmarks)``. The math (``assets_manifest.rig_alignment``, ``docs/character
 * ``posed_skeleton()`` reads the posed bones back and recovers the canonical world rotation
   ``W @ R_rest^T @ A^T`` per joint, so ``skeleton.compute_keypoints`` works for any rig;
 * at construction the head's geometry is measured on the rest mesh (``head_geometry``, see
-  ``render/head_geometry.py``); a rig given no face landmarks gets landmarks estimated on it.
+  ``assets_manifest/geometry/head.py``); a rig given no face landmarks gets landmarks estimated on it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from serialgen.assets_manifest import rig_alignment as ra
 from serialgen.assets_manifest import skeleton as sk
 from serialgen.render.bpy_utils import import_bpy
-from serialgen.render.head_geometry import HeadGeometry, measure_head
+from serialgen.assets_manifest.geometry.head import HeadGeometry, measure_head
 
 __all__ = ["CharacterRig", "Expression"]
 
@@ -48,7 +48,7 @@ class CharacterRig:
             None: estimated on the measured head (``head_geometry.estimate_face_landmarks``).
         owned: extra datablock owners to delete in ``remove`` (for example a collection).
 
-    ``head_geometry`` (:class:`~serialgen.render.head_geometry.HeadGeometry`): the head region's box
+    ``head_geometry`` (:class:`~serialgen.assets_manifest.geometry.head.HeadGeometry`): the head region's box
     and points in the head joint's canonical rest frame, measured once here on the rest mesh.
     """
 

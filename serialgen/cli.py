@@ -50,13 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         groups[name] = group_parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND")
         group_parser.set_defaults(_group_parser=group_parser)
     for module_name, attr in _REGISTRARS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # that part has no commands yet
-                continue
-            raise
-        getattr(module, attr)(sub, groups)
+        # A missing module is a broken install: let the ImportError say so, never drop a command.
+        getattr(importlib.import_module(module_name), attr)(sub, groups)
     return parser
 
 

@@ -101,14 +101,15 @@ def test_projection_matches_blender(worker):
     from bpy_extras.object_utils import world_to_camera_view
     from mathutils import Vector
 
-    from serialgen.render import camera as cm
+    from serialgen.assets_manifest.geometry import camera as cm
+    from serialgen.render.camera import apply_camera
 
     scene = worker.scene
     pts = np.random.default_rng(1).normal(0.0, 0.4, (6, 3)) + [0.0, 0.0, 1.0]
     view = cm.ViewSample(70.0, 20.0, 50.0, "full_body", 0.8, (0.3, -0.2))
     cam = cm.fit_camera(view, pts, W, H)
     cam.shift_x, cam.shift_y = 0.05, -0.2
-    cm.apply_camera(scene.camera, cam)
+    apply_camera(scene.camera, cam)
     bpy.context.view_layer.update()
     uv, _ = cam.project(pts)
     ref = np.array([world_to_camera_view(scene, scene.camera, Vector(p))[:2] for p in pts])
@@ -135,7 +136,7 @@ def test_visible_keypoints_inside_silhouette(worker, poses_path, procedural, tmp
 
 @pytest.mark.parametrize("kind", ["procedural", "mannequin"])
 def test_standard_image_places_the_head(worker, poses_path, procedural, tmp_path, kind):
-    from serialgen.render.standard import STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT
+    from serialgen.assets_manifest.geometry.standard_form import STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT
 
     assets, records = procedural
     heights = []
@@ -174,8 +175,9 @@ def test_standard_image_places_the_head(worker, poses_path, procedural, tmp_path
 def test_expression_changes_only_the_face(worker, procedural, kind):
     import bpy
 
-    from serialgen.render import camera as cm
-    from serialgen.render.standard import standard_angles
+    from serialgen.assets_manifest.geometry import camera as cm
+    from serialgen.render.camera import apply_camera
+    from serialgen.assets_manifest.geometry.standard_form import standard_angles
 
     assets, records = procedural
     record = records["adult"] if kind == "procedural" else _record("adult")
@@ -189,7 +191,7 @@ def test_expression_changes_only_the_face(worker, procedural, kind):
     # Head to knees, hands included: the face is a small part of the frame.
     framed = [tail] + [skel.heads[skel.joint(j)] for j in ("l_hand", "r_hand", "l_lower_leg", "r_lower_leg")]
     cam = cm.fit_camera(view, np.stack(framed), W, H)
-    cm.apply_camera(worker.scene.camera, cam)
+    apply_camera(worker.scene.camera, cam)
     images = {}
     for name in ("neutral", "open_mouth", "smile"):
         rig.set_expression(name)
@@ -241,8 +243,9 @@ def test_failed_character_is_recorded(worker, poses_path, tmp_path):
 
 def test_face_keypoints_hidden_from_behind(worker, procedural):
     from serialgen.assets_manifest import skeleton as sk
-    from serialgen.render import camera as cm
-    from serialgen.render.standard import standard_angles
+    from serialgen.assets_manifest.geometry import camera as cm
+    from serialgen.render.camera import apply_camera
+    from serialgen.assets_manifest.geometry.standard_form import standard_angles
 
     assets, records = procedural
     loaded = worker._load_character(records["adult"], str(assets))
@@ -257,7 +260,7 @@ def test_face_keypoints_hidden_from_behind(worker, procedural):
     for azimuth in (0.0, 180.0):
         cam = cm.fit_camera(cm.ViewSample(azimuth, 5.0, 50.0, "full_body", 0.9, (0.0, 0.0)),
                             worker._mesh_points(rig), W, H)
-        cm.apply_camera(worker.scene.camera, cam)
+        apply_camera(worker.scene.camera, cam)
         kps, defined = worker._keypoints(loaded, cam, skel)
         seen[azimuth] = kps[:, 2]
         assert defined[face + body].all()

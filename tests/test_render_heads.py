@@ -143,7 +143,7 @@ def test_head_geometry_is_the_head_mesh(worker, characters, library):
 
 
 def test_standard_image_head_at_the_documented_place(worker, characters, library, tmp_path):
-    from serialgen.render.standard import STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT, standard_angles
+    from serialgen.assets_manifest.geometry.standard_form import STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT, standard_angles
 
     assets, records = characters
     for name, record in records.items():
@@ -176,7 +176,8 @@ def test_standard_image_head_at_the_documented_place(worker, characters, library
 
 def test_head_close_up_shows_the_head(worker, characters):
     from serialgen.assets_manifest.skeleton import KEYPOINT_NAMES
-    from serialgen.render import camera as cm
+    from serialgen.assets_manifest.geometry import camera as cm
+    from serialgen.render.camera import apply_camera
 
     assets, records = characters
     for name, record in records.items():
@@ -188,7 +189,7 @@ def test_head_close_up_shows_the_head(worker, characters):
         for azimuth in (0.0, 35.0, -30.0):
             view = cm.ViewSample(azimuth, 10.0, 50.0, "head", 0.55, (0.2, -0.2))
             cam = worker.view_camera(rig, view, skel)
-            cm.apply_camera(worker.scene.camera, cam)
+            apply_camera(worker.scene.camera, cam)
             alpha = worker._render(worker.scene)[..., 3]
             assert (alpha > 0).mean() > 0.2, (name, azimuth, (alpha > 0).mean())
             (cx, cy), = cam.project(rig.head_geometry.world_center(skel)[None])[0]
@@ -204,7 +205,8 @@ def test_no_view_puts_the_camera_in_the_character(worker, characters, library, t
     """30 drawn views per character through the real job: the camera is outside the posed mesh
     bounds by the clearance, every frame shows a good part of the character, and visible keypoints
     fall on the silhouette (>= 95% for the real characters)."""
-    from serialgen.render import camera as cm
+    from serialgen.assets_manifest.geometry import camera as cm
+    from serialgen.render.camera import apply_camera
 
     assets, records = characters
     inside = total = 0
@@ -247,8 +249,9 @@ def test_keep_clear_and_head_fallbacks():
     """Pure numpy: a camera inside the grown bounds is pushed out along its axis; a degenerate head
     region falls back to the influence region, then to the bone box; a sphere with a nose gets its
     nose on the nose and its eyes above it on the front surface."""
-    from serialgen.render import camera as cm
-    from serialgen.render.head_geometry import HeadGeometry, measure_head
+    from serialgen.assets_manifest.geometry import camera as cm
+    from serialgen.render.camera import apply_camera
+    from serialgen.assets_manifest.geometry.head import HeadGeometry, measure_head
 
     cam = cm.CameraSpec(np.array([0.0, -0.2, 1.0]), cm.look_rotation([0.0, 1.0, 0.0]), 50.0, W, H)
     moved = cm.keep_clear(cam, np.array([0.0, -1.0, 0.0]), np.array([-0.5, -0.3, 0.0]), np.array([0.5, 0.3, 1.8]), 0.1)

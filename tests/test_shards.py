@@ -158,7 +158,7 @@ def test_ray_data_reads_the_shards(tmp_path):
 
 
 def test_fit_camera_frames_the_points():
-    from serialgen.render import camera as cm
+    from serialgen.assets_manifest.geometry import camera as cm
 
     rng = np.random.default_rng(0)
     pts = rng.normal(0.0, [0.3, 0.2, 0.5], (200, 3)) + [0.0, 0.0, 1.0]
@@ -174,7 +174,7 @@ def test_fit_camera_frames_the_points():
 
 def test_standard_camera_puts_the_head_bone_in_place():
     from serialgen.assets_manifest import skeleton as sk
-    from serialgen.render.standard import (STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT, head_box,
+    from serialgen.assets_manifest.geometry.standard_form import (STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT, head_box,
                                            standard_camera)
 
     for scale in (0.65, 1.0, 1.1):

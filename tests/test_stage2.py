@@ -51,7 +51,8 @@ def _generate(pipe, **kw) -> np.ndarray:
 def test_trained_adapter_loads_in_stock_diffusers_and_scale_zero_is_no_adapter(tiny_run):
     from safetensors.torch import load_file
 
-    from serialgen.training.ip_adapter import adapter_state_dict, initial_adapter_state_dict, pad_to_square
+    from serialgen.imaging import pad_to_square
+    from serialgen.training.ip_adapter import adapter_state_dict, initial_adapter_state_dict
 
     saved = load_file(str(tiny_run / "ip_adapter.safetensors"))
     assert saved and all(k.startswith(("image_proj.", "ip_adapter.")) for k in saved)
@@ -104,7 +105,7 @@ def test_resume_is_exact(tiny_run, tmp_path):
 
 
 def test_cfg_dropout_rates_hold_over_many_draws():
-    from serialgen.training.stage2_data import draw_cfg_dropout
+    from serialgen.dataset.stage2_loader import draw_cfg_dropout
 
     n = 200_000
     g = torch.Generator().manual_seed(123)
@@ -135,7 +136,7 @@ def test_dropped_image_is_a_zero_image_through_the_encoder():
 
 
 def test_padding_preprocessing_keeps_head_and_feet():
-    from serialgen.training.ip_adapter import clip_processor, reference_pixel_values
+    from serialgen.dataset.clip_inputs import clip_processor, reference_pixel_values
 
     # a 512x768 standardized figure: red head band at the very top, blue feet band at the very bottom
     arr = np.full((768, 512, 3), 255, np.uint8)
@@ -211,7 +212,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_training_modes_pick_their_reference(tmp_path):
-    from serialgen.training.stage2_data import PairDataset, sdxl_time_ids, write_synthetic_pairs
+    from serialgen.dataset.stage2_loader import PairDataset, sdxl_time_ids, write_synthetic_pairs
 
     pairs = write_synthetic_pairs(tmp_path / "pairs", 4, seed=0, size=(64, 96))
     two = PairDataset([pairs], mode="two-stage", resolution=(64, 96))

@@ -106,10 +106,9 @@ def generate_series(
     import torch
     from tqdm import tqdm
 
-    from serialgen.training.ip_adapter import pad_to_square
+    from serialgen.imaging import letterbox, pad_to_square
     from serialgen.training.logging_utils import save_image_grid
     from serialgen.training.pairs_stage2 import load_standardizer
-    from serialgen.training.stage2_data import letterbox
 
     if not prompts:
         raise UserInputError("--prompt: give at least one prompt")
@@ -140,7 +139,7 @@ def generate_series(
     total = len(prompts) * len(seed_list)
     with tqdm(total=total, desc="generate", unit="img", disable=not progress) as bar:
         for pi, prompt in enumerate(prompts):
-            row = [np.asarray(letterbox(standardized, width, height))]
+            row = [np.asarray(letterbox(standardized.convert("RGB"), (width, height))[0])]
             for seed in seed_list:
                 image = pipe(
                     prompt, negative_prompt=negative_prompt, ip_adapter_image=ip_image, height=height, width=width,

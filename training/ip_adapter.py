@@ -33,14 +33,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from serialgen.errors import UserInputError
+from serialgen.imaging import flatten_on_white
 
 __all__ = [
     "NUM_TOKENS",
     "WEIGHT_NAME",
     "open_reference",
-    "pad_to_square",
-    "reference_pixel_values",
-    "clip_processor",
     "encode_reference",
     "initial_adapter_state_dict",
     "attach_ip_adapter",
@@ -56,7 +54,6 @@ __all__ = [
 
 NUM_TOKENS = 257  # ViT-H/14 at 224 px; diffusers hard-codes this count for "Full" (proj.3.* keys)
 WEIGHT_NAME = "ip_adapter.safetensors"
-WHITE = (255, 255, 255)
 
 
 def open_reference(path: str | Path, what: str) -> Any:
@@ -70,68 +67,9 @@ def open_reference(path: str | Path, what: str) -> Any:
     try:
         with Image.open(p) as im:
             im.load()
-            if im.mode in ("RGBA", "LA", "P"):
-                rgba = im.convert("RGBA")
-                return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
-            return im.convert("RGB")
+            return flatten_on_white(im)
     except (UnidentifiedImageError, OSError) as exc:
         raise UserInputError(f"{what}: {p} is not a readable image ({exc})") from None
-
-
-def pad_to_square(image: Any, fill: tuple[int, int, int] = WHITE) -> Any:
-    """Centre ``image`` (PIL) on a ``fill``-coloured square whose side is its longer side; RGB out.
-
-    RGBA input is first composited onto ``fill`` so transparent backgrounds become the same colour as
-    the padding. The figure is not scaled: a 512x768 image becomes 768x768 with 128 px of white left
-    and right, so head and feet stay in the frame the CLIP processor later resizes.
-    """
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, fill + (255,))
-        image = Image.alpha_composite(base, rgba)
-    image = image.convert("RGB")
-    w, h = image.size
-    side = max(w, h)
-    if w == h:
-        return image
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas
-
-
-_PROCESSORS: dict[int, Any] = {}
-
-
-def clip_processor(size: int) -> Any:
-    """The CLIP image processor at ``size`` px, always the PIL backend.
-
-    The same settings diffusers' ``load_ip_adapter`` uses when a pipeline has no feature extractor
-    (``CLIPImageProcessor(size=S, crop_size=S)``: bicubic short-side resize, centre crop, CLIP mean/std).
-    We pin the PIL implementation: transformers picks a torchvision backend when torchvision is
-    installed, whose resize differs slightly, and training and inference must see identical pixels.
-    """
-    try:
-        from transformers import CLIPImageProcessorPil as _Processor
-    except ImportError:  # older transformers: only the PIL implementation exists
-        from transformers import CLIPImageProcessor as _Processor
-
-    if size not in _PROCESSORS:
-        _PROCESSORS[size] = _Processor(size=size, crop_size=size)
-    return _PROCESSORS[size]
-
-
-def reference_pixel_values(images: Sequence[Any], image_size: int = 224) -> Any:
-    """Pad each PIL reference to a white square, then CLIP-preprocess: float tensor (B, 3, S, S).
-
-    ``S = image_size`` is the vision encoder's ``config.image_size`` (224 for ViT-H/14). Values are CLIP
-    normalised (mean/std of OpenAI CLIP, which OpenCLIP ViT-H/14 shares).
-    """
-    if not images:
-        raise ValueError("reference_pixel_values: no images")
-    padded = [pad_to_square(im) for im in images]
-    return clip_processor(int(image_size))(images=padded, return_tensors="pt").pixel_values
 
 
 def encode_reference(image_encoder: Any, pixel_values: Any, drop: Any = None) -> Any:

@@ -178,7 +178,7 @@ class ClipScorer:
         import torch
         from transformers import AutoTokenizer, CLIPModel
 
-        from serialgen.training.ip_adapter import clip_processor
+        from serialgen.dataset.clip_inputs import clip_processor
 
         p = Path(path).expanduser()
         if not (p / "config.json").is_file():
@@ -194,7 +194,7 @@ class ClipScorer:
 
     def images(self, images: Sequence[Any]) -> Any:
         """(N, D) unit vectors; each image padded to a white square first."""
-        from serialgen.training.ip_adapter import pad_to_square
+        from serialgen.imaging import pad_to_square
 
         torch = self._torch
         out = []

@@ -75,9 +75,9 @@ class IdentityStandardizer:
         self.size = size
 
     def __call__(self, images: Sequence[Any], seed: int | None = None) -> list[Any]:
-        from serialgen.training.stage2_data import letterbox
+        from serialgen.imaging import letterbox
 
-        return [letterbox(im, *self.size) for im in images]
+        return [letterbox(im.convert("RGB"), self.size)[0] for im in images]
 
 
 class Stage1Standardizer:

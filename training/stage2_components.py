@@ -50,12 +50,12 @@ class SDXLComponents:
         """A stock ``StableDiffusionXLPipeline`` over these modules (DDIM unless a scheduler is given).
 
         ``feature_extractor`` is a plain ``CLIPImageProcessor`` at the encoder's size: references are
-        padded to a square before they reach it (see :func:`serialgen.training.ip_adapter.pad_to_square`),
+        padded to a square before they reach it (see :func:`serialgen.imaging.pad_to_square`),
         so its centre crop is a no-op.
         """
         from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-        from serialgen.training.ip_adapter import clip_processor
+        from serialgen.dataset.clip_inputs import clip_processor
 
         size = int(self.image_encoder.config.image_size)
         if scheduler is None:

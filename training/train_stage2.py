@@ -115,14 +115,13 @@ def validation_grid(pipe: Any, references: list[Any], prompts: list[str], path: 
     import numpy as np
     import torch
 
-    from serialgen.training.ip_adapter import pad_to_square
+    from serialgen.imaging import letterbox, pad_to_square
     from serialgen.training.logging_utils import save_image_grid
-    from serialgen.training.stage2_data import letterbox
 
     pipe.set_ip_adapter_scale(ip_scale)
     rows = []
     for ref in references:
-        row = [np.asarray(letterbox(ref, width, height))]
+        row = [np.asarray(letterbox(ref.convert("RGB"), (width, height))[0])]
         for prompt in prompts:
             with autocast() if autocast is not None else contextlib.nullcontext():
                 image = pipe(
@@ -170,7 +169,7 @@ def prepare_inputs(comps: Any, pipe: Any, batch: dict[str, Any], generator: Any,
     import torch
 
     from serialgen.training.ip_adapter import encode_reference
-    from serialgen.training.stage2_data import draw_cfg_dropout, sdxl_time_ids
+    from serialgen.dataset.stage2_loader import draw_cfg_dropout, sdxl_time_ids
 
     sched = comps.noise_scheduler
     bsz = batch["pixel_values"].shape[0]
@@ -230,7 +229,7 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     from serialgen.training.logging_utils import MetricsLogger, Throughput
     from serialgen.training.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
     from serialgen.training.stage2_components import check_model_paths, load_components
-    from serialgen.training.stage2_data import PairDataset, write_synthetic_pairs
+    from serialgen.dataset.stage2_loader import PairDataset, write_synthetic_pairs
 
     if output_dir is not None:
         cfg["output_dir"] = str(output_dir)

@@ -3,7 +3,7 @@ head at a fixed place and size in the frame for every character.
 
 Head placement (``docs/rendering.md``): the head is the character's measured head geometry
 (``CharacterRig.head_geometry``: the vertices skinned to the head bone and its descendants, hats and
-helmets included; see ``render/head_geometry.py``), posed rigidly with the head joint. The centre of
+helmets included; see ``geometry/head.py``), posed rigidly with the head joint. The centre of
 its projected bounding box lands at ``STANDARD_HEAD_CENTER`` (fractions of width, height) and its
 projected height spans ``STANDARD_HEAD_HEIGHT`` of the frame height. The camera looks along +Y,
 level, from the head centre's height, at focal length ``STANDARD_FOCAL_MM``; its distance is solved
@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from serialgen.assets_manifest import skeleton as sk
-from serialgen.render.camera import CameraSpec, look_rotation
-from serialgen.render.head_geometry import HeadGeometry
+from serialgen.assets_manifest.geometry.camera import CameraSpec, look_rotation
+from serialgen.assets_manifest.geometry.head import HeadGeometry
 
 __all__ = [
     "STANDARD_HEAD_CENTER",
@@ -31,7 +31,6 @@ __all__ = [
     "standard_angles",
     "standard_camera",
     "head_box",
-    "on_white",
 ]
 
 STANDARD_HEAD_CENTER = (0.5, 0.12)
@@ -100,11 +99,3 @@ def head_box(skel: sk.PosedSkeleton, camera: CameraSpec, head: HeadGeometry | No
     return {"center": [round(float(0.5 * (lo[0] + hi[0])), 3), round(float(0.5 * (lo[1] + hi[1])), 3)],
             "height": round(float(hi[1] - lo[1]), 3), "width": round(float(hi[0] - lo[0]), 3),
             "source": geo.source, "size_m": [round(float(x), 4) for x in geo.size]}
-
-
-def on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite straight-alpha uint8 (H, W, 4) over white -> uint8 (H, W, 3), integer maths."""
-    rgb = rgba[..., :3].astype(np.uint16)
-    a = rgba[..., 3:4].astype(np.uint16)
-    out = (rgb * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)

@@ -31,7 +31,6 @@ __all__ = [
     "draw_cfg_dropout",
     "sdxl_time_ids",
     "cover_crop",
-    "letterbox",
     "augment_reference",
     "write_synthetic_pairs",
 ]
@@ -86,18 +85,6 @@ def cover_crop(image: Any, width: int, height: int, rng: random.Random | None = 
     else:
         x, y = rng.randint(0, rw - width), rng.randint(0, rh - height)
     return resized.crop((x, y, x + width, y + height)), (h0, w0), (y, x)
-
-
-def letterbox(image: Any, width: int, height: int) -> Any:
-    """Fit ``image`` inside width x height on white, aspect kept, centred (bicubic); RGB out."""
-    from PIL import Image
-
-    im = image.convert("RGB")
-    s = min(width / im.width, height / im.height)
-    im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BICUBIC)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    canvas.paste(im, ((width - im.width) // 2, (height - im.height) // 2))
-    return canvas
 
 
 def augment_reference(image: Any, rng: random.Random, flip: float = 0.5, min_scale: float = 0.7, jitter: float = 0.1) -> Any:
@@ -216,7 +203,7 @@ class PairDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch
 
-        from serialgen.training.ip_adapter import reference_pixel_values
+        from serialgen.dataset.clip_inputs import reference_pixel_values
 
         target = _decode(self._member(index, "target.jpg"))
         rng = self._rng(index)
