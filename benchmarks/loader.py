@@ -86,7 +86,7 @@ def _steps(args) -> dict:
         _samples(args.shards)
     tar_ms = (time.thread_time() - t0) / (3 * len(samples)) * 1e3
     cfg = L.LoaderConfig(size=tuple(args.size), batch_size=8, dtype="uint8")
-    ds = L.PairDataset(args.shards, args.backgrounds, cfg)
+    ds = L.RenderPairDataset(args.shards, args.backgrounds, cfg)
     proc = L._SampleProcessor(ds, L.LoaderStats(), random.Random(0))
     for s in samples[: ds.config.background_pool + 16]:  # fill the background pool (start-up, not steady state)
         proc(dict(s))
@@ -276,7 +276,7 @@ def _ab(args) -> dict:
 
     def reader(L):
         cfg = L.LoaderConfig(size=tuple(args.size), resampled=True, batch_size=bs, dtype=args.dtype)
-        it = iter(L.PairDataset(args.shards, args.backgrounds, cfg))
+        it = iter(L.RenderPairDataset(args.shards, args.backgrounds, cfg))
         for _ in range((cfg.background_pool + 32) // (bs or 1)):  # fill the background pool first
             next(it)
         return it

@@ -80,11 +80,11 @@ def register(sub, groups) -> None:
 
 
 def _dataset(args, **overrides):
-    from serialgen.dataset.loader import LoaderConfig, PairDataset
+    from serialgen.dataset.loader import LoaderConfig, RenderPairDataset
 
     cfg = LoaderConfig(size=args.size, split=args.split, seed=args.seed, std_pose=args.std_pose,
                        canonical_pose=args.canonical_pose, **overrides)
-    return PairDataset(args.shards, args.backgrounds, cfg)
+    return RenderPairDataset(args.shards, args.backgrounds, cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The Stage I training loader: shards -> (composited reference, mask, pose maps, standard) tensors.
 
 A stock WebDataset pipeline (``webdataset.DataPipeline`` of ``SimpleShardList`` / ``ResampledShards``,
-``tarfile_to_samples``, ``shuffle``, ``map``, ``batched``) wrapped in ``PairDataset``, a torch
+``tarfile_to_samples``, ``shuffle``, ``map``, ``batched``) wrapped in ``RenderPairDataset``, a torch
 ``IterableDataset`` that adds what the stages leave to the user: exact node/worker splitting with a
 clear error instead of a hang, seeds that make every run reproducible, and a count of every skipped
 sample or shard (a warning summary when a reader finishes; never a crash on bad data).
@@ -69,7 +69,7 @@ __all__ = [
     "IMAGE_KEYS",
     "LoaderConfig",
     "LoaderStats",
-    "PairDataset",
+    "RenderPairDataset",
     "make_loader",
     "open_dataset",
     "resolve_shards",
@@ -314,19 +314,12 @@ def _first_member(url: str, member: str) -> bytes | None:
 
 
 def reference_standard_pose(width: int, height: int) -> Pose:
-    """The documented standard-form layout: the reference figure (``skeleton.py``, 1.75 m, A-pose)
-    seen by the standard camera (``render/standard.py``: head centre and height fixed in the frame)
-    at a standard image of ``width`` x ``height``. Pure numpy; no bpy."""
-    from serialgen.assets_manifest import skeleton as sk
-    from serialgen.assets_manifest.geometry.standard_form import standard_camera
+    """The canonical standard pose (the reference figure at the standard camera,
+    ``geometry.standard_form.reference_standard_keypoints``) as a Pose at ``width`` x ``height``."""
+    from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
 
-    skel = sk.forward_kinematics(np.zeros((len(sk.JOINTS), 3)))
-    kp3, defined = sk.compute_keypoints(skel)
-    uv, z = standard_camera(skel, width, height).project(kp3)
-    inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
-    vis = defined & inside
-    return Pose(np.where(vis[:, None], uv, 0).astype(np.float32), vis, (int(width), int(height)),
-                np.zeros((0, 2), np.float32))
+    uv, vis = reference_standard_keypoints(width, height)
+    return Pose(uv, vis, (int(width), int(height)), np.zeros((0, 2), np.float32))
 
 
 def load_canonical_pose(path=None, shards: list[str] | None = None, index_path: Path | None = None) -> Pose:
@@ -567,7 +560,7 @@ def _seeded(*parts) -> random.Random:
 # The dataset
 # ---------------------------------------------------------------------------------------------
 
-class PairDataset(torch.utils.data.IterableDataset):
+class RenderPairDataset(torch.utils.data.IterableDataset):
     """A torch ``IterableDataset`` of loader samples (see the module doc for what it yields).
 
     shards: anything ``resolve_shards`` accepts (checked now: a missing shard is an error here).
@@ -689,7 +682,7 @@ class _SampleProcessor:
     """Decode, place and draw one raw sample (the ``map`` stage), plus its collation, which writes
     the composite (background window + character) and its mask straight into the batch tensors."""
 
-    def __init__(self, ds: PairDataset, stats: LoaderStats, rng: random.Random):
+    def __init__(self, ds: RenderPairDataset, stats: LoaderStats, rng: random.Random):
         cfg = ds.config
         self.cfg, self.stats, self.rng = cfg, stats, rng
         self.composite_cfg = cfg.composite_config()
@@ -792,20 +785,20 @@ class _SampleProcessor:
 
 def make_loader(shards, backgrounds=None, config: LoaderConfig | None = None, num_workers: int = 2,
                 **overrides):
-    """A torch DataLoader over a PairDataset: batching happens in the workers (``config.batch_size``),
+    """A torch DataLoader over a RenderPairDataset: batching happens in the workers (``config.batch_size``),
     the DataLoader itself uses ``batch_size=None``. Checks shards against readers up front."""
-    ds = PairDataset(shards, backgrounds, config, **overrides)
+    ds = RenderPairDataset(shards, backgrounds, config, **overrides)
     ds.check_readers(num_workers)
     kw = {"prefetch_factor": 2} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
 
 
 def open_dataset(spec, *, width: int = 512, height: int = 768, seed: int = 0, split: str = "train",
-                 infinite: bool = False, backgrounds=None, **overrides) -> PairDataset:
-    """The training code's entry point: a PairDataset yielding single samples (the training loop
-    collates). ``infinite`` selects the resampled mode; ``backgrounds`` as in PairDataset (None:
+                 infinite: bool = False, backgrounds=None, **overrides) -> RenderPairDataset:
+    """The training code's entry point: a RenderPairDataset yielding single samples (the training loop
+    collates). ``infinite`` selects the resampled mode; ``backgrounds`` as in RenderPairDataset (None:
     procedural backgrounds, with a warning: real training wants real backgrounds)."""
     if backgrounds is None:
         log.warning("loader: no backgrounds given; compositing onto procedural colour fields")
     cfg = LoaderConfig(size=(width, height), seed=seed, split=split, resampled=infinite, **overrides)
-    return PairDataset(spec, backgrounds, cfg)
+    return RenderPairDataset(spec, backgrounds, cfg)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from serialgen.errors import UserInputError
 
 __all__ = [
-    "PairDataset",
+    "Stage2PairDataset",
     "draw_cfg_dropout",
     "sdxl_time_ids",
     "cover_crop",
@@ -122,7 +122,7 @@ def _decode(data: bytes) -> Any:
         return im.convert("RGB")
 
 
-class PairDataset:
+class Stage2PairDataset:
     """Map-style dataset over one or more pair sets (a torch ``Dataset`` by duck typing).
 
     ``__getitem__`` returns ``{"pixel_values": (3, H, W) in [-1, 1], "ref_pixel_values": (3, S, S) CLIP

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from serialgen.cli import main as cli_main
-from serialgen.dataset.loader import LoaderConfig, PairDataset, make_loader, open_dataset, resolve_shards
+from serialgen.dataset.loader import LoaderConfig, RenderPairDataset, make_loader, open_dataset, resolve_shards
 from serialgen.errors import UserInputError
 from test_loader_synth import synth_background, write_synthetic_shards
 
@@ -41,7 +41,7 @@ def _keys(iterable):
 
 def test_sample_layout_ranges_and_shapes(shard_set):
     root, bgs = shard_set
-    ds = PairDataset(root, bgs, _cfg())
+    ds = RenderPairDataset(root, bgs, _cfg())
     samples = list(ds)
     assert len(samples) == 4 * PER_SHARD and ds.stats.total_skipped == 0
     s = samples[0]
@@ -59,8 +59,8 @@ def test_sample_layout_ranges_and_shapes(shard_set):
 
 def test_batches_are_channels_last_and_uint8_converts_to_the_same_floats(shard_set):
     root, bgs = shard_set
-    b32 = next(iter(PairDataset(root, bgs, _cfg(batch_size=3))))
-    b8 = next(iter(PairDataset(root, bgs, _cfg(batch_size=3, dtype="uint8"))))
+    b32 = next(iter(RenderPairDataset(root, bgs, _cfg(batch_size=3))))
+    b8 = next(iter(RenderPairDataset(root, bgs, _cfg(batch_size=3, dtype="uint8"))))
     assert b32["ref"].shape == (3, 3, SIZE[1], SIZE[0]) and b32["ref"].is_contiguous(memory_format=torch.channels_last)
     assert b8["ref"].dtype == torch.uint8 and b32["__key__"] == b8["__key__"]
     from serialgen.dataset.loader import to_model_range
@@ -70,7 +70,7 @@ def test_batches_are_channels_last_and_uint8_converts_to_the_same_floats(shard_s
         torch.testing.assert_close(conv[k], b32[k], atol=1e-6, rtol=0)
     # Batches are composited straight into the batch tensor; single samples through a temporary
     # canvas: the same pixels, sample for sample.
-    singles = iter(PairDataset(root, bgs, _cfg(dtype="uint8")))
+    singles = iter(RenderPairDataset(root, bgs, _cfg(dtype="uint8")))
     for i in range(3):
         s = next(singles)
         assert s["__key__"] == b8["__key__"][i]
@@ -80,11 +80,11 @@ def test_batches_are_channels_last_and_uint8_converts_to_the_same_floats(shard_s
 
 def test_deterministic_given_a_seed_and_reshuffled_by_epoch(shard_set):
     root, bgs = shard_set
-    a, b = list(PairDataset(root, bgs, _cfg(seed=3))), list(PairDataset(root, bgs, _cfg(seed=3)))
+    a, b = list(RenderPairDataset(root, bgs, _cfg(seed=3))), list(RenderPairDataset(root, bgs, _cfg(seed=3)))
     assert _keys(a) == _keys(b)
     for x, y in zip(a, b):
         assert torch.equal(x["ref"], y["ref"]) and torch.equal(x["ref_mask"], y["ref_mask"])
-    other = PairDataset(root, bgs, _cfg(seed=3))
+    other = RenderPairDataset(root, bgs, _cfg(seed=3))
     other.set_epoch(1)
     assert _keys(other) != _keys(a) and sorted(_keys(other)) == sorted(_keys(a))
 
@@ -95,7 +95,7 @@ def test_two_ranks_two_workers_see_disjoint_samples_covering_the_epoch(shard_set
     for rank in range(2):
         loader = make_loader(root, bgs, _cfg(rank=rank, world_size=2), num_workers=2)
         seen.append(_keys(loader))
-    everything = {k for k, in [(k,) for k in _keys(PairDataset(root, bgs, _cfg()))]}
+    everything = {k for k, in [(k,) for k in _keys(RenderPairDataset(root, bgs, _cfg()))]}
     assert len(everything) == 4 * PER_SHARD
     assert set(seen[0]).isdisjoint(seen[1])
     assert len(seen[0]) + len(seen[1]) == len(everything) and set(seen[0]) | set(seen[1]) == everything
@@ -107,21 +107,21 @@ def test_fewer_shards_than_readers_is_a_clear_error_not_a_hang(shard_set):
     with pytest.raises(UserInputError, match="3 shards for 2 rank"):
         make_loader(three, bgs, _cfg(rank=0, world_size=2), num_workers=2)
     # The same check inside the workers (a DataLoader built by hand): an error, not a wait.
-    ds = PairDataset(three, bgs, _cfg(rank=1, world_size=2))
+    ds = RenderPairDataset(three, bgs, _cfg(rank=1, world_size=2))
     with pytest.raises(Exception, match="each reader needs at least one shard"):
         list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
     # Resampled mode draws with replacement per reader: no such limit.
-    ds = PairDataset(three, bgs, _cfg(rank=1, world_size=2, resampled=True, epoch_length=4))
+    ds = RenderPairDataset(three, bgs, _cfg(rank=1, world_size=2, resampled=True, epoch_length=4))
     assert len(list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))) == 8
 
 
 def test_resampled_mode_is_infinite_and_deterministic(shard_set):
     root, bgs = shard_set
-    ds = PairDataset(root, bgs, _cfg(resampled=True, seed=1))
+    ds = RenderPairDataset(root, bgs, _cfg(resampled=True, seed=1))
     it = iter(ds)
     keys = [next(it)["__key__"] for _ in range(3 * 4 * PER_SHARD)]  # three epochs' worth, no end
     assert len(set(keys)) > PER_SHARD
-    again = PairDataset(root, bgs, _cfg(resampled=True, seed=1, epoch_length=10))
+    again = RenderPairDataset(root, bgs, _cfg(resampled=True, seed=1, epoch_length=10))
     assert _keys(again) == keys[:10]
 
 
@@ -155,7 +155,7 @@ def test_corrupt_members_are_skipped_counted_and_summarised(shard_set, tmp_path,
 
     bad = tmp_path / "bad.tar"
     _rewrite(Path(src), bad, edit)
-    ds = PairDataset([str(bad)], bgs, _cfg(std_pose="per_character"))
+    ds = RenderPairDataset([str(bad)], bgs, _cfg(std_pose="per_character"))
     with caplog.at_level(logging.WARNING, logger="serialgen.dataset.loader"):
         out = list(ds)
     assert _keys(out) == [names[4]]
@@ -171,7 +171,7 @@ def test_truncated_shard_is_skipped_and_counted(shard_set, tmp_path):
     cut = tmp_path / "cut.tar"
     data = Path(shards[1]).read_bytes()
     cut.write_bytes(data[: int(len(data) * 0.6)])
-    ds = PairDataset([shards[0], str(cut), shards[2]], bgs, _cfg())
+    ds = RenderPairDataset([shards[0], str(cut), shards[2]], bgs, _cfg())
     keys = _keys(ds)
     assert 2 * PER_SHARD < len(keys) < 3 * PER_SHARD  # the whole samples before the cut survive
     assert ds.stats.skipped["truncated or unreadable shard"] == 1
@@ -181,11 +181,11 @@ def test_truncated_shard_is_skipped_and_counted(shard_set, tmp_path):
 def test_missing_shards_are_one_line_errors(shard_set, tmp_path, capsys):
     root, bgs = shard_set
     with pytest.raises(UserInputError, match="shard not found: .*nope.tar"):
-        PairDataset(str(tmp_path / "nope.tar"))
+        RenderPairDataset(str(tmp_path / "nope.tar"))
     with pytest.raises(UserInputError, match="shard not found: .*shard-000004.tar"):
-        PairDataset(str(root / "train" / "shard-{000000..000007}.tar"))
+        RenderPairDataset(str(root / "train" / "shard-{000000..000007}.tar"))
     with pytest.raises(UserInputError, match="no shards of split 'val'"):
-        PairDataset(root, split="val")
+        RenderPairDataset(root, split="val")
     assert cli_main(["data", "bench", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
@@ -225,7 +225,7 @@ def test_reads_the_render_farms_shards_when_present():
     root = Path(__file__).resolve().parents[1] / "data" / "shards"
     if not (root / "index.json").is_file():
         pytest.skip(f"no rendered shard set at {root} (make shards)")
-    ds = PairDataset(root, None, LoaderConfig(shuffle_buffer=0))
+    ds = RenderPairDataset(root, None, LoaderConfig(shuffle_buffer=0))
     n = 0
     for s in ds:
         assert s["ref"].shape == (3, 768, 512) and (s["ref_mask"] == 0).any()
@@ -241,7 +241,7 @@ def test_output_size_other_than_the_render_size(shard_set):
     once crashed with a PIL fill error)."""
     root, bgs = shard_set
     out = (SIZE[0] * 2, SIZE[1] * 2)
-    s = next(iter(PairDataset(root, bgs, _cfg(size=out))))
+    s = next(iter(RenderPairDataset(root, bgs, _cfg(size=out))))
     w, h = out
     assert s["std"].shape == (3, h, w) and s["std_pose"].shape == (3, h, w)
     drawn = s["std_pose"].amax(0) > 0

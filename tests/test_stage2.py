@@ -212,12 +212,12 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_training_modes_pick_their_reference(tmp_path):
-    from serialgen.dataset.stage2_loader import PairDataset, sdxl_time_ids, write_synthetic_pairs
+    from serialgen.dataset.stage2_loader import Stage2PairDataset, sdxl_time_ids, write_synthetic_pairs
 
     pairs = write_synthetic_pairs(tmp_path / "pairs", 4, seed=0, size=(64, 96))
-    two = PairDataset([pairs], mode="two-stage", resolution=(64, 96))
-    unpaired = PairDataset([pairs], mode="unpaired", resolution=(64, 96))
-    paired = PairDataset([pairs], mode="paired-one-stage", resolution=(64, 96))
+    two = Stage2PairDataset([pairs], mode="two-stage", resolution=(64, 96))
+    unpaired = Stage2PairDataset([pairs], mode="unpaired", resolution=(64, 96))
+    paired = Stage2PairDataset([pairs], mode="paired-one-stage", resolution=(64, 96))
     assert len(two) == len(unpaired) == len(paired) == 4
     std = np.asarray(two.reference_image(0))
     assert (std[0, 0] == 255).all()  # the standardized reference is on white

@@ -229,7 +229,7 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     from serialgen.training.logging_utils import MetricsLogger, Throughput
     from serialgen.training.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
     from serialgen.training.stage2_components import check_model_paths, load_components
-    from serialgen.dataset.stage2_loader import PairDataset, write_synthetic_pairs
+    from serialgen.dataset.stage2_loader import Stage2PairDataset, write_synthetic_pairs
 
     if output_dir is not None:
         cfg["output_dir"] = str(output_dir)
@@ -290,7 +290,7 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
         eps=tcfg["adam_eps"], weight_decay=tcfg["weight_decay"],
     )
     clip_size = int(comps.image_encoder.config.image_size)
-    dataset = PairDataset(pair_dirs, mode=cfg["mode"], resolution=(width, height), clip_size=clip_size, seed=seed,
+    dataset = Stage2PairDataset(pair_dirs, mode=cfg["mode"], resolution=(width, height), clip_size=clip_size, seed=seed,
                           random_crop=dcfg["random_crop"], augment=dcfg["unpaired_augment"])
     if len(dataset) < tcfg["batch_size"] * world:
         raise UserInputError(f"data.pairs: {len(dataset)} pairs, fewer than one batch ({tcfg['batch_size']} x {world} processes)")

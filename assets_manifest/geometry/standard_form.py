@@ -31,6 +31,7 @@ __all__ = [
     "standard_angles",
     "standard_camera",
     "head_box",
+    "reference_standard_keypoints",
 ]
 
 STANDARD_HEAD_CENTER = (0.5, 0.12)
@@ -99,3 +100,19 @@ def head_box(skel: sk.PosedSkeleton, camera: CameraSpec, head: HeadGeometry | No
     return {"center": [round(float(0.5 * (lo[0] + hi[0])), 3), round(float(0.5 * (lo[1] + hi[1])), 3)],
             "height": round(float(hi[1] - lo[1]), 3), "width": round(float(hi[0] - lo[0]), 3),
             "source": geo.source, "size_m": [round(float(x), 4) for x in geo.size]}
+
+
+def reference_standard_keypoints(width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical standard pose: the reference figure (``skeleton.py``, 1.75 m, A-pose, head =
+    its head bone) seen by :func:`standard_camera` in a ``width`` x ``height`` standard image.
+
+    Returns (K, 2) float32 pixel positions (0 where not visible) and (K,) bool visibility (defined and
+    inside the frame), in ``skeleton.KEYPOINT_NAMES`` order. This is the standard pose a model gets
+    at inference on a picture, where no character of ours defines one.
+    """
+    skel = sk.forward_kinematics(np.zeros((len(sk.JOINTS), 3)))
+    kp3, defined = sk.compute_keypoints(skel)
+    uv, z = standard_camera(skel, width, height).project(kp3)
+    inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
+    vis = defined & inside
+    return np.where(vis[:, None], uv, 0).astype(np.float32), vis
