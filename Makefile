@@ -34,9 +34,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-## only the tests that need neither bpy renders nor long runs
+## the quick tier: no Blender, no Ray, no training loops (under a minute on 2 cores)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m 'not blender and not slow and not gpu'
+	$(PY) -m pytest -q -m 'not blender and not ray and not slow and not gpu'
 
 ## the main job: default manifests (procedural characters, pose library, backgrounds), then render
 shards: $(STAMP)
