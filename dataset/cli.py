@@ -21,19 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from serialgen.resolution import add_resolution_argument, format_resolution
+
 __all__ = ["register", "preview_grid", "bench"]
 
 _COLUMNS = ("reference (composited)", "mask (white = background)", "reference pose", "standard", "standard pose")
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 512x768") from None
-    if w < 8 or h < 8:
-        raise argparse.ArgumentTypeError(f"size {text!r}: width and height must be at least 8")
-    return w, h
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="background images: a folder (jpg/png/webp, searched recursively) or an assets folder; "
                         "default: procedural colour fields")
     p.add_argument("--split", default="train", help="shard split when SHARDS is a folder or an index (default: train)")
-    p.add_argument("--size", type=_size, default=(512, 768), metavar="WxH", help="output size (default: 512x768)")
+    add_resolution_argument(p, help="output size, width x height")
     p.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation (default: 0)")
     p.add_argument("--std-pose", choices=("canonical", "per_character"), default="canonical",
                    help="standard pose map: one canonical map (default) or each character's own")
@@ -82,7 +74,7 @@ def register(sub, groups) -> None:
 def _dataset(args, **overrides):
     from serialgen.dataset.loader import LoaderConfig, RenderPairDataset
 
-    cfg = LoaderConfig(size=args.size, split=args.split, seed=args.seed, std_pose=args.std_pose,
+    cfg = LoaderConfig(resolution=args.resolution, split=args.split, seed=args.seed, std_pose=args.std_pose,
                        canonical_pose=args.canonical_pose, **overrides)
     return RenderPairDataset(args.shards, args.backgrounds, cfg)
 
@@ -244,7 +236,7 @@ def bench(args) -> dict:
         "raw_decode_pil_pairs_per_s": round(rate["pil"], 2),
         "raw_decode_definition": RAW_DECODE_DEFINITION,
         "raw_decode_ref_only_definition": RAW_DECODE_REF_ONLY_DEFINITION,
-        "size": list(args.size),
+        "resolution": format_resolution(args.resolution),
         "batch_size": batch or 0,
         "dtype": args.dtype,
         "seconds": round(sum(times.values()), 2),
@@ -268,7 +260,7 @@ def _handle_bench(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"loader bench ({result['size'][0]}x{result['size'][1]}, batch {result['batch_size']}, {result['dtype']}, "
+    print(f"loader bench ({result['resolution']}, batch {result['batch_size']}, {result['dtype']}, "
           f"1 process, 1 torch thread, {result['seconds']} s, load average {result['load_average_1min']} on "
           f"{result['cpus']} CPUs)")
     print(f"  full pipeline               {result['pairs_per_s']:8.1f} pairs/s")

@@ -38,6 +38,7 @@ from PIL import Image
 
 from serialgen.dataset.posemap import Pose
 from serialgen.errors import UserInputError
+from serialgen.resolution import DEFAULT_RESOLUTION, parse_resolution
 
 __all__ = [
     "CompositeConfig",
@@ -69,21 +70,20 @@ class EmptyReferenceError(ValueError):
 class CompositeConfig:
     """How a reference is placed on its background.
 
-    size: output (width, height). scale_range: random scale relative to fitting the whole render
+    resolution: output (width, height). scale_range: random scale relative to fitting the whole render
     into the canvas. max_crop: largest fraction of the character's box (per axis) that may leave the
     canvas (a side already cut by the render's frame always stays at the canvas edge). jitter: mild
     colour jitter of the character (brightness, contrast and per-channel gain within +-jitter).
     """
 
-    size: tuple[int, int] = (512, 768)
+    resolution: tuple[int, int] = DEFAULT_RESOLUTION
     scale_range: tuple[float, float] = (0.8, 1.1)
     max_crop: float = 0.1
     jitter: float = 0.06
 
     def __post_init__(self):
-        w, h = self.size
-        if w < 8 or h < 8:
-            raise UserInputError(f"size {self.size}: width and height must be at least 8 pixels")
+        r = self.resolution
+        self.resolution = parse_resolution(r if isinstance(r, str) else tuple(int(v) for v in r), "resolution")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise UserInputError(f"scale_range {self.scale_range}: need 0 < low <= high")
@@ -165,7 +165,7 @@ def place_reference(bbox: tuple[int, int, int, int], image_size: tuple[int, int]
     bbox: (x0, y0, x1, y1) of the opaque pixels in the render; image_size: the render's (W0, H0).
     The box may extend past the canvas (a crop); sides the render already cut stay cut.
     """
-    (x0, y0, x1, y1), (w0, h0), (cw, ch) = bbox, image_size, cfg.size
+    (x0, y0, x1, y1), (w0, h0), (cw, ch) = bbox, image_size, cfg.resolution
     bw, bh = x1 - x0, y1 - y0
     s = min(cw / w0, ch / h0) * rng.uniform(*cfg.scale_range)
     touch = (x0 <= 0, x1 >= w0, y0 <= 0, y1 >= h0)
@@ -350,7 +350,7 @@ def prepare_reference(ref: np.ndarray, pose: Pose, cfg: CompositeConfig, rng: ra
     Random draws, in order: scale, x, y (``place_reference``), then the jitter table. Raises
     EmptyReferenceError when the render has no opaque pixel.
     """
-    cw, ch = cfg.size
+    cw, ch = cfg.resolution
     if ref.ndim != 3 or ref.shape[2] != 4 or ref.dtype != np.uint8:
         raise ValueError(f"reference must be (H, W, 4) uint8 RGBA, got {ref.shape} {ref.dtype}")
     ref = np.ascontiguousarray(ref)
@@ -396,7 +396,7 @@ def composite_reference(ref: np.ndarray, pose: Pose, background, cfg: CompositeC
     into its batch buffers; this is the same computation into fresh arrays. Raises
     EmptyReferenceError when the render has no opaque pixel.
     """
-    cw, ch = cfg.size
+    cw, ch = cfg.resolution
     bg = np.asarray(background)
     if bg.shape != (ch, cw, 3) or bg.dtype != np.uint8:
         mode = background.mode if isinstance(background, Image.Image) else bg.dtype

@@ -62,6 +62,7 @@ from serialgen.dataset.compositing import (
 )
 from serialgen.dataset.posemap import Pose, RegionImage, draw_pose_map, draw_pose_region, parse_pose
 from serialgen.errors import UserInputError
+from serialgen.resolution import DEFAULT_RESOLUTION, parse_resolution
 
 __all__ = [
     "LOADER_VERSION",
@@ -98,7 +99,7 @@ except ImportError:  # pragma: no cover
 class LoaderConfig:
     """Everything that shapes what the loader yields; saved with training configs (``asdict``).
 
-    size: output (width, height). split: shard set when SHARDS is a folder or an index.
+    resolution: output (width, height). split: shard set when SHARDS is a folder or an index.
     resampled: infinite training mode (shards drawn with replacement per reader); otherwise one
     epoch, every sample exactly once across all ranks and workers. epoch_length: in resampled mode,
     samples (or batches when batched) per reader per epoch (``with_epoch``); None = endless.
@@ -110,7 +111,7 @@ class LoaderConfig:
     or the RANK / WORLD_SIZE environment (as webdataset does).
     """
 
-    size: tuple[int, int] = (512, 768)
+    resolution: tuple[int, int] = DEFAULT_RESOLUTION
     split: str = "train"
     resampled: bool = False
     epoch_length: int | None = None
@@ -134,7 +135,8 @@ class LoaderConfig:
     world_size: int | None = None
 
     def __post_init__(self):
-        self.size = tuple(int(v) for v in self.size)
+        r = self.resolution
+        self.resolution = parse_resolution(r if isinstance(r, str) else tuple(int(v) for v in r), "resolution")
         self.scale_range = tuple(float(v) for v in self.scale_range)
         if self.std_pose not in ("canonical", "per_character"):
             raise UserInputError(f"std_pose={self.std_pose!r}: expected 'canonical' or 'per_character'")
@@ -144,10 +146,10 @@ class LoaderConfig:
             raise UserInputError(f"batch_size={self.batch_size}: must be at least 1")
         if self.shuffle_buffer < 0 or self.std_cache < 1:
             raise UserInputError("shuffle_buffer must be >= 0 and std_cache >= 1")
-        self.composite_config()  # validates size, scale_range, max_crop, jitter
+        self.composite_config()  # validates scale_range, max_crop, jitter
 
     def composite_config(self) -> CompositeConfig:
-        return CompositeConfig(size=self.size, scale_range=self.scale_range, max_crop=self.max_crop, jitter=self.jitter)
+        return CompositeConfig(resolution=self.resolution, scale_range=self.scale_range, max_crop=self.max_crop, jitter=self.jitter)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderConfig":
@@ -686,14 +688,14 @@ class _SampleProcessor:
         cfg = ds.config
         self.cfg, self.stats, self.rng = cfg, stats, rng
         self.composite_cfg = cfg.composite_config()
-        self.backgrounds = BackgroundPool(ds.background_paths, cfg.size, rng, cfg.background_pool,
+        self.backgrounds = BackgroundPool(ds.background_paths, cfg.resolution, rng, cfg.background_pool,
                                           cfg.background_refresh, cfg.background_zoom, cfg.background_jitter)
         self.std_cache: OrderedDict = OrderedDict()
         self.canonical_map = None
         if ds.canonical_pose is not None:
             p = ds.canonical_pose
-            t = fit_transform(p.size, cfg.size)
-            self.canonical_map = _Cached(draw_pose_map(p.transformed(*t, cfg.size), cfg.size), "std_pose", cfg.dtype)
+            t = fit_transform(p.size, cfg.resolution)
+            self.canonical_map = _Cached(draw_pose_map(p.transformed(*t, cfg.resolution), cfg.resolution), "std_pose", cfg.dtype)
 
     def _standard(self, sample: dict, meta: dict) -> tuple[_Cached, _Cached]:
         """(std, std_pose), decoded once per character (LRU cache of ``cfg.std_cache`` entries).
@@ -712,14 +714,14 @@ class _SampleProcessor:
             return hit[2], hit[3]
         self.stats.std_cache_misses += 1
         std = Image.fromarray(decode_png(std_bytes, "RGB"))
-        canvas, t = fit_to_canvas(std, self.cfg.size)
+        canvas, t = fit_to_canvas(std, self.cfg.resolution)
         if self.canonical_map is not None:
             std_pose = self.canonical_map
         else:
             pose = parse_pose(pose_bytes)
             if pose.size != std.size:
                 raise ValueError(f"std_pose.json is for {pose.size}, std.png is {std.size}")
-            std_pose = _Cached(draw_pose_map(pose.transformed(*t, self.cfg.size), self.cfg.size), "std_pose",
+            std_pose = _Cached(draw_pose_map(pose.transformed(*t, self.cfg.resolution), self.cfg.resolution), "std_pose",
                                self.cfg.dtype)
         entry = (std_bytes, pose_bytes, _Cached(np.asarray(canvas), "std", self.cfg.dtype), std_pose)
         self.std_cache[key] = entry
@@ -761,7 +763,7 @@ class _SampleProcessor:
         composite = _Composite(placed, background)
         return {
             "__key__": key, "__url__": url, "meta": meta,
-            "ref": composite, "ref_mask": composite, "ref_pose": draw_pose_region(placed.pose, self.cfg.size),
+            "ref": composite, "ref_mask": composite, "ref_pose": draw_pose_region(placed.pose, self.cfg.resolution),
             "std": std, "std_pose": std_pose, "ref_keypoints": placed.pose.as_array(),
         }
 
@@ -793,12 +795,12 @@ def make_loader(shards, backgrounds=None, config: LoaderConfig | None = None, nu
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
 
 
-def open_dataset(spec, *, width: int = 512, height: int = 768, seed: int = 0, split: str = "train",
+def open_dataset(spec, *, resolution: tuple[int, int] = DEFAULT_RESOLUTION, seed: int = 0, split: str = "train",
                  infinite: bool = False, backgrounds=None, **overrides) -> RenderPairDataset:
     """The training code's entry point: a RenderPairDataset yielding single samples (the training loop
     collates). ``infinite`` selects the resampled mode; ``backgrounds`` as in RenderPairDataset (None:
     procedural backgrounds, with a warning: real training wants real backgrounds)."""
     if backgrounds is None:
         log.warning("loader: no backgrounds given; compositing onto procedural colour fields")
-    cfg = LoaderConfig(size=(width, height), seed=seed, split=split, resampled=infinite, **overrides)
+    cfg = LoaderConfig(resolution=tuple(resolution), seed=seed, split=split, resampled=infinite, **overrides)
     return RenderPairDataset(spec, backgrounds, cfg)

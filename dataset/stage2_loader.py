@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from serialgen.errors import UserInputError
+from serialgen.resolution import DEFAULT_RESOLUTION
 
 __all__ = [
     "Stage2PairDataset",
@@ -136,7 +137,7 @@ class Stage2PairDataset:
         pair_dirs: Sequence[str | Path],
         *,
         mode: str = "two-stage",
-        resolution: tuple[int, int] = (512, 768),
+        resolution: tuple[int, int] = DEFAULT_RESOLUTION,
         clip_size: int = 224,
         seed: int = 0,
         random_crop: bool = False,

@@ -35,10 +35,10 @@ def _dilate(m, r):
 
 def _transforms():
     """Configs that exercise downscale, upscale, no resize (scale 1), crops at every edge."""
-    yield C.CompositeConfig(size=SIZE, scale_range=(0.6, 0.8), jitter=0.06)
-    yield C.CompositeConfig(size=SIZE, scale_range=(1.2, 1.6), max_crop=0.3, jitter=0.0)
-    yield C.CompositeConfig(size=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.06)
-    yield C.CompositeConfig(size=(300, 300), scale_range=(0.8, 1.1), max_crop=0.3)  # other aspect
+    yield C.CompositeConfig(resolution=SIZE, scale_range=(0.6, 0.8), jitter=0.06)
+    yield C.CompositeConfig(resolution=SIZE, scale_range=(1.2, 1.6), max_crop=0.3, jitter=0.0)
+    yield C.CompositeConfig(resolution=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.06)
+    yield C.CompositeConfig(resolution=(300, 300), scale_range=(0.8, 1.1), max_crop=0.3)  # other aspect
 
 
 @pytest.mark.parametrize("cfg", list(_transforms()), ids=["down", "up-crop", "scale1", "square"])
@@ -47,11 +47,11 @@ def test_mask_equals_where_the_composite_differs_from_the_background(cfg):
     for pose_id in range(6):
         ref, pose = _sample(pose_id % 3, pose_id)
         # A background colour no figure colour reaches (figure channels lie in 40..215, jitter 6 %).
-        bg = Image.new("RGB", cfg.size, (250, 2, 250))
+        bg = Image.new("RGB", cfg.resolution, (250, 2, 250))
         comp = C.composite_reference(ref, pose, bg, cfg, rng, keep_background=True)
         diff = (comp.image != np.asarray(comp.background)).any(axis=2)
         fg = comp.mask == 0
-        assert comp.mask.shape == (cfg.size[1], cfg.size[0]) and set(np.unique(comp.mask)) <= {0, 1}
+        assert comp.mask.shape == (cfg.resolution[1], cfg.resolution[0]) and set(np.unique(comp.mask)) <= {0, 1}
         assert fg.sum() > 100
         assert not (fg & ~diff).any(), "a foreground pixel equals the background"
         # Differences outside the mask are the antialiased rim only (0 < alpha < 128: within 2 px of
@@ -68,7 +68,7 @@ def test_keypoints_stay_on_the_character_after_crop_and_scale():
     for cfg in _transforms():
         for pose_id in range(8):
             ref, pose = _sample(pose_id % 4, 100 + pose_id)
-            comp = C.composite_reference(ref, pose, Image.new("RGB", cfg.size), cfg, rng)
+            comp = C.composite_reference(ref, pose, Image.new("RGB", cfg.resolution), cfg, rng)
             fg = _dilate(comp.mask == 0, 1)
             sx, sy, tx, ty = comp.transform
             for i in np.flatnonzero(comp.pose.visible):
@@ -80,7 +80,7 @@ def test_keypoints_stay_on_the_character_after_crop_and_scale():
             gone = pose.visible & ~comp.pose.visible
             if gone.any():
                 xy = pose.xy[gone] * [sx, sy] + [tx, ty]
-                w, h = cfg.size
+                w, h = cfg.resolution
                 assert ((xy[:, 0] < 0) | (xy[:, 0] >= w) | (xy[:, 1] < 0) | (xy[:, 1] >= h)).all()
     assert checked > 500
 
@@ -88,7 +88,7 @@ def test_keypoints_stay_on_the_character_after_crop_and_scale():
 def test_uint8_composite_matches_float_alpha_blend():
     ref, pose = _sample(2, 7)
     bg_arr = np.random.default_rng(0).integers(0, 256, (SIZE[1], SIZE[0], 3), dtype=np.uint8)
-    cfg = C.CompositeConfig(size=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.0)
+    cfg = C.CompositeConfig(resolution=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.0)
     comp = C.composite_reference(ref, pose, Image.fromarray(bg_arr), cfg, random.Random(0), keep_background=True)
     # scale 1: the render is pasted unscaled, so the float blend can be computed from it directly.
     sx, sy, tx, ty = comp.transform
@@ -107,7 +107,7 @@ def test_a_side_cut_by_the_render_frame_stays_at_the_canvas_edge():
     ref = np.zeros((384, 256, 4), np.uint8)
     ref[200:, 60:190] = (200, 100, 50, 255)  # a body cut by the bottom of the frame
     pose = parse_pose({"width": 256, "height": 384, "names": [], "keypoints": []})
-    cfg = C.CompositeConfig(size=SIZE, scale_range=(0.6, 1.0), max_crop=0.2)
+    cfg = C.CompositeConfig(resolution=SIZE, scale_range=(0.6, 1.0), max_crop=0.2)
     rng = random.Random(3)
     for _ in range(30):
         comp = C.composite_reference(ref, pose, Image.new("RGB", SIZE), cfg, rng)
@@ -118,7 +118,7 @@ def test_empty_reference_is_an_error_the_loader_can_count():
     ref = np.zeros((64, 32, 4), np.uint8)
     pose = parse_pose({"width": 32, "height": 64, "names": [], "keypoints": []})
     with pytest.raises(C.EmptyReferenceError):
-        C.composite_reference(ref, pose, Image.new("RGB", SIZE), C.CompositeConfig(size=SIZE), random.Random(0))
+        C.composite_reference(ref, pose, Image.new("RGB", SIZE), C.CompositeConfig(resolution=SIZE), random.Random(0))
 
 
 def test_fit_to_canvas_preserves_aspect_and_pads_white():
@@ -231,7 +231,7 @@ def test_jittered_composite_matches_float_blend_of_the_jittered_render(width):
     ref[ref[..., 3] == 0, :3] = 0
     pose = parse_pose({"width": 256, "height": 384, "names": [], "keypoints": []})
     bg_arr = np.random.default_rng(1).integers(0, 256, (SIZE[1], SIZE[0], 3), dtype=np.uint8)
-    cfg = C.CompositeConfig(size=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.08)
+    cfg = C.CompositeConfig(resolution=SIZE, scale_range=(1.0, 1.0), max_crop=0.0, jitter=0.08)
     for seed in range(4):  # contrast up and down: black kept or lifted
         comp = C.composite_reference(ref, pose, Image.fromarray(bg_arr), cfg, random.Random(seed))
         r = random.Random(seed)
@@ -253,7 +253,7 @@ def test_jittered_composite_matches_float_blend_of_the_jittered_render(width):
 
 def test_composite_into_a_batch_slot_equals_a_fresh_composite():
     ref, pose = _sample(1, 3)
-    cfg = C.CompositeConfig(size=SIZE)
+    cfg = C.CompositeConfig(resolution=SIZE)
     bg = np.random.default_rng(2).integers(0, 256, (SIZE[1] + 50, SIZE[0] + 30, 3), dtype=np.uint8)
     window = bg[20:20 + SIZE[1], 10:10 + SIZE[0]]  # a window of a pool entry: strided rows
     placed = C.prepare_reference(ref, pose, cfg, random.Random(9))

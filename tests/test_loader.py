@@ -30,7 +30,7 @@ def shard_set(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(size=SIZE, shuffle_buffer=8, shuffle_initial=2)
+    base = dict(resolution=SIZE, shuffle_buffer=8, shuffle_initial=2)
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -193,7 +193,7 @@ def test_missing_shards_are_one_line_errors(shard_set, tmp_path, capsys):
 
 def test_test_split_and_training_entry_point(shard_set):
     root, bgs = shard_set
-    ds = open_dataset(str(root), width=SIZE[0], height=SIZE[1], seed=0, split="test", backgrounds=bgs)
+    ds = open_dataset(str(root), resolution=SIZE, seed=0, split="test", backgrounds=bgs)
     keys = _keys(ds)
     assert len(keys) == 3 and all(k.startswith("c0090") for k in keys)
 
@@ -201,7 +201,7 @@ def test_test_split_and_training_entry_point(shard_set):
 def test_cli_preview_and_bench(shard_set, tmp_path, capsys):
     root, bgs = shard_set
     out = tmp_path / "grid.png"
-    assert cli_main(["data", "preview", str(root), "--out", str(out), "--count", "3", "--size", "128x192",
+    assert cli_main(["data", "preview", str(root), "--out", str(out), "--count", "3", "--resolution", "128x192",
                      "--backgrounds", str(Path(bgs[0]).parent), "--thumb-height", "96"]) == 0
     from PIL import Image
 
@@ -209,7 +209,7 @@ def test_cli_preview_and_bench(shard_set, tmp_path, capsys):
     assert grid.height > 3 * 96 and grid.width > 5 * 64
     capsys.readouterr()
     assert cli_main(["data", "bench", str(root), "--json", "--seconds", "0.6", "--warmup", "0.2",
-                     "--size", "128x192", "--batch-size", "2"]) == 0
+                     "--resolution", "128x192", "--batch-size", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["pairs_per_s"] > 0 and result["raw_decode_pairs_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["pairs_per_s"] / result["raw_decode_pairs_per_s"], rel=0.01, abs=1e-3)  # ratios are rounded to 3 decimals
@@ -241,7 +241,7 @@ def test_output_size_other_than_the_render_size(shard_set):
     once crashed with a PIL fill error)."""
     root, bgs = shard_set
     out = (SIZE[0] * 2, SIZE[1] * 2)
-    s = next(iter(RenderPairDataset(root, bgs, _cfg(size=out))))
+    s = next(iter(RenderPairDataset(root, bgs, _cfg(resolution=out))))
     w, h = out
     assert s["std"].shape == (3, h, w) and s["std_pose"].shape == (3, h, w)
     drawn = s["std_pose"].amax(0) > 0
