@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from serialgen.resolution import add_resolution_argument, format_resolution
+
 
 def _build_assets(root: Path, n: int) -> Path:
     from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
@@ -57,7 +59,7 @@ CONFIGS = {"plain": (0, 2), "ray1": (1, 2), "ray2": (2, 1)}  # name -> (workers,
 
 
 def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
-    from serialgen.render.farm import FarmConfig, run_farm
+    from serialgen.render.farm.driver import FarmConfig, run_farm
     from serialgen.render.scene import RenderSettings
 
     config = FarmConfig(assets=str(assets), out=str(out), per_character=args.per_character,
@@ -82,7 +84,7 @@ def _ray_fixed_costs() -> dict:
     (until it answers), shut down; against making the same worker in this process."""
     import ray
 
-    from serialgen.render.farm_pool import FarmWorker
+    from serialgen.render.farm.pool import FarmWorker
     from serialgen.render.scene import RenderSettings
 
     settings = RenderSettings(width=64, height=96, threads=1)
@@ -99,7 +101,7 @@ def _ray_fixed_costs() -> dict:
     ray.shutdown()
     shutdown_s = time.perf_counter() - t
     # In a fresh interpreter, as --workers 0 pays it (this process has bpy imported already).
-    code = ("import time; t = time.perf_counter(); from serialgen.render.farm_pool import FarmWorker; "
+    code = ("import time; t = time.perf_counter(); from serialgen.render.farm.pool import FarmWorker; "
             "from serialgen.render.scene import RenderSettings; "
             "FarmWorker(RenderSettings(width=64, height=96, threads=1), 'local', 50, 6000.0, False, 1, "
             "capture_stderr=False); print(time.perf_counter() - t)")
@@ -115,11 +117,11 @@ def main(argv=None) -> int:
     p.add_argument("--assets", type=Path, default=None)
     p.add_argument("--characters", type=int, default=4)
     p.add_argument("--per-character", type=int, default=8)
-    p.add_argument("--resolution", default="512x768")
+    add_resolution_argument(p)
     p.add_argument("--repeats", type=int, default=2, help="ABC then CBA blocks (default 2 = one of each)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    args.width, args.height = (int(x) for x in args.resolution.lower().split("x"))
+    args.width, args.height = args.resolution
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="serialgen-bench-farm-") as tmp:
         scratch = Path(tmp)
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
                     last_out = out
         fixed = _ray_fixed_costs()
         # No-op re-run of a finished folder: in-process and as the whole command.
-        from serialgen.render.farm import FarmConfig, run_farm
+        from serialgen.render.farm.driver import FarmConfig, run_farm
         from serialgen.render.scene import RenderSettings
 
         cfg = FarmConfig(assets=str(assets), out=str(last_out), per_character=args.per_character,
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
         noop_s = time.perf_counter() - t
         cmd = [sys.executable, "-c", "import sys; from serialgen.cli import main; sys.exit(main(sys.argv[1:]))",
                "render", "--assets", str(assets), "--out", str(last_out), "--poses-per-character",
-               str(args.per_character), "--resolution", args.resolution, "--workers", "2",
+               str(args.per_character), "--resolution", format_resolution(args.resolution), "--workers", "2",
                "--limit-characters", str(args.characters)]
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)

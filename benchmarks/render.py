@@ -36,12 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
+from serialgen.resolution import add_resolution_argument
+
 
 def _characters(assets: Path | None, n: int) -> list[dict]:
     if assets is None:
         return [{"id": f"mannequin-{v}", "kind": "mannequin", "variant": v}
                 for v in ("adult", "child", "heavy")][: max(n, 1)]
-    from serialgen.render.farm import load_characters
+    from serialgen.render.farm.driver import load_characters
 
     return load_characters(assets)[0]
 
@@ -121,7 +123,7 @@ def bench_stages(args, scratch: Path) -> dict:
 
 
 def bench_farm(args, scratch: Path) -> dict:
-    from serialgen.render.farm import FarmConfig, run_farm
+    from serialgen.render.farm.driver import FarmConfig, run_farm
     from serialgen.render.scene import RenderSettings
 
     if args.assets is None:
@@ -178,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=["stages", "farm", "rss"], default="stages")
     p.add_argument("--assets", type=Path, default=None, help="asset folder (default: built-in mannequins)")
     p.add_argument("--engine", default="workbench")
-    p.add_argument("--resolution", default="512x768")
+    add_resolution_argument(p)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--images", type=int, default=20, help="stages: non-standard images measured")
     p.add_argument("--per-character", type=int, default=12, help="pairs per character (std amortisation; farm)")
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="farm: Ray workers")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
-    args.width, args.height = (int(x) for x in args.resolution.lower().split("x"))
+    args.width, args.height = args.resolution
     with tempfile.TemporaryDirectory(prefix="serialgen-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
         fn = {"stages": bench_stages, "farm": bench_farm, "rss": bench_rss}[args.mode]
         result = fn(args, Path(tmp))

@@ -7,18 +7,16 @@ The model itself (pinhole, sensor, views, framing) is pure numpy in
 from __future__ import annotations
 
 from serialgen.assets_manifest.geometry.camera import CLIP_START, SENSOR_MM, CameraSpec
-from serialgen.render.bpy_utils import import_bpy
+from serialgen.render.bpy_utils import import_mathutils
 
 __all__ = ["apply_camera"]
 
 
 def apply_camera(cam_obj, spec: CameraSpec) -> None:
     """Set a Blender camera object to ``spec`` (the scene resolution is set by ``scene.configure_render``)."""
-    import_bpy()
-    from mathutils import Matrix, Vector  # importable once bpy is
-
-    m = Matrix(spec.rotation.tolist()).to_4x4()
-    m.translation = Vector(spec.location.tolist())
+    mu = import_mathutils()
+    m = mu.Matrix(spec.rotation.tolist()).to_4x4()
+    m.translation = mu.Vector(spec.location.tolist())
     cam_obj.matrix_world = m
     data = cam_obj.data
     data.type = "PERSP"

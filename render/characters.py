@@ -1,24 +1,30 @@
-"""``load_character(record, assets_dir) -> CharacterRig``: one entry point for every character kind.
+"""``load_character(record, assets_dir) -> Rig``: one entry point for every character kind.
 
-``LOADERS`` maps a manifest record's ``kind`` to a loader ``(record, assets_dir) -> CharacterRig``.
-This module registers ``"procedural"``; the importers of real formats add theirs with
-``register_loader("gltf", load_gltf)`` (or by extending ``LOADERS``). Unknown kinds and missing
-files raise ``UserInputError`` naming the record and the problem.
+``LOADERS`` maps a manifest record's ``kind`` to a loader ``(record, assets_dir) -> Rig``:
+``"procedural"`` (a mesh file written by ``assets build``), the real formats ``"gltf"``, ``"vrm"``,
+``"fbx"``, ``"blend"`` (``render/real_character.py``) and ``"mannequin"`` (the test character,
+``render/mannequin.py``; record field ``variant``). A new kind is one more entry. Unknown kinds and
+missing files raise ``UserInputError`` naming the record and the problem.
+
+Loaders import their Blender modules when called, so this table loads without ``bpy``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from serialgen.errors import UserInputError
 
-__all__ = ["LOADERS", "register_loader", "load_character", "load_procedural"]
+if TYPE_CHECKING:
+    from serialgen.render.rig import Rig
 
-Loader = Callable[[dict, Path], "object"]
+__all__ = ["LOADERS", "load_character"]
+
+Loader = Callable[[dict, Path], "Rig"]
 
 
-def load_procedural(record: dict, assets_dir: Path):
+def _load_procedural(record: dict, assets_dir: Path) -> Rig:
     """Build a procedural character from its ``mesh_file`` (written by ``assets build``)."""
     from serialgen.assets_manifest.procedural import load_mesh_data
     from serialgen.render.procedural_build import build_character
@@ -39,17 +45,30 @@ def load_procedural(record: dict, assets_dir: Path):
     return build_character(mesh)
 
 
-#: kind -> loader. The import engineer registers "gltf", "vrm", "fbx", "blend".
-LOADERS: dict[str, Loader] = {"procedural": load_procedural}
+def _load_real(record: dict, assets_dir: Path) -> Rig:
+    """glTF/GLB, VRM, FBX, .blend: import and normalise the file the record points at."""
+    from serialgen.render.real_character import load_real_character
+
+    return load_real_character(record, assets_dir)
 
 
-def register_loader(kind: str, loader: Loader) -> None:
-    """Add or replace the loader of one record kind."""
-    LOADERS[kind] = loader
+def _load_mannequin(record: dict, assets_dir: Path) -> Rig:
+    """The built-in test character; ``variant`` picks its proportions (default "adult")."""
+    from serialgen.render.mannequin import build_mannequin
+
+    return build_mannequin(record.get("variant", "adult"))
 
 
-def load_character(record: dict, assets_dir) -> "object":
-    """Load the character of a manifest record into the current Blender scene -> ``CharacterRig``."""
+#: kind -> loader.
+LOADERS: dict[str, Loader] = {
+    "procedural": _load_procedural,
+    **{kind: _load_real for kind in ("gltf", "vrm", "fbx", "blend")},
+    "mannequin": _load_mannequin,
+}
+
+
+def load_character(record: dict, assets_dir) -> Rig:
+    """Load the character of a manifest record into the current Blender scene."""
     if not isinstance(record, dict):
         raise UserInputError(f"character record must be a dict, got {type(record).__name__}")
     kind = record.get("kind")
@@ -61,14 +80,3 @@ def load_character(record: dict, assets_dir) -> "object":
         raise UserInputError(f"character {record.get('id')!r} is {record.get('status')!r} "
                              f"({record.get('reason')}); only accepted records can be loaded")
     return loader(record, Path(assets_dir))
-
-
-# Real formats (import engineer): glTF/GLB, VRM, FBX, .blend -> render/real_character.py.
-def _load_real(record: dict, assets_dir: Path):
-    from serialgen.render.real_character import load_real_character
-
-    return load_real_character(record, assets_dir)
-
-
-for _kind in ("gltf", "vrm", "fbx", "blend"):
-    register_loader(_kind, _load_real)

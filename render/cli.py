@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 
+from serialgen.render.scene import MIN_SIDE
+from serialgen.resolution import add_resolution_argument
+
 __all__ = ["register"]
 
 
 def _handle_render(args: argparse.Namespace) -> int:
     from serialgen.errors import UserInputError
-    from serialgen.render.farm import FarmConfig, format_summary, run_farm
-    from serialgen.render.scene import RenderSettings, parse_resolution
+    from serialgen.render.farm.driver import FarmConfig, run_farm
+    from serialgen.render.farm.report import format_summary
+    from serialgen.render.scene import RenderSettings
 
-    width, height = parse_resolution(args.resolution)
+    width, height = args.resolution
     settings = RenderSettings(engine=args.engine, width=width, height=height, threads=args.threads,
                               cycles_samples=args.samples, cycles_denoise=args.denoise,
                               cycles_device=args.cycles_device, eevee_samples=args.samples,
@@ -53,7 +57,7 @@ def register(sub, groups) -> None:
     p.add_argument("--out", required=True, metavar="SHARDS", help="output folder for the shards")
     p.add_argument("--poses-per-character", type=int, default=12, metavar="K",
                    help="non-standard images per character (default 12; the paper: every library pose)")
-    p.add_argument("--resolution", default="512x768", metavar="WxH", help="image size (default 512x768)")
+    add_resolution_argument(p, help="image size", min_side=MIN_SIDE)
     p.add_argument("--engine", default="workbench", choices=["workbench", "eevee", "cycles"],
                    help="render engine (default workbench: fast on CPU)")
     p.add_argument("--workers", type=int, default=1, metavar="N",

@@ -30,11 +30,13 @@ import math
 import tempfile
 from pathlib import Path
 
-import bpy
 import numpy as np
-from mathutils import Matrix
 
 from serialgen.assets_manifest.gltf_probe import GltfError, decode_meshopt, probe_gltf
+from serialgen.render.bpy_utils import import_bpy, import_mathutils
+
+bpy = import_bpy()  # this module runs only in Blender processes
+Matrix = import_mathutils().Matrix
 
 __all__ = [
     "FORMATS",

@@ -30,14 +30,18 @@ from pathlib import Path
 import numpy as np
 
 from serialgen.assets_manifest import skeleton as sk
-from serialgen.dataset import shards
-from serialgen.imaging import flatten_on_white
 from serialgen.assets_manifest.geometry import camera as cam_mod
 from serialgen.assets_manifest.geometry import standard_form as std_mod
 from serialgen.assets_manifest.geometry.head import head_geometry_of
+from serialgen.dataset import shards
+from serialgen.imaging import flatten_on_white
 from serialgen.render import lighting as light_mod
+from serialgen.render import scene as scene_mod
+from serialgen.render.bpy_utils import import_bpy, purge_orphans
 from serialgen.render.camera import apply_camera
-from serialgen.render.keypoints import pose_record
+from serialgen.render.characters import load_character
+from serialgen.render.keypoints import PartLookup, keypoints_2d, pose_record
+from serialgen.render.rig import Rig
 from serialgen.render.scene import RenderSettings
 
 __all__ = [
@@ -93,10 +97,11 @@ class RenderJob:
 @dataclass
 class _Loaded:
     char_id: str
-    rig: object
-    parts: object
+    rig: Rig
+    parts: PartLookup
     std_png: bytes = b""
-    std_pose: bytes = b""
+    std_pose: dict = field(default_factory=dict)  # the std_pose.json record
+    std_pose_json: bytes = b""  # ... and its bytes
     std_meta: dict = field(default_factory=dict)
 
 
@@ -123,20 +128,18 @@ class BlenderWorker:
         if settings.threads:
             # Mesa's software GL (workbench/eevee without a GPU) reads this when the context is made.
             os.environ.setdefault("LP_NUM_THREADS", str(settings.threads))
-        from serialgen.render import scene as scene_mod
-
         self.settings = settings
         self.max_characters = max_characters
         self.rss_cap_mb = rss_cap_mb
         self.record_timings = record_timings
-        self.scene = scene_mod.reset_scene()
+        self.scene = scene_mod.new_scene()
         scene_mod.configure_render(self.scene, settings)
         self._render = lambda scene: scene_mod.render_rgba(scene, settings.scale)
         self._loaded: _Loaded | None = None
         self._pose_libs: dict[str, object] = {}
         self.characters_done = 0
         self.pose_library_override = None  # tests: an object with the PoseLibrary fields
-        # The farm's per-sample hook (render/farm_pool.py): ``after_sample(job, key, written)`` runs
+        # The farm's per-sample hook (render/farm/pool.py): ``after_sample(job, key, written)`` runs
         # after each sample is appended to the shard; it logs progress and, in fault-injection tests
         # only, crashes or hangs the worker mid-job. An exception from it fails the job.
         self.after_sample = None
@@ -152,13 +155,11 @@ class BlenderWorker:
 
     def unload(self) -> None:
         """Remove the current character and purge orphan data (meshes, images, materials)."""
-        import bpy
-
         if self._loaded is not None:
             self._loaded.rig.remove()
             self._loaded = None
             self.characters_done += 1
-        bpy.data.orphans_purge(do_recursive=True)
+        purge_orphans()
 
     def _pose_library(self, path: str):
         if self.pose_library_override is not None:
@@ -173,27 +174,14 @@ class BlenderWorker:
         if self._loaded is not None and self._loaded.char_id == record["id"]:
             return self._loaded
         self.unload()
-        if record.get("kind") == "mannequin":  # the built-in test character
-            from serialgen.render.mannequin import build_mannequin
-
-            rig = build_mannequin(record.get("variant", "adult"))
-        else:
-            from serialgen.render.characters import load_character
-
-            rig = load_character(record, Path(assets_dir))
-        from serialgen.render.keypoints import PartLookup
-
+        rig = load_character(record, Path(assets_dir))
         self._loaded = _Loaded(record["id"], rig, PartLookup(rig))
         return self._loaded
 
     # -- rendering ----------------------------------------------------------------------------------
 
     def _keypoints(self, loaded: _Loaded, camera, skel):
-        import bpy
-
-        from serialgen.render.keypoints import keypoints_2d
-
-        depsgraph = bpy.context.evaluated_depsgraph_get()
+        depsgraph = import_bpy().context.evaluated_depsgraph_get()
         height = float(loaded.std_meta.get("character_height_m", 1.7))
         return keypoints_2d(self.scene, depsgraph, loaded.rig, camera, loaded.parts,
                             surface_tolerance=0.015 * height, skel=skel)
@@ -221,7 +209,8 @@ class BlenderWorker:
             kps, defined = self._keypoints(loaded, camera, skel)
         with _stage(timings, "encode"):
             loaded.std_png = shards.encode_png(flatten_on_white(rgba))
-            loaded.std_pose = shards.json_bytes(pose_record(kps, defined, s.width, s.height))
+            loaded.std_pose = pose_record(kps, defined, s.width, s.height)
+            loaded.std_pose_json = shards.json_bytes(loaded.std_pose)
         loaded.std_meta.update({
             "camera": camera.to_json(),
             "head_box": std_mod.head_box(skel, camera, head),
@@ -229,19 +218,19 @@ class BlenderWorker:
             "timings_s": timings,
         })
 
-    def view_camera(self, rig, view, skel=None):
+    def view_camera(self, rig: Rig, view, skel=None):
         """The camera of a drawn ``view`` for the rig's current pose: frame the view's points
         (:meth:`_framing_points`), never inside the character (outside its evaluated mesh bounds
         by ``camera.clearance_for``)."""
         s = self.settings
         skel = skel if skel is not None else rig.posed_skeleton()
         kps3d, defined = sk.compute_keypoints(skel, rig.face_landmarks)
-        mesh_points = self._mesh_points(rig)
+        mesh_points = rig.evaluated_vertices()
         points = self._framing_points(view.framing, rig, skel, kps3d, defined, mesh_points)
         return cam_mod.fit_camera(view, points, s.width, s.height,
                                   bounds=(mesh_points.min(0), mesh_points.max(0)))
 
-    def _framing_points(self, framing: str, rig, skel, kps3d: np.ndarray, defined: np.ndarray,
+    def _framing_points(self, framing: str, rig: Rig, skel, kps3d: np.ndarray, defined: np.ndarray,
                         mesh_points: np.ndarray | None = None) -> np.ndarray:
         """World points (N, 3) that the camera must frame for ``framing``: head = the measured head's
         points (rigid with the head joint, ``head_geometry``), upper body = those plus the
@@ -252,28 +241,7 @@ class BlenderWorker:
         if framing == "upper_body":
             idx = [_KP[n] for n in _UPPER_BODY if defined[_KP[n]]]
             return np.concatenate([head, kps3d[idx]])
-        return mesh_points if mesh_points is not None else self._mesh_points(rig)
-
-    @staticmethod
-    def _mesh_points(rig, max_points: int | None = None) -> np.ndarray:
-        """World positions (N, 3) of every evaluated (posed, deformed) mesh vertex of ``rig``
-        (``max_points``: an evenly strided subsample)."""
-        import bpy
-
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        chunks = []
-        for obj in rig.meshes:
-            ev = obj.evaluated_get(depsgraph)
-            mesh = ev.to_mesh()
-            co = np.empty(len(mesh.vertices) * 3, dtype=np.float64)
-            mesh.vertices.foreach_get("co", co)
-            ev.to_mesh_clear()
-            m = np.array(ev.matrix_world)
-            co = co.reshape(-1, 3)
-            chunks.append(co @ m[:3, :3].T + m[:3, 3])
-        pts = np.concatenate(chunks) if chunks else np.zeros((0, 3))
-        step = max(1, len(pts) // max_points) if max_points else 1
-        return pts[::step]
+        return mesh_points if mesh_points is not None else rig.evaluated_vertices()
 
     def _render_sample(self, job: RenderJob, loaded: _Loaded, library, pose_id: int, view_index: int):
         """Render one pair; returns (key, members, timings)."""
@@ -331,7 +299,7 @@ class BlenderWorker:
                 "ref.png": shards.encode_png(rgba),
                 "std.png": loaded.std_png,
                 "ref_pose.json": shards.json_bytes(pose_record(kps, defined, s.width, s.height)),
-                "std_pose.json": loaded.std_pose,
+                "std_pose.json": loaded.std_pose_json,
             }
         if self.record_timings:
             meta["timings_s"] = {k: round(v, 6) for k, v in timings.items()}
@@ -343,13 +311,14 @@ class BlenderWorker:
 
         Returns a small dict: job, status ("ok" | "failed"), shard summary (or None), failures
         (one per failed sample or the whole character), summed per-stage timings in seconds, pairs,
-        rss_mb.
+        rss_mb, and ``standard_pose``: the character's std_pose.json record (None when the job failed
+        before its standard image was rendered).
         """
         t0 = time.perf_counter()
         totals = {k: 0.0 for k in ("load", "standard", *SAMPLE_STAGES)}
         failures: list[dict] = []
         result = {"job": job.name, "character": job.character.get("id"), "status": "ok", "shard": None,
-                  "failures": failures, "timings_s": totals, "pairs": 0}
+                  "failures": failures, "timings_s": totals, "pairs": 0, "standard_pose": None}
         writer = None
         try:
             with _stage(totals, "load"):
@@ -357,6 +326,7 @@ class BlenderWorker:
                 library = self._pose_library(job.poses_path)
             with _stage(totals, "standard"):
                 self._render_standard(loaded)
+            result["standard_pose"] = loaded.std_pose
             plan = character_samples(loaded.char_id, len(library.angles), job.per_character, job.run_seed)
             writer = shards.ShardWriter(job.out_dir, job.shard, job.split)
             for pose_id, view_index in plan[job.start:job.stop]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from serialgen.assets_manifest import skeleton as sk
+from serialgen.render.bpy_utils import import_mathutils
 
 __all__ = ["project", "PartLookup", "occluded", "keypoints_2d", "pose_record"]
 
@@ -119,8 +120,7 @@ def occluded(scene, depsgraph, origin: np.ndarray, points: np.ndarray, candidate
 
     ``candidates`` (K,) limits the casts to keypoints that are defined and in frame.
     """
-    from mathutils import Vector
-
+    Vector = import_mathutils().Vector
     out = np.zeros(len(points), dtype=bool)
     o = Vector(origin.tolist())
     for k in np.flatnonzero(candidates):

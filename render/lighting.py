@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from serialgen.render.bpy_utils import import_bpy, import_mathutils
+
 __all__ = [
     "LightingSpec",
     "STANDARD_LIGHTING",
@@ -106,9 +108,6 @@ def apply_gain(rgba: np.ndarray, gain: np.ndarray) -> np.ndarray:
 
 def apply_lighting(scene, spec: LightingSpec, engine: str) -> None:
     """Set the scene's lights for ``spec`` on ``engine`` (bpy)."""
-    import bpy
-    from mathutils import Matrix
-
     if engine == "workbench":
         shading = scene.display.shading
         shading.light = "STUDIO"
@@ -117,6 +116,7 @@ def apply_lighting(scene, spec: LightingSpec, engine: str) -> None:
         # Studio lights are lit from the front at rotation 0; rotate towards the drawn azimuth.
         shading.studiolight_rotate_z = float(np.deg2rad(((spec.azimuth + 180.0) % 360.0) - 180.0))
         return
+    bpy = import_bpy()
     sun = bpy.data.objects.get("key_light")
     if sun is None:
         sun = bpy.data.objects.new("key_light", bpy.data.lights.new("key_light", "SUN"))
@@ -128,7 +128,7 @@ def apply_lighting(scene, spec: LightingSpec, engine: str) -> None:
     x = np.cross([0.0, 0.0, 1.0], z)
     x = x / np.linalg.norm(x) if np.linalg.norm(x) > 1e-8 else np.array([1.0, 0.0, 0.0])
     y = np.cross(z, x)
-    sun.matrix_world = Matrix(np.stack([x, y, z], axis=1).tolist()).to_4x4()
+    sun.matrix_world = import_mathutils().Matrix(np.stack([x, y, z], axis=1).tolist()).to_4x4()
     sun.data.energy = 3.0 * spec.intensity
     sun.data.color = tuple(np.clip(_kelvin_raw(spec.temperature_k), 0, 1).tolist())
     sun.data.angle = np.deg2rad(5.0)

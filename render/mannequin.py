@@ -1,10 +1,9 @@
 """A small test character built from the canonical skeleton: an armature plus one skinned ellipsoid per bone.
 
 The mannequin exists so the renderer (scene, cameras, keypoints, standard form, shards) can be built
-and tested without the procedural or imported characters. It follows the ``CharacterRig`` contract
-(``docs/rendering.md``, contract 5): ``id``, ``armature``, ``meshes``, ``bone_map``, ``expressions``,
-``face_landmarks``, ``apply_pose``, ``set_expression``, ``posed_skeleton``, ``world_bounds``,
-``remove``. Its armature rest pose *is* the canonical A-pose, scaled by ``height / 1.75`` (and the
+and tested without the procedural or imported characters. It is a :class:`~serialgen.render.rig.Rig`
+like ``CharacterRig``, and loads through the same loader table (``render/characters.py``, kind
+``"mannequin"``, record field ``variant``). Its armature rest pose *is* the canonical A-pose, scaled by ``height / 1.75`` (and the
 head by ``head_scale``), so posing needs no retargeting: each pose bone gets the canonical world
 rotation directly.
 
@@ -15,12 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import bmesh
-import bpy
 import numpy as np
-from mathutils import Matrix, Vector
 
 from serialgen.assets_manifest import skeleton as sk
+from serialgen.errors import UserInputError
+from serialgen.render.bpy_utils import import_bmesh, import_bpy, import_mathutils
+from serialgen.render.rig import evaluated_vertices
+
+bpy = import_bpy()  # this module runs only in Blender processes
+bmesh = import_bmesh()
+Matrix, Vector = import_mathutils().Matrix, import_mathutils().Vector
 
 __all__ = ["MannequinSpec", "MANNEQUIN_VARIANTS", "Mannequin", "build_mannequin"]
 
@@ -97,12 +100,13 @@ def _add_ellipsoid(bm, deform, group: int, centre, axis, half_length: float, rad
 
 
 class Mannequin:
-    """One mannequin in the scene, with the ``CharacterRig`` interface (contract 5)."""
+    """One mannequin in the scene (a :class:`~serialgen.render.rig.Rig`)."""
 
     def __init__(self, spec: MannequinSpec, collection=None):
         self.spec = spec
         self.id = spec.char_id
         self.face_landmarks = None
+        self.head_geometry = None  # the head bone is the head (geometry.head.head_geometry_of)
         self._rest = _rest_joints(spec)
         collection = collection or bpy.context.scene.collection
         self.bone_map = {name: name for name in self._rest}
@@ -209,7 +213,7 @@ class Mannequin:
                 dx = 0.0 if name == "open_mouth" else 0.08 * length * np.sign(co[i, 0])
                 key.data[vid].co = Vector(co[i] + np.array([dx, -0.06 * length, dz]))
 
-    # -- CharacterRig interface -------------------------------------------------------------------
+    # -- the Rig interface -------------------------------------------------------------------------
 
     def apply_pose(self, angles, root_translation=(0.0, 0.0, 0.0)) -> None:
         """Pose with canonical angles (J, 3) degrees in ``skeleton.JOINT_NAMES`` order."""
@@ -265,26 +269,24 @@ class Mannequin:
             rots[i] = np.array((world.to_3x3() @ pb.matrix.to_3x3() @ rest.inverted()))
         return sk.PosedSkeleton(list(sk.JOINT_NAMES), heads, tails, rots)
 
+    def evaluated_vertices(self, obj=None) -> np.ndarray:
+        return evaluated_vertices([obj] if obj is not None else self.meshes)
+
     def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
-        for obj in self.meshes:
-            ev = obj.evaluated_get(depsgraph)
-            mesh = ev.to_mesh()
-            co = np.empty(len(mesh.vertices) * 3)
-            mesh.vertices.foreach_get("co", co)
-            co = co.reshape(-1, 3) @ np.array(ev.matrix_world.to_3x3()).T + np.array(ev.matrix_world.translation)
-            ev.to_mesh_clear()
-            lo, hi = np.minimum(lo, co.min(0)), np.maximum(hi, co.max(0))
-        return lo, hi
+        v = self.evaluated_vertices()
+        return v.min(axis=0), v.max(axis=0)
 
     def remove(self) -> None:
         for obj in [*self.meshes, self.armature]:
             bpy.data.objects.remove(obj, do_unlink=True)
         self.meshes = []
+        self.armature = None
 
 
 def build_mannequin(variant: str | MannequinSpec = "adult") -> Mannequin:
     """Build a mannequin (``"adult"``, ``"child"``, ``"heavy"`` or a spec) in the current scene."""
-    spec = MANNEQUIN_VARIANTS[variant] if isinstance(variant, str) else variant
-    return Mannequin(spec)
+    if isinstance(variant, str):
+        if variant not in MANNEQUIN_VARIANTS:
+            raise UserInputError(f"unknown mannequin variant {variant!r}; known: {', '.join(MANNEQUIN_VARIANTS)}")
+        variant = MANNEQUIN_VARIANTS[variant]
+    return Mannequin(variant)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mathutils import Vector
-
 from serialgen.errors import UserInputError
+from serialgen.render.bpy_utils import import_bpy, import_mathutils
+
+bpy = import_bpy()  # this module runs only in Blender processes
+Vector = import_mathutils().Vector
 
 __all__ = ["load_real_character", "fix_tails", "flat_texture_fallback"]
 
@@ -38,8 +40,6 @@ def _resolve(record: dict, assets_dir) -> Path:
 
 def fix_tails(arm, bone_map: dict[str, str]) -> list[str]:
     """Give mapped bones whose next canonical joint is unmapped a tail that points the right way."""
-    import bpy
-
     m = bone_map
     plan: dict[str, Vector] = {}
     bones = arm.data.bones

@@ -1,6 +1,12 @@
-"""``CharacterRig``: one loaded character in the Blender scene, posed through the canonical skeleton.
+"""``Rig``: what the renderer uses of a character in the Blender scene; ``CharacterRig``: the rig of
+every real and procedural character, posed through the canonical skeleton.
 
-Shared by every character kind (procedural, glTF, VRM, FBX, .blend): a loader builds or imports the
+:class:`Rig` is the interface (a ``typing.Protocol``): the worker (``render/job.py``), the keypoint
+projection and the head geometry use only its members. Two classes satisfy it: ``CharacterRig``
+(here) and the test ``Mannequin`` (``render/mannequin.py``). Both read the deformed mesh through
+:func:`evaluated_vertices`.
+
+``CharacterRig`` is shared by every character kind (procedural, glTF, VRM, FBX, .blend): a loader builds or imports the
 objects, then constructs ``CharacterRig(char_id, armature, meshes, bone_map, expressions,
 face_landmarks)``. The math (``assets_manifest.rig_alignment``, ``docs/characters.md``):
 
@@ -18,17 +24,74 @@ face_landmarks)``. The math (``assets_manifest.rig_alignment``, ``docs/character
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 import numpy as np
 
 from serialgen.assets_manifest import rig_alignment as ra
+from serialgen.assets_manifest.bone_maps import MIN_JOINTS
 from serialgen.assets_manifest import skeleton as sk
-from serialgen.render.bpy_utils import import_bpy
 from serialgen.assets_manifest.geometry.head import HeadGeometry, measure_head
+from serialgen.render.bpy_utils import import_bpy, import_mathutils
 
-__all__ = ["CharacterRig", "Expression"]
+__all__ = ["Rig", "CharacterRig", "Expression", "evaluated_vertices"]
 
 #: One expression = shape keys to set: (mesh object name, shape key name, weight).
 Expression = list[tuple[str, str, float]]
+
+
+@runtime_checkable
+class Rig(Protocol):
+    """One character in the Blender scene, as the renderer uses it.
+
+    Attributes: ``id`` (manifest id); ``armature`` (the bpy armature Object); ``meshes`` (the bpy
+    mesh Objects it deforms); ``bone_map`` (canonical joint -> bone name); ``expressions`` (name ->
+    shape keys, "neutral" included); ``face_landmarks`` (overrides of
+    ``skeleton.FACE_LANDMARK_DEFAULTS``, or None); ``head_geometry`` (the measured head, or None:
+    the head bone stands for the head, ``geometry.head.head_geometry_of``).
+    """
+
+    id: str
+    armature: Any
+    meshes: list
+    bone_map: dict[str, str]
+    expressions: dict[str, Expression]
+    face_landmarks: dict[str, tuple[float, float, float]] | None
+    head_geometry: HeadGeometry | None
+
+    def apply_pose(self, angles, root_translation=(0.0, 0.0, 0.0)) -> None:
+        """Pose from canonical angles (J, 3) in degrees and a root translation in metres."""
+
+    def set_expression(self, name: str | None) -> None:
+        """Set one expression's shape keys (None or "neutral": all off)."""
+
+    def posed_skeleton(self) -> sk.PosedSkeleton:
+        """World heads/tails/canonical rotations of the joints in the current pose."""
+
+    def evaluated_vertices(self, obj=None) -> np.ndarray:
+        """World positions (N, 3) of the deformed vertices of one mesh object, or of all stacked."""
+
+    def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min xyz, max xyz) of the deformed meshes in world space."""
+
+    def remove(self) -> None:
+        """Delete the character's objects from the scene (the caller then purges orphans)."""
+
+
+def evaluated_vertices(meshes) -> np.ndarray:
+    """World positions (N, 3) of the evaluated (posed, deformed, shape-keyed) vertices of the mesh
+    objects ``meshes``, stacked in order; (0, 3) for none."""
+    dg = import_bpy().context.evaluated_depsgraph_get()
+    out = []
+    for obj in meshes:
+        ev = obj.evaluated_get(dg)
+        me = ev.to_mesh()
+        co = np.empty(len(me.vertices) * 3, dtype=np.float64)
+        me.vertices.foreach_get("co", co)
+        ev.to_mesh_clear()
+        m = np.array(ev.matrix_world)
+        out.append(co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3])
+    return np.concatenate(out) if out else np.zeros((0, 3))
 
 
 def _np(m) -> np.ndarray:
@@ -61,8 +124,7 @@ class CharacterRig:
             raise ValueError(f"character {char_id!r}: armature object missing or not an armature")
         # Real rigs often lack clavicles, a neck or a second spine bone (CesiumMan, KayKit); the
         # alignment lets unmapped bones follow their parents, so only bone_maps.MIN_JOINTS (pelvis,
-        # head, arms, hands, legs, feet) are required (import engineer's edit, see docs/real_assets.md).
-        from serialgen.assets_manifest.bone_maps import MIN_JOINTS
+        # head, arms, hands, legs, feet) are required (docs/real_assets.md).
         missing = [j for j in MIN_JOINTS if j not in bone_map]
         if missing:
             raise ValueError(f"character {char_id!r}: bone_map lacks required joints {missing}")
@@ -177,8 +239,7 @@ class CharacterRig:
     def apply_pose(self, angles, root_translation=(0.0, 0.0, 0.0)) -> None:
         """Pose from canonical angles (J, 3) in degrees (skeleton.JOINT_NAMES order) and a root
         translation in metres (world axes). Zeros = the canonical A-pose."""
-        from mathutils import Matrix, Vector
-
+        mu = import_mathutils()
         angles = np.asarray(angles, dtype=np.float64)
         if angles.shape != (len(sk.JOINTS), 3) or not np.isfinite(angles).all():
             raise ValueError(f"pose angles must be finite with shape ({len(sk.JOINTS)}, 3), got {angles.shape}")
@@ -198,8 +259,8 @@ class CharacterRig:
                 basis = r[b].T @ w[b]
                 loc = r[b].T @ (h[b] - al.heads[b])
             pb = self._pose_bones[b]
-            pb.rotation_quaternion = Matrix(basis.tolist()).to_quaternion()
-            pb.location = Vector(loc.tolist())
+            pb.rotation_quaternion = mu.Matrix(basis.tolist()).to_quaternion()
+            pb.location = mu.Vector(loc.tolist())
             pb.scale = (1.0, 1.0, 1.0)
         self.bpy.context.view_layer.update()
 
@@ -247,17 +308,7 @@ class CharacterRig:
     def evaluated_vertices(self, obj=None) -> np.ndarray:
         """World positions (N, 3) of the evaluated (posed, deformed, shape-keyed) mesh vertices of
         one mesh object, or of all meshes stacked."""
-        dg = self.bpy.context.evaluated_depsgraph_get()
-        out = []
-        for o in ([obj] if obj is not None else self.meshes):
-            ev = o.evaluated_get(dg)
-            me = ev.to_mesh()
-            co = np.empty(len(me.vertices) * 3, dtype=np.float64)
-            me.vertices.foreach_get("co", co)
-            ev.to_mesh_clear()
-            m = _np(o.matrix_world)
-            out.append(co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3])
-        return np.concatenate(out) if out else np.zeros((0, 3))
+        return evaluated_vertices([obj] if obj is not None else self.meshes)
 
     def world_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(min xyz, max xyz) of the evaluated meshes in world space."""

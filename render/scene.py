@@ -1,7 +1,7 @@
 """Render settings (plain data, validated before any work) and the Blender scene they configure.
 
-``RenderSettings`` and ``parse_resolution`` need no Blender, so the CLI and the Ray driver can
-validate ``--engine``/``--resolution`` before starting workers. Everything that touches ``bpy`` is
+``RenderSettings`` needs no Blender, so the CLI and the Ray driver can validate
+``--engine``/``--resolution`` before starting workers. Everything that touches ``bpy`` is
 inside functions and runs only in a Blender worker process (one ``bpy`` per process: it is not
 thread-safe).
 
@@ -22,28 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from serialgen.errors import UserInputError
+from serialgen.render.bpy_utils import import_bpy, reset_scene
+from serialgen.resolution import DEFAULT_RESOLUTION, MAX_SIDE
 
 __all__ = [
     "ENGINES",
+    "MIN_SIDE",
     "RenderSettings",
-    "parse_resolution",
-    "reset_scene",
+    "new_scene",
     "configure_render",
     "render_rgba",
     "time_bare_render",
 ]
 
 ENGINES = {"workbench": "BLENDER_WORKBENCH", "eevee": "BLENDER_EEVEE", "cycles": "CYCLES"}
-_MAX_SIDE = 8192
+MIN_SIDE = 16  # smallest image side a render accepts (``--resolution`` checks it before any work)
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class RenderSettings:
     """What every image of a run is rendered with. ``threads`` 0 = Blender's automatic count."""
 
     engine: str = "workbench"
-    width: int = 512
-    height: int = 768
+    width: int = DEFAULT_RESOLUTION[0]
+    height: int = DEFAULT_RESOLUTION[1]
     threads: int = 0
     cycles_samples: int = 16
     cycles_denoise: bool = False
@@ -66,8 +68,8 @@ class RenderSettings:
             raise UserInputError(f"--engine: unknown engine {self.engine!r}; expected one of {', '.join(ENGINES)}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 16 <= value <= _MAX_SIDE:
-                raise UserInputError(f"--resolution: {name} {value!r} must be an integer in 16..{_MAX_SIDE}")
+            if not isinstance(value, int) or not MIN_SIDE <= value <= MAX_SIDE:
+                raise UserInputError(f"--resolution: {name} {value!r} must be an integer in {MIN_SIDE}..{MAX_SIDE}")
         if self.cycles_samples < 1 or self.eevee_samples < 1:
             raise UserInputError("render samples must be >= 1")
         if self.supersample not in (1, 2, 3, 4):
@@ -84,26 +86,13 @@ class RenderSettings:
         return self.supersample if self.engine == "workbench" else 1
 
 
-def parse_resolution(text: str) -> tuple[int, int]:
-    """``"512x768"`` -> (512, 768); a one-line ``UserInputError`` otherwise."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
-    if not m:
-        raise UserInputError(f"--resolution: {text!r} is not WIDTHxHEIGHT (e.g. 512x768)")
-    w, h = int(m.group(1)), int(m.group(2))
-    if not (16 <= w <= _MAX_SIDE and 16 <= h <= _MAX_SIDE):
-        raise UserInputError(f"--resolution: {text!r} out of range; each side must be in 16..{_MAX_SIDE}")
-    return w, h
-
-
-def reset_scene():
-    """Empty the Blender session (factory settings, no default objects) and add the camera.
+def new_scene():
+    """Empty the Blender session (``bpy_utils.reset_scene``) and add the render camera and world.
 
     Returns the scene; its camera is ``scene.camera``.
     """
-    import bpy
-
-    bpy.ops.wm.read_factory_settings(use_empty=True)
-    scene = bpy.context.scene
+    bpy = import_bpy()
+    scene = reset_scene()
     cam = bpy.data.objects.new("camera", bpy.data.cameras.new("camera"))
     scene.collection.objects.link(cam)
     scene.camera = cam
@@ -184,9 +173,9 @@ def render_rgba(scene, supersample: int = 1) -> np.ndarray:
     ``supersample`` k > 1 the frame (rendered at k times the size) is averaged over k x k blocks
     with premultiplied alpha, so edges do not darken.
     """
-    import bpy
     from PIL import Image
 
+    bpy = import_bpy()
     path = _scratch_path()
     scene.render.filepath = str(path)
     with _quiet_stdout():  # Blender prints "Saved: ..." per frame; keep progress bars clean
@@ -206,10 +195,7 @@ def time_bare_render(scene, still_path: str) -> tuple[float, float]:
     """Seconds for two bare loops on the scene as it is (the render benchmark's baseline):
     ``bpy.ops.render.render()`` alone, and render + save with Blender's own PNG writer (RGBA, its
     default 15% compression), i.e. what a plain render loop that keeps its images pays."""
-    import time
-
-    import bpy
-
+    bpy = import_bpy()
     t = time.perf_counter()
     bpy.ops.render.render()
     render_s = time.perf_counter() - t

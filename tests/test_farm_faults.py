@@ -2,7 +2,7 @@
 
 Faults are real: a worker process is SIGKILLed from outside in the middle of a job, the driver gets
 SIGINT, and poison character records crash (SIGKILL of its own process) or hang their worker
-(``render/farm_faults.py``, enabled only by ``SERIALGEN_FAULT_INJECTION=1`` in the driver's
+(``render/farm/faults.py``, enabled only by ``SERIALGEN_FAULT_INJECTION=1`` in the driver's
 environment). Characters are procedural (closed surfaces: byte-reproducible across processes).
 """
 
@@ -21,7 +21,7 @@ import pytest
 
 from serialgen.cli import main
 
-pytestmark = pytest.mark.blender
+pytestmark = [pytest.mark.blender, pytest.mark.ray, pytest.mark.slow]
 
 CHARS = ("proc-000001", "proc-000002", "proc-000003")
 PER_CHAR = 4
@@ -179,7 +179,6 @@ def test_sigkill_of_a_worker_mid_job_loses_and_duplicates_nothing(assets, refere
     assert "== driver: attempt 1" in log.read_text() and "died" in log.read_text()
 
 
-@pytest.mark.slow
 def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, capsys):
     meshes, poses = built
     # Every character slow (0.5 s a sample) and one pair per shard: 12 jobs, ~7 s at least.
@@ -221,7 +220,6 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     assert "nothing to render" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_poison_assets_are_quarantined_and_the_rest_is_rendered(built, tmp_path):
     meshes, poses = built
     poison = {"schema": "serialgen.character/1", "kind": "mannequin", "variant": "adult", "status": "accepted"}
@@ -252,9 +250,9 @@ def test_a_worker_with_other_code_stops_the_run(assets, tmp_path):
     """Workers import the code when they start: one running another version (a stale node, an edit
     during the run) would mix two versions of the data in one folder, so the driver refuses it."""
     from serialgen.errors import SerialgenError
-    from serialgen.render.farm import FarmConfig, load_characters, plan_jobs
-    from serialgen.render.farm_pool import RayPool, code_fingerprint
-    from serialgen.render.farm_schedule import JobBook
+    from serialgen.render.farm.driver import FarmConfig, load_characters, plan_jobs
+    from serialgen.render.farm.pool import RayPool, code_fingerprint
+    from serialgen.render.farm.schedule import JobBook
     from serialgen.render.scene import RenderSettings
 
     class Sink:

@@ -97,12 +97,13 @@ def _png(data):
 
 
 def test_projection_matches_blender(worker):
-    import bpy
-    from bpy_extras.object_utils import world_to_camera_view
-    from mathutils import Vector
-
     from serialgen.assets_manifest.geometry import camera as cm
+    from serialgen.render.bpy_utils import import_bpy, import_bpy_extras, import_mathutils
     from serialgen.render.camera import apply_camera
+
+    bpy = import_bpy()
+    world_to_camera_view = import_bpy_extras().object_utils.world_to_camera_view
+    Vector = import_mathutils().Vector
 
     scene = worker.scene
     pts = np.random.default_rng(1).normal(0.0, 0.4, (6, 3)) + [0.0, 0.0, 1.0]
@@ -173,11 +174,12 @@ def test_standard_image_places_the_head(worker, poses_path, procedural, tmp_path
 
 @pytest.mark.parametrize("kind", ["procedural", "mannequin"])
 def test_expression_changes_only_the_face(worker, procedural, kind):
-    import bpy
-
     from serialgen.assets_manifest.geometry import camera as cm
-    from serialgen.render.camera import apply_camera
     from serialgen.assets_manifest.geometry.standard_form import standard_angles
+    from serialgen.render.bpy_utils import import_bpy
+    from serialgen.render.camera import apply_camera
+
+    bpy = import_bpy()
 
     assets, records = procedural
     record = records["adult"] if kind == "procedural" else _record("adult")
@@ -244,8 +246,8 @@ def test_failed_character_is_recorded(worker, poses_path, tmp_path):
 def test_face_keypoints_hidden_from_behind(worker, procedural):
     from serialgen.assets_manifest import skeleton as sk
     from serialgen.assets_manifest.geometry import camera as cm
-    from serialgen.render.camera import apply_camera
     from serialgen.assets_manifest.geometry.standard_form import standard_angles
+    from serialgen.render.camera import apply_camera
 
     assets, records = procedural
     loaded = worker._load_character(records["adult"], str(assets))
@@ -259,7 +261,7 @@ def test_face_keypoints_hidden_from_behind(worker, procedural):
     seen = {}
     for azimuth in (0.0, 180.0):
         cam = cm.fit_camera(cm.ViewSample(azimuth, 5.0, 50.0, "full_body", 0.9, (0.0, 0.0)),
-                            worker._mesh_points(rig), W, H)
+                            rig.evaluated_vertices(), W, H)
         apply_camera(worker.scene.camera, cam)
         kps, defined = worker._keypoints(loaded, cam, skel)
         seen[azimuth] = kps[:, 2]

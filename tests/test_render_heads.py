@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.blender
 
 W, H = 96, 144
 REAL = {"Knight": "kaykit/Knight.glb", "RobotExpressive": "quaternius/RobotExpressive.glb",
@@ -82,8 +81,9 @@ def _project(camera_json: dict, pts: np.ndarray) -> np.ndarray:
 def _head_vertices(rig) -> np.ndarray:
     """Evaluated world vertices whose dominant bone is the head bone or a descendant (measured
     here independently of ``head_geometry``)."""
-    import bpy
+    from serialgen.render.bpy_utils import import_bpy
 
+    bpy = import_bpy()
     arm = rig.armature
     head_bone = arm.data.bones[rig.bone_map["head"]]
     head_set = {head_bone.name, *(c.name for c in head_bone.children_recursive)}
@@ -122,6 +122,7 @@ def _samples(result, out):
     return list(iter_shard(Path(out) / result["shard"]["path"]))
 
 
+@pytest.mark.blender
 def test_head_geometry_is_the_head_mesh(worker, characters, library):
     """The measured head points move rigidly with the head and lie on the evaluated head mesh;
     the chibis' heads are several head-bone lengths tall, a human's about 1.5."""
@@ -142,6 +143,7 @@ def test_head_geometry_is_the_head_mesh(worker, characters, library):
     assert 1.3 < ratio["procedural"] < 2.2, ratio
 
 
+@pytest.mark.blender
 def test_standard_image_head_at_the_documented_place(worker, characters, library, tmp_path):
     from serialgen.assets_manifest.geometry.standard_form import STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT, standard_angles
 
@@ -174,6 +176,7 @@ def test_standard_image_head_at_the_documented_place(worker, characters, library
         assert kp["l_eye"][1] < kp["nose"][1] and kp["r_eye"][1] < kp["nose"][1], name  # eyes above
 
 
+@pytest.mark.blender
 def test_head_close_up_shows_the_head(worker, characters):
     from serialgen.assets_manifest.skeleton import KEYPOINT_NAMES
     from serialgen.assets_manifest.geometry import camera as cm
@@ -201,6 +204,8 @@ def test_head_close_up_shows_the_head(worker, characters):
                 assert alpha[int(y), int(x)] > 0, (name, azimuth, n)
 
 
+@pytest.mark.blender
+@pytest.mark.slow
 def test_no_view_puts_the_camera_in_the_character(worker, characters, library, tmp_path):
     """30 drawn views per character through the real job: the camera is outside the posed mesh
     bounds by the clearance, every frame shows a good part of the character, and visible keypoints
@@ -219,7 +224,7 @@ def test_no_view_puts_the_camera_in_the_character(worker, characters, library, t
             meta = json.loads(sample["meta.json"])
             rig.set_expression(meta["expression"])
             rig.apply_pose(library.angles[meta["pose_id"]], library.root_translation[meta["pose_id"]])
-            pts = worker._mesh_points(rig)
+            pts = rig.evaluated_vertices()
             lo, hi = pts.min(0), pts.max(0)
             margin = cm.clearance_for(lo, hi)
             loc = np.array(meta["camera"]["location"])
@@ -250,7 +255,6 @@ def test_keep_clear_and_head_fallbacks():
     region falls back to the influence region, then to the bone box; a sphere with a nose gets its
     nose on the nose and its eyes above it on the front surface."""
     from serialgen.assets_manifest.geometry import camera as cm
-    from serialgen.render.camera import apply_camera
     from serialgen.assets_manifest.geometry.head import HeadGeometry, measure_head
 
     cam = cm.CameraSpec(np.array([0.0, -0.2, 1.0]), cm.look_rotation([0.0, 1.0, 0.0]), 50.0, W, H)

@@ -7,14 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-bpy = pytest.importorskip("bpy")
-
-from serialgen.assets_manifest import procedural as pr  # noqa: E402
-from serialgen.assets_manifest import skeleton as sk  # noqa: E402
-from serialgen.errors import UserInputError  # noqa: E402
-from serialgen.render import bpy_utils  # noqa: E402
-from serialgen.render.characters import load_character  # noqa: E402
-from serialgen.render.rig import CharacterRig  # noqa: E402
+from serialgen.assets_manifest import procedural as pr
+from serialgen.assets_manifest import skeleton as sk
+from serialgen.errors import UserInputError
+from serialgen.render import bpy_utils
+from serialgen.render.characters import load_character
+from serialgen.render.rig import CharacterRig, Rig
 
 pytestmark = pytest.mark.blender
 
@@ -113,6 +111,7 @@ def test_smile_moves_only_the_face(rig):
 
 
 def _render_alpha(rig, width, height, path=None):
+    bpy = bpy_utils.import_bpy()
     scene = bpy.context.scene
     cam = bpy.data.objects.new("test_cam", bpy.data.cameras.new("test_cam"))
     scene.collection.objects.link(cam)
@@ -152,6 +151,7 @@ def test_workbench_render_shows_the_character(rig, tmp_path):
 
 
 def test_remove_and_purge_leave_nothing(assets):
+    bpy = bpy_utils.import_bpy()
     root, records = assets
     bpy_utils.reset_scene()
     for rec in records:
@@ -162,6 +162,26 @@ def test_remove_and_purge_leave_nothing(assets):
     assert len(bpy.data.meshes) == 0 and len(bpy.data.armatures) == 0
     assert len(bpy.data.materials) == 0 and len(bpy.data.images) == 0
     assert len(bpy.data.objects) == 0 and len(bpy.data.collections) == 0
+
+
+def test_character_rig_and_mannequin_are_rigs(rig):
+    """Both rig classes satisfy the ``Rig`` protocol; the mannequin loads through the loader table."""
+    from serialgen.render.mannequin import Mannequin
+
+    assert isinstance(rig, CharacterRig) and isinstance(rig, Rig)
+    mannequin = load_character({"id": "m", "kind": "mannequin", "variant": "child"}, "/nonexistent")
+    try:
+        assert isinstance(mannequin, Mannequin) and isinstance(mannequin, Rig)
+        assert mannequin.id == "mannequin-child" and mannequin.head_geometry is None
+        mannequin.apply_pose(ZERO)
+        lo, hi = mannequin.world_bounds()
+        verts = mannequin.evaluated_vertices()
+        assert np.allclose(lo, verts.min(0)) and 1.0 < hi[2] - lo[2] < 1.3  # the child is 1.15 m
+    finally:
+        mannequin.remove()
+    assert mannequin.armature is None and mannequin.meshes == []
+    with pytest.raises(UserInputError, match="unknown mannequin variant 'giant'"):
+        load_character({"id": "m", "kind": "mannequin", "variant": "giant"}, "/nonexistent")
 
 
 def test_load_character_errors(assets, tmp_path):
@@ -180,14 +200,13 @@ def test_load_character_errors(assets, tmp_path):
 def _t_pose_armature(world=None):
     """Canonical proportions in world space; with ``world`` (4x4) the armature object carries that
     transform (an FBX-like cm, Y-up rig) and its bones are stored in the matching local space."""
+    bpy = bpy_utils.import_bpy()
     bpy_utils.reset_scene()
     world = np.eye(4) if world is None else np.asarray(world, dtype=np.float64)
     inv = np.linalg.inv(world)
     data = bpy.data.armatures.new("t_rig")
     obj = bpy.data.objects.new("t_rig", data)
-    from mathutils import Matrix
-
-    obj.matrix_world = Matrix(world.tolist())
+    obj.matrix_world = bpy_utils.import_mathutils().Matrix(world.tolist())
     bpy.context.scene.collection.objects.link(obj)
     bpy.context.view_layer.objects.active = obj
     bpy.ops.object.mode_set(mode="EDIT")
@@ -217,6 +236,7 @@ _FBX_LIKE = np.diag([0.01, 0.01, 0.01, 1.0]) @ np.array(
 
 @pytest.mark.parametrize("world", [None, _FBX_LIKE], ids=["identity", "fbx_cm_y_up"])
 def test_generic_t_pose_rig_matches_the_canonical_skeleton(world):
+    bpy = bpy_utils.import_bpy()
     arm = _t_pose_armature(world)
     rig = CharacterRig("t-rig", arm, [], {j.name: "B_" + j.name for j in sk.JOINTS})
     rng = np.random.default_rng(5)

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from serialgen.errors import SerialgenError
-from serialgen.render.farm_schedule import JobBook
-from serialgen.render.job import RenderJob
+from serialgen.render.farm import faults
+from serialgen.render.farm.schedule import JobBook
+from serialgen.render.job import BlenderWorker, RenderJob
 from serialgen.render.scene import RenderSettings
 
 __all__ = ["log_path", "code_fingerprint", "check_reachable", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
@@ -130,9 +131,6 @@ class FarmWorker:
         if threads:
             for var in _THREAD_VARS:
                 os.environ[var] = str(threads)
-        from serialgen.render import farm_faults
-        from serialgen.render.job import BlenderWorker
-
         self.slot = slot
         self.threads = threads
         self.capture_stderr = capture_stderr
@@ -145,14 +143,14 @@ class FarmWorker:
 
             self.gpu_ids = [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
             if settings.engine == "cycles":
-                from serialgen.render.farm_gpu import configure_cycles_gpus
+                from serialgen.render.farm.gpu import configure_cycles_gpus
 
                 self.device = configure_cycles_gpus(self.worker.scene, self.gpu_ids)
-            else:  # OpenGL/EGL engines: no per-process device choice in bpy (see farm_gpu.py)
+            else:  # OpenGL/EGL engines: no per-process device choice in bpy (see farm/gpu.py)
                 self.device = (f"{settings.engine} on the EGL default device; ray gpu ids {self.gpu_ids}, "
                                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
         self._log = None
-        self._inject = farm_faults.inject
+        self._inject = faults.inject
         self.worker.after_sample = self._after_sample
 
     def _after_sample(self, job: RenderJob, key: str, written: int) -> None:

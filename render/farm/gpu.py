@@ -34,6 +34,8 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from serialgen.render.bpy_utils import import_bpy
+
 __all__ = ["BACKENDS", "CyclesDevice", "parse_pci", "nvidia_pci_map", "select_cycles_devices",
            "configure_cycles_gpus"]
 
@@ -119,9 +121,7 @@ def configure_cycles_gpus(scene, gpu_ids: list[str | int]) -> str:
 
     Returns a one-line description for the job log.
     """
-    import bpy
-
-    prefs = bpy.context.preferences.addons["cycles"].preferences
+    prefs = import_bpy().context.preferences.addons["cycles"].preferences
     prefs.refresh_devices()
     listed = [CyclesDevice(d.type, d.id, d.name) for d in prefs.devices]
     backend, ids = select_cycles_devices(listed, gpu_ids, nvidia_pci_map())

@@ -1,7 +1,7 @@
 """The render farm driver: plan jobs from the manifests, run Blender workers, write the index.
 
 Planning happens here, on the driver (no bpy); rendering happens in Blender worker processes, one
-``bpy`` per process (Ray actors, :mod:`serialgen.render.farm_pool`). Work items are
+``bpy`` per process (Ray actors, :mod:`serialgen.render.farm.pool`). Work items are
 ``(character, sample range)`` jobs (:class:`serialgen.render.job.RenderJob`) whose shard names are
 deterministic (``<split>/<character>-p<start>-<stop>.tar``), so a retried or re-run job rewrites the
 same file with the same bytes. Workers write their shard straight into the output folder (temporary
@@ -10,9 +10,9 @@ shard and writes ``index.json`` last.
 
 Faults (``docs/rendering.md``, "The farm"): a worker that dies is replaced and its job retried; a job
 past its timeout is killed and retried; a character that fails ``max_attempts`` times is quarantined
-(:mod:`serialgen.render.farm_schedule`); Ctrl-C (or SIGTERM) stops the workers, leaves only whole
+(:mod:`serialgen.render.farm.schedule`); Ctrl-C (or SIGTERM) stops the workers, leaves only whole
 shards and writes no index; re-running the same command renders what is missing
-(:mod:`serialgen.render.farm_journal`), and a finished run renders nothing.
+(:mod:`serialgen.render.farm.journal`), and a finished run renders nothing.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from pathlib import Path
 
 from serialgen.dataset import shards
 from serialgen.errors import UserInputError
-from serialgen.render import farm_journal
-from serialgen.render.farm_journal import JOURNAL_NAME, LOGS_NAME, REPORT_NAME, RUN_NAME  # noqa: F401
-from serialgen.render.farm_report import Progress, WorkerStats, format_summary
-from serialgen.render.farm_schedule import JobBook
+from serialgen.render.farm.journal import LOGS_NAME, REPORT_FORMAT, REPORT_NAME, Journal, finished_run, prepare_out
+from serialgen.render.farm.pool import LocalPool, RayPool, check_reachable, log_path
+from serialgen.render.farm.report import Progress, WorkerStats
+from serialgen.render.farm.schedule import JobBook
 from serialgen.render.job import RenderJob
 from serialgen.render.scene import RenderSettings
 
-__all__ = ["FarmConfig", "load_characters", "plan_jobs", "run_farm", "format_summary"]
+__all__ = ["FarmConfig", "load_characters", "plan_jobs", "run_farm"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ class FarmConfig:
     cpus_per_worker: float = 0  # 0: local: the machine's CPUs / workers; cluster: its CPUs / workers
     gpus_per_worker: float = 0.0  # > 0: GPU workers (fractions pack several on one GPU)
     address: str | None = None
-    job_timeout: float = 0.0  # seconds per job; 0: automatic (farm_schedule.JobBook.timeout_for)
+    job_timeout: float = 0.0  # seconds per job; 0: automatic (schedule.JobBook.timeout_for)
     max_attempts: int = 3  # failures of one character before it is quarantined
     retry_quarantined: bool = False
     max_characters_per_worker: int = 50
@@ -141,8 +141,6 @@ def _validate(config: FarmConfig) -> None:
     if config.job_timeout < 0:
         raise UserInputError(f"--job-timeout must be >= 0 (0 = automatic), got {config.job_timeout}")
     if config.address and config.workers:
-        from serialgen.render.farm_pool import check_reachable
-
         check_reachable(config.address)  # before the output folder is touched
 
 
@@ -166,7 +164,7 @@ def _sigterm_as_interrupt():
 class _Driver:
     """Receives the pool's events: updates the job book, the journal, the progress bar, the stats."""
 
-    def __init__(self, book: JobBook, journal: farm_journal.Journal, progress: Progress, summaries: dict):
+    def __init__(self, book: JobBook, journal: Journal, progress: Progress, summaries: dict):
         self.book, self.journal, self.progress = book, journal, progress
         self.summaries = summaries
         self.stats = WorkerStats()
@@ -216,8 +214,6 @@ class _Driver:
         """The worker process died or was killed under the job: it could not log that itself."""
         self.stats.job(slot, 0, seconds, True)
         try:
-            from serialgen.render.farm_pool import log_path
-
             path = log_path(job)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as log:
@@ -280,10 +276,10 @@ def run_farm(config: FarmConfig) -> dict:
     planned = {j.shard: j.split for j in jobs}
     out = Path(config.out)
     if not config.overwrite and not config.retry_quarantined:
-        index = farm_journal.finished_run(out, config.render_config(), set(planned))
+        index = finished_run(out, config.render_config(), set(planned))
         if index is not None:
             return _nothing_to_do(config, index, t0)
-    resume = farm_journal.prepare_out(out, config.render_config(), planned, config.overwrite,
+    resume = prepare_out(out, config.render_config(), planned, config.overwrite,
                                       config.retry_quarantined)
     todo = [j for j in jobs if j.shard not in resume.keep and j.character["id"] not in resume.quarantined]
 
@@ -294,7 +290,7 @@ def run_farm(config: FarmConfig) -> dict:
         threads = settings.threads or int(config.cpus_per_worker) or max(1, local_cpus // config.workers)
     summaries = dict(resume.keep)
     book = JobBook(todo, config.max_attempts)
-    journal = farm_journal.Journal(out)
+    journal = Journal(out)
     progress = Progress(sum(j.stop - j.start for j in todo), len(jobs) - len(
         [j for j in jobs if j.character["id"] in resume.quarantined and j.shard not in resume.keep]),
         len(resume.keep), enabled=config.progress and bool(todo))
@@ -304,13 +300,11 @@ def run_farm(config: FarmConfig) -> dict:
     try:
         with _sigterm_as_interrupt():
             if todo:
-                from serialgen.render import farm_pool
-
                 if config.workers == 0:
-                    pool = farm_pool.LocalPool(settings, config.max_characters_per_worker, config.rss_cap_mb,
+                    pool = LocalPool(settings, config.max_characters_per_worker, config.rss_cap_mb,
                                                config.record_timings, threads)
                 else:
-                    pool = farm_pool.RayPool(settings, config.workers, config.cpus_per_worker,
+                    pool = RayPool(settings, config.workers, config.cpus_per_worker,
                                              config.gpus_per_worker, settings.threads,
                                              config.max_characters_per_worker, config.rss_cap_mb,
                                              config.record_timings, address=config.address,
@@ -338,7 +332,7 @@ def run_farm(config: FarmConfig) -> dict:
         shards.write_index(out, shard_list, index_config, failures)
     wall = time.perf_counter() - t0
     summary = {
-        "format": farm_journal.REPORT_FORMAT,
+        "format": REPORT_FORMAT,
         "status": status,
         "out": str(config.out),
         "pairs": sum(s.samples for s in shard_list),
