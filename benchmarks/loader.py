@@ -145,7 +145,7 @@ def _steps(args) -> dict:
 def _alternatives(args) -> dict:
     import torch
     import torch.nn.functional as F
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     from serialgen.dataset import compositing as C
     from serialgen.dataset import loader as L

@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -171,7 +170,6 @@ def bench(args) -> dict:
     members = _raw_members(ds.urls, 256)
     if not members:
         raise UserInputError(f"{args.shards}: no sample with ref.png and std.png")
-    use_spng = L._spng is not None
 
     def decode_pil(data):
         from PIL import Image
@@ -232,7 +230,7 @@ def bench(args) -> dict:
         "pairs_per_cpu_s": round(cpu_rate["pipe"], 2),
         "raw_decode_pairs_per_cpu_s": round(cpu_rate["raw"], 2),
         "raw_decode_ref_only_pairs_per_cpu_s": round(cpu_rate["raw_ref"], 2),
-        "raw_decoder": "pyspng" if use_spng else "PIL",
+        "raw_decoder": "pyspng",
         "raw_decode_pil_pairs_per_s": round(rate["pil"], 2),
         "raw_decode_definition": RAW_DECODE_DEFINITION,
         "raw_decode_ref_only_definition": RAW_DECODE_REF_ONLY_DEFINITION,

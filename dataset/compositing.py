@@ -34,8 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow
 from PIL import Image
 
+from serialgen.assets_manifest.backgrounds import load_backgrounds
+from serialgen.assets_manifest.manifest import MANIFEST_FILES
 from serialgen.dataset.posemap import Pose
 from serialgen.errors import UserInputError
 from serialgen.resolution import DEFAULT_RESOLUTION, parse_resolution
@@ -50,10 +53,7 @@ __all__ = [
     "prepare_reference",
     "premultiply",
     "composite_reference",
-    "fit_to_canvas",
-    "fit_transform",
     "jitter_lut",
-    "resize_uint8",
     "list_background_images",
     "IMAGE_SUFFIXES",
 ]
@@ -233,30 +233,20 @@ def _point(img: Image.Image, lut: list[int]) -> Image.Image:
         return img.point(lut)
 
 
-_ARROW = None  # pyarrow, imported on first use (False: not available)
-
-
 def _rgba_array(img: Image.Image) -> np.ndarray:
     """An (h, w, 4) uint8 read-only view of an RGBA/RGBa PIL image's own memory, without a copy.
 
     Through the Arrow C data interface (Pillow >= 11.2, pyarrow): ``np.asarray(img)`` instead packs
     the pixels through ``tobytes`` (64 KB chunks, then a join: ~0.15 ms a megabyte). Falls back to
-    that when an image cannot be exported (one stored in several memory blocks) or pyarrow is missing.
+    that when an image cannot be exported (one stored in several memory blocks).
     """
-    global _ARROW
-    if _ARROW is None:
-        try:
-            import pyarrow
-            _ARROW = pyarrow
-        except ImportError:  # pragma: no cover - pyarrow is a dependency
-            _ARROW = False
     w, h = img.size
-    if _ARROW and img.mode in ("RGBA", "RGBa"):
+    if img.mode in ("RGBA", "RGBa"):
         try:
-            arr = np.frombuffer(_ARROW.array(img).buffers()[-1], np.uint8)
+            arr = np.frombuffer(pyarrow.array(img).buffers()[-1], np.uint8)
             if arr.size == w * h * 4:
                 return arr.reshape(h, w, 4)
-        except (ValueError, TypeError, _ARROW.ArrowException):
+        except (ValueError, TypeError, pyarrow.ArrowException):
             pass
     return np.asarray(img)
 
@@ -410,31 +400,6 @@ def composite_reference(ref: np.ndarray, pose: Pose, background, cfg: CompositeC
     return Composite(image, mask, placed.pose, placed.transform, kept)
 
 
-def fit_transform(src_size: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """(sx, sy, tx, ty) that fits a ``src_size`` image into ``size`` preserving aspect, centred:
-    x' = sx x + tx. Shared by images (``fit_to_canvas``) and keypoints with no image behind them."""
-    (w0, h0), (cw, ch) = src_size, size
-    if (w0, h0) == (cw, ch):
-        return 1.0, 1.0, 0.0, 0.0
-    s = min(cw / w0, ch / h0)
-    nw, nh = max(1, round(w0 * s)), max(1, round(h0 * s))
-    return nw / w0, nh / h0, float((cw - nw) // 2), float((ch - nh) // 2)
-
-
-def fit_to_canvas(img: Image.Image, size: tuple[int, int], fill=(255, 255, 255)) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """Resize ``img`` to fit ``size`` preserving aspect, centred, padded with ``fill``.
-
-    Returns the canvas and (sx, sy, tx, ty) with x' = sx x + tx (the standard image and its pose).
-    """
-    t = fit_transform(img.size, size)
-    if t == (1.0, 1.0, 0.0, 0.0):
-        return img, t
-    nw, nh = round(img.size[0] * t[0]), round(img.size[1] * t[1])
-    canvas = Image.new(img.mode, size, fill)
-    canvas.paste(img.resize((nw, nh), Image.BILINEAR), (int(t[2]), int(t[3])))
-    return canvas, t
-
-
 def list_background_images(source) -> list[str]:
     """Background image paths from a list of paths, a folder (searched recursively for
     jpg/jpeg/png/webp) or an assets folder with a backgrounds manifest.
@@ -454,20 +419,12 @@ def list_background_images(source) -> list[str]:
         raise UserInputError(f"backgrounds: {root} does not exist (expected a folder of jpg/png/webp images)")
     if root.is_file():
         return [str(root)]
-    try:  # the assets engineer's manifest, when present: accepted records with absolute paths
-        from serialgen.assets_manifest.backgrounds import load_backgrounds
-
-        records = load_backgrounds(root)
-    except Exception:  # noqa: BLE001 - no manifest module or no manifest here: scan the folder
-        records = None
-    if records:
-        paths = []
-        for r in records:
-            p = r.get("path") if isinstance(r, dict) else getattr(r, "path", None)
-            if p and Path(p).suffix.lower() in IMAGE_SUFFIXES:
-                paths.append(str(p))
-        if paths:
-            return sorted(paths)
+    if (root / MANIFEST_FILES["background"]).is_file():  # an assets folder: its accepted backgrounds
+        paths = sorted(r["path"] for r in load_backgrounds(root) if Path(r["path"]).suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise UserInputError(f"backgrounds: {root / MANIFEST_FILES['background']} lists no accepted "
+                                 "jpg/jpeg/png/webp image")
+        return paths
     paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise UserInputError(f"backgrounds: no jpg/jpeg/png/webp image under {root}")

@@ -46,42 +46,38 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyspng
 import torch
 import torch.utils.data
 from PIL import Image
 
+from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
 from serialgen.dataset.compositing import (
     BackgroundPool,
     CompositeConfig,
     EmptyReferenceError,
     PlacedReference,
-    fit_to_canvas,
-    fit_transform,
     list_background_images,
     prepare_reference,
 )
 from serialgen.dataset.posemap import Pose, RegionImage, draw_pose_map, draw_pose_region, parse_pose
+from serialgen.dataset.shards import MEMBERS, read_index
+from serialgen.dataset.tarset import INDEX_NAME, index_path
 from serialgen.errors import UserInputError
+from serialgen.imaging import fit_transform, flatten_on_white, has_alpha, letterbox
 from serialgen.resolution import DEFAULT_RESOLUTION, parse_resolution
 
 __all__ = [
-    "LOADER_VERSION",
-    "MEMBERS",
-    "IMAGE_KEYS",
     "LoaderConfig",
     "LoaderStats",
     "RenderPairDataset",
     "make_loader",
     "open_dataset",
     "resolve_shards",
-    "load_canonical_pose",
-    "reference_standard_pose",
     "decode_png",
     "to_model_range",
 ]
 
-LOADER_VERSION = 1
-MEMBERS = ("ref.png", "std.png", "ref_pose.json", "std_pose.json", "meta.json")
 IMAGE_KEYS = ("ref", "ref_pose", "std", "std_pose")
 MAX_PIXELS = 64 * 1024 * 1024  # a member larger than this is rejected before decoding (a PNG bomb)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, KeyError, TypeError, IndexError,
@@ -89,10 +85,6 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, KeyErr
 
 log = logging.getLogger("serialgen.dataset.loader")
 
-try:  # optional fast path (a dependency of the package; PIL decodes everything when absent)
-    import pyspng as _spng
-except ImportError:  # pragma: no cover
-    _spng = None
 
 
 @dataclass
@@ -227,84 +219,70 @@ def _shard_of(exn: Exception) -> str:
 # Shard lists
 # ---------------------------------------------------------------------------------------------
 
-def _index_entries(index_path: Path) -> tuple[dict, list[dict]]:
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{index_path}: not a readable JSON index ({exc})") from None
-    shards = index.get("shards") if isinstance(index, dict) else None
-    if not isinstance(shards, list):
-        raise UserInputError(f"{index_path}: no 'shards' list (expected the shard set's index.json)")
-    return index, [s if isinstance(s, dict) else {"path": str(s)} for s in shards]
-
-
-def _entry_path(entry: dict) -> str | None:
-    for k in ("path", "file", "name", "url"):
-        if isinstance(entry.get(k), str):
-            return entry[k]
-    return None
-
-
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
 def resolve_shards(spec, split: str = "train") -> list[str]:
-    """Shard paths from SHARDS: a shard-set folder (``index.json``, else ``<split>/*.tar``, else
-    ``*.tar``), an ``index.json``, a ``.tar``, a brace pattern (``shard-{000000..000009}.tar``) or a
+    """Shard paths from SHARDS: a shard-set folder (its ``index.json``, else ``<split>/*.tar``, else
+    ``*.tar``), an index file, a ``.tar``, a brace pattern (``shard-{000000..000009}.tar``) or a
     list of these. Remote URLs (``pipe:``, ``s3://``...) pass through unchecked.
 
-    Raises UserInputError (one line, naming the path) when a shard is missing or none is found.
+    Raises UserInputError (one line, naming the path) when a shard is missing or none is found, and
+    ``TarSetError`` for an index that is not a readable ``serialgen.shards`` index.
     """
+    return _resolve(spec, split)[0]
+
+
+def _resolve(spec, split: str) -> tuple[list[str], dict | None]:
+    """(shard paths, the shard set's index when SHARDS names one; see ``resolve_shards``)."""
     import braceexpand
 
     if isinstance(spec, (list, tuple)):
         out = []
         for s in spec:
-            out += resolve_shards(str(s), split)
-        return out
+            out += _resolve(str(s), split)[0]
+        return out, None
     spec = str(spec)
     if _is_remote(spec):
-        return list(braceexpand.braceexpand(spec))
+        return list(braceexpand.braceexpand(spec)), None
     if "{" in spec:
         paths = list(braceexpand.braceexpand(spec))
         for p in paths:
             if not Path(p).is_file():
                 raise UserInputError(f"shard not found: {p} (from the pattern {spec})")
-        return paths
+        return paths, None
     path = Path(spec)
     if path.is_dir():
-        if (path / "index.json").is_file():
-            return _shards_from_index(path / "index.json", split)
+        if (path / INDEX_NAME).is_file():
+            return _shards_from_index(path, split)
         sub = path / split
         tars = sorted(sub.glob("*.tar")) if sub.is_dir() else sorted(path.glob("*.tar"))
         if not tars:
             raise UserInputError(f"shards: no .tar files in {sub if sub.is_dir() else path} (and no index.json)")
-        return [str(p) for p in tars]
+        return [str(p) for p in tars], None
     if path.is_file():
         if path.suffix == ".json":
             return _shards_from_index(path, split)
-        return [str(path)]
+        return [str(path)], None
     raise UserInputError(f"shard not found: {path}")
 
 
-def _shards_from_index(index_path: Path, split: str) -> list[str]:
-    _, entries = _index_entries(index_path)
-    root = index_path.parent
-    splits = {e.get("split") for e in entries}
-    chosen = [e for e in entries if e.get("split") in (split, None)] if split in splits or None in splits else []
+def _shards_from_index(root: Path, split: str) -> tuple[list[str], dict]:
+    """The shards of ``split`` listed in a shard set's index (read and checked by the format layer)."""
+    index = read_index(root)
+    index_file = index_path(root)
+    chosen = [e for e in index["shards"] if e["split"] == split]
     if not chosen:
-        raise UserInputError(f"{index_path}: no shards of split {split!r} (splits: {sorted(str(s) for s in splits)})")
+        splits = sorted({e["split"] for e in index["shards"]})
+        raise UserInputError(f"{index_file}: no shards of split {split!r} (splits: {splits})")
     out = []
     for e in chosen:
-        p = _entry_path(e)
-        if p is None:
-            raise UserInputError(f"{index_path}: a shard entry has no path: {e}")
-        full = p if _is_remote(p) or Path(p).is_absolute() else str(root / p)
-        if not _is_remote(full) and not Path(full).is_file():
-            raise UserInputError(f"shard not found: {full} (listed in {index_path})")
-        out.append(full)
-    return out
+        full = index_file.parent / e["path"]
+        if not full.is_file():
+            raise UserInputError(f"shard not found: {full} (listed in {index_file})")
+        out.append(str(full))
+    return out, index
 
 
 def _first_member(url: str, member: str) -> bytes | None:
@@ -315,21 +293,20 @@ def _first_member(url: str, member: str) -> bytes | None:
     return None
 
 
-def reference_standard_pose(width: int, height: int) -> Pose:
+def _reference_standard_pose(width: int, height: int) -> Pose:
     """The canonical standard pose (the reference figure at the standard camera,
     ``geometry.standard_form.reference_standard_keypoints``) as a Pose at ``width`` x ``height``."""
-    from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
-
     uv, vis = reference_standard_keypoints(width, height)
     return Pose(uv, vis, (int(width), int(height)), np.zeros((0, 2), np.float32))
 
 
-def load_canonical_pose(path=None, shards: list[str] | None = None, index_path: Path | None = None) -> Pose:
+def _canonical_pose(path=None, urls: list[str] | None = None, index: dict | None = None) -> Pose:
     """The canonical standard-pose keypoints, the same for every sample (``std_pose="canonical"``).
 
     In order: ``path`` (a std_pose.json-format file, e.g. the one saved with a checkpoint); the
-    index's ``standard_pose`` entry; the reference figure at the standard camera
-    (``reference_standard_pose``) at the size of the first sample's std_pose.json.
+    index's ``standard_pose`` (format version 2: what render used, at the render resolution); for
+    a version 1 index or shards without an index, the reference figure at the standard camera at
+    the size of the first sample's std_pose.json.
     """
     if path is not None:
         p = Path(path)
@@ -339,18 +316,15 @@ def load_canonical_pose(path=None, shards: list[str] | None = None, index_path: 
             return parse_pose(p.read_bytes())
         except ValueError as exc:
             raise UserInputError(f"{p}: not a pose file ({exc})") from None
-    if index_path is not None and index_path.is_file():
-        index, _ = _index_entries(index_path)
-        if isinstance(index.get("standard_pose"), dict):
-            return parse_pose(index["standard_pose"])
-    for url in shards or []:
+    if index is not None and index["standard_pose"] is not None:
+        return parse_pose(index["standard_pose"])
+    for url in urls or []:
         if _is_remote(url):
             continue
         try:
             data = _first_member(url, "std_pose.json")
             if data is not None:
-                size = parse_pose(data).size
-                return reference_standard_pose(*size)
+                return _reference_standard_pose(*parse_pose(data).size)
         except (OSError, tarfile.TarError, ValueError):
             continue  # a damaged first shard: try the next one
     raise UserInputError("no canonical standard pose: pass canonical_pose=PATH (a std_pose.json) "
@@ -380,9 +354,9 @@ def decode_png(data: bytes, mode: str) -> np.ndarray:
     w, h, colour = _png_header(data)
     if w * h > MAX_PIXELS:
         raise ValueError(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS} limit")
-    if _spng is not None and data[24] == 8 and colour == (6 if mode == "RGBA" else 2):
+    if data[24] == 8 and colour == (6 if mode == "RGBA" else 2):
         try:
-            arr = _spng.load(data)
+            arr = pyspng.load(data)
         except RuntimeError as exc:  # pyspng reports every decode failure as RuntimeError
             raise ValueError(str(exc)) from None
         if arr.shape != (h, w, len(mode)):
@@ -390,17 +364,11 @@ def decode_png(data: bytes, mode: str) -> np.ndarray:
         return arr
     im = Image.open(io.BytesIO(data))
     im.load()
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info)
     if mode == "RGBA":
-        if not has_alpha:
+        if not has_alpha(im):
             raise ValueError(f"reference image has no alpha channel (PNG mode {im.mode})")
         return np.asarray(im.convert("RGBA"))
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGB", im.size, (255, 255, 255))
-        white.paste(rgba, (0, 0), rgba)
-        return np.asarray(white)
-    return np.asarray(im.convert("RGB"))
+    return np.asarray(flatten_on_white(im))
 
 
 def _u8_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -577,21 +545,14 @@ class RenderPairDataset(torch.utils.data.IterableDataset):
         if overrides:
             cfg = LoaderConfig(**{**asdict(cfg), **overrides})
         self.config = cfg
-        self.urls = resolve_shards(shards, cfg.split)
+        self.urls, index = _resolve(shards, cfg.split)
         if not self.urls:
             raise UserInputError(f"shards: {shards} lists no shard")
         self.background_paths = list_background_images(backgrounds)
         self.epoch = 0
         self.stats = LoaderStats()
-        self._canonical_map = None
-        if cfg.std_pose == "canonical":
-            index_path = None
-            if isinstance(shards, (str, Path)):
-                p = Path(shards)
-                index_path = p / "index.json" if p.is_dir() else (p if p.suffix == ".json" else None)
-            self.canonical_pose = load_canonical_pose(cfg.canonical_pose, self.urls, index_path)
-        else:
-            self.canonical_pose = None
+        self.canonical_pose = (_canonical_pose(cfg.canonical_pose, self.urls, index)
+                               if cfg.std_pose == "canonical" else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -714,7 +675,8 @@ class _SampleProcessor:
             return hit[2], hit[3]
         self.stats.std_cache_misses += 1
         std = Image.fromarray(decode_png(std_bytes, "RGB"))
-        canvas, t = fit_to_canvas(std, self.cfg.resolution)
+        # Bilinear: the resample the loader's standards have always had (letterbox's default is bicubic).
+        canvas, t = letterbox(std, self.cfg.resolution, resample="bilinear")
         if self.canonical_map is not None:
             std_pose = self.canonical_map
         else:

@@ -1,42 +1,42 @@
-"""Stage II pair shards: (standardized reference, real target, caption) in WebDataset tar files.
+"""Stage II pairs: the tar-set schema ``serialgen.pairs`` (``docs/stage2.md``) on :mod:`.tarset`.
 
-Format ``serialgen.pairs`` version 1 (see docs/stage2.md); conventions follow the render shards
-(:mod:`serialgen.dataset.shards`: key rule, deterministic tars, hidden temporary names, index fields). A pair set is a folder:
+(standardized reference, real target, caption) per sample. A pair set is a folder:
 
-* ``pairs-000000.tar``, ``pairs-000001.tar``, ...: WebDataset tars, one sample per pair, members
-  ``<key>.std_ref.png`` (Stage I output, RGB on white, 512x768), ``<key>.target.jpg`` (the real image,
-  RGB, original size), ``<key>.caption.txt`` (UTF-8, may be empty), ``<key>.meta.json`` (source path,
-  identity, sizes, standardizer), and optionally ``<key>.alt_ref.jpg`` (another real image of the
-  same identity, the reference of the paper's paired one-stage baseline). Keys contain no dots.
-* ``pairs-000000.json`` next to each tar: written after the tar is complete (its presence marks the
-  shard done): sample count, bytes, sha256, skipped inputs with reasons.
-* ``index.json``: format, format_version, members, versions, shard list (path, samples, bytes, sha256),
-  totals (samples, skipped), and what built it.
+* ``pairs-000000.tar``, ``pairs-000001.tar``, ...: one sample per pair, members (in tar order)
+  ``<key>.alt_ref.jpg`` (optional: another real image of the same identity, the reference of the
+  paper's paired one-stage baseline), ``<key>.caption.txt`` (UTF-8, may be empty),
+  ``<key>.meta.json`` (source path, identity, sizes, standardizer), ``<key>.std_ref.png`` (Stage I
+  output, RGB on white) and ``<key>.target.jpg`` (the real image, RGB, original size).
+* ``pairs-000000.json`` beside each tar, written after the tar is complete (its presence marks the
+  shard done, so a build resumes shard by shard): sample count, bytes, sha256, skipped inputs with
+  reasons.
+* ``index.json``: the format layer's fields (format, format_version, versions, shards) plus
+  ``members``, ``samples``, ``skipped`` and what built the set.
 
-A tar is written under a temporary name and renamed when complete, then its sidecar is written; a
-rerun treats a shard as done only if both exist and the tar's size matches, and rebuilds the rest.
-Member tar headers are deterministic (mtime 0, uid/gid 0, sorted by sample), so the same inputs give
-byte-identical shards. Readable by stock ``webdataset.WebDataset`` and ``ray.data.read_webdataset``.
+Keys, deterministic tars, temporary names, digests, index reading and verification are the format
+layer's; a rerun treats a shard as done only if its tar and sidecar both exist and the sizes agree.
+Readable by stock ``webdataset.WebDataset`` and ``ray.data.read_webdataset``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import os
 import re
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from serialgen.dataset.shards import validate_key
-from serialgen.errors import UserInputError
+from serialgen.dataset import tarset
+from serialgen.dataset.tarset import JPEG_MAGIC, PNG_MAGIC, TarSetError
 
 __all__ = [
     "PAIRS_FORMAT",
     "PAIRS_VERSION",
     "PAIR_MEMBERS",
+    "OPTIONAL_MEMBERS",
+    "SCHEMA",
     "PairSample",
     "PairShardWriter",
     "shard_name",
@@ -46,16 +46,49 @@ __all__ = [
     "read_index",
     "iter_shard",
     "iter_pairs",
-    "scan_shard",
-    "read_member",
     "verify_pairs",
 ]
 
-PAIRS_FORMAT = "serialgen.pairs"  # named like the render shards' "serialgen.shards"
+PAIRS_FORMAT = "serialgen.pairs"
 PAIRS_VERSION = 1
-PAIR_MEMBERS = ("std_ref.png", "target.jpg", "caption.txt", "meta.json")  # required; alt_ref.jpg optional
+PAIR_MEMBERS = ("std_ref.png", "target.jpg", "caption.txt", "meta.json")
 OPTIONAL_MEMBERS = ("alt_ref.jpg",)
-_KEY_RE = re.compile(r"[^A-Za-z0-9_-]+")
+_SLUG_RE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _check_sample(index: dict, entry: dict, key: str, sample: dict[str, bytes]) -> list[str]:
+    """A pair's own checks: image signatures, UTF-8 caption, meta.json an object."""
+    problems = []
+    if not sample["std_ref.png"].startswith(PNG_MAGIC):
+        problems.append(f"{key}.std_ref.png is not a PNG")
+    for name in ("target.jpg", "alt_ref.jpg"):
+        if name in sample and not sample[name].startswith(JPEG_MAGIC):
+            problems.append(f"{key}.{name} is not a JPEG")
+    try:
+        sample["caption.txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        problems.append(f"{key}.caption.txt is not UTF-8")
+    try:
+        meta = json.loads(sample["meta.json"])
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        problems.append(f"{key}.meta.json is not a JSON object")
+    return problems
+
+
+SCHEMA = tarset.TarSetSchema(
+    format=PAIRS_FORMAT,
+    version=PAIRS_VERSION,
+    readable=(1,),
+    members=PAIR_MEMBERS,
+    optional=OPTIONAL_MEMBERS,
+    order=tuple(sorted(PAIR_MEMBERS + OPTIONAL_MEMBERS)),
+    shard_globs=("*.tar",),
+    packages=("serialgen", "torch", "diffusers", "ray", "pillow"),
+    check_sample=_check_sample,
+    what="a pair set written by `serialgen standardize`",
+)
 
 
 def shard_name(index: int) -> str:
@@ -65,7 +98,7 @@ def shard_name(index: int) -> str:
 
 def make_key(ordinal: int, source: str) -> str:
     """A sample key: zero-padded ordinal plus a slug of the source path (no dots, <= 100 chars)."""
-    slug = _KEY_RE.sub("_", source).strip("_")[-80:] or "x"
+    slug = _SLUG_RE.sub("_", source).strip("_")[-80:] or "x"
     return f"{ordinal:08d}_{slug}"
 
 
@@ -106,6 +139,8 @@ def _encode_jpg(image: Any, quality: int = 95) -> bytes:
 
 @dataclass
 class ShardStats:
+    """What a finished pair shard's sidecar records."""
+
     name: str
     samples: int = 0
     bytes: int = 0
@@ -120,10 +155,11 @@ class ShardStats:
 
 
 class PairShardWriter:
-    """Write one pair shard atomically: ``with PairShardWriter(dir, index) as w: w.add(...)``.
+    """Write one pair shard: ``with PairShardWriter(dir, index) as w: w.add(...)``.
 
-    The tar goes to ``.<name>.tmp`` (hidden, as the render shards do) and is renamed on a clean exit, then ``<name minus .tar>.json`` is
-    written; on an exception the temporary file is removed and nothing final appears.
+    A :class:`tarset.TarWriter` of this schema (hidden temporary name, renamed on a clean exit),
+    then the sidecar ``<name minus .tar>.json``; on an exception the temporary file is removed
+    and nothing final appears.
     """
 
     def __init__(self, out_dir: str | Path, index: int):
@@ -131,23 +167,11 @@ class PairShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stats = ShardStats(shard_name(index))
         self.path = self.out_dir / self.stats.name
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self._tar: tarfile.TarFile | None = None
-        self._keys: set[str] = set()
+        self._tar: tarset.TarWriter | None = None
 
     def __enter__(self) -> "PairShardWriter":
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarset.TarWriter(self.path, SCHEMA)
         return self
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        assert self._tar is not None, "use PairShardWriter as a context manager"
-        self._tar.addfile(info, io.BytesIO(data))
 
     def add(
         self,
@@ -159,10 +183,7 @@ class PairShardWriter:
         alt_ref: Any = None,
     ) -> None:
         """Append one pair. Images are PIL images or already-encoded bytes (PNG for std_ref, JPEG else)."""
-        validate_key(key)  # the render shards' rule: [A-Za-z0-9_-]{1,90}, no dots
-        if key in self._keys:
-            raise ValueError(f"duplicate pair key {key!r} in {self.stats.name}")
-        self._keys.add(key)
+        assert self._tar is not None, "use PairShardWriter as a context manager"
         members = {
             "std_ref.png": std_ref if isinstance(std_ref, bytes) else _encode_png(std_ref),
             "target.jpg": target if isinstance(target, bytes) else _encode_jpg(target),
@@ -171,8 +192,7 @@ class PairShardWriter:
         }
         if alt_ref is not None:
             members["alt_ref.jpg"] = alt_ref if isinstance(alt_ref, bytes) else _encode_jpg(alt_ref)
-        for ext in sorted(members):
-            self._member(f"{key}.{ext}", members[ext])
+        self._tar.write(key, members)
         self.stats.samples += 1
 
     def skip(self, source: str, reason: str) -> None:
@@ -181,37 +201,15 @@ class PairShardWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._tar is not None
-        self._tar.close()
         if exc_type is not None:
-            self._tmp.unlink(missing_ok=True)
+            self._tar.abort()
             return
-        self.stats.bytes = self._tmp.stat().st_size
-        self.stats.sha256 = _sha256(self._tmp)
-        self._tmp.replace(self.path)
+        done = self._tar.close()
+        self.stats.bytes, self.stats.sha256 = done.bytes, done.sha256
         sidecar = self.path.with_suffix(".json")
-        sidecar.write_text(json.dumps(self.stats.to_json(), indent=1), encoding="utf-8")
-
-
-def _versions() -> dict[str, str | None]:
-    """Versions of what wrote the set (no timestamps: the index stays deterministic)."""
-    import platform
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("serialgen", "torch", "diffusers", "ray", "pillow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        tmp = sidecar.with_name(f".{sidecar.name}.tmp")
+        tmp.write_text(json.dumps(self.stats.to_json(), indent=1), encoding="utf-8")
+        os.replace(tmp, sidecar)
 
 
 def completed_shards(out_dir: str | Path) -> dict[str, dict[str, Any]]:
@@ -235,11 +233,8 @@ def write_index(out_dir: str | Path, extra: dict[str, Any] | None = None) -> dic
     """(Re)write ``index.json`` from the completed shards' sidecars; return it."""
     d = Path(out_dir)
     shards = completed_shards(d)
-    index = {
-        "format": PAIRS_FORMAT,
-        "format_version": PAIRS_VERSION,
+    fields = {
         "members": list(PAIR_MEMBERS) + [f"{m} (optional)" for m in OPTIONAL_MEMBERS],
-        "versions": _versions(),
         "shards": [
             {"path": n, "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
             for n, s in sorted(shards.items())
@@ -248,137 +243,56 @@ def write_index(out_dir: str | Path, extra: dict[str, Any] | None = None) -> dic
         "skipped": sum(len(s.get("skipped", [])) for s in shards.values()),
         **(extra or {}),
     }
-    tmp = d / ".index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-    tmp.replace(d / "index.json")
-    return index
+    tarset.write_index(d, SCHEMA, fields)
+    return read_index(d)
 
 
 def read_index(pairs_dir: str | Path) -> dict[str, Any]:
-    """Read and check a pair set's ``index.json`` (one-line errors for a missing or foreign index)."""
-    d = Path(pairs_dir)
-    path = d / "index.json"
-    if not path.is_file():
-        raise UserInputError(f"{path}: not found; expected a pair set written by `serialgen standardize`")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
-    if index.get("format") != PAIRS_FORMAT:
-        raise UserInputError(f"{path}: format is {index.get('format')!r}, expected {PAIRS_FORMAT!r}")
-    if index.get("format_version") != PAIRS_VERSION:
-        raise UserInputError(f"{path}: format_version {index.get('format_version')!r}, this reader reads {PAIRS_VERSION}")
-    return index
+    """Read and check a pair set's ``index.json``: a one-line :class:`tarset.TarSetError` naming the
+    file for a missing, unreadable or foreign index."""
+    return tarset.read_index(pairs_dir, SCHEMA)
 
 
 def iter_shard(path: str | Path, stats: dict[str, int] | None = None) -> Iterator[PairSample]:
-    """Yield the pairs of one tar in file order. Incomplete samples are skipped and counted in ``stats``."""
+    """Yield the pairs of one tar in file order. Incomplete samples and samples whose meta.json is
+    not JSON are skipped and counted in ``stats`` (``incomplete``, ``bad_meta``)."""
     path = Path(path)
-    current: dict[str, bytes] = {}
-    current_key: str | None = None
 
-    def flush() -> PairSample | None:
-        if current_key is None:
-            return None
-        missing = [m for m in PAIR_MEMBERS if m not in current]
-        if missing:
-            if stats is not None:
-                stats["incomplete"] = stats.get("incomplete", 0) + 1
-            return None
+    def count(what: str) -> None:
+        if stats is not None:
+            stats[what] = stats.get(what, 0) + 1
+
+    for key, sample in tarset.iter_samples(path):
+        if any(m not in sample for m in PAIR_MEMBERS):
+            count("incomplete")
+            continue
         try:
-            meta = json.loads(current["meta.json"].decode("utf-8"))
+            meta = json.loads(sample["meta.json"].decode("utf-8"))
         except ValueError:
-            if stats is not None:
-                stats["bad_meta"] = stats.get("bad_meta", 0) + 1
-            return None
-        return PairSample(
-            key=current_key, std_ref=current["std_ref.png"], target=current["target.jpg"],
-            caption=current["caption.txt"].decode("utf-8"), meta=meta,
-            alt_ref=current.get("alt_ref.jpg"), shard=path.name,
+            count("bad_meta")
+            continue
+        yield PairSample(
+            key=key, std_ref=sample["std_ref.png"], target=sample["target.jpg"],
+            caption=sample["caption.txt"].decode("utf-8"), meta=meta,
+            alt_ref=sample.get("alt_ref.jpg"), shard=path.name,
         )
-
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            if key != current_key:
-                sample = flush()
-                if sample is not None:
-                    yield sample
-                current, current_key = {}, key
-            f = tar.extractfile(info)
-            if f is not None:
-                current[ext] = f.read()
-        sample = flush()
-        if sample is not None:
-            yield sample
 
 
 def iter_pairs(pairs_dir: str | Path, stats: dict[str, int] | None = None) -> Iterator[PairSample]:
     """Every pair of a pair set, shard by shard in index order."""
-    d = Path(pairs_dir)
-    for shard in read_index(d)["shards"]:
+    d = tarset.index_path(pairs_dir).parent
+    for shard in read_index(pairs_dir)["shards"]:
         yield from iter_shard(d / shard["path"], stats)
 
 
 def verify_pairs(pairs_dir: str | Path) -> dict[str, Any]:
-    """Check every shard against the index: presence, size, sha256, sample count, complete members.
+    """Check every shard against the index (:func:`tarset.verify`): presence, size, sha256, no
+    unlisted tar, sample count, members, image signatures, captions, meta.json.
 
-    Returns ``{"ok": bool, "shards": n, "samples": n, "problems": ["pairs-000001.tar: sha256 mismatch", ...]}``.
+    Returns ``{"ok": bool, "shards": n, "samples": n, "problems": ["pairs-000001.tar: ...", ...]}``;
+    an index that does not load is a TarSetError.
     """
-    d = Path(pairs_dir)
-    index = read_index(d)
-    problems: list[str] = []
-    samples = 0
-    for shard in index["shards"]:
-        p = d / shard["path"]
-        if not p.is_file():
-            problems.append(f"{shard['path']}: missing")
-            continue
-        if p.stat().st_size != shard["bytes"]:
-            problems.append(f"{shard['path']}: {p.stat().st_size} bytes, index says {shard['bytes']}")
-        if _sha256(p) != shard["sha256"]:
-            problems.append(f"{shard['path']}: sha256 mismatch")
-        stats: dict[str, int] = {}
-        try:
-            n = sum(1 for _ in iter_shard(p, stats))
-        except tarfile.TarError as exc:
-            problems.append(f"{shard['path']}: unreadable tar ({exc})")
-            continue
-        samples += n
-        if n != shard["samples"]:
-            problems.append(f"{shard['path']}: {n} complete samples, index says {shard['samples']}")
-        for what, count in stats.items():
-            problems.append(f"{shard['path']}: {count} {what} samples")
-    return {"ok": not problems, "shards": len(index["shards"]), "samples": samples, "problems": problems}
-
-
-def scan_shard(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Random-access table of one tar: ``[(key, {member ext: (byte offset, size)}), ...]`` in file order.
-
-    Reads only the 512-byte headers (tarfile seeks over the data), so a 1 GB shard scans in
-    milliseconds; :func:`read_member` then fetches any member with one seek. This is what lets the
-    Stage II loader use a true global shuffle and resume mid-epoch without decoding skipped samples.
-    """
-    table: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
-            if not table or table[-1][0] != key:
-                table.append((key, {}))
-            table[-1][1][ext] = (info.offset_data, info.size)
-    return table
-
-
-def read_member(path: str | Path, offset: int, size: int) -> bytes:
-    """The bytes of one tar member located by :func:`scan_shard`."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{path}: member at {offset} truncated ({len(data)} of {size} bytes)")
-    return data
+    report = tarset.verify(pairs_dir, SCHEMA, deep=True)
+    if report.index is None:
+        raise TarSetError(report.problems[0])
+    return {"ok": report.ok, "shards": report.shards, "samples": report.samples, "problems": report.problems}

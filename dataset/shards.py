@@ -1,30 +1,24 @@
-"""The shard format: WebDataset tar shards of (non-standard, standard) pairs, and their index.
+"""Render pairs: the tar-set schema ``serialgen.shards`` (``docs/shard_format.md``) on :mod:`.tarset`.
 
-Format ``serialgen.shards/1`` (``docs/shard_format.md``):
+* ``SHARDS/{train,test}/<character>-p<start>-<stop>.tar``: one sample per (non-standard, standard)
+  pair, members ``<key>.ref.png`` (RGBA), ``<key>.std.png`` (RGB), ``<key>.ref_pose.json``,
+  ``<key>.std_pose.json``, ``<key>.meta.json``, in this order; keys ``<character>_p<pose>_v<view>``.
+* ``SHARDS/index.json``, written last: the shards (split, samples, bytes, sha256), the run's
+  configuration, failures, package versions and, from format version 2, the canonical standard
+  pose (``standard_pose``) and each character's split and own standard pose (``characters``).
+  Version 1 indexes (neither field) still load.
 
-* ``SHARDS/{train,test}/<character>-p<start>-<stop>.tar``: one sample per pair, members
-  ``<key>.ref.png`` (RGBA), ``<key>.std.png`` (RGB), ``<key>.ref_pose.json``, ``<key>.std_pose.json``,
-  ``<key>.meta.json``. Keys match ``[A-Za-z0-9_-]+`` (no dots: WebDataset splits the key from the
-  extension at the first dot).
-* Tars are byte-deterministic: members in a fixed order, mtime 0, uid/gid 0, no user/group names,
-  mode 0644, USTAR headers. PNGs are written by Pillow without metadata chunks.
-* A shard is written under a temporary name (``.<name>.tmp``) and renamed when complete, so a
-  ``*.tar`` file is always whole.
-* ``SHARDS/index.json`` is written last (itself through a temporary name): shards with split,
-  sample count, bytes and sha256, the run configuration, failures, and package versions.
-
-No bpy here: the render workers call the writer; ``verify`` and the loaders read.
+The tar writing, digests, index reading and checks are the format layer's; this module adds what
+is particular to render pairs: keys, splits, the PNG encoder, the sample and index checks. No bpy:
+the render workers call the writer; ``verify`` and the loaders read.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
 import re
 import struct
-import tarfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,14 +26,16 @@ from typing import Iterator
 
 import numpy as np
 
+from serialgen.dataset import tarset
+from serialgen.dataset.tarset import INDEX_NAME, PNG_MAGIC, TarSetError, validate_key
+
 __all__ = [
     "SHARD_FORMAT",
     "SHARD_FORMAT_VERSION",
     "SAMPLE_SCHEMA",
+    "SCHEMA",
     "MEMBERS",
-    "INDEX_NAME",
     "SPLITS",
-    "validate_key",
     "sample_key",
     "split_of",
     "encode_png",
@@ -54,26 +50,13 @@ __all__ = [
 ]
 
 SHARD_FORMAT = "serialgen.shards"
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2  # 2: the index gains standard_pose and characters
 SAMPLE_SCHEMA = "serialgen.sample/1"
 MEMBERS = ("ref.png", "std.png", "ref_pose.json", "std_pose.json", "meta.json")
-INDEX_NAME = "index.json"
 SPLITS = ("train", "test")
 
-_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,90}")
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # PNG IHDR colour type the member must have: 6 = RGBA, 2 = RGB.
 _PNG_COLOUR = {"ref.png": 6, "std.png": 2}
-
-
-def validate_key(key: str) -> str:
-    """Return ``key`` if it is a valid sample key, else raise ``ValueError`` saying why and how to fix."""
-    if not _KEY_RE.fullmatch(key):
-        raise ValueError(
-            f"sample key {key!r} is invalid: keys must match [A-Za-z0-9_-]{{1,90}} because WebDataset "
-            "splits a member name at its first dot into key and extension, so a dot (or a slash, or "
-            "a space) would make readers see a different key; derive keys from ids without dots")
-    return key
 
 
 def sample_key(character: str, pose_id: int, view: int) -> str:
@@ -107,7 +90,7 @@ def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
     raw = np.zeros((h, 1 + w * c), dtype=np.uint8)  # column 0: the per-row filter byte (0)
     raw[:, 1:] = arr.reshape(h, w * c)
     header = struct.pack(">IIBBBBB", w, h, 8, 6 if c == 4 else 2, 0, 0, 0)
-    return b"".join([_PNG_MAGIC, _png_chunk(b"IHDR", header),
+    return b"".join([PNG_MAGIC, _png_chunk(b"IHDR", header),
                      _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)),
                      _png_chunk(b"IEND", b"")])
 
@@ -115,6 +98,66 @@ def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
 def json_bytes(obj) -> bytes:
     """Canonical JSON (sorted keys, compact) so equal content gives equal bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _pose_problem(pose) -> str | None:
+    """Why ``pose`` is not a std_pose.json-format dict (None: it is)."""
+    if not isinstance(pose, dict):
+        return f"is {type(pose).__name__}, not a pose object"
+    w, h, names, kps = pose.get("width"), pose.get("height"), pose.get("names"), pose.get("keypoints")
+    if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
+        return "has no positive integer width and height"
+    if not (isinstance(names, list) and isinstance(kps, list) and len(names) == len(kps)
+            and all(isinstance(p, list) and len(p) == 3 for p in kps)):
+        return "keypoints are not one [x, y, visible] per name"
+    return None
+
+
+def _png_colour_type(data: bytes) -> int | None:
+    if not data.startswith(PNG_MAGIC) or len(data) < 33 or data[12:16] != b"IHDR":
+        return None
+    return data[25]
+
+
+def _check_sample(index: dict, entry: dict, key: str, sample: dict[str, bytes]) -> list[str]:
+    """A render pair's own checks: PNG colour types, pose files, meta.json, and, when the index has
+    ``characters``, that the sample's character is listed with its split and standard pose."""
+    problems = []
+    for name, colour in _PNG_COLOUR.items():
+        got = _png_colour_type(sample[name])
+        if got != colour:
+            problems.append(f"{key}.{name} is not a PNG of colour type {colour} (got {got})")
+    parsed = {}
+    for name in ("ref_pose.json", "std_pose.json", "meta.json"):
+        try:
+            parsed[name] = json.loads(sample[name])
+        except ValueError:
+            problems.append(f"{key}.{name} is not valid JSON")
+            continue
+        if name.endswith("pose.json"):
+            why = _pose_problem(parsed[name])
+            if why:
+                problems.append(f"{key}.{name} {why}")
+    meta = parsed.get("meta.json")
+    if meta is None:
+        return problems
+    if not isinstance(meta, dict) or meta.get("schema") != SAMPLE_SCHEMA or meta.get("key") != key:
+        got = (meta.get("schema"), meta.get("key")) if isinstance(meta, dict) else (None, None)
+        problems.append(f"{key}.meta.json has schema {got[0]!r} / key {got[1]!r}, expected {SAMPLE_SCHEMA!r} / {key!r}")
+        return problems
+    characters = index.get("characters")
+    if characters is None:  # a version 1 index, or a set written without it
+        return problems
+    char = meta.get("character")
+    listed = characters.get(char) if isinstance(char, str) else None
+    if listed is None:
+        problems.append(f"{key}: character {char!r} is not in the index's characters")
+    elif listed.get("split") != entry.get("split"):
+        problems.append(f"{key}: character {char} is {listed.get('split')!r} in the index's characters, "
+                        f"its shard is {entry.get('split')!r}")
+    elif "std_pose.json" in parsed and parsed["std_pose.json"] != listed.get("standard_pose"):
+        problems.append(f"{key}.std_pose.json differs from the index's standard_pose of {char}")
+    return problems
 
 
 @dataclass
@@ -135,72 +178,26 @@ class ShardSummary:
         return d
 
 
-class _HashingFile:
-    """File wrapper that hashes and counts what is written (tarfile only writes sequentially)."""
-
-    def __init__(self, f):
-        self._f, self.sha = f, hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self._f.write(data)
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
 class ShardWriter:
-    """Write one shard at ``root/relpath`` atomically: temporary name first, rename on ``close``.
-
-    Use as a context manager; an exception inside the block removes the temporary file.
-    """
+    """Write one shard at ``root/relpath`` (a :class:`tarset.TarWriter` of this schema): temporary
+    name first, rename on ``close``. Use as a context manager; an exception inside the block
+    removes the temporary file."""
 
     def __init__(self, root: str | Path, relpath: str, split: str):
-        self.root = Path(root)
         self.relpath = relpath
         self.split = split
-        self.final = self.root / relpath
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.final.with_name(f".{self.final.name}.tmp")
-        self._file = open(self.tmp, "wb")
-        self._hash = _HashingFile(self._file)
-        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.USTAR_FORMAT)
-        self._keys: list[str] = []
+        self._tar = tarset.TarWriter(Path(root) / relpath, SCHEMA)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample: ``members`` maps each name of ``MEMBERS`` to its bytes."""
-        validate_key(key)
-        if set(members) != set(MEMBERS):
-            raise ValueError(f"sample {key}: members {sorted(members)} differ from {list(MEMBERS)}")
-        for name in MEMBERS:  # fixed order: byte-identical tars
-            data = members[name]
-            info = tarfile.TarInfo(f"{key}.{name}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
-        self._keys.append(key)
+        self._tar.write(key, members)
 
     def close(self) -> ShardSummary:
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.final)
-        return ShardSummary(self.relpath, self.split, len(self._keys), self._hash.size,
-                            self._hash.sha.hexdigest(), list(self._keys))
+        t = self._tar.close()
+        return ShardSummary(self.relpath, self.split, t.samples, t.bytes, t.sha256, t.keys)
 
     def abort(self) -> None:
-        try:
-            self._tar.close()
-            self._file.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        self._tar.abort()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -210,175 +207,115 @@ class ShardWriter:
             self.abort()
 
 
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            n += len(block)
-    return h.hexdigest(), n
-
-
 def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {member name: bytes}) per sample of a shard, in tar order (members grouped by key)."""
-    key, sample = None, {}
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, _, ext = info.name.partition(".")
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[ext] = tar.extractfile(info).read()
-    if sample:
-        yield key, sample
+    """Yield (key, {member name: bytes}) per sample of a shard, in tar order."""
+    return tarset.iter_samples(path)
 
 
 def summarize_shard(root: str | Path, relpath: str, split: str) -> ShardSummary:
     """Summary of a shard already on disk (used when a run finds complete shards)."""
     path = Path(root) / relpath
-    sha, size = _sha256_file(path)
-    keys = [k for k, _ in iter_shard(path)]
+    sha, size = tarset.sha256_file(path)
+    keys = [k for k, _ in tarset.iter_samples(path)]
     return ShardSummary(relpath, split, len(keys), size, sha, keys)
 
 
-def _versions() -> dict:
-    import platform
-    from importlib import metadata
+def _characters_problem(characters) -> str | None:
+    if not isinstance(characters, dict):
+        return f"is {type(characters).__name__}, not an object of character ids"
+    for cid, rec in characters.items():
+        if not isinstance(rec, dict) or rec.get("split") not in SPLITS:
+            return f"{cid!r} has no split {' or '.join(SPLITS)}"
+        why = _pose_problem(rec.get("standard_pose"))
+        if why:
+            return f"{cid!r}: standard_pose {why}"
+    return None
 
-    out = {"python": platform.python_version()}
-    for dist in ("serialgen", "bpy", "webdataset", "ray", "numpy", "pillow"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
+def write_index(root: str | Path, shards: list[ShardSummary], config: dict, failures: list[dict], *,
+                standard_pose: dict | None = None, characters: dict | None = None) -> Path:
+    """Write ``root/index.json`` (the last step of a run). Deterministic: no timestamps or timings.
 
-def write_index(root: str | Path, shards: list[ShardSummary], config: dict, failures: list[dict]) -> Path:
-    """Write ``root/index.json`` (last step of a run). Deterministic: no timestamps or timings."""
-    root = Path(root)
+    standard_pose: the canonical standard pose of the reference figure at the render resolution
+    (a std_pose.json-format dict). characters: ``{id: {"split", "standard_pose"}}``, each
+    character's split and the std_pose.json its samples carry. Either may be None (unknown, e.g.
+    sets written by tests); readers then fall back as for a version 1 index.
+    """
+    if standard_pose is not None and _pose_problem(standard_pose):
+        raise ValueError(f"write_index: standard_pose {_pose_problem(standard_pose)}")
+    if characters is not None and _characters_problem(characters):
+        raise ValueError(f"write_index: characters {_characters_problem(characters)}")
     shards = sorted(shards, key=lambda s: s.path)
     splits = {s: {"shards": 0, "samples": 0, "bytes": 0} for s in SPLITS}
     for s in shards:
         splits[s.split]["shards"] += 1
         splits[s.split]["samples"] += s.samples
         splits[s.split]["bytes"] += s.bytes
-    index = {
-        "format": SHARD_FORMAT,
-        "format_version": SHARD_FORMAT_VERSION,
+    return tarset.write_index(root, SCHEMA, {
         "sample_schema": SAMPLE_SCHEMA,
         "members": list(MEMBERS),
-        "versions": _versions(),
         "config": config,
         "splits": splits,
         "samples": sum(s.samples for s in shards),
         "shards": [s.to_json() for s in shards],
         "failures": sorted(failures, key=lambda f: (str(f.get("character")), str(f.get("key")))),
-    }
-    tmp = root / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, root / INDEX_NAME)
-    return root / INDEX_NAME
+        "standard_pose": standard_pose,
+        "characters": characters,
+    })
+
+
+def _check_index(path: Path, index: dict) -> None:
+    for i, e in enumerate(index["shards"]):
+        if e.get("split") not in SPLITS:
+            raise TarSetError(f"{path}: shards[{i}] ({e['path']}) has split {e.get('split')!r}, not {' or '.join(SPLITS)}")
+    pose, characters = index.get("standard_pose"), index.get("characters")
+    if pose is not None and _pose_problem(pose):
+        raise TarSetError(f"{path}: standard_pose {_pose_problem(pose)}")
+    if characters is not None and _characters_problem(characters):
+        raise TarSetError(f"{path}: characters {_characters_problem(characters)}")
+
+
+SCHEMA = tarset.TarSetSchema(
+    format=SHARD_FORMAT,
+    version=SHARD_FORMAT_VERSION,
+    readable=(1, 2),
+    members=MEMBERS,
+    shard_globs=tuple(f"{s}/*.tar" for s in SPLITS),
+    packages=("serialgen", "bpy", "webdataset", "ray", "numpy", "pillow"),
+    check_index=_check_index,
+    check_sample=_check_sample,
+    what="a shard set written by `serialgen render` (its index.json is written when the run finishes)",
+)
 
 
 def read_index(root: str | Path) -> dict:
-    """Load and check ``root/index.json``; ``ValueError`` naming the file for a missing or foreign index."""
-    path = Path(root) / INDEX_NAME
-    if not path.is_file():
-        raise ValueError(f"{path}: no index (the run did not finish, or this is not a shard folder)")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if index.get("format") != SHARD_FORMAT or index.get("format_version") != SHARD_FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format {index.get('format')!r} version "
-                         f"{index.get('format_version')!r}; expected {SHARD_FORMAT!r} version {SHARD_FORMAT_VERSION}")
+    """Load and check a shard set's index (``root``: the set's folder or its index file).
+
+    Reads format versions 1 and 2; a version 1 index is returned with ``standard_pose`` and
+    ``characters`` set to None. Anything wrong is a one-line :class:`tarset.TarSetError` naming the file.
+    """
+    index = tarset.read_index(root, SCHEMA)
+    index.setdefault("standard_pose", None)
+    index.setdefault("characters", None)
     return index
-
-
-def _png_colour_type(data: bytes) -> int | None:
-    if not data.startswith(_PNG_MAGIC) or len(data) < 33 or data[12:16] != b"IHDR":
-        return None
-    return data[25]
-
-
-def _check_sample(shard: str, key: str, sample: dict[str, bytes]) -> list[str]:
-    problems = []
-    if not _KEY_RE.fullmatch(key):
-        problems.append(f"{shard}: sample key {key!r} is not [A-Za-z0-9_-]+")
-    if set(sample) != set(MEMBERS):
-        problems.append(f"{shard}: sample {key} has members {sorted(sample)}, expected {sorted(MEMBERS)}")
-        return problems
-    for name, colour in _PNG_COLOUR.items():
-        got = _png_colour_type(sample[name])
-        if got != colour:
-            problems.append(f"{shard}: {key}.{name} is not a PNG of colour type {colour} (got {got})")
-    for name in ("ref_pose.json", "std_pose.json", "meta.json"):
-        try:
-            obj = json.loads(sample[name])
-        except ValueError:
-            problems.append(f"{shard}: {key}.{name} is not valid JSON")
-            continue
-        if name.endswith("pose.json"):
-            kps = obj.get("keypoints")
-            if not (isinstance(kps, list) and len(kps) == len(obj.get("names", ())) and
-                    all(isinstance(p, list) and len(p) == 3 for p in kps)):
-                problems.append(f"{shard}: {key}.{name} keypoints are not one [x, y, visible] per name")
-        elif obj.get("schema") != SAMPLE_SCHEMA or obj.get("key") != key:
-            problems.append(f"{shard}: {key}.meta.json has schema {obj.get('schema')!r} / key "
-                            f"{obj.get('key')!r}, expected {SAMPLE_SCHEMA!r} / {key!r}")
-    return problems
 
 
 def verify(root: str | Path, deep: bool = True) -> list[str]:
     """Check every shard against the index; return one line per problem (empty = all good).
 
-    Checks: the index loads; every listed shard exists with the listed size and sha256; no ``*.tar``
-    in the split folders is missing from the index; and (``deep``) every sample has exactly the five
-    members, PNG headers of the right colour type, parseable JSON, and keys unique across shards.
+    The format layer's checks (:func:`tarset.verify`: sizes, sha256, unlisted shards, members,
+    keys unique across shards) plus, with ``deep``, PNG colour types, pose files and meta.json of
+    every sample, and, when the index lists ``characters``, that every sample's character is listed
+    with its shard's split and standard pose, and that every listed character has samples (or
+    failures that say why not).
     """
-    root = Path(root)
-    try:
-        index = read_index(root)
-    except ValueError as exc:
-        return [str(exc)]
-    problems: list[str] = []
-    listed = set()
-    seen_keys: dict[str, str] = {}
-    for entry in index.get("shards", []):
-        rel = entry["path"]
-        listed.add(rel)
-        path = root / rel
-        if not path.is_file():
-            problems.append(f"{rel}: listed in the index but missing")
-            continue
-        sha, size = _sha256_file(path)
-        if size != entry["bytes"]:
-            problems.append(f"{rel}: {size} bytes, index says {entry['bytes']}")
-        if sha != entry["sha256"]:
-            problems.append(f"{rel}: sha256 {sha[:16]}... differs from the index ({entry['sha256'][:16]}...)")
-            continue  # content is wrong: a sample-level check would only repeat it
-        if not deep:
-            continue
-        count = 0
-        try:
-            for key, sample in iter_shard(path):
-                count += 1
-                problems.extend(_check_sample(rel, key, sample))
-                if key in seen_keys:
-                    problems.append(f"{rel}: key {key} also in {seen_keys[key]}")
-                seen_keys[key] = rel
-        except tarfile.TarError as exc:
-            problems.append(f"{rel}: unreadable tar ({exc})")
-            continue
-        if count != entry["samples"]:
-            problems.append(f"{rel}: {count} samples, index says {entry['samples']}")
-    for split in SPLITS:
-        for path in sorted((root / split).glob("*.tar")):
-            rel = f"{split}/{path.name}"
-            if rel not in listed:
-                problems.append(f"{rel}: shard not in the index (left from another run?)")
-    return problems
+    seen: set[str] = set()
+    report = tarset.verify(root, SCHEMA, deep,
+                           on_sample=lambda entry, key, sample: seen.add(json.loads(sample["meta.json"]).get("character")))
+    characters = report.index.get("characters") if report.index is not None else None
+    if deep and characters is not None and report.ok:
+        failed = {f.get("character") for f in report.index.get("failures", [])}
+        for cid in sorted(set(characters) - seen - failed):
+            report.problems.append(f"{INDEX_NAME}: character {cid} is listed in characters but has no sample "
+                                   "and no failure")
+    return report.problems

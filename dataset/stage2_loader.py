@@ -1,9 +1,9 @@
 """Stage II training data: pair shards -> (target pixels, reference CLIP pixels, caption, SDXL sizes).
 
 The dataset is map-style over a random-access table of every pair (tar member offsets, see
-:func:`serialgen.dataset.pairs.scan_shard`): the shared :mod:`serialgen.training.resumable_data`
-sampler gives a seeded global permutation per epoch, ranks take disjoint shares, and an exact resume
-starts mid-epoch without decoding the samples already seen.
+:func:`serialgen.dataset.tarset.scan_shard`): the training code's resumable sampler gives a seeded
+global permutation per epoch, ranks take disjoint shares, and an exact resume starts mid-epoch
+without decoding the samples already seen.
 
 The reference the adapter sees depends on the training mode (the paper's Table 2):
 
@@ -24,6 +24,8 @@ import random
 from pathlib import Path
 from typing import Any, Sequence
 
+from serialgen.dataset.pairs import PAIR_MEMBERS, PairShardWriter, completed_shards, make_key, read_index, shard_name, write_index
+from serialgen.dataset.tarset import index_path, read_member, scan_shard
 from serialgen.errors import UserInputError
 from serialgen.resolution import DEFAULT_RESOLUTION
 
@@ -143,8 +145,6 @@ class Stage2PairDataset:
         random_crop: bool = False,
         augment: dict[str, float] | None = None,
     ):
-        from serialgen.dataset.pairs import PAIR_MEMBERS, read_index, scan_shard
-
         self.mode, self.seed, self.random_crop = mode, int(seed), bool(random_crop)
         self.width, self.height = int(resolution[0]), int(resolution[1])
         self.clip_size = int(clip_size)
@@ -154,11 +154,11 @@ class Stage2PairDataset:
         self.skipped: dict[str, int] = {}
         need = set(PAIR_MEMBERS) | ({"alt_ref.jpg"} if mode == "paired-one-stage" else set())
         for d in pair_dirs:
-            d = Path(d)
+            index_file = index_path(d)
             for shard in read_index(d)["shards"]:
-                path = d / shard["path"]
+                path = index_file.parent / shard["path"]
                 if not path.is_file():
-                    raise UserInputError(f"{path}: listed in {d / 'index.json'} but missing")
+                    raise UserInputError(f"{path}: listed in {index_file} but missing")
                 for _key, members in scan_shard(path):
                     missing = need - set(members)
                     if missing:
@@ -177,8 +177,6 @@ class Stage2PairDataset:
         self.epoch = int(epoch)
 
     def _member(self, index: int, ext: str) -> bytes:
-        from serialgen.dataset.pairs import read_member
-
         path, members = self.entries[index]
         return read_member(path, *members[ext])
 
@@ -231,8 +229,6 @@ def write_synthetic_pairs(out_dir: str | Path, count: int, *, seed: int = 0, siz
     are kept (same resumable writer as real pair building).
     """
     from PIL import Image, ImageDraw
-
-    from serialgen.dataset.pairs import PairShardWriter, completed_shards, make_key, shard_name, write_index
 
     out = Path(out_dir)
     rng = random.Random(seed)

@@ -121,12 +121,17 @@ def test_empty_reference_is_an_error_the_loader_can_count():
         C.composite_reference(ref, pose, Image.new("RGB", SIZE), C.CompositeConfig(resolution=SIZE), random.Random(0))
 
 
-def test_fit_to_canvas_preserves_aspect_and_pads_white():
-    img = Image.new("RGB", (100, 100), (10, 20, 30))
-    canvas, (sx, sy, tx, ty) = C.fit_to_canvas(img, (200, 300))
+def test_standard_images_are_letterboxed_bilinear_onto_white():
+    """The loader fits standards with serialgen.imaging.letterbox, bilinear as it always has: the
+    image part equals PIL's bilinear resize, the padding is white, the transform maps its pixels."""
+    from serialgen.imaging import letterbox
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    canvas, (sx, sy, tx, ty) = letterbox(img, (200, 300), resample="bilinear")
     arr = np.asarray(canvas)
-    assert canvas.size == (200, 300) and sx == sy == 2.0 and (tx, ty) == (0.0, 50.0)
-    assert tuple(arr[10, 100]) == (255, 255, 255) and tuple(arr[150, 100]) == (10, 20, 30)
+    assert canvas.size == (200, 300) and sx == sy == 5.0 and (tx, ty) == (0.0, 25.0)
+    assert (arr[:25] == 255).all() and (arr[275:] == 255).all()
+    np.testing.assert_array_equal(arr[25:275], np.asarray(img.resize((200, 250), Image.BILINEAR)))
 
 
 def test_background_pool_crops_skips_bad_files_and_fails_clearly(tmp_path):

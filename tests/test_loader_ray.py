@@ -2,7 +2,8 @@
 
 import pytest
 
-from serialgen.dataset.loader import MEMBERS, resolve_shards
+from serialgen.dataset.loader import resolve_shards
+from serialgen.dataset.shards import MEMBERS
 from test_loader_synth import write_synthetic_shards
 
 

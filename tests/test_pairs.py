@@ -17,11 +17,10 @@ from serialgen.dataset.pairs import (
     iter_pairs,
     iter_shard,
     read_index,
-    read_member,
-    scan_shard,
     verify_pairs,
     write_index,
 )
+from serialgen.dataset.tarset import read_member, scan_shard
 from serialgen.errors import UserInputError
 
 
@@ -66,7 +65,8 @@ def test_pair_shard_round_trip_and_verify(tmp_path):
     data[off] ^= 0xFF
     (out / "pairs-000000.tar").write_bytes(bytes(data))
     report = verify_pairs(out)
-    assert not report["ok"] and report["problems"] == ["pairs-000000.tar: sha256 mismatch"]
+    assert not report["ok"] and len(report["problems"]) == 1
+    assert report["problems"][0].startswith("pairs-000000.tar: sha256 ") and "differs from the index" in report["problems"][0]
 
 
 def test_interrupted_shard_leaves_nothing_final(tmp_path):
@@ -124,7 +124,7 @@ def corpus(tmp_path) -> Path:
 
 
 def test_build_pairs_on_ray_and_resume(local_ray, corpus, tmp_path):
-    from serialgen.training.pairs_stage2 import build_pairs
+    from serialgen.training.stage2.build_pairs import build_pairs
 
     out = tmp_path / "pairs"
     report = build_pairs(corpus, out, standardizer="identity", samples_per_shard=3, batch_size=2, progress=False)
@@ -164,7 +164,7 @@ def test_build_pairs_on_ray_and_resume(local_ray, corpus, tmp_path):
 
 
 def test_build_pairs_from_webdataset_shards(local_ray, tmp_path):
-    from serialgen.training.pairs_stage2 import build_pairs, discover_inputs
+    from serialgen.training.stage2.build_pairs import build_pairs, discover_inputs
 
     tar_path = tmp_path / "laion-000.tar"
     with tarfile.open(tar_path, "w") as tar:
@@ -186,7 +186,7 @@ def test_build_pairs_from_webdataset_shards(local_ray, tmp_path):
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
-    from serialgen.training.pairs_stage2 import build_pairs, load_standardizer
+    from serialgen.training.stage2.build_pairs import build_pairs, load_standardizer
 
     with pytest.raises(UserInputError, match="--input: .*nowhere not found"):
         build_pairs(tmp_path / "nowhere", tmp_path / "out")

@@ -113,8 +113,8 @@ def test_verify_catches_missing_extra_and_incomplete(tmp_path):
     S.write_index(tmp_path, summaries[1:] + [entry], {}, [])
     problems = S.verify(tmp_path)
     assert any("bad_p00000_v0 has members" in p for p in problems)
-    assert not (tmp_path / "nothing").exists() and S.verify(tmp_path / "nothing")[0].endswith(
-        "(the run did not finish, or this is not a shard folder)")
+    assert not (tmp_path / "nothing").exists() and "index.json: not found; expected a shard set written by " \
+        "`serialgen render`" in S.verify(tmp_path / "nothing")[0]
 
 
 def test_stock_webdataset_reads_every_member(tmp_path):
@@ -187,11 +187,10 @@ def test_standard_camera_puts_the_head_bone_in_place():
 
 def test_render_settings_reject_bad_input():
     from serialgen.errors import UserInputError
-    from serialgen.render.scene import RenderSettings, parse_resolution
+    from serialgen.render.scene import RenderSettings
 
-    assert parse_resolution("512x768") == (512, 768)
-    for bad in ("512", "0x768", "512x99999", "axb"):
+    for bad in ({"width": 0}, {"height": 99999}, {"width": "512"}):
         with pytest.raises(UserInputError, match="--resolution"):
-            parse_resolution(bad)
+            RenderSettings(**bad)
     with pytest.raises(UserInputError, match="--engine"):
         RenderSettings(engine="povray")
