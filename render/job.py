@@ -194,7 +194,7 @@ class BlenderWorker:
         rig = loaded.rig
         timings: dict[str, float] = {}
         with _stage(timings, "pose"):
-            rig.set_expression(None)
+            rig.set_expression(std_mod.STANDARD_EXPRESSION)
             rig.apply_pose(std_mod.standard_angles())
             skel = rig.posed_skeleton()
             lo, hi = rig.world_bounds()

@@ -222,3 +222,41 @@ def test_journal_resume_trusts_sizes_and_skips_torn_lines(tmp_path):
 
     with pytest.raises(UserInputError, match="shards of another run"):
         farm_journal.prepare_out(out, {"seed": 1}, planned, overwrite=False, retry_quarantined=False)
+
+
+def test_code_fingerprint_follows_every_file_that_decides_the_bytes(tmp_path):
+    """The fingerprint covers render/** and assets_manifest/** (subpackages included), flatten on
+    white and the shard writer; it changes when any of them changes, and only then (a copy of
+    those files is edited, never the tree)."""
+    import shutil
+
+    from serialgen.render.farm.pool import CODE_FILES, code_files, code_fingerprint
+
+    labels = [label for label, _ in code_files()]
+    for label in ("serialgen.render/farm/driver.py", "serialgen.render/job.py",
+                  "serialgen.assets_manifest/geometry/standard_form.py", "serialgen.assets_manifest/skeleton.py",
+                  "serialgen/imaging.py", "serialgen.dataset/shards.py", "serialgen.dataset/tarset.py"):
+        assert label in labels
+    assert not any(label.startswith("serialgen/") and label != "serialgen/imaging.py" for label in labels)
+    assert "serialgen.dataset/loader.py" not in labels  # reading shards does not decide their bytes
+
+    roots = {}
+    for label, path in code_files():
+        package, rel = label.split("/", 1)
+        roots[package] = tmp_path / package
+        (roots[package] / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, roots[package] / rel)
+    (roots["serialgen.dataset"] / "loader.py").write_text("# not part of the fingerprint\n")
+    assert {package for package, _ in CODE_FILES} == set(roots)
+    base = code_fingerprint(roots)
+    assert base == code_fingerprint() and len(base) == 16
+    (roots["serialgen.dataset"] / "loader.py").write_text("# edited\n")
+    assert code_fingerprint(roots) == base
+    seen = {base}
+    for package, rel in (("serialgen.render", "farm/schedule.py"), ("serialgen.assets_manifest", "geometry/camera.py"),
+                         ("serialgen", "imaging.py"), ("serialgen.dataset", "shards.py")):
+        with open(roots[package] / rel, "a") as f:
+            f.write("\n# edited\n")
+        now = code_fingerprint(roots)
+        assert now not in seen, f"editing {package}/{rel} left the fingerprint unchanged"
+        seen.add(now)

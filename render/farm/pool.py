@@ -31,33 +31,53 @@ from serialgen.render.farm.schedule import JobBook
 from serialgen.render.job import BlenderWorker, RenderJob
 from serialgen.render.scene import RenderSettings
 
-__all__ = ["log_path", "code_fingerprint", "check_reachable", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
+__all__ = ["CODE_FILES", "CODE_DISTRIBUTIONS", "log_path", "code_files", "code_fingerprint", "check_reachable", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
 
 WAIT_WARNING_S = 60.0  # a worker not started after this long gets a note on the progress bar
 _THREAD_VARS = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# The code that decides a sample's bytes: rendering, the shard writer, skeleton/poses/characters.
-_CODE_FILES = (("serialgen.render", "*.py"), ("serialgen.dataset", "shards.py"), ("serialgen.assets_manifest", "*.py"))
+# The code that decides a sample's bytes: (package, glob under its folder). Rendering (render/**),
+# the assets and their geometry (assets_manifest/**), flatten-on-white of the standard image
+# (serialgen/imaging.py) and the shard writer (dataset/tarset.py, dataset/shards.py).
+CODE_FILES = (("serialgen.render", "**/*.py"), ("serialgen.assets_manifest", "**/*.py"),
+              ("serialgen", "imaging.py"), ("serialgen.dataset", "tarset.py"), ("serialgen.dataset", "shards.py"))
+# Libraries whose version changes pixels or bytes: Blender, numpy, Pillow (supersampling, gain LUTs).
+CODE_DISTRIBUTIONS = ("bpy", "numpy", "pillow")
 
 
-def code_fingerprint() -> str:
-    """sha256 (16 hex) of the code that decides a sample's bytes: the ``.py`` files of render/ and
-    assets_manifest/, dataset/shards.py, and the bpy and numpy versions.
+def code_files(roots: dict[str, Path] | None = None) -> list[tuple[str, Path]]:
+    """(label, path) of every file :func:`code_fingerprint` reads, sorted; the label is
+    ``package/relative/path`` (the same on every machine). ``roots``: package -> folder, for
+    packages not to be looked up where Python imports them from (tests)."""
+    import importlib
+
+    out = []
+    for package, pattern in CODE_FILES:
+        root = (roots or {}).get(package)
+        if root is None:
+            root = Path(importlib.import_module(package).__file__).parent
+        for path in root.glob(pattern):
+            if path.is_file() and "__pycache__" not in path.parts:
+                out.append((f"{package}/{path.relative_to(root).as_posix()}", path))
+    return sorted(out)
+
+
+def code_fingerprint(roots: dict[str, Path] | None = None) -> str:
+    """sha256 (16 hex) of the code that decides a sample's bytes (:data:`CODE_FILES`: every ``.py``
+    under render/ and assets_manifest/, serialgen/imaging.py, dataset/tarset.py and dataset/shards.py)
+    and of the versions of :data:`CODE_DISTRIBUTIONS`.
 
     Worker processes import the code when they start, so a node with another install, or an edit
     of the working tree during a run, would silently mix two versions of the data in one folder.
     The driver refuses workers whose fingerprint differs from its own.
     """
     import hashlib
-    import importlib
     from importlib import metadata
 
     h = hashlib.sha256()
-    for name, pattern in _CODE_FILES:
-        root = Path(importlib.import_module(name).__file__).parent
-        for path in sorted(root.glob(pattern)):
-            h.update(f"{name}/{path.name}\0".encode())
-            h.update(path.read_bytes())
-    for dist in ("bpy", "numpy"):
+    for label, path in code_files(roots):
+        h.update(f"{label}\0".encode())
+        h.update(path.read_bytes())
+    for dist in CODE_DISTRIBUTIONS:
         try:
             h.update(f"{dist}={metadata.version(dist)}".encode())
         except metadata.PackageNotFoundError:
