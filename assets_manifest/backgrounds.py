@@ -6,9 +6,11 @@ plain image files under ``DIR/backgrounds/`` so the loader only ever reads files
 * ``photo`` / ``texture``: scikit-image's bundled sample images whose docstrings state CC0 or public
   domain (list and licences in ``SKIMAGE_IMAGES``), copied unchanged.
 * ``hdri``: the CC0 Poly Haven HDRIs inside the ``bpy`` wheel (``studiolights/world/*.exr``). PIL cannot
-  read OpenEXR, so a short ``bpy`` subprocess (Blender stays out of this process) decodes them; each
-  equirectangular map gives ``HDRI_YAWS`` perspective views, auto-exposed and tone-mapped (ACES fit,
-  sRGB) to 8-bit PNG. Cached: an unchanged source and view description is not converted again.
+  read OpenEXR, so the caller's probe decodes them (``probe.AssetProbe.read_exrs``; the Blender one
+  runs a short ``bpy`` worker process, Blender stays out of this process); each equirectangular map
+  gives ``HDRI_YAWS`` perspective views, auto-exposed and tone-mapped (ACES fit, sRGB) to 8-bit PNG.
+  Without a probe there are no HDRI views. Cached: an unchanged source and view description is not
+  converted again.
 * ``procedural``: gradients, fractal noise, soft shapes and stripes/tiles, each fully described by
   its generator parameters and seed in the record.
 
@@ -22,18 +24,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from serialgen.assets_manifest import manifest as mf
+from serialgen.assets_manifest.probe import AssetProbe, ProbeError
 from serialgen.errors import UserInputError
+from serialgen.resolution import DEFAULT_RESOLUTION
 
 __all__ = [
     "MIN_SHORT_SIDE",
@@ -41,7 +41,6 @@ __all__ = [
     "SKIMAGE_IMAGES",
     "HDRI_YAWS",
     "DEFAULT_PROCEDURAL_BACKGROUNDS",
-    "PROCEDURAL_SIZE",
     "inspect_image",
     "skimage_data_dir",
     "bpy_hdri_dir",
@@ -60,10 +59,10 @@ MIN_SHORT_SIDE = 256
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _FORMATS = {"JPEG", "PNG", "WEBP", "MPO"}  # MPO: multi-picture JPEGs from phone cameras
 DEFAULT_PROCEDURAL_BACKGROUNDS = 64
-PROCEDURAL_SIZE = (512, 768)  # width, height: the paper's 512x768 frame
 HDRI_YAWS = (0, 90, 180, 270)
 _PNG_LEVEL = 3  # zlib level: 3x faster than the default 6 for ~5% larger files
-HDRI_VIEW = {"pitch": 5.0, "hfov": 70.0, "size": [512, 768], "tonemap": "aces-autoexposure-0.18"}
+# Backgrounds are made at the training size (DEFAULT_RESOLUTION, the paper's 512x768 frame).
+HDRI_VIEW = {"pitch": 5.0, "hfov": 70.0, "size": list(DEFAULT_RESOLUTION), "tonemap": "aces-autoexposure-0.18"}
 
 # scikit-image sample images used as backgrounds, with the licence their docstrings state
 # (skimage/data/_fetchers.py). Left out: images without a stated licence (logo, color wheel,
@@ -212,7 +211,7 @@ def _value_noise(rng, w, h, cells, octaves, persistence) -> np.ndarray:
     return np.clip((total - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
-def render_procedural(params: dict, size: Sequence[int] = PROCEDURAL_SIZE):
+def render_procedural(params: dict, size: Sequence[int] = DEFAULT_RESOLUTION):
     """Render a procedural background description -> PIL RGB image of ``size`` (w, h)."""
     from PIL import Image, ImageDraw, ImageFilter
 
@@ -261,20 +260,6 @@ def render_procedural(params: dict, size: Sequence[int] = PROCEDURAL_SIZE):
 # ---------------------------------------------------------------------------------------------
 # HDRI views
 # ---------------------------------------------------------------------------------------------
-
-def _read_exrs(paths: Sequence[Path], timeout: float = 300.0) -> list[np.ndarray]:
-    """Decode OpenEXR files to float32 (H, W, 3) linear RGB in a Blender subprocess
-    (``serialgen.render.exr_reader``: bpy stays under render/ and out of this process)."""
-    with tempfile.TemporaryDirectory(prefix="serialgen-exr-") as tmp:
-        out = Path(tmp) / "exr.npz"
-        proc = subprocess.run([sys.executable, "-m", "serialgen.render.exr_reader", str(out), *map(str, paths)],
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"bpy EXR reader failed (exit {proc.returncode}): {last}")
-        with np.load(out) as z:
-            return [z[f"img{i}"] for i in range(len(paths))]
-
 
 @functools.lru_cache(maxsize=16)
 def _equirect_map(src_hw: tuple[int, int], yaw: float, pitch: float, hfov: float, size: tuple[int, int]):
@@ -368,7 +353,8 @@ def _skimage_records(out_dir: Path, previous: dict[str, dict], notes: list[str])
     return out
 
 
-def _hdri_records(out_dir: Path, previous: dict[str, dict], notes: list[str], progress=None) -> list[dict]:
+def _hdri_records(out_dir: Path, previous: dict[str, dict], notes: list[str], probe: AssetProbe,
+                  progress=None) -> list[dict]:
     src_dir = bpy_hdri_dir()
     if src_dir is None:
         notes.append("bpy not installed: no HDRI backgrounds")
@@ -390,8 +376,8 @@ def _hdri_records(out_dir: Path, previous: dict[str, dict], notes: list[str], pr
     if todo:
         files = sorted({t[0] for t in todo})
         try:
-            panos = dict(zip(files, _read_exrs(files)))
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            panos = dict(zip(files, probe.read_exrs(files)))
+        except ProbeError as exc:
             notes.append(f"HDRI conversion failed: {exc}")
             panos = {}
         for exr, yaw, asset_id, gen in todo:
@@ -422,12 +408,12 @@ def _procedural_records(out_dir: Path, n: int, seed: int, previous: dict[str, di
     out = []
     for i in range(n):
         params = procedural_params(seed, i)
-        gen = {**params, "size": list(PROCEDURAL_SIZE)}
+        gen = {**params, "size": list(DEFAULT_RESOLUTION)}
         asset_id = f"procbg-{i:06d}"
         hit = _cached(previous.get(asset_id), out_dir, lambda p, gen=gen: p.get("generator") == gen)
         if hit is None:
             rel = f"backgrounds/procedural/{asset_id}.png"
-            render_procedural(params, PROCEDURAL_SIZE).save(out_dir / rel, compress_level=_PNG_LEVEL)
+            render_procedural(params, DEFAULT_RESOLUTION).save(out_dir / rel, compress_level=_PNG_LEVEL)
             hit = _image_record(asset_id, "procedural", rel, mf.sha256_file(out_dir / rel),
                                 inspect_image(out_dir / rel), generator=gen, licence="generated (CC0)")
             hit["stats"].update(mf.file_stats(out_dir / rel))
@@ -438,15 +424,16 @@ def _procedural_records(out_dir: Path, n: int, seed: int, previous: dict[str, di
 
 
 def build_default_backgrounds(out_dir: str | Path, *, n_procedural: int = DEFAULT_PROCEDURAL_BACKGROUNDS,
-                              seed: int = 0, previous: Iterable[dict] = (), hdri: bool = True,
+                              seed: int = 0, previous: Iterable[dict] = (), probe: AssetProbe | None = None,
                               progress=None, notes: list[str] | None = None) -> list[dict]:
-    """Records of the embedded default (files written under ``out_dir/backgrounds/``)."""
+    """Records of the embedded default (files written under ``out_dir/backgrounds/``). The HDRI
+    views need ``probe`` to decode the EXR files; without one there are none."""
     out_dir = Path(out_dir)
     prev = {r["id"]: r for r in previous}
     notes = notes if notes is not None else []
     records = _skimage_records(out_dir, prev, notes)
-    if hdri:
-        records += _hdri_records(out_dir, prev, notes, progress)
+    if probe is not None:
+        records += _hdri_records(out_dir, prev, notes, probe, progress)
     records += _procedural_records(out_dir, n_procedural, seed, prev, progress)
     return records
 
@@ -503,14 +490,16 @@ def scan_user_backgrounds(paths: Iterable[str | Path], previous: Iterable[dict] 
 
 
 def build_backgrounds(out_dir: str | Path, user_paths: Iterable[str | Path] = (), *,
-                      n_procedural: int = DEFAULT_PROCEDURAL_BACKGROUNDS, seed: int = 0, hdri: bool = True,
+                      n_procedural: int = DEFAULT_PROCEDURAL_BACKGROUNDS, seed: int = 0,
+                      probe: AssetProbe | None = None,
                       progress=None, notes: list[str] | None = None) -> tuple[list[dict], dict]:
-    """Default + user backgrounds; writes ``out_dir/backgrounds.jsonl``. -> (records, counts)."""
+    """Default + user backgrounds; writes ``out_dir/backgrounds.jsonl``. -> (records, counts).
+    ``probe`` decodes the HDRIs (``build_default_backgrounds``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = mf.read_previous(out_dir / mf.MANIFEST_FILES["background"], "background")
     records = build_default_backgrounds(out_dir, n_procedural=n_procedural, seed=seed, previous=previous,
-                                        hdri=hdri, progress=progress, notes=notes)
+                                        probe=probe, progress=progress, notes=notes)
     user, counts = scan_user_backgrounds(user_paths, previous, progress) if user_paths else ([], {})
     mf.write_jsonl(out_dir / mf.MANIFEST_FILES["background"], records + user)
     return records + user, counts
@@ -526,12 +515,3 @@ def load_backgrounds(assets_dir: str | Path) -> list[dict]:
             continue
         out.append(dict(rec, path=str(mf.resolve_record_path(assets_dir, rec["path"]))))
     return out
-
-
-def _main() -> None:  # pragma: no cover - debugging aid: python -m ... DIR
-    recs, _ = build_backgrounds(sys.argv[1])
-    print(json.dumps(mf.count_records(recs), indent=1))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _main()

@@ -1,14 +1,15 @@
 """Scan users' rigged characters (glTF/GLB, VRM, FBX, .blend) into character records. Blender-free.
 
-Each file is imported by a worker subprocess (``python -m serialgen.render.inspect_asset FILE``,
-a small pool, one process per file, with a timeout), so a crashing or hanging importer costs one
-asset and this process never imports bpy. The worker reports facts; the decisions are made here:
+Reading a file needs Blender; the caller hands in the probe that does it (``probe.AssetProbe``; the
+Blender one, ``render.asset_build.BlenderProbe``, imports each file in its own worker process with a
+timeout, so a crashing or hanging importer costs one asset). The probe reports facts; the decisions
+are made here:
 
 =================== ==========================================================================
 reason              when
 =================== ==========================================================================
 import_failed       the importer failed, the file is truncated/malformed, or the worker crashed
-import_timeout      the worker took longer than ``timeout`` seconds
+import_timeout      the worker took longer than its timeout
 unsupported_format  an extension we do not import
 no_armature         no armature in the file
 no_mesh             an armature without any mesh
@@ -30,53 +31,50 @@ Accepted records follow contract 2: ``id`` ``char-<sha256[:12]>`` (byte-identica
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from .expressions import map_expressions
 from .manifest import file_stats, find_files, incremental_scan, make_record
+from .probe import AssetProbe, ProbeFailure
 
-__all__ = ["CHARACTER_EXTS", "find_character_files", "run_inspector", "record_from_facts", "mark_duplicates",
-           "scan_characters", "WORKER_TIMEOUT_S"]
+__all__ = ["CHARACTER_EXTS", "geometry_fingerprint", "record_from_facts", "mark_duplicates", "scan_characters"]
 
 CHARACTER_EXTS = {".glb": "gltf", ".gltf": "gltf", ".vrm": "vrm", ".fbx": "fbx", ".blend": "blend"}
-WORKER_TIMEOUT_S = float(os.environ.get("SERIALGEN_IMPORT_TIMEOUT", "120"))
 NEAR_DUPLICATE_L1 = 0.02
+FINGERPRINT_GRID = (8, 8, 16)
 
 
-def find_character_files(paths: Iterable) -> list[Path]:
-    """CHARACTER_EXTS files under ``paths``; see ``manifest.find_files``."""
-    return find_files(paths, CHARACTER_EXTS)
+def geometry_fingerprint(verts: np.ndarray) -> dict:
+    """Format- and vertex-order-independent shape signature of rest vertices (N, 3), metres, Z up.
+
+    ``hash``: sha256 of the sorted unique positions quantised to 1/512 of the height after moving
+    the bounds' minimum to the origin and scaling to unit height (split seam vertices collapse, so
+    glTF and FBX exports of one model agree). ``grid``: occupancy histogram of the unique positions
+    over an 8x8x16 box grid, normalised to sum 1, for near-duplicates. ``n_unique``: unique count.
+    """
+    if len(verts) == 0:
+        return {"hash": None, "grid": [], "n_unique": 0}
+    lo = verts.min(axis=0)
+    h = float(verts[:, 2].max() - lo[2]) or 1.0
+    q = np.round((verts - lo) / h * 512.0).astype(np.int64)
+    uq = np.unique(q, axis=0)
+    digest = hashlib.sha256(np.ascontiguousarray(uq).tobytes()).hexdigest()
+    ext = uq.max(axis=0) + 1
+    cells = np.minimum((uq * np.array(FINGERPRINT_GRID)) // ext, np.array(FINGERPRINT_GRID) - 1)
+    flat = np.ravel_multi_index(cells.T, FINGERPRINT_GRID)
+    grid = np.bincount(flat, minlength=int(np.prod(FINGERPRINT_GRID))).astype(np.float64)
+    grid /= grid.sum()
+    return {"hash": digest, "grid": [round(float(g), 5) for g in grid], "n_unique": int(len(uq))}
 
 
-def run_inspector(path, timeout: float = WORKER_TIMEOUT_S) -> dict:
-    """Run the bpy inspection worker on one file; always returns a facts dict (``ok`` False on failure)."""
-    cmd = [sys.executable, "-m", "serialgen.render.inspect_asset", str(path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "reason": "import_timeout", "detail": f"import took longer than {timeout:.0f} s"}
-    lines = [ln for ln in (proc.stdout or "").strip().splitlines() if ln.startswith("{")]
-    if lines:
-        try:
-            return json.loads(lines[-1])
-        except ValueError:
-            pass
-    err = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
-    return {"ok": False, "reason": "import_failed",
-            "detail": f"importer crashed (exit {proc.returncode}): {(err[-1] if err else '')[:300]}"}
-
-
-def record_from_facts(path: Path, sha: str, facts: dict, *, allow_texture_fallback: bool = False) -> dict:
-    """Decide a character record from the worker's facts (see the module table)."""
+def record_from_facts(path: Path, sha: str, facts: dict | ProbeFailure, *,
+                      allow_texture_fallback: bool = False) -> dict:
+    """Decide a character record from the probe's facts (see the module table)."""
     kind = CHARACTER_EXTS.get(path.suffix.lower(), "unknown")
     rec_id = f"char-{sha[:12]}"
     base = {"path": str(path), "sha256": sha}
@@ -86,8 +84,8 @@ def record_from_facts(path: Path, sha: str, facts: dict, *, allow_texture_fallba
         return make_record("character", rec_id, kind, status="rejected", reason=reason, detail=f"{name}: {detail}",
                            stats=stats or {}, **base, **fields)
 
-    if not facts.get("ok"):
-        return rejected(facts.get("reason") or "import_failed", facts.get("detail") or "import failed")
+    if isinstance(facts, ProbeFailure):
+        return rejected(facts.reason or "import_failed", facts.detail or "import failed")
     stats = {"format": facts.get("format"), "import_s": facts.get("import_s"), "n_objects": facts.get("n_objects"),
              "armatures": facts.get("armatures"), "actions": len(facts.get("actions") or []),
              "meshopt": facts.get("meshopt", False)}
@@ -171,29 +169,32 @@ def mark_duplicates(records: list[dict]) -> int:
     return n
 
 
-def scan_characters(paths, out_dir=None, previous_records=(), *, timeout: float = WORKER_TIMEOUT_S,
-                    workers: int | None = None, allow_texture_fallback: bool = False, progress=None) -> list[dict]:
+def scan_characters(paths, previous_records=(), *, probe: AssetProbe, workers: int | None = None,
+                    allow_texture_fallback: bool = False, progress=None) -> list[dict]:
     """Scan character files under ``paths`` -> records (accepted and rejected). Unchanged files reuse
-    their previous record; new or changed files are inspected by worker subprocesses."""
-    files = find_character_files(paths)
+    their previous record; new or changed files are read by ``probe.inspect_character``, ``workers``
+    files at a time (default 2, fewer on a 1-core machine)."""
+    files = find_files(paths, CHARACTER_EXTS)
     previous_records = list(previous_records or ())
     by_path = {str(r.get("path")): r for r in previous_records if r.get("path")}
     todo = []
     for f in files:
         prev = by_path.get(str(f))
-        if prev is None or any(prev.get("stats", {}).get(k) != v for k, v in file_stats(f).items()):
+        if f.suffix.lower() in CHARACTER_EXTS and (
+                prev is None or any(prev.get("stats", {}).get(k) != v for k, v in file_stats(f).items())):
             todo.append(f)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=workers)
-    futures = {str(f): pool.submit(run_inspector, f, timeout) for f in todo}
+    # Started before the hashing below so that the probes run while incremental_scan hashes.
+    futures = {str(f): pool.submit(probe.inspect_character, f) for f in todo}
 
     def process(path: Path, sha: str) -> dict:
-        fut = futures.get(str(path))
-        facts = fut.result() if fut is not None else run_inspector(path, timeout)
         if path.suffix.lower() not in CHARACTER_EXTS:
             return make_record("character", f"char-{sha[:12]}", "unknown", status="rejected",
                                reason="unsupported_format", detail=f"{path.name}: not a character file",
                                path=str(path), sha256=sha)
+        fut = futures.get(str(path))
+        facts = fut.result() if fut is not None else probe.inspect_character(path)
         return record_from_facts(path, sha, facts, allow_texture_fallback=allow_texture_fallback)
 
     def on_error(path: Path, sha: str, exc: Exception) -> dict:

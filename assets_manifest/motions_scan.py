@@ -1,7 +1,8 @@
 """Scan motion files (BVH, and the actions inside glTF/GLB/FBX/.blend files) into motion records and
-retargeted clips on the canonical skeleton. Blender-free: BVH is parsed in numpy; files that need
-Blender are read by a worker subprocess (``python -m serialgen.render.inspect_asset FILE --motions``)
-with a timeout, so a crashing importer costs one file.
+retargeted clips on the canonical skeleton. Blender-free: BVH is parsed in numpy; the actions of
+files that need Blender are sampled by the probe the caller hands in (``probe.AssetProbe``; the
+Blender one, ``render.asset_build.BlenderProbe``, reads each file in its own worker process with a
+timeout, so a crashing importer costs one file).
 
 Records (``motions.jsonl``, schema ``serialgen.motion/1``): id ``motion-<sha256[:12]>``, kind
 ``bvh`` | ``gltf`` | ``fbx`` | ``blend``, stats ``{"clips": [{"name", "frames", "fps"}], "mapping":
@@ -15,11 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -27,27 +24,21 @@ from . import skeleton as sk
 from .bone_maps import map_skeleton
 from .bvh import BvhError, BvhMotion, read_bvh
 from .manifest import file_stats, find_files, incremental_scan, make_record
+from .probe import AssetProbe, MotionSamples, ProbeFailure
 from .retarget import RetargetedMotion, SourceMotion, retarget
 
-__all__ = ["MOTION_EXTS", "find_motion_files", "scan_motions", "bvh_to_source", "retarget_bvh",
-           "motions_from_worker_npz", "MOTION_CACHE_VERSION"]
+__all__ = ["MOTION_EXTS", "scan_motions", "retarget_bvh", "retarget_samples", "MOTION_CACHE_VERSION"]
 
 MOTION_EXTS = {".bvh": "bvh", ".glb": "gltf", ".gltf": "gltf", ".fbx": "fbx", ".blend": "blend"}
 MOTION_CACHE_VERSION = 1
 DEFAULT_MAX_FPS = 30.0
-WORKER_TIMEOUT_S = float(os.environ.get("SERIALGEN_IMPORT_TIMEOUT", "120"))
-
-
-def find_motion_files(paths: Iterable) -> list[Path]:
-    """MOTION_EXTS files under ``paths``; see ``manifest.find_files``."""
-    return find_files(paths, MOTION_EXTS)
 
 
 def _stride(fps: float, max_fps: float) -> int:
     return max(1, int(round(fps / max_fps))) if fps > max_fps else 1
 
 
-def bvh_to_source(m: BvhMotion, name: str, max_fps: float = DEFAULT_MAX_FPS) -> SourceMotion:
+def _bvh_to_source(m: BvhMotion, name: str, max_fps: float = DEFAULT_MAX_FPS) -> SourceMotion:
     """A parsed BVH as a :class:`SourceMotion`, subsampled to at most ``max_fps``."""
     fps = 1.0 / m.frame_time if m.frame_time > 0 else 30.0
     frames = np.arange(0, m.n_frames, _stride(fps, max_fps))
@@ -67,21 +58,16 @@ def retarget_bvh(path, max_fps: float = DEFAULT_MAX_FPS) -> tuple[RetargetedMoti
         m = read_bvh(path, up=up)
         mapping = map_skeleton(m.bones())
         if mapping.accepted:
-            src = bvh_to_source(m, Path(path).stem, max_fps)
+            src = _bvh_to_source(m, Path(path).stem, max_fps)
             return retarget(src, mapping), up
         problems.append(f"{up}-up: {mapping.detail}")
     raise ValueError("skeleton not humanoid (" + "; ".join(problems) + ")")
 
 
-def motions_from_worker_npz(npz_path, file_stem: str, max_fps: float = DEFAULT_MAX_FPS) -> tuple[list, dict]:
-    """Retarget the clips a worker sampled from a Blender file (``inspect_asset --motions``).
-
-    The npz holds ``bones`` (JSON), ``rest_rot`` (B, 3, 3), and per clip k ``rot_k`` (F, B, 3, 3),
-    ``pos_k`` (F, B, 3) plus ``clips`` (JSON list of {"name", "fps"}).
-    """
-    data = np.load(npz_path, allow_pickle=False)
-    bones = json.loads(str(data["bones"]))
-    clips = json.loads(str(data["clips"]))
+def retarget_samples(samples: MotionSamples, file_stem: str) -> tuple[list[RetargetedMotion], dict]:
+    """Retarget the clips a probe sampled from a Blender file; clips without frames are skipped.
+    -> (motions named ``<file_stem>/<clip>``, {"mapping": method, "mapped_joints": n})."""
+    bones = samples.bones
     mapping = map_skeleton(bones)
     if not mapping.accepted:
         raise ValueError(f"skeleton not humanoid ({mapping.detail})")
@@ -90,28 +76,14 @@ def motions_from_worker_npz(npz_path, file_stem: str, max_fps: float = DEFAULT_M
     heads = np.array([b["head"] for b in bones], dtype=np.float64)
     tails = np.array([b["tail"] for b in bones], dtype=np.float64)
     out = []
-    for k, clip in enumerate(clips):
-        rot, pos = data[f"rot_{k}"].astype(np.float64), data[f"pos_{k}"].astype(np.float64)
+    for clip, rot, pos in zip(samples.clips, samples.rot, samples.pos):
+        rot, pos = np.asarray(rot, dtype=np.float64), np.asarray(pos, dtype=np.float64)
         if rot.shape[0] == 0:
             continue
         src = SourceMotion(f"{file_stem}/{clip['name']}", names, parents, heads, tails,
-                           data["rest_rot"].astype(np.float64), rot, pos, float(clip.get("fps", 30.0)))
+                           np.asarray(samples.rest_rot, dtype=np.float64), rot, pos, float(clip.get("fps", 30.0)))
         out.append(retarget(src, mapping))
     return out, {"mapping": mapping.method, "mapped_joints": len(mapping.bone_map)}
-
-
-def _run_worker(path: Path, out_npz: Path, max_fps: float, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "serialgen.render.inspect_asset", str(path), "--motions", str(out_npz),
-           "--max-fps", str(max_fps)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "reason": "import_timeout", "detail": f"import took longer than {timeout:.0f} s"}
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {"ok": False, "reason": "import_failed", "detail": f"importer crashed: {tail[0][:300]}"}
 
 
 def _cache_path(out_dir: Path, rec_id: str) -> Path:
@@ -143,12 +115,13 @@ def _load_cache(path: Path) -> list[dict] | None:
         return None
 
 
-def scan_motions(paths, out_dir, previous_records=(), *, max_fps: float = DEFAULT_MAX_FPS,
-                 timeout: float = WORKER_TIMEOUT_S, progress=None) -> tuple[list[dict], list[dict]]:
+def scan_motions(paths, out_dir, previous_records=(), *, probe: AssetProbe, max_fps: float = DEFAULT_MAX_FPS,
+                 progress=None) -> tuple[list[dict], list[dict]]:
     """Scan motion files under ``paths`` -> (records, extra_motions). Unchanged files (same path and
-    size/mtime, or same sha256) reuse their previous record and cached clips."""
+    size/mtime, or same sha256) reuse their previous record and cached clips. BVH files are read
+    here; the others through ``probe.sample_motions``."""
     out_dir = Path(out_dir)
-    files = find_motion_files(paths)
+    files = find_files(paths, MOTION_EXTS)
 
     def process(path: Path, sha: str) -> dict:
         ext = path.suffix.lower()
@@ -163,17 +136,14 @@ def scan_motions(paths, out_dir, previous_records=(), *, max_fps: float = DEFAUL
                 motion, up = retarget_bvh(path, max_fps)
                 motions, extra = [motion], {"mapping": "names", "up_axis": up}
             else:
-                with tempfile.TemporaryDirectory() as td:
-                    npz = Path(td) / "motion.npz"
-                    res = _run_worker(path, npz, max_fps, timeout)
-                    if not res.get("ok"):
-                        return make_record("motion", rec_id, kind, status="rejected",
-                                           reason=res.get("reason", "import_failed"),
-                                           detail=f"{path.name}: {res.get('detail', '')}", **base)
-                    if not res.get("clips"):
-                        return make_record("motion", rec_id, kind, status="rejected", reason="no_motion",
-                                           detail=f"{path.name}: no animation clips", **base)
-                    motions, extra = motions_from_worker_npz(npz, path.stem, max_fps)
+                samples = probe.sample_motions(path, max_fps)
+                if isinstance(samples, ProbeFailure):
+                    return make_record("motion", rec_id, kind, status="rejected", reason=samples.reason,
+                                       detail=f"{path.name}: {samples.detail}", **base)
+                if not samples.clips:
+                    return make_record("motion", rec_id, kind, status="rejected", reason="no_motion",
+                                       detail=f"{path.name}: no animation clips", **base)
+                motions, extra = retarget_samples(samples, path.stem)
         except BvhError as e:
             return make_record("motion", rec_id, kind, status="rejected", reason="import_failed",
                                detail=str(e), **base)

@@ -1,7 +1,8 @@
 """Decode OpenEXR images with Blender (PIL cannot read EXR): the HDRI backgrounds of the default
 asset folder come from the ``bpy`` wheel's CC0 studio lights.
 
-Run as a subprocess so Blender never loads into the caller (``assets_manifest`` stays bpy-free)::
+``render.asset_build.BlenderProbe.read_exrs`` runs it as a subprocess, so Blender never loads into
+the build process::
 
     python -m serialgen.render.exr_reader OUT.npz IN1.exr [IN2.exr ...]
 
@@ -14,12 +15,13 @@ import sys
 
 import numpy as np
 
+from serialgen.render.bpy_utils import import_bpy
+
 __all__ = ["read_exrs", "main"]
 
 
 def read_exrs(paths: list[str]) -> list[np.ndarray]:
-    from serialgen.render.bpy_utils import import_bpy
-
+    """float32 (H, W, 3) linear RGB per file, top row first."""
     bpy = import_bpy()
     arrays = []
     for p in paths:

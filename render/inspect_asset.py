@@ -3,10 +3,10 @@
     python -m serialgen.render.inspect_asset FILE [--json OUT]          # a character
     python -m serialgen.render.inspect_asset FILE --motions OUT.npz    # its animation clips
 
-The scanners in ``assets_manifest`` launch this as a subprocess with a timeout, so a crashing or
-hanging importer costs one asset and the scanner never imports bpy. The last line of stdout is
-always one JSON object: ``{"ok": true, ...facts}`` or ``{"ok": false, "reason", "detail"}``.
-Decisions (accept/reject) are made by the scanner from these facts.
+``render.asset_build.BlenderProbe`` starts this as a subprocess with a timeout, so a crashing or
+hanging importer costs one asset and the build process never imports bpy. The last line of stdout
+is always one JSON object: ``{"ok": true, ...facts}`` or ``{"ok": false, "reason", "detail"}``.
+Decisions (accept/reject) are made by the scanners in ``assets_manifest`` from these facts.
 
 Character facts: import time, armature count, the normalised rest bones (Z up, metres, facing -Y),
 the bone mapping, meshes (skinned / bone-parented / unskinned), height and scale, textures (missing,
@@ -16,7 +16,6 @@ unreadable or blank), shape keys, VRM expressions, a geometry fingerprint, actio
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -26,36 +25,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["inspect_character", "sample_motions", "geometry_fingerprint", "main"]
+from serialgen.assets_manifest.bone_maps import map_skeleton
+from serialgen.assets_manifest.characters_scan import geometry_fingerprint
+from serialgen.assets_manifest.gltf_probe import probe_gltf
+from serialgen.render import importers as imp
+from serialgen.render.bpy_utils import import_bpy, reset_scene
 
-GRID = (8, 8, 16)
-
-
-def geometry_fingerprint(verts: np.ndarray) -> dict:
-    """Format- and vertex-order-independent shape signature of rest vertices (N, 3), metres, Z up.
-
-    ``hash``: sha256 of the sorted unique positions quantised to 1/512 of the height after moving
-    the bounds' minimum to the origin and scaling to unit height (split seam vertices collapse, so
-    glTF and FBX exports of one model agree). ``grid``: occupancy histogram of the unique positions
-    over an 8x8x16 box grid, normalised to sum 1, for near-duplicates. ``n_unique``: unique count.
-    """
-    if len(verts) == 0:
-        return {"hash": None, "grid": [], "n_unique": 0}
-    lo = verts.min(axis=0)
-    h = float(verts[:, 2].max() - lo[2]) or 1.0
-    q = np.round((verts - lo) / h * 512.0).astype(np.int64)
-    uq = np.unique(q, axis=0)
-    digest = hashlib.sha256(np.ascontiguousarray(uq).tobytes()).hexdigest()
-    ext = uq.max(axis=0) + 1
-    cells = np.minimum((uq * np.array(GRID)) // ext, np.array(GRID) - 1)
-    flat = np.ravel_multi_index(cells.T, GRID)
-    grid = np.bincount(flat, minlength=int(np.prod(GRID))).astype(np.float64)
-    grid /= grid.sum()
-    return {"hash": digest, "grid": [round(float(g), 5) for g in grid], "n_unique": int(len(uq))}
+__all__ = ["inspect_character", "sample_motions", "main"]
 
 
 def _image_status(img) -> dict:
-    import bpy  # noqa: PLC0415
+    bpy = import_bpy()
 
     info = {"name": img.name, "source": img.source, "packed": img.packed_file is not None,
             "filepath": img.filepath, "size": list(img.size)}
@@ -115,13 +95,8 @@ def _textures(meshes) -> list[dict]:
 
 def inspect_character(path: str) -> dict:
     """Import, map, normalise and describe one character file."""
-    import bpy  # noqa: PLC0415
-
-    from serialgen.assets_manifest.bone_maps import map_skeleton
-    from serialgen.assets_manifest.gltf_probe import probe_gltf
-    from serialgen.render import importers as imp
-
-    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy = import_bpy()
+    reset_scene()
     p = Path(path)
     kind = imp.format_of(p)
     probe = probe_gltf(p) if kind in ("gltf", "vrm") else None
@@ -182,11 +157,8 @@ def inspect_character(path: str) -> dict:
 
 def sample_motions(path: str, out_npz: str, max_fps: float = 30.0) -> dict:
     """Sample every action of the file's main armature: world rotations and joint positions per frame."""
-    import bpy  # noqa: PLC0415
-
-    from serialgen.render import importers as imp
-
-    bpy.ops.wm.read_factory_settings(use_empty=True)
+    bpy = import_bpy()
+    reset_scene()
     t0 = time.perf_counter()
     objects = imp.import_objects(path)
     t_import = time.perf_counter() - t0
@@ -279,9 +251,7 @@ def main(argv=None) -> int:
         else:
             res = inspect_character(args.file)
     except Exception as e:  # noqa: BLE001 - the worker reports, the scanner decides
-        from serialgen.render.importers import ImportFailed
-
-        if isinstance(e, ImportFailed):
+        if isinstance(e, imp.ImportFailed):
             res = {"ok": False, "reason": e.reason, "detail": str(e)}
         else:
             res = {"ok": False, "reason": "import_failed", "detail": f"{type(e).__name__}: {e}"[:500],

@@ -19,6 +19,7 @@ __all__ = ["build_parser", "main"]
 
 # (module, attribute) of every part's registration function, in help order.
 _REGISTRARS = [
+    ("serialgen.render.cli_assets", "register"),
     ("serialgen.assets_manifest.cli", "register"),
     ("serialgen.render.cli", "register"),
     ("serialgen.dataset.cli_shards", "register"),

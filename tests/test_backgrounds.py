@@ -61,11 +61,11 @@ def test_missing_folder_is_one_line_error(tmp_path):
 
 def test_incremental_rescan_and_load(tmp_path, user_dir):
     out = tmp_path / "assets"
-    recs, _ = bg.build_backgrounds(out, [user_dir], n_procedural=3, hdri=False)
+    recs, _ = bg.build_backgrounds(out, [user_dir], n_procedural=3)
     stamp = {r["id"]: r["stats"]["mtime_ns"] for r in recs}
     # Second build: nothing new is written (same mtimes), one changed user file is re-judged.
     _img(user_dir / "tiny.png", size=(600, 400), colour=(5, 5, 250))
-    recs2, counts = bg.build_backgrounds(out, [user_dir], n_procedural=3, hdri=False)
+    recs2, counts = bg.build_backgrounds(out, [user_dir], n_procedural=3)
     assert counts["reused"] == 7 and counts["processed"] == 1
     assert all(stamp[r["id"]] == r["stats"]["mtime_ns"] for r in recs2 if r["kind"] != "user")
     loaded = bg.load_backgrounds(out)
@@ -106,9 +106,10 @@ def test_equirect_view_and_tonemap():
 
 
 def test_default_set_lists_only_licensed_bundled_images(tmp_path):
-    recs = bg.build_default_backgrounds(tmp_path, n_procedural=2, hdri=False)
+    recs = bg.build_default_backgrounds(tmp_path, n_procedural=2)  # no probe: no HDRI views
     sk_recs = [r for r in recs if r["kind"] in ("photo", "texture")]
     assert len(sk_recs) == len(bg.SKIMAGE_IMAGES) and all(r["status"] == "accepted" for r in sk_recs)
     assert all(r["licence"] and r["path"].startswith("backgrounds/skimage/") for r in sk_recs)
     assert all(mf.sha256_file(tmp_path / r["path"]) == r["sha256"] for r in recs)
-    assert bg.bpy_hdri_dir() is None or len(list(bg.bpy_hdri_dir().glob("*.exr"))) >= 1
+    assert not any(r["kind"] == "hdri" for r in recs)
+    assert len(list(bg.bpy_hdri_dir().glob("*.exr"))) == 8  # the bpy wheel's HDRIs (docs/assets.md)

@@ -1,4 +1,4 @@
-"""Real characters and motions through the scanners, the importer workers and the loader (bpy).
+"""Real characters and motions through the scanners, the Blender probe's workers and the loader (bpy).
 
 Uses ../shared/assets (skips without it) plus files made here: a truncated GLB, a mesh without an
 armature, an armature with an unskinned mesh, a glTF whose texture file is missing, copies of
@@ -22,6 +22,7 @@ from serialgen.assets_manifest.bone_maps import MIN_JOINTS
 from serialgen.assets_manifest.characters_scan import scan_characters
 from serialgen.assets_manifest.gltf_probe import MESHOPT_EXT, read_gltf_json, write_glb
 from serialgen.assets_manifest.motions_scan import retarget_bvh, scan_motions
+from serialgen.render.asset_build import BlenderProbe
 
 pytestmark = pytest.mark.blender
 K = {n: i for i, n in enumerate(sk.KEYPOINT_NAMES)}
@@ -137,7 +138,7 @@ def scanned(shared_assets, tmp_path_factory):
     missing.mkdir()
     _gltf_with_external_texture(knight, missing)
     (missing / "knight_texture.png").unlink()
-    records = scan_characters([chars, made], made / "out")
+    records = scan_characters([chars, made], probe=BlenderProbe())
     by = {Path(r["path"]).name: r for r in records}
     return {"records": records, "by": by, "made": made, "marker": marker, "missing": missing}
 
@@ -183,9 +184,9 @@ def test_made_files_get_machine_readable_reasons(scanned):
 
 def test_rescan_reuses_and_texture_fallback_is_opt_in(scanned):
     recs = scanned["records"]
-    again = scan_characters([Path(r["path"]) for r in recs], scanned["made"] / "out", recs)
+    again = scan_characters([Path(r["path"]) for r in recs], recs, probe=BlenderProbe())
     assert [(r["id"], r["status"], r["reason"]) for r in again] == [(r["id"], r["status"], r["reason"]) for r in recs]
-    fb = scan_characters([scanned["missing"]], None, allow_texture_fallback=True)
+    fb = scan_characters([scanned["missing"]], probe=BlenderProbe(), allow_texture_fallback=True)
     assert fb[0]["status"] == "accepted" and fb[0]["stats"]["texture_fallback"] is True
 
 
@@ -199,12 +200,13 @@ def _arm_elevations(rig):
 
 
 def test_tpose_on_knight_and_a_procedural_character(scanned, shared_assets):
-    import bpy
-
+    from serialgen.assets_manifest.procedural import build_mesh_data, describe_character
+    from serialgen.render.bpy_utils import purge_orphans, reset_scene
     from serialgen.render.characters import load_character
+    from serialgen.render.procedural_build import build_character
 
     tpose, _ = retarget_bvh(shared_assets / "motions/makehuman/tpose.bvh")
-    bpy.ops.wm.read_factory_settings(use_empty=True)
+    reset_scene()
     rig = load_character(scanned["by"]["Knight.glb"], scanned["made"] / "out")
     lo, _hi = rig.world_bounds()
     assert abs(lo[2]) < 1e-3  # feet on the ground at rest
@@ -213,12 +215,7 @@ def test_tpose_on_knight_and_a_procedural_character(scanned, shared_assets):
     rig.apply_pose(np.zeros((len(sk.JOINTS), 3)))
     assert all(-55 < e < -35 for e in _arm_elevations(rig))  # the A-pose
     rig.remove()
-    bpy.data.orphans_purge(do_recursive=True)
-    try:
-        from serialgen.assets_manifest.procedural import build_mesh_data, describe_character
-        from serialgen.render.procedural_build import build_character
-    except ImportError as e:  # pragma: no cover - the character engineer's part
-        pytest.skip(f"procedural characters unavailable: {e}")
+    purge_orphans()
     prig = build_character(build_mesh_data(describe_character("proc-000007", 0)))
     prig.apply_pose(tpose.angles[0], tpose.root_translation[0])
     assert all(abs(e) < 10.0 for e in _arm_elevations(prig))
@@ -226,7 +223,8 @@ def test_tpose_on_knight_and_a_procedural_character(scanned, shared_assets):
 
 
 def test_gltf_actions_are_retargeted(shared_assets, tmp_path):
-    recs, extra = scan_motions([shared_assets / "motions/kaykit/Rig_Medium_MovementBasic.glb"], tmp_path)
+    recs, extra = scan_motions([shared_assets / "motions/kaykit/Rig_Medium_MovementBasic.glb"], tmp_path,
+                               probe=BlenderProbe())
     assert recs[0]["status"] == "accepted" and recs[0]["kind"] == "gltf"
     clips = {e["name"]: e for e in extra}
     assert len(clips) == 11

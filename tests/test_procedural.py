@@ -19,7 +19,9 @@ IDS = [f"proc-{i:06d}" for i in range(8)]
 
 @pytest.fixture(scope="module")
 def built():
-    """Eight characters, described and built once per test module (one anny model per process)."""
+    """Eight characters, described and built once per test module (one anny model per process).
+    ~3.5 s, about a minute more on a machine without anny's cache (~/.cache/anny): the tests that use
+    it are ``slow``."""
     out = {}
     for cid in IDS:
         desc = pr.describe_character(cid, 7)
@@ -56,6 +58,7 @@ def test_bad_id_is_rejected():
         pr.describe_character("", 0)
 
 
+@pytest.mark.slow
 def test_same_id_and_seed_give_the_same_mesh(built):
     desc, mesh = built[IDS[0]]
     again = pr.build_mesh_data(pr.describe_character(IDS[0], 7))
@@ -63,6 +66,7 @@ def test_same_id_and_seed_give_the_same_mesh(built):
     assert pr.mesh_hash(built[IDS[1]][1]) != pr.mesh_hash(mesh)
 
 
+@pytest.mark.slow
 def test_eight_characters_differ_measurably(built):
     stats = {cid: pr.mesh_stats(m) for cid, (_, m) in built.items()}
     heights = np.array([s["height_m"] for s in stats.values()])
@@ -82,6 +86,7 @@ def test_eight_characters_differ_measurably(built):
     assert len(tops) >= 5 and len(skins) >= 4
 
 
+@pytest.mark.slow
 def test_mesh_is_in_the_canonical_a_pose_feet_down_facing_minus_y(built):
     for cid, (desc, m) in built.items():
         idx = {n: i for i, n in enumerate(m.bone_names)}
@@ -95,6 +100,7 @@ def test_mesh_is_in_the_canonical_a_pose_feet_down_facing_minus_y(built):
         assert m.face_landmarks["l_eye"][0] > 0 > m.face_landmarks["r_eye"][0]
 
 
+@pytest.mark.slow
 def test_bone_map_covers_required_joints_and_fingers(built):
     _, m = built[IDS[0]]
     assert set(sk.REQUIRED_JOINTS) <= set(m.bone_map)
@@ -104,6 +110,7 @@ def test_bone_map_covers_required_joints_and_fingers(built):
     assert (m.weight_indices.max() < len(m.bone_names)) and np.allclose(m.weight_values.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_expressions_are_sparse_and_on_the_face(built):
     _, m = built[IDS[2]]
     idx = {n: i for i, n in enumerate(m.bone_names)}
@@ -115,6 +122,7 @@ def test_expressions_are_sparse_and_on_the_face(built):
         assert np.linalg.norm(delta, axis=1).max() > 0.003, name
 
 
+@pytest.mark.slow
 def test_regions_and_parts(built):
     for cid, (desc, m) in built.items():
         present = {pr.REGION_NAMES[r] for r in np.unique(m.face_region)}
@@ -126,6 +134,7 @@ def test_regions_and_parts(built):
             assert p.faces.max() < len(p.vertices) and np.allclose(p.weight_values.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_bad_files(built, tmp_path):
     _, m = built[IDS[3]]
     path = pr.save_mesh_data(m, tmp_path / "m.npz")

@@ -13,6 +13,16 @@ from serialgen.assets_manifest.retarget import decompose_joint
 K = {n: i for i, n in enumerate(sk.KEYPOINT_NAMES)}
 
 
+class _BvhOnly:
+    """BVH is read without Blender: a probe call would be a bug."""
+
+    def sample_motions(self, path, max_fps):
+        raise AssertionError(f"the probe was asked for {path}")
+
+
+BVH_ONLY = _BvhOnly()
+
+
 def _keypoints(angles, trans=None):
     out = []
     for k in range(len(angles)):
@@ -91,7 +101,7 @@ def test_scan_motions_is_incremental_and_rejects_with_reasons(shared_assets, tmp
         "HIERARCHY ROOT A { OFFSET 0 0 0 CHANNELS 6 Xposition Yposition Zposition Zrotation Xrotation Yrotation "
         "JOINT B { OFFSET 0 0 1 CHANNELS 3 Zrotation Xrotation Yrotation End Site { OFFSET 0 0 1 } } } "
         "MOTION Frames: 1 Frame Time: 0.04 0 0 0 0 0 0 0 0 0")
-    recs, extra = scan_motions([src], tmp_path / "out")
+    recs, extra = scan_motions([src], tmp_path / "out", probe=BVH_ONLY)
     by = {r["path"].split("/")[-1]: r for r in recs}
     assert by["walk1.bvh"]["status"] == "accepted" and by["tpose.bvh"]["status"] == "accepted"
     assert by["broken.bvh"]["reason"] == "import_failed" and "broken.bvh" in by["broken.bvh"]["detail"]
@@ -99,7 +109,7 @@ def test_scan_motions_is_incremental_and_rejects_with_reasons(shared_assets, tmp
     assert sorted(e["name"] for e in extra) == ["tpose", "walk1"]
     assert all(e["angles"].shape[1:] == (len(sk.JOINTS), 3) for e in extra)
     # Re-scan: nothing re-imported (the records are the very same), same clips from the cache.
-    recs2, extra2 = scan_motions([src], tmp_path / "out", recs)
+    recs2, extra2 = scan_motions([src], tmp_path / "out", recs, probe=BVH_ONLY)
     assert [r["id"] for r in recs2] == [r["id"] for r in recs]
     assert all(r2 is r1 for r1, r2 in zip(recs, recs2))
     assert [e["name"] for e in extra2] == [e["name"] for e in extra]
