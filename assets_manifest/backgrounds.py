@@ -42,14 +42,12 @@ __all__ = [
     "HDRI_YAWS",
     "DEFAULT_PROCEDURAL_BACKGROUNDS",
     "inspect_image",
-    "skimage_data_dir",
     "bpy_hdri_dir",
     "procedural_params",
     "render_procedural",
     "equirect_view",
     "tonemap",
     "build_default_backgrounds",
-    "find_user_images",
     "scan_user_backgrounds",
     "build_backgrounds",
     "load_backgrounds",
@@ -129,7 +127,7 @@ def _image_record(asset_id: str, kind: str, path_field: str, sha: str, info: dic
 # ---------------------------------------------------------------------------------------------
 
 
-def skimage_data_dir() -> Path | None:
+def _skimage_data_dir() -> Path | None:
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -325,7 +323,7 @@ def _cached(prev: dict | None, out_dir: Path, same: Callable[[dict], bool]) -> d
 
 
 def _skimage_records(out_dir: Path, previous: dict[str, dict], notes: list[str]) -> list[dict]:
-    src_dir = skimage_data_dir()
+    src_dir = _skimage_data_dir()
     if src_dir is None:
         notes.append("scikit-image not installed: no bundled photos")
         return []
@@ -438,7 +436,7 @@ def build_default_backgrounds(out_dir: str | Path, *, n_procedural: int = DEFAUL
     return records
 
 
-def find_user_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
+def _find_user_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
     """Image files under ``paths`` (files or folders, recursive, sorted). -> (files, ignored count).
 
     A path that does not exist is a UserInputError naming it."""
@@ -472,7 +470,7 @@ def _user_error(path: Path, sha: str, exc: Exception) -> dict:
 def scan_user_backgrounds(paths: Iterable[str | Path], previous: Iterable[dict] = (), progress=None) -> tuple[list[dict], dict]:
     """Scan a user's images incrementally (``manifest.incremental_scan``); duplicates (same bytes)
     after the first are rejected as ``duplicate``. -> (records, counts)."""
-    files, ignored = find_user_images(paths)
+    files, ignored = _find_user_images(paths)
     records, counts = mf.incremental_scan(files, [r for r in previous if r.get("kind") == "user"],
                                           _user_record, on_error=_user_error, progress=progress)
     seen: dict[str, int] = {}

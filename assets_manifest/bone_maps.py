@@ -43,12 +43,10 @@ from .skeleton import JOINT_NAMES
 
 __all__ = [
     "MIN_JOINTS",
-    "OPTIONAL_JOINTS",
     "Bone",
     "MappingResult",
     "split_name",
     "map_skeleton",
-    "vrm_humanoid_to_canonical",
     "facing_yaw_degrees",
     "effective_tails",
 ]
@@ -57,7 +55,6 @@ _SIDES = ("l", "r")
 MIN_JOINTS: list[str] = ["pelvis", "head"] + [
     f"{s}_{p}" for s in _SIDES for p in ("upper_arm", "lower_arm", "hand", "upper_leg", "lower_leg", "foot")
 ]
-OPTIONAL_JOINTS: list[str] = [j for j in JOINT_NAMES if j not in MIN_JOINTS]
 
 _FINGERS = ("thumb", "index", "middle", "ring", "pinky")
 
@@ -302,7 +299,7 @@ _VRM_SEG0 = {"Proximal": 1, "Intermediate": 2, "Distal": 3}  # VRM 0.x
 _VRM_SEG1_THUMB = {"Metacarpal": 1, "Proximal": 2, "Distal": 3}  # VRM 1.0 thumbs
 
 
-def vrm_humanoid_to_canonical(human_bones: dict[str, str], vrm1: bool = False) -> dict[str, str]:
+def _vrm_humanoid_to_canonical(human_bones: dict[str, str], vrm1: bool = False) -> dict[str, str]:
     """VRM humanoid bone types -> bone names (as given) into canonical joint -> bone name."""
     out: dict[str, str] = {}
     upper_chest = None
@@ -680,7 +677,7 @@ def map_skeleton(bones, vrm_humanoid: dict[str, str] | None = None, vrm1: bool =
     usable = {n for n in tree.order if not infos[n].ignored}
     attempts: list[tuple[str, dict[str, str]]] = []
     if vrm_humanoid:
-        vm = {j: b for j, b in vrm_humanoid_to_canonical(vrm_humanoid, vrm1).items() if b in tree.bones}
+        vm = {j: b for j, b in _vrm_humanoid_to_canonical(vrm_humanoid, vrm1).items() if b in tree.bones}
         attempts.append(("vrm", vm))
     named = _resolve_names(tree, infos, ends)
     attempts.append(("names", _complete_torso(tree, named, usable)))

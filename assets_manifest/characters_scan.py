@@ -42,7 +42,7 @@ from .expressions import map_expressions
 from .manifest import file_stats, find_files, incremental_scan, make_record
 from .probe import AssetProbe, ProbeFailure
 
-__all__ = ["CHARACTER_EXTS", "geometry_fingerprint", "record_from_facts", "mark_duplicates", "scan_characters"]
+__all__ = ["CHARACTER_EXTS", "geometry_fingerprint", "record_from_facts", "scan_characters"]
 
 CHARACTER_EXTS = {".glb": "gltf", ".gltf": "gltf", ".vrm": "vrm", ".fbx": "fbx", ".blend": "blend"}
 NEAR_DUPLICATE_L1 = 0.02
@@ -135,7 +135,7 @@ def _fp(rec: dict) -> dict | None:
     return fp if isinstance(fp, dict) and fp.get("hash") else None
 
 
-def mark_duplicates(records: list[dict]) -> int:
+def _mark_duplicates(records: list[dict]) -> int:
     """Reject (in place) accepted characters whose geometry repeats an earlier accepted one; re-accept
     former duplicates whose original is gone. Returns how many are duplicates."""
     kept: list[dict] = []
@@ -213,5 +213,5 @@ def scan_characters(paths, previous_records=(), *, probe: AssetProbe, workers: i
         k = seen.get(base_id, 0) + 1
         seen[base_id] = k
         rec["id"] = base_id if k == 1 else f"{base_id}-{k}"
-    mark_duplicates(records)
+    _mark_duplicates(records)
     return records

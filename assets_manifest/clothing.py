@@ -16,7 +16,6 @@ import numpy as np
 __all__ = [
     "ATLAS_SIZE",
     "ATLAS_REGIONS",
-    "clothing_regions",
     "BodyGeometry",
     "assign_regions",
     "region_colours",
@@ -103,7 +102,7 @@ def _region_ids():
     return {n: i for i, n in enumerate(REGION_NAMES)}
 
 
-def clothing_regions(desc: dict, geo: BodyGeometry, points: np.ndarray, face_idx: np.ndarray,
+def _clothing_regions(desc: dict, geo: BodyGeometry, points: np.ndarray, face_idx: np.ndarray,
                      arm_s: np.ndarray | None = None, leg_s: np.ndarray | None = None) -> np.ndarray:
     """Region id (N,) (skin, top, bottom or shoes) of surface points (N, 3) lying on faces
     ``face_idx`` (N,): continuous rules in 3D (waist and neckline heights, limb coordinates), so the
@@ -169,7 +168,7 @@ def assign_regions(desc: dict, geo: BodyGeometry, topo) -> np.ndarray:
     R = _region_ids()
     c = geo.centres
     s = geo.scale
-    region = clothing_regions(desc, geo, c, np.arange(len(c)))
+    region = _clothing_regions(desc, geo, c, np.arange(len(c)))
 
     # Eyes: sclera, iris and pupil by the angle from the eye's forward axis.
     eyes = geo.seg("eye_front.L", "eye_front.R", "eye_back.L", "eye_back.R")
@@ -382,7 +381,7 @@ def pattern_atlas(desc: dict, geo: BodyGeometry, topo, face_region: np.ndarray, 
     """(ATLAS_SIZE, ATLAS_SIZE, 3) uint8 sRGB texture over the body UVs and the regions that use it.
 
     Each covered texel gets its 3D rest position and limb coordinates by barycentric interpolation
-    and its garment by the same 3D rules as the faces (``clothing_regions``), so garment edges are
+    and its garment by the same 3D rules as the faces (``_clothing_regions``), so garment edges are
     smooth at texel resolution rather than following triangles, and stripes/checks are evaluated in
     3D (stripes run horizontally whatever the UV layout). Texels of eyes, mouth, lips and brows
     (their own flat materials) get skin; uncovered texels take the nearest covered colour, so
@@ -395,7 +394,7 @@ def pattern_atlas(desc: dict, geo: BodyGeometry, topo, face_region: np.ndarray, 
     p3 = ras.interpolate(geo.verts)
     arm_s = ras.interpolate(limb_coordinates(geo, geo.verts, "arm"))
     leg_s = ras.interpolate(limb_coordinates(geo, geo.verts, "leg"))
-    region = clothing_regions(desc, geo, p3, ras.face, arm_s, leg_s)
+    region = _clothing_regions(desc, geo, p3, ras.face, arm_s, leg_s)
     colour = np.zeros((len(p3), 3))
     for name in ATLAS_REGIONS:
         sel = region == R[name]

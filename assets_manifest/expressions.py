@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["EXPRESSIONS", "normalise_key", "map_expressions"]
+__all__ = ["EXPRESSIONS", "map_expressions"]
 
 EXPRESSIONS = ("neutral", "smile", "open_mouth", "angry", "surprised", "sad", "blink")
 
@@ -65,7 +65,7 @@ _VRM_PRESETS = {
 }
 
 
-def normalise_key(name: str) -> str:
+def _normalise_key(name: str) -> str:
     """Lower-case alphanumerics, without a namespace (``blendShape1.``, ``Face:``) or a
     ``shapes_``/``morph_`` prefix: ``blendShape1.mouthSmileLeft`` -> ``mouthsmileleft``."""
     n = re.split(r"[.:|]", name)[-1] if re.search(r"[.:|]", name) and not name.startswith("vrc.") else name
@@ -93,7 +93,7 @@ def map_expressions(shape_keys: dict[str, list[str]], vrm_groups: list[dict] | N
                     binds.append([mesh, b["key"], float(b.get("weight", 1.0))])
         if binds:
             out[expr] = binds
-    norm = {mesh: {normalise_key(k): k for k in keys} for mesh, keys in shape_keys.items()}
+    norm = {mesh: {_normalise_key(k): k for k in keys} for mesh, keys in shape_keys.items()}
     for expr in EXPRESSIONS[1:]:
         if expr in out:
             continue

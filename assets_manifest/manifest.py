@@ -25,16 +25,12 @@ __all__ = [
     "REPORT_SCHEMA",
     "MANIFEST_FILES",
     "find_files",
-    "REASONS",
-    "schema_for",
     "make_record",
     "reject",
-    "validate_record",
     "write_jsonl",
     "read_jsonl",
     "read_previous",
     "sha256_file",
-    "check_id",
     "safe_relpath",
     "resolve_record_path",
     "file_stats",
@@ -48,24 +44,20 @@ MANIFEST_VERSION = 1
 REPORT_SCHEMA = "serialgen.report/1"
 # record kind -> manifest file name under the asset folder (contract 1)
 MANIFEST_FILES = {"character": "characters.jsonl", "motion": "motions.jsonl", "background": "backgrounds.jsonl"}
-# Machine-readable rejection reasons used across the parts (others are allowed if snake_case).
-REASONS = (
-    "not_humanoid", "no_armature", "unskinned_mesh", "duplicate", "texture_missing", "import_failed",
-    "import_timeout", "unreadable_image", "image_too_small", "unsupported_format", "missing_file",
-)
+# Rejection reasons are snake_case (the ones in use: docs/assets.md).
 _REASON_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 _REQUIRED = ("schema", "id", "kind", "status", "reason", "detail", "path", "sha256", "stats")
 
 
-def schema_for(kind: str, version: int = MANIFEST_VERSION) -> str:
+def _schema_for(kind: str, version: int = MANIFEST_VERSION) -> str:
     """``serialgen.<kind>/<version>``, e.g. ``serialgen.background/1``."""
     if kind not in MANIFEST_FILES:
         raise ValueError(f"unknown manifest kind {kind!r} (expected one of {sorted(MANIFEST_FILES)})")
     return f"serialgen.{kind}/{version}"
 
 
-def check_id(asset_id: str) -> str:
+def _check_id(asset_id: str) -> str:
     """Ids become file names and shard key parts: letters, digits, ``-`` and ``_`` only (no dots,
     no slashes), at most 128 characters."""
     if not isinstance(asset_id, str) or not _ID_RE.match(asset_id):
@@ -78,20 +70,20 @@ def make_record(schema_kind: str, asset_id: str, kind: str, *, status: str = "ac
                 stats: dict | None = None, **fields) -> dict:
     """A manifest record with the common fields first, then kind-specific ``fields``."""
     rec = {
-        "schema": schema_for(schema_kind), "id": check_id(asset_id), "kind": kind, "status": status,
+        "schema": _schema_for(schema_kind), "id": _check_id(asset_id), "kind": kind, "status": status,
         "reason": reason, "detail": detail, "path": path, "sha256": sha256, "stats": dict(stats or {}),
     }
     rec.update(fields)
-    return validate_record(rec)
+    return _validate_record(rec)
 
 
 def reject(record: dict, reason: str, detail: str) -> dict:
     """Mark a record rejected with a snake_case ``reason`` and a human ``detail`` (in place)."""
     record["status"], record["reason"], record["detail"] = "rejected", reason, detail
-    return validate_record(record)
+    return _validate_record(record)
 
 
-def validate_record(rec: dict, where: str = "record") -> dict:
+def _validate_record(rec: dict, where: str = "record") -> dict:
     """Check the common fields; raise UserInputError naming ``where`` and the problem."""
     if not isinstance(rec, dict):
         raise UserInputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -121,7 +113,7 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     path = Path(path)
     lines = []
     for i, rec in enumerate(records):
-        validate_record(rec, f"{path.name} record {i + 1}")
+        _validate_record(rec, f"{path.name} record {i + 1}")
         lines.append(json.dumps(rec, ensure_ascii=False, allow_nan=False))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -145,7 +137,7 @@ def read_jsonl(path: str | Path, kind: str | None = None) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserInputError(f"{where}: invalid JSON ({exc.msg})") from None
-            validate_record(rec, where)
+            _validate_record(rec, where)
             if kind is not None and not rec["schema"].startswith(f"serialgen.{kind}/"):
                 raise UserInputError(f"{where}: expected a {kind} record, got schema {rec['schema']!r}")
             out.append(rec)

@@ -39,7 +39,6 @@ __all__ = [
     "BODY_JOINTS",
     "PoseLibrary",
     "batch_forward_kinematics",
-    "ground_offsets",
     "pose_features",
     "pose_distance",
     "pairwise_min_distance",
@@ -131,7 +130,7 @@ def _lowest_z(heads, tails, world) -> np.ndarray:
 _REST_LOW = float(_lowest_z(*batch_forward_kinematics(np.zeros((1, _J, 3))))[0])
 
 
-def ground_offsets(angles: np.ndarray) -> np.ndarray:
+def _ground_offsets(angles: np.ndarray) -> np.ndarray:
     """Root z offsets (N,) that keep the lowest body point at its rest height (feet on the floor)."""
     return _REST_LOW - _lowest_z(*batch_forward_kinematics(angles))
 
@@ -315,7 +314,7 @@ def build_pose_library(
     root = np.concatenate(keep_r)
     midx = np.concatenate(keep_m)
     phase = np.concatenate(keep_p)
-    root[:, 2] += ground_offsets(angles)
+    root[:, 2] += _ground_offsets(angles)
     order = np.lexsort((phase, midx))
     return PoseLibrary(
         angles=angles[order].astype(np.float32),

@@ -32,7 +32,7 @@ import numpy as np
 from . import skeleton as sk
 from .bone_maps import MappingResult, effective_tails, map_skeleton
 
-__all__ = ["SourceMotion", "RetargetedMotion", "retarget", "rotation_between", "decompose_joint"]
+__all__ = ["SourceMotion", "RetargetedMotion", "retarget", "decompose_joint"]
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _unit(v):
     return v / n if n > 1e-12 else v * 0.0
 
 
-def rotation_between(a, b) -> np.ndarray:
+def _rotation_between(a, b) -> np.ndarray:
     """The smallest rotation (3, 3) taking direction ``a`` to direction ``b``."""
     a, b = _unit(a), _unit(b)
     v = np.cross(a, b)
@@ -102,7 +102,7 @@ def _frame(primary, secondary) -> np.ndarray:
     z = _unit(primary)
     x = _unit(np.asarray(secondary) - np.dot(secondary, z) * z)
     if np.linalg.norm(x) < 1e-9:
-        return rotation_between([0, 0, 1], z)
+        return _rotation_between([0, 0, 1], z)
     y = np.cross(z, x)
     return np.stack([x, y, z], axis=1)
 
@@ -215,7 +215,7 @@ def _alignments(mapping: dict[str, str], heads: dict[str, np.ndarray], ends: dic
         if lateral is not None:
             out[j] = _frame(d_src, lateral) @ _frame(d_can, np.array([1.0, 0.0, 0.0])).T
         else:
-            out[j] = rotation_between(d_can, d_src)
+            out[j] = _rotation_between(d_can, d_src)
     return out
 
 

@@ -36,10 +36,8 @@ from serialgen.assets_manifest import skeleton as sk
 
 __all__ = [
     "NEXT_JOINT",
-    "NO_OWN_ALIGNMENT",
     "SPREAD_JOINTS",
     "fractional_rotation",
-    "CANONICAL_DIRECTIONS",
     "swing_rotation",
     "RigAlignment",
     "build_alignment",
@@ -69,13 +67,13 @@ assert set(NEXT_JOINT) == set(sk.JOINT_NAMES)  # invariant: every joint has an e
 
 #: Joints that never get an alignment of their own: the root (the whole character is already
 #: normalised to face -Y, Z up) and the fingers (canonical finger rest positions are nominal only).
-NO_OWN_ALIGNMENT: frozenset[str] = frozenset({"pelvis", *sk.HAND_JOINTS})
+_NO_OWN_ALIGNMENT: frozenset[str] = frozenset({"pelvis", *sk.HAND_JOINTS})
 
 #: Joints whose rotation is shared with the unmapped bones just above them (spine segments).
 SPREAD_JOINTS: frozenset[str] = frozenset({"spine", "chest", "neck", "head"})
 
 #: Canonical A-pose bone direction (unit, world) per joint.
-CANONICAL_DIRECTIONS: dict[str, np.ndarray] = {
+_CANONICAL_DIRECTIONS: dict[str, np.ndarray] = {
     j.name: (np.subtract(j.tail, j.head) / np.linalg.norm(np.subtract(j.tail, j.head))) for j in sk.JOINTS
 }
 
@@ -189,12 +187,12 @@ def build_alignment(
             if nxt is not None and nxt in joint_bone:
                 next_points[b] = heads[joint_bone[nxt]]
         align[b] = inherited
-        if joint is None or joint in NO_OWN_ALIGNMENT:
+        if joint is None or joint in _NO_OWN_ALIGNMENT:
             continue
         d = next_points[b] - heads[b]
         if np.linalg.norm(d) < 1e-6:
             continue
-        target = frame @ CANONICAL_DIRECTIONS[joint]
+        target = frame @ _CANONICAL_DIRECTIONS[joint]
         align[b] = swing_rotation(inherited @ d, target) @ inherited
 
     spread: dict[int, tuple[str, float]] = {}
