@@ -20,15 +20,15 @@ import time
 
 import torch
 
-from serialgen.training.model_stage1 import StandardizationModel, clip_image_embeds, encode_latents
-from serialgen.training.tiny_models import (
+from serialgen.training.stage1.model import StandardizationModel, clip_image_embeds, encode_latents
+from serialgen.training.common.tiny_models import (
     build_tiny_clip_vision,
     build_tiny_scheduler,
     build_tiny_unet,
     build_tiny_vae,
     seeded_init,
 )
-from serialgen.training.train_stage1 import diffusion_loss
+from serialgen.training.stage1.train import diffusion_loss
 
 # runwayml/stable-diffusion-v1-5 unet/config.json (the values that differ from diffusers' defaults)
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,

@@ -3,7 +3,7 @@
 What it measures (one run, side by side):
 
 1. **Training step** at 512x768, batch 8 (the paper's per-GPU batch): the real training code path
-   (:func:`serialgen.training.train_stage2.prepare_inputs` + :func:`denoising_loss`): VAE encode in fp32,
+   (:func:`serialgen.training.stage2.train.prepare_inputs` + :func:`denoising_loss`): VAE encode in fp32,
    both text encoders, the ViT-H/14 vision tower, SDXL UNet with IP-Adapter Full (257 tokens) forward
    + backward, AdamW on the ~345 M adapter parameters. Seconds per step (median after warm-up), the
    frozen-encoder share of it, and peak GPU memory (allocated and reserved).
@@ -67,8 +67,8 @@ def build_full(device: str) -> Any:
         CLIPVisionModelWithProjection,
     )
 
-    from serialgen.training.stage2_components import SDXLComponents
-    from serialgen.training.tiny_models import write_tiny_clip_tokenizer
+    from serialgen.training.stage2.components import SDXLComponents
+    from serialgen.training.common.tiny_models import write_tiny_clip_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from serialgen.imaging import pad_to_square
-    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters
-    from serialgen.training.stage2_components import build_tiny_components
-    from serialgen.training.train_stage2 import AdapterView, Stage2Denoiser, denoising_loss, prepare_inputs
+    from serialgen.training.stage2.components import build_tiny_components
+    from serialgen.training.stage2.ip_adapter import AdapterView, attach_ip_adapter, count_parameters
+    from serialgen.training.stage2.train import Stage2Denoiser, denoising_loss, prepare_inputs
 
     device = "cpu" if args.tiny else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

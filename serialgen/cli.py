@@ -24,8 +24,8 @@ _REGISTRARS = [
     ("serialgen.render.cli", "register"),
     ("serialgen.dataset.cli_shards", "register"),
     ("serialgen.dataset.cli", "register"),
-    ("serialgen.training.cli_stage1", "register"),
-    ("serialgen.training.cli_stage2", "register"),
+    ("serialgen.training.stage1.cli", "register"),
+    ("serialgen.training.stage2.cli", "register"),
 ]
 
 # Command groups shared by several parts: `serialgen <group> <command>`.

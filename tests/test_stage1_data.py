@@ -10,10 +10,9 @@ import torch
 from PIL import Image
 
 from serialgen.errors import UserInputError
-from serialgen.training.config_stage1 import load_stage1_config, packaged_config
-from serialgen.training.dwpose import DWPoseOnnx, wholebody_to_canonical
-from serialgen.training.reference_inputs import load_reference
-from serialgen.training.train_stage1 import train_stage1
+from serialgen.training.stage1.config import load_stage1_config
+from serialgen.training.stage1.dwpose import DWPoseOnnx, wholebody_to_canonical
+from serialgen.training.stage1.reference_inputs import load_reference
 
 torch.set_num_threads(2)
 
@@ -22,18 +21,18 @@ def test_reference_is_padded_white_and_masked_from_alpha(tmp_path):
     rgba = np.zeros((40, 60, 4), np.uint8)  # wide picture: padded above and below to 2:3
     rgba[10:30, 20:40] = (10, 200, 10, 255)
     Image.fromarray(rgba).save(tmp_path / "wide.png")
-    out = load_reference(tmp_path / "wide.png", 64, 96)
+    out = load_reference(tmp_path / "wide.png", (64, 96))
     assert out["ref"].shape == (3, 96, 64) and out["ref_mask"].shape == (1, 96, 64)
     assert torch.allclose(out["ref"][:, 0, 0], torch.ones(3))  # padding is white ...
     assert out["ref_mask"][0, 0, 0] == 1 and out["ref_mask"][0, 48, 32] == 0  # ... and background; figure is not
     assert out["ref_mask"].mean() > 0.8 and torch.equal(out["ref_pose"], torch.zeros(3, 96, 64))
     rgb = np.where(rgba[..., 3:] == 0, 255, rgba[..., :3]).astype(np.uint8)
     Image.fromarray(rgb).save(tmp_path / "white.png")
-    out_rgb = load_reference(tmp_path / "white.png", 64, 96)  # no alpha: near-white pixels are background
+    out_rgb = load_reference(tmp_path / "white.png", (64, 96))  # no alpha: near-white pixels are background
     assert ((out_rgb["ref_mask"] - out["ref_mask"]).abs() < 0.5).float().mean() > 0.97
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(UserInputError, match="bad.png: cannot read image"):
-        load_reference(tmp_path / "bad.png", 64, 96)
+        load_reference(tmp_path / "bad.png", (64, 96))
 
 
 def test_dwpose_wholebody_keypoints_map_onto_the_canonical_order():
@@ -56,17 +55,37 @@ def test_dwpose_missing_file_is_a_one_line_error(tmp_path):
         DWPoseOnnx(tmp_path / "yolox_l.onnx", tmp_path / "dw.onnx")
 
 
+def test_reference_letterbox_matches_the_hand_written_one_it_replaced():
+    """load_reference letterboxes through serialgen.imaging (LANCZOS on a transparent canvas, then
+    flatten on white); the pixels equal the former hand-written resize + paste + alpha_composite."""
+    rng = np.random.default_rng(0)
+    for h, w in [(40, 60), (77, 130), (200, 100)]:
+        rgba = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+        s = min(64 / w, 96 / h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        canvas = Image.new("RGBA", (64, 96), (255, 255, 255, 0))
+        canvas.paste(rgba.resize((nw, nh), Image.Resampling.LANCZOS), ((64 - nw) // 2, (96 - nh) // 2))
+        expected = np.asarray(Image.alpha_composite(Image.new("RGBA", (64, 96), (255, 255, 255, 255)), canvas).convert("RGB"))
+        out = load_reference(rgba, (64, 96))
+        got = ((out["ref"].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        assert np.array_equal(got, expected)
+        assert np.allclose(1 - out["ref_mask"][0].numpy(), np.asarray(canvas)[..., 3] / 255.0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_training_on_loader_shards_resumes_exactly(tmp_path):
     """Real shards through dataset/loader.py (an IterableDataset: resume replays and skips batches)."""
     from test_loader_synth import write_synthetic_shards
 
+    from serialgen.training.stage1.train import train_stage1
+
     shards = tmp_path / "shards"
     write_synthetic_shards(shards, n_shards=2, per_shard=4, split="train", size=(32, 48))
     write_synthetic_shards(shards, n_shards=1, per_shard=3, split="test", size=(32, 48), first_character=50)
-    config = lambda: load_stage1_config(packaged_config("stage1-tiny"), [  # noqa: E731
+    config = lambda: load_stage1_config("stage1-tiny", [  # noqa: E731
         f"data.train_shards={shards}", f"data.val_shards={shards}", "data.epoch_length=6", "train.max_steps=4",
-        "data.width=32", "data.height=48",
-        "train.checkpoint_every=2", "train.validate_every=100", "inference.num_inference_steps=2"])
+        "data.resolution=32x48",
+        "train.checkpoint_every=2", "validation.every=100", "inference.num_inference_steps=2"])
     full = train_stage1(config(), output_dir=tmp_path / "full", resume="never")
     train_stage1(config(), output_dir=tmp_path / "cut", resume="never", stop_after=3)  # checkpoint at 2, dies at 3
     resumed = train_stage1(config(), output_dir=tmp_path / "cut", resume=str(tmp_path / "cut/checkpoints/step-00000002"))

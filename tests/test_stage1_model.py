@@ -1,4 +1,8 @@
-"""Stage I model on tiny random networks: FBDM, RPIM, the writer/reader link, checkpointing, CFG."""
+"""Stage I model on tiny random networks: FBDM, RPIM, the writer/reader link, checkpointing, CFG.
+
+Forward-only checks on one tiny model are the fast tier; those that run backward passes or several
+models are `slow`.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,12 @@ import copy
 import pytest
 import torch
 
-from serialgen.training.checkpointing import load_trainable_weights, save_checkpoint
-from serialgen.training.fbdm_rpim import FBDM, module_key
-from serialgen.training.model_stage1 import StandardizationModel, reference_unused_parameters
-from serialgen.training.reference_attention import ReferenceContext, layer_hw, resize_map, self_attention_layers
-from serialgen.training.tiny_models import build_tiny_unet
+from serialgen.errors import UserInputError
+from serialgen.training.common.checkpointing import check_model_config, load_trainable_weights, save_checkpoint
+from serialgen.training.stage1.fbdm_rpim import FBDM, module_key
+from serialgen.training.stage1.model import StandardizationModel, reference_unused_parameters
+from serialgen.training.stage1.reference_attention import ReferenceContext, layer_hw, resize_map, self_attention_layers
+from serialgen.training.common.tiny_models import build_tiny_unet
 
 torch.set_num_threads(2)
 
@@ -121,6 +126,7 @@ def _grads(model, inputs):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_runs_and_matches_plain_gradients():
     inputs = make_inputs()
     model = make_model()
@@ -138,6 +144,7 @@ def test_gradient_checkpointing_runs_and_matches_plain_gradients():
         assert any(n.startswith(prefix) and g.abs().sum() > 0 for n, g in plain.items()), prefix
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_uses_no_stale_reference_features():
     model = make_model()
     randomize_trainable(model)
@@ -172,6 +179,7 @@ def test_dropped_reference_equals_plain_self_attention():
     assert not torch.allclose(mixed[0], full[0], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_unused_reference_tail_is_frozen_and_matches_a_gradient_probe():
     for blocks in [{}, dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))]:
@@ -184,13 +192,15 @@ def test_unused_reference_tail_is_frozen_and_matches_a_gradient_probe():
         assert no_grad == dead and "conv_out.weight" in dead
 
 
+@pytest.mark.slow
 def test_save_then_load_gives_identical_outputs(tmp_path):
     model = make_model()
     randomize_trainable(model)
     inputs = make_inputs()
     with torch.no_grad():
         expected = model(**inputs)
-    path = save_checkpoint(tmp_path, 7, model, train_state={"data": {}}, config={"note": "test"})
+    path = save_checkpoint(tmp_path, 7, model, train_state={"data": {}}, config={"note": "test"},
+                           model_config=model.model_config())
     restored = make_model()
     with torch.no_grad():
         assert not torch.allclose(restored(**inputs), expected, atol=1e-4)
@@ -198,6 +208,11 @@ def test_save_then_load_gives_identical_outputs(tmp_path):
         assert torch.equal(restored(**inputs), expected)
     assert len(names) == sum(1 for p in model.parameters() if p.requires_grad)
     assert not any(n.startswith("reference_unet.conv_out") for n in names)  # frozen tail not saved
+    # the model's own config sits beside its weights; an ablation that does not match is one line
+    check_model_config(path, restored.model_config())
+    with pytest.raises(UserInputError, match=r"model_config.json: the weights belong to a model with use_fbdm=True, "
+                                             r"this config builds use_fbdm=False"):
+        check_model_config(path, make_model(use_fbdm=False).model_config())
 
 
 def test_layer_geometry_rounds_odd_sizes_up():
@@ -209,8 +224,8 @@ def test_layer_geometry_rounds_odd_sizes_up():
 
 
 def test_min_snr_loss_is_finite_with_zero_terminal_snr():
-    from serialgen.training.tiny_models import build_tiny_scheduler
-    from serialgen.training.train_stage1 import diffusion_loss
+    from serialgen.training.common.tiny_models import build_tiny_scheduler
+    from serialgen.training.stage1.train import diffusion_loss
 
     pred, target = torch.randn(3, 4, 6, 4), torch.randn(3, 4, 6, 4)
     t = torch.tensor([0, 500, 999])

@@ -1,4 +1,7 @@
-"""Stage I training loop, resume, configs, CLI (standardize, eval) and metrics on tiny models (CPU)."""
+"""Stage I training loop, resume, configs, CLI (standardize, eval) and metrics on tiny models (CPU).
+
+Everything that trains (the module fixtures) is `slow`; metric and config checks are the fast tier.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ from PIL import Image
 
 from serialgen.cli import main
 from serialgen.errors import UserInputError
-from serialgen.training.config_stage1 import load_stage1_config, packaged_config
-from serialgen.training.image_metrics import psnr, ssim
-from serialgen.training.train_stage1 import train_stage1
+from serialgen.training.common.config import override, packaged_config
+from serialgen.training.common.image_metrics import psnr, ssim
+from serialgen.training.stage1.config import load_stage1_config
 
 torch.set_num_threads(2)
 
@@ -22,23 +25,25 @@ K = 3  # interruption step of the resume test
 
 
 def tiny_config(**train):
-    config = load_stage1_config(packaged_config("stage1-tiny"))
-    config.data.train_shards = "synthetic:2"
-    config.data.width, config.data.height = 32, 48  # latents 4 x 6: the step cost is mostly per-op overhead
-    config.train.learning_rate = 2e-3
-    config.train.max_steps = OVERFIT_STEPS
-    config.train.checkpoint_every = 1000  # only at the end
-    config.train.validate_every = 1000
-    config.train.ema = True
-    config.inference.num_inference_steps = 2
-    for key, value in train.items():
-        setattr(config.train, key, value)
-    return config
+    config = load_stage1_config("stage1-tiny")
+    return override(config, {
+        "data.train_shards": "synthetic:2",
+        "data.resolution": "32x48",  # latents 4 x 6: the step cost is mostly per-op overhead
+        "train.learning_rate": 2e-3,
+        "train.max_steps": OVERFIT_STEPS,
+        "train.checkpoint_every": 0,  # only at the end
+        "validation.every": 1000,  # and so only at the end
+        "train.ema": True,
+        "inference.num_inference_steps": 2,
+        **{f"train.{key}": value for key, value in train.items()},
+    })
 
 
 @pytest.fixture(scope="module")
 def overfit_run(tmp_path_factory):
     """An uninterrupted overfit run on 2 samples (also the reference for the resume test)."""
+    from serialgen.training.stage1.train import train_stage1
+
     out = tmp_path_factory.mktemp("overfit")
     return train_stage1(tiny_config(), output_dir=out, resume="never")
 
@@ -46,12 +51,15 @@ def overfit_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory):
     """The same run stopped after step K (checkpointed there), then resumed for one step."""
+    from serialgen.training.stage1.train import train_stage1
+
     out = tmp_path_factory.mktemp("resumed")
     first = train_stage1(tiny_config(checkpoint_every=K), output_dir=out, resume="never", stop_after=K)
     second = train_stage1(tiny_config(checkpoint_every=K), output_dir=out, resume="auto", stop_after=1)
     return first, second
 
 
+@pytest.mark.slow
 def test_overfit_on_two_samples_lowers_the_loss(overfit_run):
     losses = [overfit_run.losses[s] for s in sorted(overfit_run.losses)]
     assert len(losses) == OVERFIT_STEPS
@@ -65,6 +73,7 @@ def test_overfit_on_two_samples_lowers_the_loss(overfit_run):
     assert Image.open(grid).size[0] > 3 * 32  # ref | predicted | target
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_loss_as_an_uninterrupted_run(overfit_run, interrupted_run):
     first, second = interrupted_run
     assert first.last_step == K and second.first_step == K + 1 and second.last_step == K + 1
@@ -73,14 +82,19 @@ def test_resume_gives_the_same_loss_as_an_uninterrupted_run(overfit_run, interru
     assert second.losses[K + 1] == pytest.approx(overfit_run.losses[K + 1], rel=1e-6)
     ckpt = first.last_checkpoint
     assert {p.name for p in ckpt.iterdir()} >= {"trainable.safetensors", "ema.safetensors", "optimizer.pt",
-                                                 "rng-0.pt", "train_state.json", "config.yaml"}
+                                                 "rng-0.pt", "train_state.json", "config.yaml", "model_config.json"}
+    model_config = json.loads((ckpt / "model_config.json").read_text())
+    assert model_config["_class_name"] == "StandardizationModel" and model_config["use_fbdm"] is True
+    assert model_config["unet"]["block_out_channels"] == [32, 64]
+    assert (first.output_dir / "config.yaml").is_file()  # the run config, also beside every checkpoint
     assert json.loads((ckpt / "train_state.json").read_text())["step"] == K
     # metrics.jsonl describes one consistent run after the resume
     steps = [json.loads(line)["step"] for line in (second.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, K + 2))
 
 
-def test_standardize_cli_writes_an_image(interrupted_run, tmp_path):
+@pytest.mark.slow
+def test_standardize_cli_writes_an_image(interrupted_run, tmp_path, capsys):
     ckpt = interrupted_run[0].last_checkpoint
     picture = tmp_path / "ref.png"
     rgba = np.zeros((80, 50, 4), np.uint8)
@@ -92,8 +106,16 @@ def test_standardize_cli_writes_an_image(interrupted_run, tmp_path):
     assert image.size == (32, 48) and image.mode == "RGB"
     assert main(["standardize", "--checkpoint", str(ckpt), "--input", "synthetic:2", "--out", str(out), "--steps", "2"]) == 0
     assert len(list(out.glob("synthetic-*.png"))) == 2
+    capsys.readouterr()
+    assert main(["standardize", "--checkpoint", str(ckpt), "--input", str(picture), "--out", str(out / "x.png"),
+                 "--steps", "1", "--resolution", "64x96"]) == 2
+    assert "--resolution 64x96 differs from the checkpoint's canonical pose map" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["standardize", "--checkpoint", str(ckpt), "--input", str(picture), "--out", str(out), "--width", "64"])
+    assert "--width was renamed: use --resolution WxH" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_prints_psnr_and_ssim(interrupted_run, capsys):
     ckpt = interrupted_run[0].last_checkpoint
     assert main(["eval", "standardization", "--checkpoint", str(ckpt), "--shards", "synthetic:3", "--steps", "2", "--json"]) == 0
@@ -134,21 +156,22 @@ def test_missing_weights_path_is_a_one_line_error(tmp_path, capsys):
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(packaged_config("stage1-tiny").read_text().replace("learning_rate:", "learning_rat:"))
-    with pytest.raises(UserInputError, match="unknown key train.learning_rat"):
+    with pytest.raises(UserInputError, match=r"unknown key train.learning_rat \(valid keys of train: batch_size, "):
         load_stage1_config(bad)
     with pytest.raises(UserInputError, match="mixed_precision"):
-        load_stage1_config(packaged_config("stage1-tiny"), ["train.mixed_precision=fp8"])
-    paper = load_stage1_config(packaged_config("stage1"))
-    assert (paper.data.width, paper.data.height, paper.train.batch_size, paper.inference.num_inference_steps) == (512, 768, 4, 20)
+        load_stage1_config("stage1-tiny", ["train.mixed_precision=fp8"])
+    paper = load_stage1_config("stage1")
+    assert (paper.data.resolution, paper.train.batch_size, paper.inference.num_inference_steps) == ((512, 768), 4, 20)
 
 
+@pytest.mark.slow
 def test_train_cli_ablation_switches_leave_out_fbdm_and_rpim(tmp_path, capsys):
     from safetensors.torch import load_file
 
     out = tmp_path / "ablation"
     code = main(["train", "stage1", "--config", "stage1-tiny", "--output-dir", str(out), "--max-steps", "1",
-                 "--train-shards", "synthetic:2", "--no-fbdm", "--no-rpim", "--set", "data.width=32",
-                 "--set", "data.height=48", "--set", "inference.num_inference_steps=1"])
+                 "--train-shards", "synthetic:2", "--no-fbdm", "--no-rpim", "--set", "data.resolution=32x48",
+                 "--set", "inference.num_inference_steps=1"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     names = load_file(f"{summary['checkpoint']}/trainable.safetensors").keys()
@@ -156,3 +179,8 @@ def test_train_cli_ablation_switches_leave_out_fbdm_and_rpim(tmp_path, capsys):
     assert any(n.startswith("pose_guider.") for n in names)
     config = load_stage1_config(f"{summary['checkpoint']}/config.yaml")
     assert config.model.fbdm is False and config.model.rpim is False
+    # resuming that run with the ablation switches off is refused in one line, before any weight loads
+    assert main(["train", "stage1", "--config", "stage1-tiny", "--output-dir", str(out), "--max-steps", "2",
+                 "--train-shards", "synthetic:2", "--set", "data.resolution=32x48"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the weights belong to a model with use_fbdm=False" in err

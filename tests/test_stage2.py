@@ -1,7 +1,7 @@
 """Stage II: IP-Adapter Full on a tiny SDXL, its training run, generation and the personalization metrics.
 
 All models are tiny and random-initialised (no weights, no hub); the training run is the packaged
-`stage2-tiny` config on a synthetic pair set.
+`stage2-tiny` config on a synthetic pair set. Whatever trains or generates is `slow`.
 """
 
 from __future__ import annotations
@@ -20,25 +20,25 @@ from serialgen.errors import UserInputError
 TINY_STEPS = 4
 
 
-def _train(out: Path, max_steps: int, **overrides) -> dict:
-    from serialgen.training.config_stage2 import load_config
-    from serialgen.training.train_stage2 import train_stage2
+def _train(out: Path, max_steps: int, *overrides: str) -> dict:
+    from serialgen.training.stage2.config import load_stage2_config
+    from serialgen.training.stage2.train import train_stage2
 
-    cfg = load_config("stage2-tiny", {"validation.num_references": 1, **overrides})
-    return train_stage2(cfg, output_dir=out, max_steps=max_steps, progress=False)
+    config = load_stage2_config("stage2-tiny", ["validation.num_references=1", *overrides])
+    return train_stage2(config, output_dir=out, max_steps=max_steps, progress=False)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A 4-step tiny training run (checkpoints at steps 2 and 4)."""
+    """A 4-step tiny training run (checkpoints at steps 2 and 4, a validation grid at the end)."""
     out = tmp_path_factory.mktemp("stage2") / "run"
-    summary = _train(out, TINY_STEPS)
+    summary = _train(out, TINY_STEPS, f"validation.every={TINY_STEPS}")
     assert summary["steps"] == TINY_STEPS and summary["resumed_from"] == 0
     return out
 
 
 def _tiny_pipeline():
-    from serialgen.training.stage2_components import build_tiny_components
+    from serialgen.training.stage2.components import build_tiny_components
 
     return build_tiny_components(0).pipeline()
 
@@ -48,11 +48,12 @@ def _generate(pipe, **kw) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
 
 
+@pytest.mark.slow
 def test_trained_adapter_loads_in_stock_diffusers_and_scale_zero_is_no_adapter(tiny_run):
     from safetensors.torch import load_file
 
     from serialgen.imaging import pad_to_square
-    from serialgen.training.ip_adapter import adapter_state_dict, initial_adapter_state_dict
+    from serialgen.training.stage2.ip_adapter import adapter_state_dict, initial_adapter_state_dict
 
     saved = load_file(str(tiny_run / "ip_adapter.safetensors"))
     assert saved and all(k.startswith(("image_proj.", "ip_adapter.")) for k in saved)
@@ -77,11 +78,19 @@ def test_trained_adapter_loads_in_stock_diffusers_and_scale_zero_is_no_adapter(t
     ck = tiny_run / "checkpoints" / "step-00000002"
     pipe2 = _tiny_pipeline()
     pipe2.load_ip_adapter(str(ck), subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None)
-    assert (tiny_run / "metrics.jsonl").is_file() and (tiny_run / "validation" / "final.png").is_file()
+    assert (tiny_run / "metrics.jsonl").is_file() and (tiny_run / "validation" / f"step-{TINY_STEPS:08d}.png").is_file()
+    # the adapter's own config beside its weights, in the run folder and in every checkpoint
+    for folder in (tiny_run, ck):
+        model_config = json.loads((folder / "model_config.json").read_text())
+        assert model_config == {"_class_name": "IPAdapterFull", "weight_name": "ip_adapter.safetensors", "num_tokens": 257,
+                                "image_embed_dim": 32, "cross_attention_dim": 64,
+                                "cross_attention_layers": model_config["cross_attention_layers"]}
+        assert model_config["cross_attention_layers"] > 0
     steps = [json.loads(line)["step"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, TINY_STEPS + 1))
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_run, tmp_path):
     import shutil
 
@@ -93,15 +102,16 @@ def test_resume_is_exact(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "synthetic-pairs", out / "synthetic-pairs")
     lines = (tiny_run / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join(lines[:2] + ['{"step": 3, "loss": 9.9}']) + "\n")  # 3: a crashed step
-    summary = _train(out, TINY_STEPS, **{"validation.num_references": 0})  # no final grid: faster
+    summary = _train(out, TINY_STEPS)  # stage2-tiny: validation.every 0, no grid
     assert summary["resumed_from"] == 2 and summary["steps"] == TINY_STEPS
     a = load_file(str(tiny_run / "ip_adapter.safetensors"))
     b = load_file(str(out / "ip_adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda p: [json.loads(line)["loss"] for line in (p / "metrics.jsonl").read_text().splitlines()]
     assert losses(out) == losses(tiny_run)
+    assert not (out / "validation").exists()  # every: 0 disables validation, as in Stage I
     with pytest.raises(UserInputError, match="different mode"):
-        _train(out, TINY_STEPS + 1, mode="unpaired")
+        _train(out, TINY_STEPS + 1, "mode=unpaired")
 
 
 def test_cfg_dropout_rates_hold_over_many_draws():
@@ -121,8 +131,8 @@ def test_cfg_dropout_rates_hold_over_many_draws():
 
 
 def test_dropped_image_is_a_zero_image_through_the_encoder():
-    from serialgen.training.ip_adapter import encode_reference
-    from serialgen.training.tiny_models import build_tiny_clip_vision
+    from serialgen.training.stage2.ip_adapter import encode_reference
+    from serialgen.training.common.tiny_models import build_tiny_clip_vision
 
     enc = build_tiny_clip_vision(0, image_size=224, patch_size=14)
     px = torch.randn(3, 3, 224, 224)
@@ -164,7 +174,7 @@ def test_padding_preprocessing_keeps_head_and_feet():
 
 
 def test_ap_clip_i_equals_a_hand_computation():
-    from serialgen.training.metrics_personalization import ap_clip_i
+    from serialgen.training.stage2.evaluate import ap_clip_i
 
     e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8]]), dim=-1)
     # cosines: (0,1)=.6 (0,2)=0 (0,3)=0 (1,2)=.8 (1,3)=.48 (2,3)=.6
@@ -176,39 +186,43 @@ def test_ap_clip_i_equals_a_hand_computation():
 
 def test_missing_weights_path_is_one_clear_line(tmp_path, capsys):
     from serialgen.cli import main
-    from serialgen.training.stage2_components import load_components
+    from serialgen.training.stage2.components import build_components
+    from serialgen.training.stage2.config import ModelConfig
 
     with pytest.raises(UserInputError) as err:
-        load_components({"kind": "sdxl", "sdxl": str(tmp_path / "no-sdxl"), "image_encoder": str(tmp_path)})
+        build_components(ModelConfig(pretrained_model=str(tmp_path / "no-sdxl"), image_encoder=str(tmp_path)))
     msg = str(err.value)
-    assert "models.sdxl" in msg and "no-sdxl" in msg and "unet/" in msg and "\n" not in msg
+    assert "model.pretrained_model" in msg and "no-sdxl" in msg and "unet/" in msg and "\n" not in msg
     (tmp_path / "sdxl").mkdir()
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
         (tmp_path / "sdxl" / sub).mkdir()
-    with pytest.raises(UserInputError, match="models.image_encoder: .*vit-h not found"):
-        load_components({"kind": "sdxl", "sdxl": str(tmp_path / "sdxl"), "image_encoder": str(tmp_path / "vit-h")})
+    with pytest.raises(UserInputError, match="model.image_encoder: .*vit-h not found"):
+        build_components(ModelConfig(pretrained_model=str(tmp_path / "sdxl"), image_encoder=str(tmp_path / "vit-h")))
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"models: {{sdxl: {tmp_path / 'absent'}, image_encoder: {tmp_path}}}\ndata: {{synthetic: 4}}\n")
+    cfg.write_text(f"model: {{pretrained_model: {tmp_path / 'absent'}, image_encoder: {tmp_path}}}\ndata: {{synthetic: 4}}\n")
     assert main(["train", "stage2", "--config", str(cfg), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
     err_line = capsys.readouterr().err.strip()
-    assert err_line.startswith("serialgen: error: models.sdxl:") and "absent" in err_line and "\n" not in err_line
+    assert err_line.startswith("serialgen: error: model.pretrained_model:") and "absent" in err_line and "\n" not in err_line
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from serialgen.training.config_stage2 import load_config
+    from serialgen.training.stage2.config import load_stage2_config
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {batchsize: 8}\n")
-    with pytest.raises(UserInputError, match="unknown key 'train.batchsize'"):
-        load_config(bad)
+    with pytest.raises(UserInputError, match=r"unknown key train.batchsize \(valid keys of train: batch_size, max_steps"):
+        load_stage2_config(bad)
     bad.write_text("mode: three-stage\ndata: {synthetic: 4}\n")
-    with pytest.raises(UserInputError, match="mode 'three-stage'"):
-        load_config(bad)
+    with pytest.raises(UserInputError, match="mode must be one of two-stage, unpaired, paired-one-stage, got 'three-stage'"):
+        load_stage2_config(bad)
     with pytest.raises(UserInputError, match="train.drop.image"):
-        load_config("stage2-tiny", {"train.drop.image": 1.5})
-    assert load_config("stage2")["train"]["batch_size"] == 8  # the paper: batch 8 per GPU at 512x768
-    assert load_config("stage2")["data"]["resolution"] == [512, 768]
+        load_stage2_config("stage2-tiny", ["train.drop.image=1.5"])
+    with pytest.raises(UserInputError, match="unknown key train.batchsize"):
+        load_stage2_config("stage2-tiny", ["train.batchsize=3"])
+    paper = load_stage2_config("stage2")
+    assert paper.train.batch_size == 8  # the paper: batch 8 per GPU at 512x768
+    assert paper.data.resolution == (512, 768)
 
 
 def test_training_modes_pick_their_reference(tmp_path):
@@ -241,20 +255,23 @@ def test_training_modes_pick_their_reference(tmp_path):
     assert ids[0, :2].tolist() == list(map(float, item["original_size"]))
 
 
+@pytest.mark.slow
 def test_generate_and_evaluate_a_series(tiny_run, tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
     from serialgen.cli import main
-    from serialgen.training.tiny_models import tiny_clip_text_config, tiny_clip_vision_config, write_tiny_clip_tokenizer
+    from serialgen.training.common.tiny_models import tiny_clip_text_config, tiny_clip_vision_config, write_tiny_clip_tokenizer
 
     ref = tmp_path / "alice.png"
     Image.new("RGB", (60, 90), (30, 160, 60)).save(ref)
     out = tmp_path / "series" / "alice"
     rc = main(["generate", "--standardizer", "identity", "--adapter", str(tiny_run), "--ref", str(ref),
                "--prompt", "a person walking", "--prompt", "a person sitting", "--seeds", "2", "--out", str(out),
-               "--width", "64", "--height", "96", "--steps", "2", "--guidance", "1", "--quiet"])
+               "--steps", "2", "--guidance", "1", "--quiet"])  # size: the adapter's training resolution
     assert rc == 0
     record = json.loads((out / "series.json").read_text())
+    assert record["version"] == 2 and record["settings"]["resolution"] == "64x96"
+    assert record["settings"]["ip_adapter_scale"] == 1.0 and record["model"]["tiny"] is True
     assert [(e["prompt_index"], e["seed"]) for e in record["images"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     grid = Image.open(out / "grid.png")
     assert grid.size == (3 * 64 + 4 * 2, 2 * 96 + 3 * 2)  # 2 prompt rows x (standardized + 2 seeds)
@@ -278,7 +295,7 @@ def test_generate_and_evaluate_a_series(tiny_run, tmp_path):
 
 
 def test_face_sim_needs_both_onnx_files(tmp_path):
-    from serialgen.training.metrics_personalization import ArcFaceOnnx
+    from serialgen.training.stage2.evaluate import ArcFaceOnnx
 
     with pytest.raises(UserInputError, match="--face-det: .*det_10g.onnx"):
         ArcFaceOnnx(tmp_path / "det_10g.onnx", tmp_path / "w600k_r50.onnx")
@@ -290,7 +307,7 @@ def test_reference_pictures_flatten_transparency_onto_white(tmp_path):
     from PIL import Image
 
     from serialgen.errors import UserInputError
-    from serialgen.training.ip_adapter import open_reference
+    from serialgen.training.stage2.ip_adapter import open_reference
 
     rgba = Image.new("RGBA", (8, 12), (0, 0, 0, 0))
     rgba.putpixel((4, 6), (200, 10, 10, 255))

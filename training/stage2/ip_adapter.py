@@ -30,7 +30,9 @@ exactly the same resize and normalisation.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
+
+import torch
 
 from serialgen.errors import UserInputError
 from serialgen.imaging import flatten_on_white
@@ -45,9 +47,8 @@ __all__ = [
     "adapter_modules",
     "adapter_parameters",
     "adapter_state_dict",
-    "save_adapter",
-    "read_adapter_file",
-    "load_adapter_weights",
+    "adapter_config",
+    "AdapterView",
     "resolve_adapter_file",
     "count_parameters",
 ]
@@ -80,8 +81,6 @@ def encode_reference(image_encoder: Any, pixel_values: Any, drop: Any = None) ->
     (``image_encoder(torch.zeros_like(image)).hidden_states[-2]``), so image dropout in training
     teaches the model the same "no reference" tokens classifier-free guidance uses later.
     """
-    import torch
-
     param = next(image_encoder.parameters())
     pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
     if drop is not None:
@@ -113,7 +112,6 @@ def initial_adapter_state_dict(unet: Any, image_embed_dim: int, seed: int = 0) -
     ``to_v_ip`` are copies of each layer's ``to_k`` / ``to_v``, so at step 0 the image branch attends
     the way the text branch would.
     """
-    import torch
     from diffusers.models.embeddings import IPAdapterFullImageProjection
 
     cross = int(unet.config.cross_attention_dim)
@@ -151,8 +149,6 @@ def attach_ip_adapter(unet: Any, image_embed_dim: int, state_dict: dict | None =
     ``state_dict`` (tencent layout) loads given weights; ``None`` starts fresh
     (:func:`initial_adapter_state_dict`). Adapter parameters are kept in fp32 even if the UNet is not.
     """
-    import torch
-
     if state_dict is None:
         state_dict = initial_adapter_state_dict(unet, image_embed_dim, seed=seed)
     # low_cpu_mem_usage=False: build real tensors (the meta-device path needs a device map per module).
@@ -197,8 +193,6 @@ def adapter_state_dict(unet: Any) -> dict[str, Any]:
     The key layout of the original IP-Adapter releases, which
     ``StableDiffusionXLPipeline.load_ip_adapter(..., weight_name="ip_adapter.safetensors")`` reads.
     """
-    import torch
-
     proj, procs = adapter_modules(unet)
     out = {}
     for key, value in _full_projection_to_original(proj.state_dict()).items():
@@ -213,16 +207,47 @@ def adapter_state_dict(unet: Any) -> dict[str, Any]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in out.items()}
 
 
-def save_adapter(unet: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the adapter alone (a few hundred MB for SDXL, not the 10 GB UNet) as safetensors."""
-    from safetensors.torch import save_file
+class AdapterView(torch.nn.Module):
+    """The installed adapter's parameters (shared, not copied) under their IP-Adapter file names.
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(adapter_state_dict(unet), str(tmp), metadata={"format": "pt", **(metadata or {})})
-    tmp.replace(path)  # atomic: a crash never leaves a half-written adapter under the final name
-    return path
+    ``named_parameters()`` yields ``image_proj.proj.{0,2,3}.{weight,bias}`` and
+    ``ip_adapter.{1,3,...}.to_{k,v}_ip.weight``: the optimizer, the checkpoint writer and the loader all
+    see the adapter in the layout ``load_ip_adapter`` reads, with no conversion step to forget.
+    """
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        proj, procs = adapter_modules(unet)
+        # Registered in sorted name order, the order safetensors stores keys in, so the names read back
+        # from a checkpoint file line up one-to-one with named_parameters().
+        self.image_proj = torch.nn.Module()
+        self.image_proj.proj = torch.nn.ModuleDict()
+        for prefix, original in sorted(_PROJ_KEYS.items(), key=lambda kv: kv[1]):
+            holder = torch.nn.Module()
+            for leaf, param in sorted(proj.get_submodule(prefix).named_parameters(recurse=False)):
+                holder.register_parameter(leaf, param)
+            self.image_proj.proj[original.split(".")[1]] = holder
+        layers = {}
+        for i, (_name, proc) in enumerate(procs):
+            holder = torch.nn.Module()
+            holder.to_k_ip = proc.to_k_ip[0]
+            holder.to_v_ip = proc.to_v_ip[0]
+            layers[str(1 + 2 * i)] = holder  # diffusers numbers cross-attention layers 1, 3, 5, ...
+        self.ip_adapter = torch.nn.ModuleDict({k: layers[k] for k in sorted(layers)})
+
+
+def adapter_config(unet: Any) -> dict[str, Any]:
+    """The installed adapter's own config (JSON types), saved as ``model_config.json`` beside its weights."""
+    proj, procs = adapter_modules(unet)
+    first = proj.get_submodule("ff.net.0.proj")
+    return {
+        "_class_name": "IPAdapterFull",
+        "weight_name": WEIGHT_NAME,
+        "num_tokens": NUM_TOKENS,
+        "image_embed_dim": int(first.in_features),
+        "cross_attention_dim": int(unet.config.cross_attention_dim),
+        "cross_attention_layers": len(procs),
+    }
 
 
 def resolve_adapter_file(path: str | Path) -> Path:
@@ -233,46 +258,6 @@ def resolve_adapter_file(path: str | Path) -> Path:
     if not p.is_file():
         raise UserInputError(f"adapter: {p} not found; expected an {WEIGHT_NAME} (or a folder holding one)")
     return p
-
-
-def read_adapter_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read an adapter file into the nested tencent layout ``{"image_proj": ..., "ip_adapter": ...}``."""
-    from safetensors import safe_open
-
-    p = resolve_adapter_file(path)
-    sd: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
-    with safe_open(str(p), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            head, _, rest = key.partition(".")
-            if head not in sd:
-                raise UserInputError(f"adapter: {p} has an unexpected key {key!r} (want image_proj.* / ip_adapter.*)")
-            sd[head][rest] = f.get_tensor(key)
-    if "proj.3.weight" not in sd["image_proj"]:
-        raise UserInputError(f"adapter: {p} is not an IP-Adapter Full file (no image_proj.proj.3.weight)")
-    return sd
-
-
-def load_adapter_weights(unet: Any, path: str | Path) -> None:
-    """Copy saved adapter weights into the adapter already installed in ``unet`` (for resume)."""
-    import torch
-
-    flat = adapter_state_dict(unet)  # the expected keys and shapes
-    sd = read_adapter_file(path)
-    got = {f"{h}.{k}": v for h, part in sd.items() for k, v in part.items()}
-    if set(got) != set(flat):
-        missing = sorted(set(flat) - set(got))[:3]
-        extra = sorted(set(got) - set(flat))[:3]
-        raise UserInputError(f"adapter: {path} does not match this UNet (missing {missing}, unexpected {extra})")
-    proj, procs = adapter_modules(unet)
-    with torch.no_grad():
-        for key, param in proj.named_parameters():
-            prefix, _, leaf = key.rpartition(".")
-            param.copy_(sd["image_proj"][f"{_PROJ_KEYS[prefix]}.{leaf}"])
-        key_id = 1
-        for _name, proc in procs:
-            proc.to_k_ip[0].weight.copy_(sd["ip_adapter"][f"{key_id}.to_k_ip.weight"])
-            proc.to_v_ip[0].weight.copy_(sd["ip_adapter"][f"{key_id}.to_v_ip.weight"])
-            key_id += 2
 
 
 def count_parameters(params: Iterable[Any]) -> int:

@@ -21,9 +21,10 @@ Images of one identity reference each other as ``alt_ref.jpg`` (the next image o
 order), which the ``paired-one-stage`` baseline trains on. Unreadable inputs are skipped, counted and
 listed with a reason in the shard sidecar; they never stop the run.
 
-Standardizers (``--checkpoint``): a Stage I checkpoint folder; ``identity`` (NOT a standardizer: the
-image letterboxed to 512x768 on white; for tests and as a no-standardization control); or
-``module:function`` returning a callable (list of PIL -> list of PIL) when called with ``device=``.
+Standardizers (``--checkpoint``): a Stage I checkpoint folder
+(:class:`serialgen.training.stage1.pipeline.Stage1Standardizer`); ``identity`` (NOT a standardizer: the
+image letterboxed to ``--resolution``, default 512x768, on white; for tests and as a no-standardization
+control); or ``module:function`` returning a callable (list of PIL -> list of PIL) when called with ``device=``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from serialgen.errors import UserInputError
+from serialgen.imaging import flatten_on_white, letterbox
+from serialgen.resolution import DEFAULT_RESOLUTION, format_resolution
 
 __all__ = [
     "SourceItem",
@@ -57,87 +60,34 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SHARD_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "target.jpg", "ref.png", "image.jpg", "image.png")
 _SHARD_CAPTION_MEMBERS = ("txt", "caption.txt", "caption")
 _SHARD_JSON_MEMBERS = ("json", "meta.json")
-STANDARD_SIZE = (512, 768)
 
 
 # ----------------------------------------------------------------------------------------- standardizers
 
 class IdentityStandardizer:
-    """NOT a standardizer: letterboxes each image to 512x768 on white, nothing else.
+    """NOT a standardizer: letterboxes each image to ``resolution`` on white, nothing else.
 
     A clearly labelled stand-in so pair building and Stage II can be exercised without a Stage I
     checkpoint, and a no-standardization control (the reference is the raw image, only resized).
     """
 
-    name = "identity (no standardization: letterbox to 512x768 on white)"
-
-    def __init__(self, size: tuple[int, int] = STANDARD_SIZE):
-        self.size = size
-
-    def __call__(self, images: Sequence[Any], seed: int | None = None) -> list[Any]:
-        from serialgen.imaging import letterbox
-
-        return [letterbox(im.convert("RGB"), self.size)[0] for im in images]
-
-
-class Stage1Standardizer:
-    """A Stage I checkpoint through Stage I's own ``StandardizePipeline`` (PIL in, PIL out).
-
-    Each image is prepared exactly as ``serialgen standardize`` prepares a picture
-    (``reference_inputs.load_reference``: white padding to 2:3, background mask from alpha or near-white
-    pixels, pose map from DWPose when given, else blank), standardized with DDIM, and returned as a
-    512x768 RGB image. ``seed`` makes a call deterministic (pair shards are rebuilt identically).
-    """
-
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", *, dwpose_det: str | None = None,
-                 dwpose_pose: str | None = None, white_threshold: float = 0.94, steps: int | None = None,
-                 guidance: float | None = None):
-        from serialgen.training.pipeline_stage1 import StandardizePipeline
-        from serialgen.training.reference_inputs import BlankPose, WhiteBackgroundMask
-
-        self.pipeline = StandardizePipeline.from_checkpoint(checkpoint, device=device, num_inference_steps=steps,
-                                                            guidance_scale=guidance)
-        if dwpose_det and dwpose_pose:
-            from serialgen.training.dwpose import DWPoseOnnx
-
-            self.pose = DWPoseOnnx(dwpose_det, dwpose_pose)
-        else:
-            self.pose = BlankPose()
-        self.mask = WhiteBackgroundMask(white_threshold)
-        self.name = f"stage1:{Path(checkpoint).resolve()}"
+    def __init__(self, resolution: tuple[int, int] = DEFAULT_RESOLUTION):
+        self.resolution = tuple(resolution)
+        self.name = f"identity (no standardization: letterbox to {format_resolution(self.resolution)} on white)"
 
     def __call__(self, images: Sequence[Any], seed: int | None = None) -> list[Any]:
-        import tempfile
-
-        import torch
-        from PIL import Image
-
-        from serialgen.training.logging_utils import to_uint8_image
-        from serialgen.training.reference_inputs import load_reference
-
-        w, h = self.pipeline.width, self.pipeline.height
-        samples = []
-        # load_reference reads a file: hand it a lossless PNG of each image (a few ms next to 20 DDIM steps).
-        with tempfile.TemporaryDirectory(prefix="serialgen-std-") as tmp:
-            for i, im in enumerate(images):
-                f = Path(tmp) / f"{i}.png"
-                im.save(f, compress_level=1)
-                samples.append(load_reference(f, w, h, pose=self.pose, mask=self.mask))
-        refs = torch.stack([s["ref"] for s in samples])
-        masks = torch.stack([s["ref_mask"] for s in samples])
-        poses = torch.stack([s["ref_pose"] for s in samples])
-        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        out = self.pipeline(refs, masks, poses, generator=generator)
-        return [Image.fromarray(to_uint8_image(x, (0, 1))) for x in out]
+        return [letterbox(im.convert("RGB"), self.resolution)[0] for im in images]
 
 
-def load_standardizer(spec: str, device: str = "cpu", **options: Any) -> Callable[..., list[Any]]:
+def load_standardizer(spec: str, device: str = "cpu", *, resolution: tuple[int, int] | None = None,
+                      **options: Any) -> Callable[..., list[Any]]:
     """``identity`` | ``module:function`` (called with ``device=``) | a Stage I checkpoint folder.
 
+    ``resolution``: the output size (None: the checkpoint config's, or 512x768 for ``identity``).
     ``options`` go to the Stage I standardizer (dwpose_det, dwpose_pose, white_threshold, steps, guidance).
     """
     if spec == "identity":
-        return IdentityStandardizer()
+        return IdentityStandardizer(resolution or DEFAULT_RESOLUTION)
     if ":" in spec and not Path(spec).exists():
         mod_name, _, fn_name = spec.partition(":")
         try:
@@ -151,7 +101,10 @@ def load_standardizer(spec: str, device: str = "cpu", **options: Any) -> Callabl
     p = Path(spec).expanduser()
     if not p.is_dir():
         raise UserInputError(f"--checkpoint: {spec} not found; expected a Stage I checkpoint folder, 'identity' or module:function")
-    return Stage1Standardizer(p, device=device, **{k: v for k, v in options.items() if v is not None})
+    from serialgen.training.stage1.pipeline import Stage1Standardizer
+
+    return Stage1Standardizer(p, device=device, resolution=resolution,
+                              **{k: v for k, v in options.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -307,8 +260,8 @@ def _plan_fingerprint(items: Sequence[SourceItem], samples_per_shard: int) -> st
 def _read_source(row: dict[str, Any]) -> tuple[Any, bytes]:
     """(RGB PIL image, JPEG bytes for target.jpg) of one input; raises OSError/ValueError if unreadable.
 
-    JPEG inputs are stored byte-for-byte unless EXIF rotates them; other formats (and RGBA, composited
-    on white) are re-encoded as JPEG quality 95.
+    JPEG inputs are stored byte-for-byte unless EXIF rotates them; other formats (and transparent
+    images, flattened onto white) are re-encoded as JPEG quality 95.
     """
     import tarfile
 
@@ -326,11 +279,7 @@ def _read_source(row: dict[str, Any]) -> tuple[Any, bytes]:
         im.load()
         fmt = im.format
         exif_rotated = im.getexif().get(0x0112, 1) not in (1, None)
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P"):
-            rgba = im.convert("RGBA")
-            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        rgb = im.convert("RGB")
+        rgb = flatten_on_white(ImageOps.exif_transpose(im))
     if fmt == "JPEG" and not exif_rotated:
         return rgb, data
     buf = io.BytesIO()
@@ -427,8 +376,8 @@ def build_pairs(
 ) -> dict[str, Any]:
     """Build (or finish) a pair set; returns a report (shards built/kept, pairs, skipped and why, pairs/s).
 
-    ``standardizer_options`` reach the Stage I standardizer (dwpose_det, dwpose_pose, white_threshold,
-    steps, guidance); ``seed`` seeds its sampling per micro-batch so a rebuilt shard is identical.
+    ``standardizer_options`` reach :func:`load_standardizer` (resolution, and for a Stage I checkpoint
+    dwpose_det, dwpose_pose, white_threshold, steps, guidance); ``seed`` seeds its sampling per micro-batch so a rebuilt shard is identical.
     """
     from tqdm import tqdm
 
@@ -493,7 +442,8 @@ def build_pairs(
         finally:
             if started:
                 ray.shutdown()
-    std_name = standardizer if standardizer != "identity" else IdentityStandardizer.name
+    identity_size = (standardizer_options or {}).get("resolution") or DEFAULT_RESOLUTION
+    std_name = standardizer if standardizer != "identity" else IdentityStandardizer(identity_size).name
     index = write_index(out, {"built_by": "serialgen standardize", "standardizer": std_name,
                               "input": str(Path(input_path).resolve()), "samples_per_shard": samples_per_shard})
     reasons: dict[str, int] = {}
@@ -523,39 +473,35 @@ def build_pairs(
 # ----------------------------------------------------------------------------------------- CLI glue
 
 def add_pair_arguments(parser: Any) -> None:
-    """Add the pair-building options to ``serialgen standardize`` (skipping any it already has).
+    """Add the pair-building options to ``serialgen standardize``, whose ``--batch-size``, ``--seed``,
+    ``--resolution``, ``--steps``, ``--guidance``, ``--white-threshold`` and ``--dwpose-*`` they share.
 
     ``--pairs`` switches the command to pair building; the other options only matter then.
     """
-    have = set(getattr(parser, "_option_string_actions", {}))
     g = parser.add_argument_group("Stage II pair building (--pairs: --input is a folder of real images or .tar shards)")
-
-    def add(flag: str, **kw: Any) -> None:
-        if flag not in have:
-            g.add_argument(flag, **kw)
-
-    add("--pairs", action="store_true",
-        help="write Stage II pair shards (std_ref.png, target.jpg, caption.txt, meta.json) to --out, on Ray Data")
-    add("--samples-per-shard", type=int, default=1000, help="inputs per pair shard (default 1000)")
-    add("--batch-size", type=int, default=8, help="images per standardizer call")
-    add("--workers", type=int, default=None, help="standardizer actors (default: 1, or one per GPU with --gpus-per-worker)")
-    add("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor on a cluster (default 0: CPU)")
-    add("--address", default=None, help="Ray cluster address (default: a local Ray)")
-    add("--limit", type=int, default=None, help="only the first N inputs (sorted)")
-    add("--seed", type=int, default=0, help="sampling seed")
-    add("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--pairs", action="store_true",
+                   help="write Stage II pair shards (std_ref.png, target.jpg, caption.txt, meta.json) to --out, on Ray Data")
+    g.add_argument("--samples-per-shard", type=int, default=1000, help="inputs per pair shard (default 1000)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="standardizer actors (default: 1, or one per GPU with --gpus-per-worker)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor on a cluster (default 0: CPU)")
+    g.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    g.add_argument("--limit", type=int, default=None, help="only the first N inputs (sorted)")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run_build_pairs(args: Any) -> int:
-    """Handler body for ``serialgen standardize --pairs`` (args from :func:`add_pair_arguments`)."""
-    options = {k: getattr(args, k, None) for k in ("dwpose_det", "dwpose_pose", "white_threshold", "steps", "guidance")}
+    """Handler body for ``serialgen standardize --pairs`` (``standardize``'s arguments plus
+    :func:`add_pair_arguments`)."""
+    options = {k: getattr(args, k) for k in ("resolution", "dwpose_det", "dwpose_pose", "white_threshold", "steps",
+                                             "guidance")}
     report = build_pairs(
         args.input, args.out, standardizer=args.checkpoint, samples_per_shard=args.samples_per_shard,
         batch_size=args.batch_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-        address=args.address, limit=args.limit, seed=getattr(args, "seed", 0) or 0,
-        standardizer_options=options, progress=not getattr(args, "json", False),
+        address=args.address, limit=args.limit, seed=args.seed,
+        standardizer_options=options, progress=not args.json,
     )
-    if getattr(args, "json", False):
+    if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(

@@ -16,10 +16,12 @@ a resumed run draws exactly what the uninterrupted run would have):
    pooled from text_encoder_2). Time ids: original (h, w), crop (y, x), target (768, 512).
 4. Noise (+ optional offset), uniform timestep, DDPM ``add_noise``; MSE against eps (or v).
 
-Checkpoints (:mod:`serialgen.training.checkpointing`) hold only the adapter: ``trainable.safetensors``
+Checkpoints (:mod:`serialgen.training.common.checkpointing`) hold only the adapter: ``trainable.safetensors``
 is written from a view whose parameter names are the IP-Adapter file keys (``image_proj.proj.0.weight``,
-``ip_adapter.1.to_k_ip.weight``, ...), and ``ip_adapter.safetensors`` is a hard link to it, so every
-checkpoint folder loads with stock ``pipe.load_ip_adapter(ckpt, subfolder="", weight_name="ip_adapter.safetensors")``.
+``ip_adapter.1.to_k_ip.weight``, ...; :class:`serialgen.training.stage2.ip_adapter.AdapterView`), and
+``ip_adapter.safetensors`` is a hard link to it, so every checkpoint folder loads with stock
+``pipe.load_ip_adapter(ckpt, subfolder="", weight_name="ip_adapter.safetensors")``. The adapter's own config
+(``model_config.json``) sits beside it, in every checkpoint and in the run folder.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch.nn as nn
 
 from serialgen.errors import UserInputError
+from serialgen.training.common.config import config_to_dict, override
+from serialgen.training.stage2.config import Stage2Config, check_model_paths
 
 __all__ = [
-    "AdapterView",
     "Stage2Denoiser",
     "prepare_inputs",
     "denoising_loss",
@@ -43,37 +46,6 @@ __all__ = [
     "validation_grid",
     "step_generator",
 ]
-
-
-class AdapterView(nn.Module):
-    """The installed adapter's parameters (shared, not copied) under their IP-Adapter file names.
-
-    ``named_parameters()`` yields ``image_proj.proj.{0,2,3}.{weight,bias}`` and
-    ``ip_adapter.{1,3,...}.to_{k,v}_ip.weight``: the optimizer, the checkpoint writer and the loader all
-    see the adapter in the layout ``load_ip_adapter`` reads, with no conversion step to forget.
-    """
-
-    def __init__(self, unet: Any):
-        super().__init__()
-        from serialgen.training.ip_adapter import _PROJ_KEYS, adapter_modules
-
-        proj, procs = adapter_modules(unet)
-        # Registered in sorted name order, the order safetensors stores keys in, so the names read back
-        # from a checkpoint file line up one-to-one with named_parameters().
-        self.image_proj = nn.Module()
-        self.image_proj.proj = nn.ModuleDict()
-        for prefix, original in sorted(_PROJ_KEYS.items(), key=lambda kv: kv[1]):
-            holder = nn.Module()
-            for leaf, param in sorted(proj.get_submodule(prefix).named_parameters(recurse=False)):
-                holder.register_parameter(leaf, param)
-            self.image_proj.proj[original.split(".")[1]] = holder
-        layers = {}
-        for i, (_name, proc) in enumerate(procs):
-            holder = nn.Module()
-            holder.to_k_ip = proc.to_k_ip[0]
-            holder.to_v_ip = proc.to_v_ip[0]
-            layers[str(1 + 2 * i)] = holder  # diffusers numbers cross-attention layers 1, 3, 5, ...
-        self.ip_adapter = nn.ModuleDict({k: layers[k] for k in sorted(layers)})
 
 
 class Stage2Denoiser(nn.Module):
@@ -103,8 +75,8 @@ def step_generator(seed: int, micro_step: int, rank: int, device: Any) -> Any:
     return g
 
 
-def validation_grid(pipe: Any, references: list[Any], prompts: list[str], path: str | Path, *, width: int,
-                    height: int, steps: int, guidance_scale: float, ip_scale: float, seed: int,
+def validation_grid(pipe: Any, references: list[Any], prompts: Sequence[str], path: str | Path, *,
+                    resolution: tuple[int, int], steps: int, guidance_scale: float, ip_scale: float, seed: int,
                     autocast: Any = None) -> Path:
     """One row per reference: the reference (letterboxed to the output size), then one image per prompt.
 
@@ -116,12 +88,13 @@ def validation_grid(pipe: Any, references: list[Any], prompts: list[str], path: 
     import torch
 
     from serialgen.imaging import letterbox, pad_to_square
-    from serialgen.training.logging_utils import save_image_grid
+    from serialgen.training.common.run_log import save_image_grid
 
+    width, height = resolution
     pipe.set_ip_adapter_scale(ip_scale)
     rows = []
     for ref in references:
-        row = [np.asarray(letterbox(ref.convert("RGB"), (width, height))[0])]
+        row = [np.asarray(letterbox(ref.convert("RGB"), resolution)[0])]
         for prompt in prompts:
             with autocast() if autocast is not None else contextlib.nullcontext():
                 image = pipe(
@@ -137,7 +110,7 @@ def validation_grid(pipe: Any, references: list[Any], prompts: list[str], path: 
 
 def _link_adapter(checkpoint: Path) -> Path:
     """``ip_adapter.safetensors`` beside ``trainable.safetensors`` (hard link; copy where links fail)."""
-    from serialgen.training.ip_adapter import WEIGHT_NAME
+    from serialgen.training.stage2.ip_adapter import WEIGHT_NAME
 
     src, dst = checkpoint / "trainable.safetensors", checkpoint / WEIGHT_NAME
     dst.unlink(missing_ok=True)
@@ -148,7 +121,8 @@ def _link_adapter(checkpoint: Path) -> Path:
     return dst
 
 
-_RESUME_KEYS = ("mode", "models", "data.resolution", "train.batch_size", "train.gradient_accumulation_steps", "seed")
+# What a resume must share with the run it continues (the rest, e.g. the learning rate, may change).
+_RESUME_KEYS = ("mode", "model", "data.resolution", "train.batch_size", "train.gradient_accumulation_steps", "seed")
 
 
 def _get(cfg: dict, dotted: str) -> Any:
@@ -156,6 +130,25 @@ def _get(cfg: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node
+
+
+def _check_resume(checkpoint: Path, config: Stage2Config) -> None:
+    """One-line error when ``config`` differs from the checkpoint's run config in a _RESUME_KEYS entry
+    (the checkpoint's config may use old key names: it is translated first)."""
+    from serialgen.training.common.checkpointing import read_checkpoint_config
+    from serialgen.training.common.config import config_from_dict
+
+    saved = config_to_dict(config_from_dict(Stage2Config, read_checkpoint_config(checkpoint),
+                                            source=str(checkpoint / "config.yaml")))
+    now = config_to_dict(config)
+    if not saved["model"]["tiny"] and not now["model"]["tiny"]:
+        saved["model"]["tiny_seed"] = now["model"]["tiny_seed"]  # unused without tiny models
+    for key in _RESUME_KEYS:
+        if _get(saved, key) != _get(now, key):
+            raise UserInputError(
+                f"{checkpoint}: resuming with a different {key} ({_get(saved, key)!r} -> {_get(now, key)!r}); "
+                "use the run's config or a new --output-dir"
+            )
 
 
 def prepare_inputs(comps: Any, pipe: Any, batch: dict[str, Any], generator: Any, *, drop: dict[str, float],
@@ -168,7 +161,7 @@ def prepare_inputs(comps: Any, pipe: Any, batch: dict[str, Any], generator: Any,
     """
     import torch
 
-    from serialgen.training.ip_adapter import encode_reference
+    from serialgen.training.stage2.ip_adapter import encode_reference
     from serialgen.dataset.stage2_loader import draw_cfg_dropout, sdxl_time_ids
 
     sched = comps.noise_scheduler
@@ -211,60 +204,60 @@ def denoising_loss(model: Any, inputs: dict[str, Any], weight_dtype: Any) -> Any
     return F.mse_loss(pred.float(), inputs["target"].float())
 
 
-def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int | None = None,
+def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, max_steps: int | None = None,
                  progress: bool = True) -> dict[str, Any]:
     """Train (or resume, when ``output_dir`` holds checkpoints) and return a summary dict.
 
-    ``cfg`` is a validated config (:func:`serialgen.training.config_stage2.load_config`);
-    ``output_dir`` / ``max_steps`` override its values.
+    ``config`` is not changed: ``output_dir`` / ``max_steps`` make a new config, the one saved with the run.
     """
+    import dataclasses
+
     import torch
     import yaml
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from serialgen.training import checkpointing as ckpt
-    from serialgen.training.ip_adapter import attach_ip_adapter, count_parameters, open_reference
-    from serialgen.training.logging_utils import MetricsLogger, Throughput
-    from serialgen.training.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
-    from serialgen.training.stage2_components import check_model_paths, load_components
     from serialgen.dataset.stage2_loader import Stage2PairDataset, write_synthetic_pairs
+    from serialgen.training.common import checkpointing as ckpt
+    from serialgen.training.common.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
+    from serialgen.training.common.run_log import MetricsLogger, Throughput
+    from serialgen.training.stage2.components import build_components
+    from serialgen.training.stage2.ip_adapter import (
+        AdapterView,
+        adapter_config,
+        attach_ip_adapter,
+        count_parameters,
+        open_reference,
+    )
 
-    if output_dir is not None:
-        cfg["output_dir"] = str(output_dir)
-    if max_steps is not None:
-        cfg["train"]["max_steps"] = int(max_steps)
-    out = Path(cfg["output_dir"])
-    tcfg, vcfg, dcfg = cfg["train"], cfg["validation"], cfg["data"]
-    seed = int(cfg["seed"])
-    width, height = dcfg["resolution"]
+    changes = {"output_dir": None if output_dir is None else str(output_dir), "train.max_steps": max_steps}
+    config = override(config, {k: v for k, v in changes.items() if v is not None})
+    out = Path(config.output_dir)
+    tcfg, vcfg, icfg, dcfg = config.train, config.validation, config.inference, config.data
+    seed = config.seed
+    resolution = dcfg.resolution
+    width, height = resolution
 
     # Cheap checks first: a wrong weights path or a mismatched resume is one line, before any process
     # group starts or any model loads.
-    check_model_paths(cfg["models"])
+    check_model_paths(config.model)
     latest = ckpt.latest_checkpoint(out)
     if latest is not None:
-        saved = ckpt.read_checkpoint_config(latest)
-        for key in _RESUME_KEYS:
-            if _get(saved, key) != _get(cfg, key):
-                raise UserInputError(
-                    f"{latest}: resuming with a different {key} ({_get(saved, key)!r} -> {_get(cfg, key)!r}); "
-                    "use the run's config or a new --output-dir"
-                )
+        _check_resume(latest, config)
     accelerator = Accelerator(
-        mixed_precision=tcfg["mixed_precision"], gradient_accumulation_steps=tcfg["gradient_accumulation_steps"],
+        mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
         cpu=not torch.cuda.is_available(),  # without it accelerate ignores a CPU torchrun/MPI world (no gloo group)
     )
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
 
     # ---- data first: a wrong pairs path fails in a second, not after minutes of model loading
-    pair_dirs = [str(p) for p in dcfg["pairs"]]
-    if dcfg["synthetic"]:
+    pair_dirs = [str(p) for p in dcfg.pairs]
+    if dcfg.synthetic:
         synth = out / "synthetic-pairs"
         if main:
-            write_synthetic_pairs(synth, dcfg["synthetic"], seed=seed, size=(width, height))
+            write_synthetic_pairs(synth, dcfg.synthetic, seed=seed, size=resolution)
         accelerator.wait_for_everyone()
         pair_dirs.append(str(synth))
     for d in pair_dirs:
@@ -272,8 +265,8 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
             raise UserInputError(f"data.pairs: {d} has no index.json; expected a pair set from `serialgen standardize`")
 
     # ---- frozen models; the adapter
-    comps = load_components(cfg["models"], seed=seed)
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tcfg["mixed_precision"]]
+    comps = build_components(config.model)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tcfg.mixed_precision]
     for m in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2, comps.image_encoder):
         m.requires_grad_(False)
     comps.vae.to(device, dtype=torch.float32)  # SDXL's VAE is unstable in fp16: always fp32
@@ -281,22 +274,24 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
         m.to(device, dtype=weight_dtype).eval()
     comps.unet.to(device, dtype=weight_dtype)
     params = attach_ip_adapter(comps.unet, int(comps.image_encoder.config.hidden_size), seed=seed)
-    if tcfg["gradient_checkpointing"]:
+    if tcfg.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     view = AdapterView(comps.unet)
     assert sum(1 for _ in view.parameters()) == len(params)
+    model_config = adapter_config(comps.unet)
     optimizer = torch.optim.AdamW(
-        view.parameters(), lr=tcfg["learning_rate"], betas=tuple(tcfg["adam_betas"]),
-        eps=tcfg["adam_eps"], weight_decay=tcfg["weight_decay"],
+        view.parameters(), lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+        eps=tcfg.adam_epsilon, weight_decay=tcfg.adam_weight_decay,
     )
     clip_size = int(comps.image_encoder.config.image_size)
-    dataset = Stage2PairDataset(pair_dirs, mode=cfg["mode"], resolution=(width, height), clip_size=clip_size, seed=seed,
-                          random_crop=dcfg["random_crop"], augment=dcfg["unpaired_augment"])
-    if len(dataset) < tcfg["batch_size"] * world:
-        raise UserInputError(f"data.pairs: {len(dataset)} pairs, fewer than one batch ({tcfg['batch_size']} x {world} processes)")
+    dataset = Stage2PairDataset(pair_dirs, mode=config.mode, resolution=resolution, clip_size=clip_size, seed=seed,
+                                random_crop=dcfg.random_crop, augment=dataclasses.asdict(dcfg.unpaired_augment))
+    if len(dataset) < tcfg.batch_size * world:
+        raise UserInputError(f"data.pairs: {len(dataset)} pairs, fewer than one batch ({tcfg.batch_size} x {world} processes)")
 
     start_step, samples_seen, position = 0, 0, DataPosition()
     if latest is not None:
+        ckpt.check_model_config(latest, model_config)
         state = ckpt.load_checkpoint(latest, view, optimizer=optimizer, rank=rank)
         start_step, samples_seen = int(state["step"]), int(state.get("samples_seen", 0))
         position = DataPosition.from_dict(state.get("data"))
@@ -306,22 +301,23 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     def make_loader(epoch: int, start_sample: int):
         dataset.set_epoch(epoch)
         sampler = SeededEpochSampler(len(dataset), seed=seed, epoch=epoch, rank=rank, world_size=world, start=start_sample)
-        return DataLoader(dataset, batch_size=tcfg["batch_size"], sampler=sampler, num_workers=dcfg["num_workers"],
+        return DataLoader(dataset, batch_size=tcfg.batch_size, sampler=sampler, num_workers=dcfg.num_workers,
                           drop_last=True, pin_memory=device.type == "cuda")
 
-    resumable = ResumableBatches(make_loader, tcfg["batch_size"], position=position, seekable=True)
+    resumable = ResumableBatches(make_loader, tcfg.batch_size, position=position, seekable=True)
     batches = iter(resumable)  # resumable.position: micro-batches consumed so far (what a resume skips)
 
     pipe = comps.pipeline()  # for encode_prompt (identical to inference) and validation grids
-    val_refs = [open_reference(p, "validation.references") for p in vcfg["references"]] or [
-        dataset.reference_image(i) for i in range(min(vcfg["num_references"], len(dataset)))
+    val_refs = [open_reference(p, "validation.references") for p in vcfg.references] or [
+        dataset.reference_image(i) for i in range(min(vcfg.num_references, len(dataset)))
     ]
+    saved_config = config_to_dict(config)
 
-    logger = MetricsLogger(out, resume_step=start_step, tensorboard=tcfg["tensorboard"]) if main else None
+    logger = MetricsLogger(out, resume_step=start_step, tensorboard=tcfg.tensorboard) if main else None
     if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    accum = tcfg["gradient_accumulation_steps"]
-    total = tcfg["max_steps"]
+        (out / "config.yaml").write_text(yaml.safe_dump(saved_config, sort_keys=False))
+    accum = tcfg.gradient_accumulation_steps
+    total = tcfg.max_steps
     throughput = Throughput()
     bar = tqdm(total=total, initial=start_step, desc="stage2", disable=not (main and progress), unit="step")
     losses: list[float] = []
@@ -331,12 +327,12 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     def save(step: int) -> Path:
         path = ckpt.save_checkpoint(
             out, step, view, optimizer=optimizer.optimizer,  # the torch optimizer inside accelerate's wrapper
-            train_state={"samples_seen": samples_seen, "data": resumable.position.to_dict(), "mode": cfg["mode"]},
-            config=cfg, rank=rank, is_main_process=main,
+            train_state={"samples_seen": samples_seen, "data": resumable.position.to_dict(), "mode": config.mode},
+            config=saved_config, model_config=model_config, rank=rank, is_main_process=main,
         )
         if main:
             _link_adapter(path)
-            ckpt.rotate_checkpoints(out, tcfg["keep_checkpoints"])
+            ckpt.rotate_checkpoints(out, tcfg.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
@@ -346,34 +342,34 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
         for micro in range(accum):
             _pos, batch = next(batches)
             g = step_generator(seed, step * accum + micro, rank, device)
-            inputs = prepare_inputs(comps, pipe, batch, g, drop=tcfg["drop"], noise_offset=tcfg["noise_offset"],
-                                    target_hw=(height, width), device=device)
+            inputs = prepare_inputs(comps, pipe, batch, g, drop=dataclasses.asdict(tcfg.drop),
+                                    noise_offset=tcfg.noise_offset, target_hw=(height, width), device=device)
             with accelerator.accumulate(model):
                 loss = denoising_loss(model, inputs, weight_dtype)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and tcfg["max_grad_norm"]:
-                    accelerator.clip_grad_norm_(params, tcfg["max_grad_norm"])
+                if accelerator.sync_gradients and tcfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, tcfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(accelerator.gather(loss.detach().reshape(1)).mean()))
-            samples_seen += tcfg["batch_size"] * world
-            throughput.add(tcfg["batch_size"] * world)
+            samples_seen += tcfg.batch_size * world
+            throughput.add(tcfg.batch_size * world)
         global_step = step + 1
         bar.update(1)
-        if main and (global_step % tcfg["log_every"] == 0 or global_step == total):
+        if main and (global_step % tcfg.log_every == 0 or global_step == total):
             last_loss = sum(losses) / len(losses)
             logger.log(global_step, loss=last_loss, lr=optimizer.param_groups[0]["lr"], samples_seen=samples_seen,
                        samples_per_s=throughput.rate(), elapsed_s=time.perf_counter() - t0)
             bar.set_postfix(loss=f"{last_loss:.4f}")
             losses.clear()
-        if tcfg["checkpoint_every"] and global_step % tcfg["checkpoint_every"] == 0:
+        if tcfg.checkpoint_every and global_step % tcfg.checkpoint_every == 0:
             save(global_step)
             last_saved = global_step
-        if vcfg["every"] and global_step % vcfg["every"] == 0 and main and val_refs:
-            validation_grid(pipe, val_refs, vcfg["prompts"], out / "validation" / f"step-{global_step:08d}.png",
-                            width=width, height=height, steps=vcfg["num_inference_steps"],
-                            guidance_scale=vcfg["guidance_scale"], ip_scale=vcfg["ip_adapter_scale"],
-                            seed=vcfg["seed"], autocast=accelerator.autocast)
+        if main and vcfg.every and val_refs and (global_step % vcfg.every == 0 or global_step == total):
+            validation_grid(pipe, val_refs, vcfg.prompts, out / "validation" / f"step-{global_step:08d}.png",
+                            resolution=resolution, steps=icfg.num_inference_steps,
+                            guidance_scale=icfg.guidance_scale, ip_scale=icfg.ip_adapter_scale,
+                            seed=vcfg.seed, autocast=accelerator.autocast)
         accelerator.wait_for_everyone()
     bar.close()
 
@@ -384,11 +380,7 @@ def train_stage2(cfg: dict, output_dir: str | Path | None = None, max_steps: int
     adapter_path = out / "ip_adapter.safetensors"
     if main and final is not None:
         shutil.copyfile(final / "ip_adapter.safetensors", adapter_path)
-        if val_refs:
-            validation_grid(pipe, val_refs, vcfg["prompts"], out / "validation" / "final.png",
-                            width=width, height=height, steps=vcfg["num_inference_steps"],
-                            guidance_scale=vcfg["guidance_scale"], ip_scale=vcfg["ip_adapter_scale"],
-                            seed=vcfg["seed"], autocast=accelerator.autocast)
+        ckpt.write_model_config(out, model_config)
     if logger is not None:
         logger.close()
     accelerator.wait_for_everyone()

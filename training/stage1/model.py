@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from serialgen.training.fbdm_rpim import FBDM, RPIM, build_pose_guider
-from serialgen.training.reference_attention import (
+from serialgen.training.stage1.fbdm_rpim import FBDM, RPIM, build_pose_guider
+from serialgen.training.stage1.reference_attention import (
     PlainAttnProcessor,
     ReferenceContext,
     ReferenceReaderProcessor,
@@ -101,6 +101,8 @@ class StandardizationModel(nn.Module):
         if widths != {name: denoising_unet.get_submodule(name).to_q.in_features for name in reader_layers}:
             raise ValueError("reference and denoising UNets have different layer widths")
         self.layer_names = writer_layers
+        self._settings = {"use_fbdm": bool(use_fbdm), "use_rpim": bool(use_rpim), "vae_scale_factor": int(vae_scale_factor),
+                          "rpim_channels": list(rpim_channels), "pose_guider_channels": list(pose_guider_channels)}
         self.fbdm = FBDM(widths) if use_fbdm else None
         self.rpim = RPIM(widths, tuple(rpim_channels)) if use_rpim else None
         self.pose_guider = build_pose_guider(denoising_unet.config.block_out_channels[0], vae_scale_factor,
@@ -112,6 +114,12 @@ class StandardizationModel(nn.Module):
         # UNet2DConditionModel has no input for it, and a hook keeps the UNet stock.
         self._pose_embedding: torch.Tensor | None = None
         denoising_unet.conv_in.register_forward_hook(self._add_pose_embedding)
+
+    def model_config(self) -> dict:
+        """This model's own config (JSON types), saved as `model_config.json` beside its weights: the
+        constructor settings and the UNet config (both UNets share it)."""
+        unet = {k: v for k, v in self.denoising_unet.config.items() if not k.startswith("_")}
+        return {"_class_name": type(self).__name__, **self._settings, "unet": unet}
 
     # -- wiring ---------------------------------------------------------------------------------
     def _install_processors(self) -> None:

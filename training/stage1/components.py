@@ -1,7 +1,7 @@
 """Build every Stage I network from a config: pretrained local folders, or tiny seeded models.
 
 Nothing here downloads: diffusers/transformers loaders run with `local_files_only=True`, after
-`check_weight_paths` has turned a missing folder into a one-line error.
+`check_model_paths` has turned a missing folder into a one-line error.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from serialgen.errors import UserInputError
-from serialgen.training.config_stage1 import Stage1Config, check_weight_paths
-from serialgen.training.model_stage1 import StandardizationModel
+from serialgen.training.stage1.config import Stage1Config, check_model_paths
+from serialgen.training.stage1.model import StandardizationModel
 
-__all__ = ["Stage1Components", "build_stage1_components", "inference_scheduler"]
+__all__ = ["Stage1Components", "build_components", "inference_scheduler"]
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Stage1Components:
 def _training_scheduler(config: Stage1Config):
     from diffusers import DDIMScheduler
 
-    from serialgen.training.tiny_models import build_tiny_scheduler
+    from serialgen.training.common.tiny_models import build_tiny_scheduler
 
     t = config.train
     overrides = dict(
@@ -53,12 +53,12 @@ def inference_scheduler(noise_scheduler):
     return DDIMScheduler.from_config(noise_scheduler.config)
 
 
-def build_stage1_components(config: Stage1Config) -> Stage1Components:
+def build_components(config: Stage1Config) -> Stage1Components:
     """Reference + denoising UNets (both initialised from the same weights), VAE, CLIP image encoder."""
-    check_weight_paths(config)
+    check_model_paths(config)
     m = config.model
     if m.tiny:
-        from serialgen.training.tiny_models import build_tiny_clip_vision, build_tiny_unet, build_tiny_vae
+        from serialgen.training.common.tiny_models import build_tiny_clip_vision, build_tiny_unet, build_tiny_vae
 
         reference_unet = build_tiny_unet(m.tiny_seed)
         denoising_unet = build_tiny_unet(m.tiny_seed)
@@ -93,6 +93,6 @@ def build_stage1_components(config: Stage1Config) -> Stage1Components:
             rpim_channels=tuple(m.rpim_channels),
             pose_guider_channels=tuple(m.pose_guider_channels),
         )
-    if m.gradient_checkpointing:
+    if config.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return Stage1Components(model, vae, image_encoder, _training_scheduler(config), vae_scale_factor)

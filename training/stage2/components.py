@@ -18,19 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serialgen.errors import UserInputError
+from serialgen.training.stage2.config import (
+    ENCODER_LAYOUT,
+    SDXL_LAYOUT,
+    SDXL_PARTS,
+    ModelConfig,
+    require_model_dir,
+    check_model_paths,
+)
 
 __all__ = [
     "SDXLComponents",
-    "load_components",
-    "check_model_paths",
+    "build_components",
     "load_sdxl",
     "load_image_encoder",
     "build_tiny_components",
 ]
-
-_SDXL_LAYOUT = "a local diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)"
-_ENCODER_LAYOUT = "a local CLIPVisionModelWithProjection folder (config.json + model.safetensors), e.g. OpenCLIP ViT-H/14 as h94/IP-Adapter models/image_encoder"
 
 
 @dataclass
@@ -75,18 +78,6 @@ class SDXLComponents:
         return pipe
 
 
-def _require_dir(path: str | Path | None, key: str, layout: str, must_contain: tuple[str, ...] = ()) -> Path:
-    if not path:
-        raise UserInputError(f"{key}: no path given; expected {layout}")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise UserInputError(f"{key}: {p} not found; expected {layout}")
-    missing = [m for m in must_contain if not (p / m).exists()]
-    if missing:
-        raise UserInputError(f"{key}: {p} lacks {', '.join(missing)}; expected {layout}")
-    return p
-
-
 def load_sdxl(path: str | Path, vae_path: str | Path | None = None) -> dict[str, Any]:
     """Load the frozen SDXL parts from a local diffusers folder (``local_files_only``; no hub).
 
@@ -95,13 +86,10 @@ def load_sdxl(path: str | Path, vae_path: str | Path | None = None) -> dict[str,
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    root = _require_dir(
-        path, "models.sdxl", _SDXL_LAYOUT,
-        ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
-    )
+    root = require_model_dir(path, "model.pretrained_model", SDXL_LAYOUT, SDXL_PARTS)
     kw = {"local_files_only": True}
     if vae_path:
-        vae = AutoencoderKL.from_pretrained(_require_dir(vae_path, "models.vae", "a local AutoencoderKL folder"), **kw)
+        vae = AutoencoderKL.from_pretrained(require_model_dir(vae_path, "model.vae", "a local AutoencoderKL folder"), **kw)
     else:
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
     return dict(
@@ -119,19 +107,19 @@ def load_image_encoder(path: str | Path) -> Any:
     """The CLIP vision tower whose penultimate hidden states (257 tokens for ViT-H/14) feed the adapter."""
     from transformers import CLIPVisionModelWithProjection
 
-    root = _require_dir(path, "models.image_encoder", _ENCODER_LAYOUT, ("config.json",))
+    root = require_model_dir(path, "model.image_encoder", ENCODER_LAYOUT, ("config.json",))
     return CLIPVisionModelWithProjection.from_pretrained(root, local_files_only=True)
 
 
 def build_tiny_components(seed: int = 0) -> SDXLComponents:
     """Random-initialised tiny SDXL + vision encoder, identical for a given ``seed`` on every machine.
 
-    Built from the shared tiny factories (:mod:`serialgen.training.tiny_models`); the vision tower is
+    Built from the shared tiny factories (:mod:`serialgen.training.common.tiny_models`); the vision tower is
     overridden to patch 14 at 224 px so it emits ViT-H/14's 257 tokens.
     """
     from diffusers import DDPMScheduler
 
-    from serialgen.training import tiny_models as tm
+    from serialgen.training.common import tiny_models as tm
 
     with tempfile.TemporaryDirectory(prefix="serialgen-tok-") as tmp:
         tokenizer = tm.write_tiny_clip_tokenizer(Path(tmp) / "tokenizer")
@@ -151,34 +139,11 @@ def build_tiny_components(seed: int = 0) -> SDXLComponents:
     )
 
 
-def check_model_paths(models: dict[str, Any]) -> None:
-    """Fail fast (one line) on a missing or malformed local model folder, before anything loads.
-
-    Checks both folders before loading either: a typo in the second should not cost minutes of loading.
-    """
-    kind = models.get("kind", "sdxl")
-    if kind == "tiny":
-        return
-    if kind != "sdxl":
-        raise UserInputError(f"models.kind: {kind!r} is not one of 'sdxl', 'tiny'")
-    _require_dir(models.get("sdxl"), "models.sdxl", _SDXL_LAYOUT,
-                 ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"))
-    _require_dir(models.get("image_encoder"), "models.image_encoder", _ENCODER_LAYOUT, ("config.json",))
-    if models.get("vae"):
-        _require_dir(models["vae"], "models.vae", "a local AutoencoderKL folder", ("config.json",))
-
-
-def load_components(models: dict[str, Any], seed: int = 0) -> SDXLComponents:
-    """Build or load the frozen models named by a config's ``models`` section.
-
-    ``{"kind": "tiny"}`` builds the random tiny set (seeded); ``{"kind": "sdxl", "sdxl": PATH,
-    "image_encoder": PATH, "vae": PATH?}`` loads local weights.
-    """
-    kind = models.get("kind", "sdxl")
-    if kind == "tiny":
-        return build_tiny_components(seed)
-    if kind != "sdxl":
-        raise UserInputError(f"models.kind: {kind!r} is not one of 'sdxl', 'tiny'")
-    check_model_paths(models)
-    parts = load_sdxl(models["sdxl"], models.get("vae"))
-    return SDXLComponents(image_encoder=load_image_encoder(models["image_encoder"]), **parts)
+def build_components(model: ModelConfig) -> SDXLComponents:
+    """Build or load the frozen models named by a config's ``model`` section: the seeded tiny set
+    (``tiny: true``), or the local SDXL / vision-encoder / VAE folders (checked first, one line each)."""
+    if model.tiny:
+        return build_tiny_components(model.tiny_seed)
+    check_model_paths(model)
+    parts = load_sdxl(model.pretrained_model, model.vae)
+    return SDXLComponents(image_encoder=load_image_encoder(model.image_encoder), **parts)

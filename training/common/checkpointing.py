@@ -12,9 +12,14 @@ renamed when complete, so a crash never leaves a half checkpoint that `latest_ch
         rng-<rank>.pt           torch/numpy/python RNG states and named torch.Generator states, per process
         train_state.json        {"version", "step", "samples_seen", "data": {...position...}, ...}
         config.yaml             the full run config (what to rebuild the model from)
+        model_config.json       the trained model's own config (architecture, ablation switches), beside
+                                its weights as diffusers keeps config.json beside each module's safetensors;
+                                checked against the model a resume or an inference builds
         <extra files>           e.g. Stage I's canonical standard-pose map
 
-Shared by Stage I and Stage II.
+Checkpoints written before `model_config.json` existed load without that check. The config.yaml of
+such checkpoints may use old key names: readers pass it through the stage's config class, which
+translates them (:func:`serialgen.training.common.config.config_from_dict`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ __all__ = [
     "load_checkpoint",
     "read_train_state",
     "read_checkpoint_config",
+    "read_model_config",
+    "check_model_config",
+    "write_model_config",
     "latest_checkpoint",
     "rotate_checkpoints",
     "capture_rng_state",
@@ -48,6 +56,7 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
+MODEL_CONFIG_NAME = "model_config.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -111,6 +120,7 @@ def save_checkpoint(
     ema: Any = None,
     generators: Mapping[str, torch.Generator] | None = None,
     extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    model_config: Mapping[str, Any] | None = None,
     rank: int = 0,
     is_main_process: bool = True,
 ) -> Path:
@@ -119,7 +129,8 @@ def save_checkpoint(
     Every process calls this (each saves its own RNG state); only the main process writes weights.
     `model` must be the unwrapped module. `ema` is a diffusers `EMAModel` over the trainable
     parameters in `named_parameters()` order. `extra_tensors` maps a file stem to tensors saved as
-    `<stem>.safetensors` (e.g. the canonical pose map).
+    `<stem>.safetensors` (e.g. the canonical pose map). `model_config` (JSON types) is written as
+    `model_config.json` beside the weights.
     """
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
@@ -150,6 +161,8 @@ def save_checkpoint(
         state = {"version": CHECKPOINT_VERSION, **dict(train_state), "step": step}
         (tmp / "train_state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         (tmp / "config.yaml").write_text(yaml.safe_dump(_plain(config), sort_keys=False))
+        if model_config is not None:
+            write_model_config(tmp, model_config)
     _barrier()
     if not is_main_process or tmp.exists():
         # each process writes its own RNG state into the (temporary) checkpoint folder
@@ -197,8 +210,40 @@ def read_train_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def read_checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
-    """The config dumped beside the checkpoint."""
+    """The run config dumped beside the checkpoint, as written (old key names are translated by the
+    stage's config class when it is validated)."""
     return yaml.safe_load((_require_checkpoint(checkpoint) / "config.yaml").read_text())
+
+
+def write_model_config(folder: str | Path, model_config: Mapping[str, Any]) -> Path:
+    """`folder/model_config.json`: the model's own config, beside its weights."""
+    path = Path(folder) / MODEL_CONFIG_NAME
+    path.write_text(json.dumps(_plain(model_config), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_model_config(folder: str | Path) -> dict[str, Any] | None:
+    """The `model_config.json` of a checkpoint or run folder; None for folders written before it existed."""
+    path = Path(folder) / MODEL_CONFIG_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_model_config(folder: str | Path, expected: Mapping[str, Any]) -> None:
+    """One-line error when the saved model config differs from the model about to load the weights
+    (another architecture or ablation); nothing to check for folders without `model_config.json`."""
+    saved = read_model_config(folder)
+    if saved is None:
+        return
+    expected = json.loads(json.dumps(_plain(expected)))
+    for key in sorted(set(saved) | set(expected)):
+        if saved.get(key) != expected.get(key):
+            if isinstance(saved.get(key), dict) and isinstance(expected.get(key), dict):
+                sub = sorted(k for k in set(saved[key]) | set(expected[key]) if saved[key].get(k) != expected[key].get(k))
+                key, was, now = f"{key}.{sub[0]}", saved[key].get(sub[0]), expected[key].get(sub[0])
+            else:
+                was, now = saved.get(key), expected.get(key)
+            raise UserInputError(f"{Path(folder) / MODEL_CONFIG_NAME}: the weights belong to a model with {key}={was!r}, "
+                                 f"this config builds {key}={now!r} (use the run's config)")
 
 
 def load_trainable_weights(model: torch.nn.Module, checkpoint: str | Path, *, ema: bool = False) -> list[str]:

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from serialgen.training.data_stage1 import collate_stage1, open_stage1_dataset
-from serialgen.training.image_metrics import SSIM_SIGMA, SSIM_WINDOW, psnr, ssim
+from serialgen.resolution import format_resolution
+from serialgen.training.stage1.data import collate_stage1, open_stage1_dataset
+from serialgen.training.common.image_metrics import SSIM_SIGMA, SSIM_WINDOW, psnr, ssim
 
 __all__ = ["evaluate_standardization", "format_table"]
 
@@ -40,11 +41,11 @@ def evaluate_standardization(checkpoint: str | Path, shards: str, *, device: str
                              guidance_scale: float | None = None, seed: int = 0, backgrounds: str | None = None,
                              progress: bool = False) -> dict[str, Any]:
     """Run the checkpoint over the test split of `shards`; returns the summary dict (see `format_table`)."""
-    from serialgen.training.pipeline_stage1 import StandardizePipeline
+    from serialgen.training.stage1.pipeline import StandardizePipeline
 
     pipe = StandardizePipeline.from_checkpoint(checkpoint, device=device, num_inference_steps=num_inference_steps,
                                                guidance_scale=guidance_scale)
-    dataset = open_stage1_dataset(shards, width=pipe.width, height=pipe.height, seed=pipe.config.seed, split="test",
+    dataset = open_stage1_dataset(shards, resolution=pipe.resolution, seed=pipe.config.seed, split="test",
                                   backgrounds=backgrounds)
     generator = torch.Generator().manual_seed(seed)
     scores = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
@@ -71,7 +72,7 @@ def evaluate_standardization(checkpoint: str | Path, shards: str, *, device: str
         "settings": {
             "num_inference_steps": pipe.num_inference_steps if num_inference_steps is None else num_inference_steps,
             "guidance_scale": pipe.guidance_scale if guidance_scale is None else guidance_scale,
-            "resolution": [pipe.width, pipe.height],
+            "resolution": format_resolution(pipe.resolution),
             "ssim": {"window": SSIM_WINDOW, "sigma": SSIM_SIGMA, "data_range": 1.0, "space": "RGB [0,1]"},
             "seed": seed,
         },

@@ -21,16 +21,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from serialgen.errors import UserInputError
-from serialgen.training.checkpointing import latest_checkpoint, load_checkpoint, rotate_checkpoints, save_checkpoint
-from serialgen.training.components_stage1 import Stage1Components, build_stage1_components, inference_scheduler
-from serialgen.training.config_stage1 import Stage1Config, check_weight_paths
-from serialgen.training.data_stage1 import collate_stage1, open_stage1_dataset
-from serialgen.training.logging_utils import MetricsLogger, Throughput, save_image_grid, to_uint8_image
-from serialgen.training.model_stage1 import clip_image_embeds, encode_latents
-from serialgen.training.pipeline_stage1 import StandardizePipeline
-from serialgen.training.resumable_data import DataPosition, ResumableBatches
+from serialgen.training.common.checkpointing import (
+    check_model_config,
+    latest_checkpoint,
+    load_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from serialgen.training.common.config import config_to_dict, override
+from serialgen.training.common.resumable_data import DataPosition, ResumableBatches
+from serialgen.training.common.run_log import MetricsLogger, Throughput, save_image_grid, to_uint8_image
+from serialgen.training.stage1.components import Stage1Components, build_components, inference_scheduler
+from serialgen.training.stage1.config import Stage1Config, check_model_paths
+from serialgen.training.stage1.data import collate_stage1, open_stage1_dataset
+from serialgen.training.stage1.model import clip_image_embeds, encode_latents
+from serialgen.training.stage1.pipeline import StandardizePipeline
 
 __all__ = ["TrainResult", "train_stage1", "diffusion_loss"]
 
@@ -114,7 +122,7 @@ def _validate(step: int, model, parts: Stage1Components, config: Stage1Config, v
     model.eval()
     pipe = StandardizePipeline(model, parts.vae, parts.image_encoder, inference_scheduler(parts.noise_scheduler),
                                num_inference_steps=config.inference.num_inference_steps,
-                               guidance_scale=config.inference.guidance_scale)
+                               guidance_scale=config.inference.guidance_scale, resolution=config.data.resolution)
     pred = pipe(val_batch["ref"], val_batch["ref_mask"], val_batch["ref_pose"], val_batch["std_pose"],
                 generator=torch.Generator().manual_seed(config.seed))
     rows = [[to_uint8_image(val_batch["ref"][i]), to_uint8_image(pred[i], (0, 1)), to_uint8_image(val_batch["std"][i])]
@@ -131,19 +139,19 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
                  train_shards: str | None = None, resume: str = "auto", stop_after: int | None = None) -> TrainResult:
     """Train (or resume) Stage I. `resume`: "auto" (latest checkpoint in the output folder, if any),
     "never", or a checkpoint path. `stop_after`: return after that many optimizer steps of this call
-    (to simulate an interruption; the schedule still targets `max_steps`)."""
+    (to simulate an interruption; the schedule still targets `max_steps`). `config` is not changed:
+    `output_dir`, `max_steps` and `train_shards` make a new config, the one saved with the checkpoints."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    t = config.train
-    if max_steps is not None:
-        t.max_steps = max_steps
-    if train_shards is not None:
-        config.data.train_shards = train_shards
+    changes = {"output_dir": None if output_dir is None else str(output_dir), "train.max_steps": max_steps,
+               "data.train_shards": train_shards}
+    config = override(config, {k: v for k, v in changes.items() if v is not None})
+    t, v = config.train, config.validation
     if not config.data.train_shards:
         raise UserInputError(f"{config.source}: no training data: set data.train_shards or pass --train-shards (shards, or synthetic:N)")
-    output_dir = Path(output_dir or config.output_dir)
-    check_weight_paths(config)  # before anything heavy
+    output_dir = Path(config.output_dir)
+    check_model_paths(config)  # before anything heavy
 
     # 1. Accelerator, seeds, output folder
     accelerator = _make_accelerator(config, output_dir)
@@ -151,10 +159,11 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # 2. Networks (VAE and CLIP frozen, in the compute dtype; trainable weights stay fp32 under autocast)
-    parts = build_stage1_components(config)
+    parts = build_components(config)
     model = parts.model.train()
     for frozen in (parts.vae, parts.image_encoder):
         frozen.to(accelerator.device)
@@ -169,14 +178,17 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
                                  num_training_steps=t.max_steps)
     ema = EMAModel(trainable, decay=t.ema_decay) if t.ema else None
 
-    # 4. Data in a resumable order (validation batch: fixed, from the validation set or the first training batch)
+    # 4. Data in a resumable order. The validation batch is fixed (from the validation set or the first
+    #    training samples); its first standard-pose map is the canonical map saved with every checkpoint,
+    #    so it holds at least one sample even when validation is off.
     d = config.data
-    train_set = open_stage1_dataset(d.train_shards, width=d.width, height=d.height, seed=config.seed, split="train",
+    train_set = open_stage1_dataset(d.train_shards, resolution=d.resolution, seed=config.seed, split="train",
                                     infinite=True, backgrounds=d.backgrounds, epoch_length=d.epoch_length)
-    val_source = open_stage1_dataset(d.val_shards, width=d.width, height=d.height, seed=config.seed, split="test",
+    val_source = open_stage1_dataset(d.val_shards, resolution=d.resolution, seed=config.seed, split="test",
                                      backgrounds=d.backgrounds) if d.val_shards else train_set
-    val_batch = collate_stage1([val_source[i] for i in range(min(t.validation_samples, len(val_source)))]) \
-        if hasattr(val_source, "__len__") else collate_stage1(list(_take(val_source, t.validation_samples)))
+    val_count = max(v.num_references, 1)
+    val_batch = collate_stage1([val_source[i] for i in range(min(val_count, len(val_source)))]) \
+        if hasattr(val_source, "__len__") else collate_stage1(list(_take(val_source, val_count)))
 
     # 5. Prepare, then resume
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -186,6 +198,7 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
     step, position = 0, DataPosition()
     checkpoint = None if resume == "never" else (latest_checkpoint(output_dir) if resume == "auto" else Path(resume))
     if checkpoint is not None:
+        check_model_config(checkpoint, unwrapped.model_config())
         state = load_checkpoint(checkpoint, unwrapped, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
                                 generators={"train": generator}, rank=rank)
         step, position = state["step"], DataPosition.from_dict(state["data"])
@@ -193,17 +206,18 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
     batches = iter(ResumableBatches.for_dataset(train_set, t.batch_size, seed=config.seed, position=position,
                                                 collate_fn=collate_stage1, num_workers=config.data.num_workers,
                                                 rank=rank, world_size=world))
-    logger = MetricsLogger(output_dir, resume_step=step) if accelerator.is_main_process else None
+    logger = MetricsLogger(output_dir, resume_step=step, tensorboard=t.tensorboard) if accelerator.is_main_process else None
     result = TrainResult(output_dir=output_dir, first_step=step + 1, last_step=step)
     canonical_pose = {"std_pose": val_batch["std_pose"][0]}
 
     def save(at_step: int) -> Path:
         path = save_checkpoint(output_dir, at_step, unwrapped, train_state={"data": position.to_dict()},
-                               config=config.to_dict(), optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                               config=config_to_dict(config), optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
                                generators={"train": generator}, extra_tensors={"canonical_pose": canonical_pose},
-                               rank=rank, is_main_process=accelerator.is_main_process)
+                               model_config=unwrapped.model_config(), rank=rank,
+                               is_main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
-            rotate_checkpoints(output_dir, t.checkpoints_keep)
+            rotate_checkpoints(output_dir, t.keep_checkpoints)
         return path
 
     # 6. Training loop: one optimizer step = gradient_accumulation_steps micro-batches
@@ -222,7 +236,7 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
                                  batch["ref_mask"].to(accelerator.device, weight_dtype), use_reference)
                 loss = diffusion_loss(pred, target, timesteps, parts.noise_scheduler, t.min_snr_gamma)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -244,9 +258,9 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
             logger.log(step, loss=sum(window) / len(window), lr=lr_scheduler.get_last_lr()[0],
                        samples_per_s=throughput.rate(), epoch=position.epoch)
             window = []
-        if accelerator.is_main_process and (step % t.validate_every == 0 or step == t.max_steps):
-            _validate(step, unwrapped, parts, config, val_batch, output_dir, logger, ema)
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
+        if accelerator.is_main_process and v.every and v.num_references and (step % v.every == 0 or step == t.max_steps):
+            _validate(step, unwrapped, parts, config, _first(val_batch, v.num_references), output_dir, logger, ema)
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
             result.last_checkpoint = save(step)
     accelerator.wait_for_everyone()
     result.last_step = step
@@ -255,6 +269,10 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
         logger.close()
     accelerator.end_training()
     return result
+
+
+def _first(batch: dict, n: int) -> dict:
+    return {key: value[:n] for key, value in batch.items()}
 
 
 def _take(iterable, n: int):

@@ -1,11 +1,10 @@
 """Stage II commands: `serialgen train stage2`, `serialgen generate`, `serialgen eval personalization`,
 and the pair-building mode of `serialgen standardize`.
 
-`serialgen standardize` belongs to Stage I (:mod:`serialgen.training.cli_stage1`, registered first).
-We extend it here without editing it: ``--pairs`` and the pair options are added to its parser, and
-its handler is wrapped so that ``--pairs`` runs :func:`serialgen.training.pairs_stage2.run_build_pairs`
-and everything else goes to Stage I's handler unchanged. Without Stage I's command (a trimmed
-install) we register a pairs-only ``standardize``.
+`serialgen standardize` is Stage I's command (:mod:`serialgen.training.stage1.cli`, registered first):
+building Stage II pairs is running Stage I over real pictures, so ``--pairs`` and the pair options are
+added to its parser, and ``--pairs`` runs :func:`serialgen.training.stage2.build_pairs.run_build_pairs`
+while everything else goes to Stage I's handler. Stage I knows nothing of Stage II.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import os
 from pathlib import Path
 
 from serialgen.errors import UserInputError
+from serialgen.resolution import add_resolution_argument
 
 __all__ = ["register"]
 
@@ -27,31 +27,24 @@ def _device(name: str | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from serialgen.training.config_stage2 import load_config
-    from serialgen.training.train_stage2 import train_stage2
+    from serialgen.training.stage2.config import check_model_paths, load_stage2_config
 
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserInputError(f"--set: {item!r} is not KEY=VALUE")
-        import yaml
-
-        overrides[key.strip()] = yaml.safe_load(value)
-    try:
-        cfg = load_config(args.config, overrides)
-    except KeyError as exc:
-        raise UserInputError(f"--set: unknown config key {exc}") from None
+    overrides = list(args.set or [])
     if args.mode:
-        cfg["mode"] = args.mode
-    summary = train_stage2(cfg, output_dir=args.output_dir, max_steps=args.max_steps, progress=not args.quiet)
+        overrides.append(f"mode={args.mode}")
+    config = load_stage2_config(args.config, overrides)
+    check_model_paths(config.model)  # a wrong weights path is one line, before torch is imported
+
+    from serialgen.training.stage2.train import train_stage2
+
+    summary = train_stage2(config, output_dir=args.output_dir, max_steps=args.max_steps, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per run, not per process
         print(json.dumps(summary, indent=1))
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from serialgen.training.generate import generate_series
+    from serialgen.training.stage2.generate import generate_series
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -61,7 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
     record = generate_series(
         ref=args.ref, prompts=prompts, out=args.out, adapter=args.adapter, standardizer=args.standardizer,
-        seeds=args.seeds, first_seed=args.first_seed, width=args.width, height=args.height, steps=args.steps,
+        seeds=args.seeds, first_seed=args.first_seed, resolution=args.resolution, steps=args.steps,
         guidance_scale=args.guidance, ip_scale=args.ip_scale, negative_prompt=args.negative_prompt,
         sdxl=args.sdxl, image_encoder=args.image_encoder, vae=args.vae, device=_device(args.device),
         progress=not args.quiet,
@@ -72,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from serialgen.training.metrics_personalization import (
+    from serialgen.training.stage2.evaluate import (
         ArcFaceOnnx,
         ClipScorer,
         evaluate_outputs,
@@ -98,25 +91,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _extend_standardize(sub) -> None:
-    from serialgen.training.pairs_stage2 import add_pair_arguments, run_build_pairs
+    from serialgen.training.stage2.build_pairs import add_pair_arguments, run_build_pairs
 
-    p = sub.choices.get("standardize")
-    if p is None:
-        p = sub.add_parser("standardize", help="build Stage II pair shards (--pairs) with a standardizer",
-                           description="Run a standardizer over a folder of real images or .tar shards and write "
-                           "Stage II pair shards (Ray Data).")
-        p.add_argument("--checkpoint", required=True, help="Stage I checkpoint folder, or 'identity'")
-        p.add_argument("--input", required=True, help="folder of images, or .tar shards")
-        p.add_argument("--out", required=True, help="pair-set folder")
-        stage1_handler = None
-    else:
-        stage1_handler = p.get_default("handler")
+    p = sub.choices["standardize"]
+    stage1_handler = p.get_default("handler")
     add_pair_arguments(p)
 
     def handler(args: argparse.Namespace) -> int:
-        if getattr(args, "pairs", False) or stage1_handler is None:
-            return run_build_pairs(args)
-        return stage1_handler(args)
+        return run_build_pairs(args) if args.pairs else stage1_handler(args)
 
     p.set_defaults(handler=handler)
 
@@ -154,11 +136,11 @@ def register(sub, groups) -> None:
     p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds first-seed .. first-seed+N-1; default 4)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=768)
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20, as the paper)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter scale (0 = text only)")
+    add_resolution_argument(p, default=None, multiple_of=8,
+                            help="image size (default: the adapter's training data.resolution, else 512x768)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the adapter config's inference.num_inference_steps, else 20)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the adapter config's, else 7.5)")
+    p.add_argument("--ip-scale", type=float, help="IP-Adapter scale, 0 = text only (default: the adapter config's, else 1.0)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default '': what text dropout trained)")
     p.add_argument("--sdxl", help="SDXL folder (default: from the adapter's training config)")
     p.add_argument("--image-encoder", help="CLIP vision folder (default: from the adapter's training config)")

@@ -1,4 +1,7 @@
-"""Stage I commands: `serialgen train stage1`, `serialgen standardize`, `serialgen eval standardization`."""
+"""Stage I commands: `serialgen train stage1`, `serialgen standardize`, `serialgen eval standardization`.
+
+Stage II extends `standardize` with `--pairs` (pair building, :mod:`serialgen.training.stage2.cli`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import sys
 from pathlib import Path
 
 from serialgen.errors import UserInputError
+from serialgen.resolution import add_resolution_argument, format_resolution
 
 __all__ = ["register"]
 
@@ -20,28 +24,19 @@ def _device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _resolve_config(value: str) -> Path:
-    """A config path, or the name of a packaged config (stage1, stage1-tiny)."""
-    from serialgen.training.config_stage1 import packaged_config
-
-    path = Path(value)
-    if path.is_file():
-        return path
-    if not path.suffix and packaged_config(value).is_file():
-        return packaged_config(value)
-    raise UserInputError(f"{value}: config file not found (give a YAML path, or stage1 / stage1-tiny)")
-
-
 def _train(args: argparse.Namespace) -> int:
-    from serialgen.training.config_stage1 import load_stage1_config
-    from serialgen.training.train_stage1 import train_stage1
+    from serialgen.training.stage1.config import check_model_paths, load_stage1_config
 
     overrides = list(args.set or [])
     if args.no_fbdm:
         overrides.append("model.fbdm=false")
     if args.no_rpim:
         overrides.append("model.rpim=false")
-    config = load_stage1_config(_resolve_config(args.config), overrides)
+    config = load_stage1_config(args.config, overrides)
+    check_model_paths(config)  # a wrong weights path is one line, before torch is imported
+
+    from serialgen.training.stage1.train import train_stage1
+
     result = train_stage1(config, output_dir=args.output_dir, max_steps=args.max_steps,
                           train_shards=args.train_shards, resume=args.resume)
     losses = list(result.losses.values())
@@ -69,21 +64,23 @@ def _standardize(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
-    from serialgen.training.data_stage1 import open_stage1_dataset
-    from serialgen.training.logging_utils import to_uint8_image
-    from serialgen.training.pipeline_stage1 import StandardizePipeline
-    from serialgen.training.reference_inputs import BlankPose, WhiteBackgroundMask, list_images, load_reference
+    from serialgen.training.stage1.data import open_stage1_dataset
+    from serialgen.training.common.run_log import to_uint8_image
+    from serialgen.training.stage1.pipeline import StandardizePipeline
+    from serialgen.training.stage1.reference_inputs import BlankPose, WhiteBackgroundMask, list_images, load_reference
 
     if not Path(args.checkpoint).is_dir():
         raise UserInputError(f"{args.checkpoint}: checkpoint folder not found")
     pipe = StandardizePipeline.from_checkpoint(args.checkpoint, device=_device(args.device),
-                                               num_inference_steps=args.steps, guidance_scale=args.guidance)
-    width, height = args.width or pipe.width, args.height or pipe.height
+                                               num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                               resolution=args.resolution)
+    resolution = pipe.resolution
     std_pose = None
     if args.std_pose:
-        std_pose = load_reference(args.std_pose, width, height)["ref"].add(1).div(2)  # pose map as drawn, [0, 1]
-    elif pipe.canonical_pose is not None and tuple(pipe.canonical_pose.shape[-2:]) != (height, width):
-        raise UserInputError(f"--width/--height {width}x{height} differ from the checkpoint's canonical pose map; pass --std-pose")
+        std_pose = load_reference(args.std_pose, resolution)["ref"].add(1).div(2)  # pose map as drawn, [0, 1]
+    elif pipe.canonical_pose is not None and tuple(pipe.canonical_pose.shape[-2:]) != resolution[::-1]:
+        raise UserInputError(f"--resolution {format_resolution(resolution)} differs from the checkpoint's canonical pose "
+                             "map; pass --std-pose")
 
     out = Path(args.out)
     single_file = out.suffix.lower() == ".png"
@@ -91,7 +88,7 @@ def _standardize(args: argparse.Namespace) -> int:
     if _is_shard_input(args.input):
         if single_file:
             raise UserInputError(f"--out {out}: a shard input gives many images; pass a folder")
-        dataset = open_stage1_dataset(args.input, width=width, height=height, seed=args.seed, split=args.split,
+        dataset = open_stage1_dataset(args.input, resolution=resolution, seed=args.seed, split=args.split,
                                       backgrounds=args.backgrounds)
         samples = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
         items = ((s.get("__key__") or f"sample-{i:06d}", s) for i, s in enumerate(samples))
@@ -104,7 +101,7 @@ def _standardize(args: argparse.Namespace) -> int:
         pictures = list_images(args.input)
         if single_file and len(pictures) > 1:
             raise UserInputError(f"--out {out}: {args.input} holds {len(pictures)} images; pass a folder")
-        items = ((p.stem, load_reference(p, width, height, pose=pose, mask=mask)) for p in pictures)
+        items = ((p.stem, load_reference(p, resolution, pose=pose, mask=mask)) for p in pictures)
     (out.parent if single_file else out).mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     written = 0
@@ -138,13 +135,13 @@ def _pose_estimator(args: argparse.Namespace):
         return None
     if not (args.dwpose_det and args.dwpose_pose):
         raise UserInputError("--dwpose-det and --dwpose-pose go together (yolox_l.onnx and dw-ll_ucoco_384.onnx)")
-    from serialgen.training.dwpose import DWPoseOnnx
+    from serialgen.training.stage1.dwpose import DWPoseOnnx
 
     return DWPoseOnnx(args.dwpose_det, args.dwpose_pose)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from serialgen.training.eval_stage1 import evaluate_standardization, format_table
+    from serialgen.training.stage1.evaluate import evaluate_standardization, format_table
 
     if not Path(args.checkpoint).is_dir():
         raise UserInputError(f"{args.checkpoint}: checkpoint folder not found")
@@ -204,8 +201,8 @@ def register(sub, groups) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint config's, 20)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint config's)")
-    p.add_argument("--width", type=int, help="model input width (default: the checkpoint config's, 512)")
-    p.add_argument("--height", type=int, help="model input height (default: the checkpoint config's, 768)")
+    add_resolution_argument(p, default=None, multiple_of=8,
+                            help="model input size (default: the checkpoint config's data.resolution)")
     p.add_argument("--std-pose", help="target pose map image (default: the canonical map stored in the checkpoint)")
     p.add_argument("--dwpose-det", help="DWPose detector ONNX (yolox_l.onnx), local path; needs onnxruntime")
     p.add_argument("--dwpose-pose", help="DWPose pose ONNX (dw-ll_ucoco_384.onnx), local path")

@@ -51,12 +51,13 @@ def _to_tensor(image: Image.Image, lo: float = -1.0, hi: float = 1.0) -> torch.T
 
 
 class SyntheticStandardizationDataset(Dataset):
-    """`num_samples` deterministic toy pairs of `num_characters` characters at width x height."""
+    """`num_samples` deterministic toy pairs of `num_characters` characters at `resolution` (width, height)."""
 
-    def __init__(self, num_samples: int, width: int = 64, height: int = 96, seed: int = 0, num_characters: int | None = None):
+    def __init__(self, num_samples: int, resolution: tuple[int, int] = (64, 96), seed: int = 0,
+                 num_characters: int | None = None):
         if num_samples < 1:
             raise UserInputError(f"synthetic dataset needs at least 1 sample, got {num_samples}")
-        self.num_samples, self.width, self.height, self.seed = num_samples, width, height, seed
+        self.num_samples, self.resolution, self.seed = num_samples, tuple(resolution), seed
         self.num_characters = num_characters or max(1, num_samples // 2)
 
     def __len__(self) -> int:
@@ -87,7 +88,7 @@ class SyntheticStandardizationDataset(Dataset):
         char_rng = np.random.default_rng([self.seed, character])
         colors = [tuple(int(c) for c in char_rng.integers(0, 256, 3)) for _ in range(3)]
         rng = np.random.default_rng([self.seed, 1_000_000 + index])
-        w, h = self.width, self.height
+        w, h = self.resolution
 
         # standard: fixed box, white background
         std_box = (0.2 * w, 0.08 * h, 0.6 * w, 0.84 * h)
@@ -139,7 +140,7 @@ def parse_synthetic_spec(spec: str) -> int | None:
         raise UserInputError(f"{spec!r}: expected synthetic:N with N an integer") from None
 
 
-def open_stage1_dataset(spec: str, *, width: int, height: int, seed: int, split: str = "train",
+def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, split: str = "train",
                         infinite: bool = False, backgrounds: str | None = None, epoch_length: int | None = None) -> Dataset:
     """A dataset for a data spec: `synthetic:N`, or shard path(s)/pattern read by `dataset/loader.py`.
 
@@ -149,11 +150,9 @@ def open_stage1_dataset(spec: str, *, width: int, height: int, seed: int, split:
     """
     count = parse_synthetic_spec(spec)
     if count is not None:
-        return SyntheticStandardizationDataset(count, width, height, seed=seed if split == "train" else seed + 7919)
-    try:
-        from serialgen.dataset import loader as shard_loader
-    except ImportError as exc:
-        raise UserInputError(f"{spec}: reading shards needs serialgen.dataset.loader ({exc})") from None
+        return SyntheticStandardizationDataset(count, resolution, seed=seed if split == "train" else seed + 7919)
+    from serialgen.dataset.loader import open_dataset
+
     extra = {"epoch_length": epoch_length} if infinite and epoch_length else {}
-    return shard_loader.open_dataset(spec, width=width, height=height, seed=seed, split=split, infinite=infinite,
-                                     backgrounds=backgrounds, **extra)
+    return open_dataset(spec, resolution=resolution, seed=seed, split=split, infinite=infinite,
+                        backgrounds=backgrounds, **extra)

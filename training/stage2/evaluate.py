@@ -15,7 +15,7 @@ Definitions (cosines of L2-normalised embeddings):
   x100); images where no face is found are left out and counted.
 
 Images go to CLIP padded to a white square (the same choice as Stage II's reference encoder, see
-:mod:`serialgen.training.ip_adapter`), so a full-body 2:3 image is not cropped at head and feet.
+:mod:`serialgen.training.stage2.ip_adapter`), so a full-body 2:3 image is not cropped at head and feet.
 CLIP is a transformers ``CLIPModel`` from a local folder (the paper does not name one; ViT-L/14 is
 the usual choice). Face Sim uses ArcFace ONNX files (e.g. insightface buffalo_l ``det_10g.onnx`` +
 ``w600k_r50.onnx``) through onnxruntime (optional extra ``faces``). Nothing is downloaded.

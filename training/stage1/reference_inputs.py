@@ -1,7 +1,8 @@
 """Turning a user's reference picture into the Stage I inputs: padded image, background mask, pose map.
 
-- Padding: the picture is padded to the model's aspect ratio (2:3 for 512x768) with white, centred,
-  then resized; the padding counts as background.
+- Padding: the picture is letterboxed to the model's size (LANCZOS, centred on a transparent canvas,
+  `serialgen.imaging.letterbox`), then flattened onto white (`flatten_on_white`); the padding counts
+  as background.
 - Background mask (`MaskEstimator`): the alpha channel when there is one (1 - alpha; the picture is
   composited onto white), otherwise near-white pixels (all channels >= `white_threshold`) count as
   background. Pluggable: any callable (H, W, 3) uint8 -> (H, W) float in [0, 1], 1 = background.
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from serialgen.errors import UserInputError
+from serialgen.imaging import flatten_on_white, has_alpha, letterbox
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -73,8 +75,7 @@ def list_images(path: str | Path) -> list[Path]:
 
 def _open_rgba(source: str | Path | Image.Image) -> tuple[Image.Image, bool]:
     def convert(img: Image.Image) -> tuple[Image.Image, bool]:
-        has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-        return img.convert("RGBA"), has_alpha
+        return img.convert("RGBA"), has_alpha(img)
 
     if isinstance(source, Image.Image):
         return convert(source)
@@ -86,25 +87,19 @@ def _open_rgba(source: str | Path | Image.Image) -> tuple[Image.Image, bool]:
         raise UserInputError(f"{source}: cannot read image ({exc})") from None
 
 
-def load_reference(path: str | Path | Image.Image, width: int, height: int, *, pose: PoseEstimator | None = None,
+def load_reference(path: str | Path | Image.Image, resolution: tuple[int, int], *, pose: PoseEstimator | None = None,
                    mask: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """One picture (a file or a PIL image) -> {"ref": (3,H,W) [-1,1], "ref_mask": (1,H,W), "ref_pose":
-    (3,H,W)} at width x height."""
-    rgba, has_alpha = _open_rgba(path)
+    (3,H,W)} at `resolution` (width, height)."""
+    rgba, alpha_given = _open_rgba(path)
     path = path if not isinstance(path, Image.Image) else "<image>"
-    # pad to the target aspect ratio (centred, transparent), then resize
-    w0, h0 = rgba.size
-    scale = min(width / w0, height / h0)
-    new_w, new_h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-    resized = rgba.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    canvas = Image.new("RGBA", (width, height), (255, 255, 255, 0))
-    canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
+    width, height = resolution
+    # letterbox on a transparent canvas (the padding has alpha 0, so it is background), then flatten on white
+    canvas = letterbox(rgba, (width, height), fill=(255, 255, 255, 0), resample="lanczos")[0]
     rgba_arr = np.asarray(canvas)
     alpha = rgba_arr[..., 3].astype(np.float32) / 255.0
-    white = np.full((height, width, 3), 255, np.uint8)
-    composite = Image.alpha_composite(Image.fromarray(white).convert("RGBA"), canvas).convert("RGB")
-    rgb = np.asarray(composite)
-    if has_alpha:
+    rgb = flatten_on_white(rgba_arr)
+    if alpha_given:
         background = 1.0 - alpha
     else:
         background = (mask or WhiteBackgroundMask())(rgb)

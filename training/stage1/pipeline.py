@@ -1,9 +1,12 @@
 """Stage I inference: reference image (+ background mask + pose map) -> its standard form.
 
-`StandardizePipeline` is reusable outside the CLI (Stage II builds its pair shards with it):
+`StandardizePipeline` is reusable outside the CLI:
 
     pipe = StandardizePipeline.from_checkpoint("runs/stage1/checkpoints/step-00050000", device="cuda")
     images = pipe(refs, masks, poses)          # (B, 3, H, W) in [0, 1]
+
+`Stage1Standardizer` wraps it for pictures (PIL in, PIL out), as Stage II's pair building and
+`serialgen generate` use it.
 
 The reference UNet runs ONCE per call (its bank is reused by all DDIM steps) and only for the
 conditional inputs; classifier-free guidance batches [unconditional ; conditional] through the
@@ -14,41 +17,46 @@ embedding (exactly what reference dropout trained).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file
 
 from serialgen.errors import UserInputError
-from serialgen.training.checkpointing import load_trainable_weights, read_checkpoint_config
-from serialgen.training.model_stage1 import clip_image_embeds, decode_latents, encode_latents
+from serialgen.resolution import DEFAULT_RESOLUTION
+from serialgen.training.common.checkpointing import check_model_config, load_trainable_weights, read_checkpoint_config
+from serialgen.training.stage1.model import clip_image_embeds, decode_latents, encode_latents
 
-__all__ = ["StandardizePipeline"]
+__all__ = ["StandardizePipeline", "Stage1Standardizer"]
 
 
 class StandardizePipeline:
     """DDIM sampling of the standardization model with classifier-free guidance on the reference."""
 
     def __init__(self, model, vae, image_encoder, scheduler, *, canonical_pose: torch.Tensor | None = None,
-                 num_inference_steps: int = 20, guidance_scale: float = 3.5, width: int = 512, height: int = 768,
-                 config=None):
+                 num_inference_steps: int = 20, guidance_scale: float = 3.5,
+                 resolution: tuple[int, int] = DEFAULT_RESOLUTION, config=None):
         self.model, self.vae, self.image_encoder, self.scheduler = model, vae, image_encoder, scheduler
         self.canonical_pose = canonical_pose
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
-        self.width, self.height = width, height
+        self.resolution = tuple(resolution)  # (width, height) of the inputs it expects
         self.config = config
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, use_ema: bool = True, **overrides) -> "StandardizePipeline":
-        """Rebuild the networks from the checkpoint's config.yaml, then load its trained weights
-        (the EMA weights when the run had EMA and `use_ema`)."""
-        from serialgen.training.components_stage1 import build_stage1_components, inference_scheduler
-        from serialgen.training.config_stage1 import config_from_dict
+        """Rebuild the networks from the checkpoint's config.yaml (old key names are translated, with a
+        notice), then load its trained weights (the EMA weights when the run had EMA and `use_ema`).
+        `overrides`: num_inference_steps, guidance_scale, resolution (None: the checkpoint config's)."""
+        from serialgen.training.common.config import config_from_dict, override
+        from serialgen.training.stage1.components import build_components, inference_scheduler
+        from serialgen.training.stage1.config import Stage1Config
 
         checkpoint = Path(checkpoint)
-        config = config_from_dict(read_checkpoint_config(checkpoint), source=str(checkpoint / "config.yaml"))
-        config.model.gradient_checkpointing = False
-        parts = build_stage1_components(config)
+        config = config_from_dict(Stage1Config, read_checkpoint_config(checkpoint), source=str(checkpoint / "config.yaml"))
+        config = override(config, {"train.gradient_checkpointing": False})
+        parts = build_components(config)
+        check_model_config(checkpoint, parts.model.model_config())
         load_trainable_weights(parts.model, checkpoint, ema=use_ema and (checkpoint / "ema.safetensors").is_file())
         canonical = None
         if (checkpoint / "canonical_pose.safetensors").is_file():
@@ -58,8 +66,7 @@ class StandardizePipeline:
             if dtype != torch.float32:
                 module.to(dtype=dtype)
         settings = dict(num_inference_steps=config.inference.num_inference_steps,
-                        guidance_scale=config.inference.guidance_scale,
-                        width=config.data.width, height=config.data.height)
+                        guidance_scale=config.inference.guidance_scale, resolution=config.data.resolution)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(parts.model, parts.vae, parts.image_encoder, inference_scheduler(parts.noise_scheduler),
                    canonical_pose=canonical, config=config, **settings)
@@ -134,3 +141,44 @@ class StandardizePipeline:
 
         # 6. Decode
         return decode_latents(self.vae, latents).cpu()
+
+
+class Stage1Standardizer:
+    """A Stage I checkpoint as a picture standardizer: a list of PIL images in, their standard forms out.
+
+    Each picture is prepared exactly as `serialgen standardize` prepares one
+    (:func:`serialgen.training.stage1.reference_inputs.load_reference`: white padding to the model's
+    aspect ratio, background mask from alpha or near-white pixels, pose map from DWPose when its two
+    ONNX files are given, else blank), standardized with DDIM and returned as RGB at the model's size.
+    `seed` makes a call deterministic (pair shards are rebuilt identically).
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", *, dwpose_det: str | None = None,
+                 dwpose_pose: str | None = None, white_threshold: float = 0.94, steps: int | None = None,
+                 guidance: float | None = None, resolution: tuple[int, int] | None = None):
+        from serialgen.training.stage1.reference_inputs import BlankPose, WhiteBackgroundMask
+
+        self.pipeline = StandardizePipeline.from_checkpoint(checkpoint, device=device, num_inference_steps=steps,
+                                                            guidance_scale=guidance, resolution=resolution)
+        if dwpose_det and dwpose_pose:
+            from serialgen.training.stage1.dwpose import DWPoseOnnx
+
+            self.pose = DWPoseOnnx(dwpose_det, dwpose_pose)
+        else:
+            self.pose = BlankPose()
+        self.mask = WhiteBackgroundMask(white_threshold)
+        self.name = f"stage1:{Path(checkpoint).resolve()}"
+
+    def __call__(self, images: Sequence[Any], seed: int | None = None) -> list[Any]:
+        from PIL import Image
+
+        from serialgen.training.common.run_log import to_uint8_image
+        from serialgen.training.stage1.reference_inputs import load_reference
+
+        samples = [load_reference(im, self.pipeline.resolution, pose=self.pose, mask=self.mask) for im in images]
+        refs = torch.stack([s["ref"] for s in samples])
+        masks = torch.stack([s["ref_mask"] for s in samples])
+        poses = torch.stack([s["ref_pose"] for s in samples])
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        out = self.pipeline(refs, masks, poses, generator=generator)
+        return [Image.fromarray(to_uint8_image(x, (0, 1))) for x in out]

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 
-from serialgen.training.reference_attention import resize_map
+from serialgen.training.stage1.reference_attention import resize_map
 
 __all__ = ["FBDM", "RPIM", "build_pose_guider", "module_key"]
 

@@ -1,0 +1,159 @@
+"""Stage I run configuration (:mod:`serialgen.training.common.config` schema), and the weights-path check.
+
+Every weights path is checked up front (:func:`check_model_paths`), with a one-line error naming the
+config file, the key, the path and what is expected there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Iterable
+
+from serialgen.errors import UserInputError
+from serialgen.resolution import DEFAULT_RESOLUTION
+from serialgen.training.common.config import (
+    CONFIG_VERSION,
+    Renamed,
+    load_config,
+    resolution_setting,
+    section,
+    setting,
+)
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "ValidationConfig",
+    "InferenceConfig",
+    "Stage1Config",
+    "load_stage1_config",
+    "check_model_paths",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which networks. Either `tiny: true` (random-initialised tiny models from `tiny_seed`) or paths."""
+
+    pretrained_model: str | None = None  # diffusers-layout SD1.5 folder: unet/, vae/, scheduler/
+    pretrained_unet: str | None = None  # optional UNet folder overriding <pretrained_model>/unet
+    image_encoder: str | None = None  # CLIPVisionModelWithProjection folder (config.json + weights)
+    tiny: bool = False
+    tiny_seed: int = 0
+    fbdm: bool = True
+    rpim: bool = True
+    rpim_channels: tuple[int, ...] = (16, 32, 64, 128)
+    pose_guider_channels: tuple[int, ...] = (16, 32, 96, 256)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_shards: str | None = None  # shard path/pattern for dataset/loader.py, or synthetic:N
+    val_shards: str | None = None  # same; None: validate on the first training batch
+    backgrounds: str | None = None  # background image folder for the loader's compositing (None: procedural)
+    epoch_length: int | None = setting(2000, min=1)  # loader samples per reader per epoch in infinite mode (bounds resume replay)
+    resolution: tuple[int, int] = resolution_setting(DEFAULT_RESOLUTION)
+    num_workers: int = setting(4, min=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = setting(4, min=1)  # per process
+    max_steps: int = setting(50_000, min=1)  # optimizer steps
+    gradient_accumulation_steps: int = setting(1, min=1)
+    learning_rate: float = setting(1e-5, min=0)
+    lr_scheduler: str = "constant"  # any diffusers.optimization.get_scheduler name
+    lr_warmup_steps: int = setting(0, min=0)
+    adam_beta1: float = setting(0.9, min=0, max=1)
+    adam_beta2: float = setting(0.999, min=0, max=1)
+    adam_weight_decay: float = setting(1e-2, min=0)
+    adam_epsilon: float = setting(1e-8, min=0)
+    max_grad_norm: float | None = setting(1.0, min=0)  # null or 0: no clipping
+    mixed_precision: str = setting("bf16", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = False
+    ema: bool = False
+    ema_decay: float = setting(0.9999, min=0, max=1)
+    reference_dropout: float = setting(0.1, min=0)  # per sample: no reference features, zero CLIP embedding (CFG)
+    min_snr_gamma: float | None = setting(None, min=0)  # e.g. 5.0; None: plain epsilon MSE (eq. 2)
+    noise_offset: float = setting(0.0, min=0)
+    zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (pair with prediction_type v_prediction)
+    prediction_type: str = setting("epsilon", choices=("epsilon", "v_prediction"))  # epsilon: the paper's eq. 2
+    checkpoint_every: int = setting(2000, min=0)  # 0: only at the end
+    keep_checkpoints: int = setting(3, min=0)  # 0: keep all
+    log_every: int = setting(10, min=1)
+    tensorboard: bool = True
+    ddp_find_unused_parameters: bool = True
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every: int = setting(500, min=0)  # steps between validation grids (and one at the last step); 0: no validation
+    num_references: int = setting(4, min=1)  # rows of the grid: reference | predicted standard | target
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Sampling for validation, and the defaults of `standardize` / `eval standardization`."""
+
+    num_inference_steps: int = setting(20, min=1)
+    guidance_scale: float = setting(3.5, min=0)
+
+
+def _merge_size(values: tuple, data: dict) -> dict:
+    return {"data.resolution": list(values)}
+
+
+@dataclass(frozen=True)
+class Stage1Config:
+    version: int = CONFIG_VERSION
+    seed: int = setting(42, min=0)
+    output_dir: str = "runs/stage1"
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    train: TrainConfig = section(TrainConfig)
+    validation: ValidationConfig = section(ValidationConfig)
+    inference: InferenceConfig = section(InferenceConfig)
+    source: str = field(default="<dict>", compare=False, metadata={"internal": True})  # file the config came from
+
+    # Config version 1 spellings (configs of the first release, and those saved in its checkpoints).
+    RENAMED: ClassVar[tuple[Renamed, ...]] = (
+        Renamed(("data.width", "data.height"), ("data.resolution",), _merge_size, hint="data.resolution=WxH"),
+        Renamed(("model.gradient_checkpointing",), ("train.gradient_checkpointing",)),
+        Renamed(("train.checkpoints_keep",), ("train.keep_checkpoints",)),
+        Renamed(("train.validate_every",), ("validation.every",)),
+        Renamed(("train.validation_samples",), ("validation.num_references",)),
+    )
+
+    def check(self) -> None:
+        if not self.train.reference_dropout < 1:
+            raise UserInputError(f"{self.source}: train.reference_dropout must be in [0, 1), got {self.train.reference_dropout}")
+        if not self.model.tiny and not self.model.pretrained_model:
+            raise UserInputError(f"{self.source}: model.pretrained_model is required unless model.tiny is true")
+
+
+def load_stage1_config(path_or_name: str | Path, overrides: Iterable[str] = ()) -> Stage1Config:
+    """Read and validate a Stage I config (a YAML path or `stage1` / `stage1-tiny`), with `--set` overrides."""
+    return load_config(Stage1Config, path_or_name, overrides)
+
+
+def check_model_paths(config: Stage1Config) -> None:
+    """One-line errors for missing pretrained weights (skipped for tiny models)."""
+    m, src = config.model, config.source
+    if m.tiny:
+        return
+    base = Path(m.pretrained_model)
+    expected = "a diffusers-layout Stable Diffusion 1.5 folder (unet/, vae/, scheduler/)"
+    if not base.is_dir():
+        raise UserInputError(f"{src}: model.pretrained_model {base} not found: expected {expected}")
+    for sub in ("vae", "scheduler") + (() if m.pretrained_unet else ("unet",)):
+        if not (base / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")).is_file():
+            raise UserInputError(f"{src}: model.pretrained_model {base} has no {sub}/: expected {expected}")
+    if m.pretrained_unet and not (Path(m.pretrained_unet) / "config.json").is_file():
+        raise UserInputError(f"{src}: model.pretrained_unet {m.pretrained_unet} not found: expected a diffusers UNet2DConditionModel folder (config.json + weights)")
+    if not m.image_encoder or not (Path(m.image_encoder) / "config.json").is_file():
+        raise UserInputError(
+            f"{src}: model.image_encoder {m.image_encoder} not found: expected a CLIPVisionModelWithProjection folder "
+            "(config.json + model.safetensors, e.g. CLIP ViT-L/14 or sd-image-variations' image_encoder/)"
+        )
