@@ -213,6 +213,16 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     assert {a["job"] for a in report["attempts"]}.isdisjoint(done)
     assert all((out / rel).stat().st_mtime_ns == t for rel, t in mtimes.items())
     assert _indexed_keys(out) == _expected_keys(CHARS, assets)
+    # The index knows every character's standard pose, also of those whose shards were all kept.
+    from serialgen.dataset.shards import iter_shard
+
+    index = json.loads((out / "index.json").read_text())
+    assert set(index["characters"]) == set(CHARS)
+    for entry in index["shards"]:
+        for _key, sample in iter_shard(out / entry["path"]):
+            char = json.loads(sample["meta.json"])["character"]
+            assert index["characters"][char] == {"split": entry["split"],
+                                                 "standard_pose": json.loads(sample["std_pose.json"])}
 
     # And once more: a finished run renders nothing and says so.
     capsys.readouterr()

@@ -41,6 +41,7 @@ def test_render_end_to_end_with_ray(tmp_path, capsys):
     index = json.loads((out / "index.json").read_text())
     assert index["samples"] == 6 and len(index["shards"]) == 2
     assert [f["character"] for f in index["failures"]] == ["mannequin-broken"]
+    _check_index_v2(out, index, {"mannequin-adult", "mannequin-child"}, 128, 192)
     assert index["config"]["rejected_characters"] == 1
     assert main(["shards", "verify", str(out)]) == 0
 
@@ -72,6 +73,55 @@ def test_render_end_to_end_with_ray(tmp_path, capsys):
     path.write_bytes(bytes(data))
     assert main(["shards", "verify", str(out)]) == 1
     assert index["shards"][0]["path"] in capsys.readouterr().err
+
+
+def _check_index_v2(out, index: dict, characters: set, width: int, height: int) -> None:
+    """Index format 2: the canonical standard pose at the render size, and every character of the
+    set with its split and the standard pose its samples carry."""
+    from serialgen.dataset.shards import iter_shard
+    from serialgen.render.farm.driver import canonical_standard_pose
+
+    assert index["format_version"] == 2
+    assert index["standard_pose"] == canonical_standard_pose(width, height)
+    assert (index["standard_pose"]["width"], index["standard_pose"]["height"]) == (width, height)
+    assert set(index["characters"]) == characters
+    seen = set()
+    for entry in index["shards"]:
+        for key, sample in iter_shard(out / entry["path"]):
+            meta = json.loads(sample["meta.json"])
+            listed = index["characters"][meta["character"]]
+            assert listed["split"] == meta["split"] == entry["split"]
+            assert listed["standard_pose"] == json.loads(sample["std_pose.json"]), key
+            seen.add(meta["character"])
+    assert seen == characters
+
+
+@pytest.mark.blender
+def test_index_characters_and_standard_pose_survive_a_resume(tmp_path):
+    """Without Ray (--workers 0): the index's characters come from the jobs, from the journal when
+    a run resumes, and from the shards themselves when the journal does not know them."""
+    from serialgen.dataset import shards
+    from serialgen.render.farm.driver import FarmConfig, run_farm
+    from serialgen.render.scene import RenderSettings
+
+    assets = _assets(tmp_path / "assets")
+    out = tmp_path / "shards"
+    config = FarmConfig(assets=str(assets), out=str(out), settings=RenderSettings(width=64, height=96, threads=1),
+                        per_character=2, poses_per_shard=1, workers=0, progress=False)
+    assert run_farm(config)["status"] == "complete"
+    index = shards.read_index(out)
+    _check_index_v2(out, index, {"mannequin-adult", "mannequin-child"}, 64, 96)
+    # A run that lost one shard and its index resumes from the journal: one pair rendered again.
+    (out / index["shards"][0]["path"]).unlink()
+    (out / shards.INDEX_NAME).unlink()
+    assert run_farm(config)["pairs_rendered"] == 1
+    assert shards.read_index(out)["characters"] == index["characters"]
+    # Without the journal every shard is summarised from disk, its standard pose read from it.
+    (out / "journal.jsonl").unlink()
+    (out / shards.INDEX_NAME).unlink()
+    summary = run_farm(config)
+    assert summary["pairs_rendered"] == 0 and summary["shards_read_from_disk"] == 4
+    assert shards.read_index(out) == index
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):
@@ -199,12 +249,15 @@ def test_journal_resume_trusts_sizes_and_skips_torn_lines(tmp_path):
     farm_journal.prepare_out(out, cfg, planned, overwrite=False, retry_quarantined=False)
     journal = farm_journal.Journal(out)
     summaries = {}
+    poses = {name: {"width": 8, "height": 8, "names": ["nose"], "keypoints": [[i, 1.5, 1]], "defined": [1]}
+             for i, name in enumerate("ab")}
     for name in ("a", "b"):
         with shards.ShardWriter(out, f"train/{name}.tar", "train") as w:
-            w.write(f"k{name}", {m: b"x" for m in shards.MEMBERS})
+            w.write(f"k{name}", {**{m: b"x" for m in shards.MEMBERS},
+                                 "std_pose.json": shards.json_bytes(poses[name])})
             summaries[name] = w.close()
     lost = {"character": "a", "key": "a_p00001_v0", "error": "RuntimeError: boom"}
-    journal.shard(summaries["a"], [lost])  # b finished on disk but the driver died before journalling it
+    journal.shard(summaries["a"], [lost], "a", poses["a"])  # b finished on disk but the driver died before journalling it
     journal.quarantine("c", "failed 3 times")
     journal.close()
     with open(out / farm_journal.JOURNAL_NAME, "a") as f:
@@ -214,6 +267,7 @@ def test_journal_resume_trusts_sizes_and_skips_torn_lines(tmp_path):
     assert set(resume.keep) == {"train/a.tar", "train/b.tar"} and resume.read_from_disk == 1
     assert resume.keep["train/b.tar"].sha256 == summaries["b"].sha256
     assert resume.sample_failures == [lost]  # a kept shard's failed samples still reach the index
+    assert resume.standard_poses == {f"train/{n}.tar": p for n, p in poses.items()}  # a: journal, b: its shard
     assert resume.quarantined == {"c": "failed 3 times"}
     assert not (out / "train" / ".c.tar.tmp").exists()
     assert farm_journal.prepare_out(out, cfg, planned, False, retry_quarantined=True).quarantined == {}

@@ -5,8 +5,10 @@ Planning happens here, on the driver (no bpy); rendering happens in Blender work
 ``(character, sample range)`` jobs (:class:`serialgen.render.job.RenderJob`) whose shard names are
 deterministic (``<split>/<character>-p<start>-<stop>.tar``), so a retried or re-run job rewrites the
 same file with the same bytes. Workers write their shard straight into the output folder (temporary
-name, renamed when complete) and send back only a small summary; the driver journals each finished
-shard and writes ``index.json`` last.
+name, renamed when complete) and send back only a small summary (with the character's standard
+pose); the driver journals each finished shard and writes ``index.json`` last, with the canonical
+standard pose of the reference figure and each character's split and own standard pose
+(:func:`canonical_standard_pose`, :func:`characters_of`; ``docs/shard_format.md``).
 
 Faults (``docs/rendering.md``, "The farm"): a worker that dies is replaced and its job retried; a job
 past its timeout is killed and retried; a character that fails ``max_attempts`` times is quarantined
@@ -25,6 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
+from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
 from serialgen.dataset import shards
 from serialgen.errors import UserInputError
 from serialgen.render.farm.journal import LOGS_NAME, REPORT_FORMAT, REPORT_NAME, Journal, finished_run, prepare_out
@@ -32,9 +37,10 @@ from serialgen.render.farm.pool import LocalPool, RayPool, check_reachable, log_
 from serialgen.render.farm.report import Progress, WorkerStats
 from serialgen.render.farm.schedule import JobBook
 from serialgen.render.job import RenderJob
+from serialgen.render.keypoints import pose_record
 from serialgen.render.scene import RenderSettings
 
-__all__ = ["FarmConfig", "load_characters", "plan_jobs", "run_farm"]
+__all__ = ["FarmConfig", "load_characters", "plan_jobs", "run_farm", "canonical_standard_pose", "characters_of"]
 
 
 @dataclass
@@ -98,8 +104,6 @@ def load_characters(assets_dir: Path) -> tuple[list[dict], int]:
 def _pose_count(poses_path: Path) -> int:
     if not poses_path.is_file():
         raise UserInputError(f"--assets: {poses_path} not found (run `serialgen assets build`)")
-    import numpy as np
-
     try:
         with np.load(poses_path, allow_pickle=False) as data:
             n = int(data["angles"].shape[0])
@@ -164,9 +168,11 @@ def _sigterm_as_interrupt():
 class _Driver:
     """Receives the pool's events: updates the job book, the journal, the progress bar, the stats."""
 
-    def __init__(self, book: JobBook, journal: Journal, progress: Progress, summaries: dict):
+    def __init__(self, book: JobBook, journal: Journal, progress: Progress, summaries: dict,
+                 standard_poses: dict):
         self.book, self.journal, self.progress = book, journal, progress
-        self.summaries = summaries
+        self.summaries = summaries  # shard path -> ShardSummary
+        self.standard_poses = standard_poses  # shard path -> its character's standard pose
         self.stats = WorkerStats()
         self.sample_failures: list[dict] = []
         self.stage_totals: dict[str, float] = {}
@@ -201,8 +207,9 @@ class _Driver:
         summary = shards.ShardSummary(**result["shard"])
         summary.keys = []  # the driver needs counts and hashes, not keys
         self.summaries[summary.path] = summary
+        self.standard_poses[summary.path] = result["standard_pose"]
         failed_samples = [f for f in result.get("failures", []) if f.get("key")]
-        self.journal.shard(summary, failed_samples)
+        self.journal.shard(summary, failed_samples, job.character["id"], result["standard_pose"])
         self.book.succeeded(job, seconds, result.get("pairs", 0))
         self.pairs_rendered += result.get("pairs", 0)
         self.sample_failures.extend(failed_samples)
@@ -236,6 +243,25 @@ class _Driver:
             self.progress.note(f"quarantined {char}: {reason}")
         else:
             self.progress.failed()
+
+
+def canonical_standard_pose(width: int, height: int) -> dict:
+    """The canonical standard pose (std_pose.json format) of the reference figure at the render
+    resolution: ``geometry.standard_form.reference_standard_keypoints`` through ``pose_record``.
+    Every keypoint of the reference figure is defined; its mask says which are in the frame."""
+    uv, visible = reference_standard_keypoints(width, height)
+    return pose_record(np.column_stack([uv, visible]), visible, width, height)
+
+
+def characters_of(jobs: list[RenderJob], summaries: dict, standard_poses: dict[str, dict]) -> dict:
+    """The index's ``characters``: ``{id: {"split", "standard_pose"}}`` for every character with a
+    finished shard (its standard pose from that shard's job or journal line)."""
+    out = {}
+    for job in jobs:
+        pose = standard_poses.get(job.shard) if job.shard in summaries else None
+        if pose is not None:
+            out.setdefault(job.character["id"], {"split": job.split, "standard_pose": pose})
+    return out
 
 
 def _nothing_to_do(config: FarmConfig, index: dict, t0: float) -> dict:
@@ -294,7 +320,7 @@ def run_farm(config: FarmConfig) -> dict:
     progress = Progress(sum(j.stop - j.start for j in todo), len(jobs) - len(
         [j for j in jobs if j.character["id"] in resume.quarantined and j.shard not in resume.keep]),
         len(resume.keep), enabled=config.progress and bool(todo))
-    driver = _Driver(book, journal, progress, summaries)
+    driver = _Driver(book, journal, progress, summaries, dict(resume.standard_poses))
     status = "complete"
     pool_info = {"cpus_per_worker": config.cpus_per_worker, "threads": threads}
     try:
@@ -329,7 +355,9 @@ def run_farm(config: FarmConfig) -> dict:
     index_config = {**config.render_config(), "characters": len(characters), "rejected_characters": rejected,
                     "poses": n_poses}
     if status == "complete":
-        shards.write_index(out, shard_list, index_config, failures)
+        shards.write_index(out, shard_list, index_config, failures,
+                           standard_pose=canonical_standard_pose(settings.width, settings.height),
+                           characters=characters_of(jobs, summaries, driver.standard_poses))
     wall = time.perf_counter() - t0
     summary = {
         "format": REPORT_FORMAT,

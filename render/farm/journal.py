@@ -4,12 +4,16 @@ Files the farm keeps next to the shards (the shard format itself is ``docs/shard
 
 * ``run.json``: the configuration that fixes the bytes (``FarmConfig.render_config``). A re-run with
   the same configuration resumes; another configuration is refused unless ``--overwrite``.
-* ``journal.jsonl`` (format ``serialgen.render-journal/1``, its first line): one line per finished shard (path, split, samples, bytes, sha256) and per
-  quarantined character (id, reason), appended by the driver (one writer) and fsynced as each job
-  ends. A resumed run trusts a journal line whose shard exists with the journalled size, so resuming
+* ``journal.jsonl`` (format ``serialgen.render-journal/1``, its first line): one line per finished
+  shard (path, split, samples, bytes, sha256, the failed samples of its job, its character and that
+  character's standard pose, the std_pose.json its samples carry) and per quarantined character
+  (id, reason), appended by the driver (one writer) and fsynced as each job ends. The standard pose
+  is there so a resumed run can write the index's ``characters`` without reading shards. A resumed run trusts a journal line whose shard exists with the journalled size, so resuming
   costs one ``stat`` per shard instead of re-reading terabytes; a complete ``*.tar`` the journal does
   not know (the driver died between the worker's rename and the journal line) is summarised from
-  disk. A torn last line (driver killed mid-write) is ignored.
+  disk, and its standard pose read from its first sample (so is a shard whose journal line has
+  none: a journal written before the standard pose was journalled). A torn last line (driver
+  killed mid-write) is ignored.
 * ``index.json`` (written last) marks a finished run: a re-run of a finished run renders nothing.
 * ``report.json``, ``logs/``: observability, never read back.
 """
@@ -20,12 +24,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from serialgen.dataset import shards
 from serialgen.errors import UserInputError
 
-__all__ = ["RUN_NAME", "JOURNAL_NAME", "JOURNAL_FORMAT", "REPORT_FORMAT", "REPORT_NAME", "LOGS_NAME", "Journal", "Resume", "prepare_out",
-           "finished_run"]
+__all__ = ["RUN_NAME", "JOURNAL_NAME", "JOURNAL_FORMAT", "REPORT_FORMAT", "REPORT_NAME", "LOGS_NAME", "Journal",
+           "JournalState", "Resume", "prepare_out", "finished_run", "standard_pose_on_disk"]
 
 RUN_NAME = "run.json"
 JOURNAL_NAME = "journal.jsonl"
@@ -35,6 +40,15 @@ JOURNAL_FORMAT = "serialgen.render-journal/1"  # first line of journal.jsonl: {"
 REPORT_FORMAT = "serialgen.render-report/1"  # report.json's "format"
 
 
+class JournalState(NamedTuple):
+    """What a journal says (later lines win)."""
+
+    done: dict[str, shards.ShardSummary]  # shard path -> summary
+    quarantined: dict[str, str]  # character -> reason
+    sample_failures: dict[str, list[dict]]  # shard path -> failed samples of its job
+    standard_poses: dict[str, dict]  # shard path -> its character's standard pose (when journalled)
+
+
 class Journal:
     """Append-only record of finished shards and quarantined characters (driver side)."""
 
@@ -42,14 +56,14 @@ class Journal:
         self.path = Path(out) / JOURNAL_NAME
         self._f = None
 
-    def read(self) -> tuple[dict[str, shards.ShardSummary], dict[str, str], dict[str, list[dict]]]:
-        """({shard path: summary}, {character: quarantine reason}, {shard path: its failed samples});
-        later lines win."""
+    def read(self) -> JournalState:
         done: dict[str, shards.ShardSummary] = {}
         quarantined: dict[str, str] = {}
         sample_failures: dict[str, list[dict]] = {}
+        standard_poses: dict[str, dict] = {}
+        state = JournalState(done, quarantined, sample_failures, standard_poses)
         if not self.path.is_file():
-            return done, quarantined, sample_failures
+            return state
         for line in self.path.read_text().splitlines():
             try:
                 rec = json.loads(line)
@@ -62,9 +76,13 @@ class Journal:
                 done[rec["path"]] = shards.ShardSummary(rec["path"], rec["split"], rec["samples"],
                                                         rec["bytes"], rec["sha256"])
                 sample_failures[rec["path"]] = rec.get("failures", [])
+                if rec.get("standard_pose") is not None:
+                    standard_poses[rec["path"]] = rec["standard_pose"]
+                else:
+                    standard_poses.pop(rec["path"], None)
             elif rec.get("kind") == "quarantine":
                 quarantined[rec["character"]] = rec["reason"]
-        return done, quarantined, sample_failures
+        return state
 
     def _append(self, rec: dict) -> None:
         if self._f is None:
@@ -76,9 +94,12 @@ class Journal:
         self._f.flush()
         os.fsync(self._f.fileno())
 
-    def shard(self, summary: shards.ShardSummary, failures: list[dict] = ()) -> None:
-        """A finished shard, with the samples of its job that failed (they go into the index)."""
-        self._append({"kind": "shard", **summary.to_json(), "failures": list(failures)})
+    def shard(self, summary: shards.ShardSummary, failures: list[dict] = (), character: str | None = None,
+              standard_pose: dict | None = None) -> None:
+        """A finished shard, with the samples of its job that failed (they go into the index), its
+        character and that character's standard pose (the index's ``characters``)."""
+        self._append({"kind": "shard", **summary.to_json(), "failures": list(failures), "character": character,
+                      "standard_pose": standard_pose})
 
     def quarantine(self, character: str, reason: str) -> None:
         self._append({"kind": "quarantine", "character": character, "reason": reason})
@@ -97,6 +118,7 @@ class Resume:
     quarantined: dict[str, str] = field(default_factory=dict)  # character -> reason
     read_from_disk: int = 0  # complete shards the journal did not know (summarised by reading them)
     sample_failures: list[dict] = field(default_factory=list)  # failed samples of the kept shards' jobs
+    standard_poses: dict[str, dict] = field(default_factory=dict)  # kept shard path -> its standard pose
 
 
 def _existing_tars(out: Path) -> list[str]:
@@ -164,17 +186,31 @@ def prepare_out(out: str | Path, render_config: dict, planned: dict[str, str], o
         for tmp in (out / s).glob(".*.tmp"):
             tmp.unlink()
     run_path.write_text(json.dumps(render_config, indent=1, sort_keys=True) + "\n")
-    journalled, quarantined, failed_samples = journal.read()
-    resume = Resume(quarantined={} if retry_quarantined else quarantined)
+    state = journal.read()
+    resume = Resume(quarantined={} if retry_quarantined else state.quarantined)
     on_disk = set(existing)
     for rel, split in planned.items():
         if rel not in on_disk:
             continue
-        summary = journalled.get(rel)
-        if summary is not None and (out / rel).stat().st_size == summary.bytes:
+        summary = state.done.get(rel)
+        trusted = summary is not None and (out / rel).stat().st_size == summary.bytes
+        if trusted:
             resume.keep[rel] = summary
-            resume.sample_failures.extend(failed_samples.get(rel, []))
+            resume.sample_failures.extend(state.sample_failures.get(rel, []))
         else:
             resume.keep[rel] = shards.summarize_shard(out, rel, split)
             resume.read_from_disk += 1
+        pose = state.standard_poses.get(rel) if trusted else None
+        if pose is None:
+            pose = standard_pose_on_disk(out / rel)
+        if pose is not None:
+            resume.standard_poses[rel] = pose
     return resume
+
+
+def standard_pose_on_disk(path: Path) -> dict | None:
+    """The std_pose.json of a shard's first sample (every sample of a shard carries its character's
+    one standard pose), or None for a shard without samples."""
+    for _key, sample in shards.iter_shard(path):
+        return json.loads(sample["std_pose.json"])
+    return None
