@@ -18,11 +18,12 @@ from serialgen.assets_manifest import poses as pm
 from serialgen.assets_manifest import skeleton as sk
 from serialgen.assets_manifest.bone_maps import map_skeleton
 from serialgen.assets_manifest.build import build_assets
-from serialgen.assets_manifest.characters_scan import geometry_fingerprint
+from serialgen.assets_manifest.characters_scan import geometry_fingerprint, scan_characters
+from serialgen.assets_manifest.motions_scan import scan_motions
 from serialgen.assets_manifest.probe import MotionSamples, ProbeError, ProbeFailure
 from serialgen.cli import main
 
-N_POSES = 100
+N_POSES = 40
 SMALL = ["--poses", str(N_POSES), "--procedural-backgrounds", "2", "--quiet"]
 
 
@@ -188,9 +189,8 @@ def test_build_decides_from_what_the_probe_reports(tmp_path):
     for name in ("dance.glb", "still.fbx", "hangs.glb"):
         (src / "moves" / name).write_bytes(name.encode())
     probe = FakeProbe()
-    kwargs = dict(probe=probe, characters=[src / "chars"], motions=[src / "moves"], poses=N_POSES,
-                  procedural_backgrounds=1, quiet=True)
-    summary = build_assets(tmp_path / "out", **kwargs)
+    summary = build_assets(tmp_path / "out", probe=probe, characters=[src / "chars"], motions=[src / "moves"],
+                           poses=20, procedural_backgrounds=1, quiet=True)
 
     by = {Path(r["path"]).name: r for r in summary["manifests"]["characters"]}
     assert by["hero.glb"]["status"] == "accepted" and by["hero.glb"]["bone_map"]["l_hand"] == "l_hand"
@@ -208,12 +208,13 @@ def test_build_decides_from_what_the_probe_reports(tmp_path):
     assert any("no Blender here" in n for n in summary["notes"])
     assert ("exr", len(list(bg.bpy_hdri_dir().glob("*.exr")))) in probe.calls
 
-    # Re-run: unchanged files are not read again, and the records are the same.
+    # Scanned again: unchanged files are not read again, and the records are the same.
     again = FakeProbe()
-    summary2 = build_assets(tmp_path / "out", **dict(kwargs, probe=again, hdri=False))
-    assert [c for c in again.calls if c[0] != "exr"] == []
-    assert summary2["manifests"]["characters"] == summary["manifests"]["characters"]
-    assert summary2["manifests"]["motions"] == summary["manifests"]["motions"]
+    chars = summary["manifests"]["characters"]
+    imported = [r for r in summary["manifests"]["motions"] if r["kind"] != "builtin"]
+    assert scan_characters([src / "chars"], chars, probe=again) == chars
+    assert scan_motions([src / "moves"], tmp_path / "out", imported, probe=again)[0] == imported
+    assert again.calls == []
 
 
 # ---------------------------------------------------------------------------------------------
