@@ -34,8 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from serialgen.resolution import add_resolution_argument
 
 

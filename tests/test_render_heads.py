@@ -26,6 +26,7 @@ FACE = ("nose", "l_eye", "r_eye")
 def characters(shared_assets, tmp_path_factory):
     """(assets dir, {name: accepted manifest record}) for the three real and one procedural character."""
     from serialgen.assets_manifest.characters_scan import scan_characters
+    from serialgen.render.asset_build import BlenderProbe
     from serialgen.assets_manifest.procedural import build_mesh_data, describe_character, save_mesh_data
 
     root = tmp_path_factory.mktemp("heads")
@@ -33,7 +34,7 @@ def characters(shared_assets, tmp_path_factory):
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         pytest.skip(f"real test characters not found: {missing}")
-    by_path = {Path(r["path"]).name: r for r in scan_characters(files, root / "scan")}
+    by_path = {Path(r["path"]).name: r for r in scan_characters(files, probe=BlenderProbe())}
     records = {}
     for name, rel in REAL.items():
         rec = by_path[Path(rel).name]

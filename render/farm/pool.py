@@ -21,7 +21,6 @@ import os
 import socket
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
