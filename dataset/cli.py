@@ -22,7 +22,7 @@ from pathlib import Path
 
 from serialgen.resolution import add_resolution_argument, format_resolution
 
-__all__ = ["register", "preview_grid", "bench"]
+__all__ = ["register", "bench"]
 
 _COLUMNS = ("reference (composited)", "mask (white = background)", "reference pose", "standard", "standard pose")
 

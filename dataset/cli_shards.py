@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["register", "contact_sheet"]
+from serialgen.errors import UserInputError
+
+__all__ = ["register"]
 
 # OpenPose-ish limb colours by keypoint index; a point is drawn only when visible.
 _COLOURS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
@@ -27,7 +29,8 @@ def _handle_verify(args: argparse.Namespace) -> int:
         return 1
     index = read_index(args.shards)
     splits = ", ".join(f"{k} {v['samples']} pairs / {v['shards']} shards" for k, v in index["splits"].items())
-    print(f"verify: OK, {len(index['shards'])} shards, {index['samples']} pairs ({splits})")
+    print(f"verify: OK, {len(index['shards'])} shards, {index['samples']} pairs ({splits}; index version "
+          f"{index['format_version']})")
     return 0
 
 
@@ -61,7 +64,7 @@ def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_heigh
         if len(cells) >= count:
             break
     if not cells:
-        raise ValueError(f"{root}: no samples to preview")
+        raise UserInputError(f"{root}: no samples to preview" + (f" in split {split!r}" if split else ""))
     rows = []
     for key, sample in cells:
         ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGBA")
@@ -96,12 +99,9 @@ def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_heigh
 
 
 def _handle_preview(args: argparse.Namespace) -> int:
-    from serialgen.errors import UserInputError
-
-    try:
-        path = contact_sheet(args.shards, args.out, count=args.count, split=args.split)
-    except ValueError as exc:
-        raise UserInputError(str(exc)) from None
+    if args.count < 1:
+        raise UserInputError(f"--count {args.count}: must be at least 1")
+    path = contact_sheet(args.shards, args.out, count=args.count, split=args.split)
     print(f"preview: wrote {path}")
     return 0
 
@@ -112,7 +112,9 @@ def register(sub, groups) -> None:
                           description="Check that every shard listed in SHARDS/index.json exists with its size "
                                       "and sha256, that no unlisted shard lies in the split folders, and that "
                                       "every sample has its five members (ref.png RGBA, std.png RGB, "
-                                      "ref_pose.json, std_pose.json, meta.json). Exit 1 on any problem.")
+                                      "ref_pose.json, std_pose.json, meta.json) and, when the index lists its "
+                                      "characters (format version 2), that each sample's character is listed "
+                                      "with its split and standard pose. Exit 1 on any problem.")
     v.add_argument("shards", metavar="SHARDS", help="shard folder (holds index.json)")
     v.add_argument("--quick", action="store_true", help="sizes and checksums only, no sample checks")
     v.set_defaults(handler=_handle_verify)

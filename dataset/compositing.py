@@ -55,7 +55,6 @@ __all__ = [
     "composite_reference",
     "jitter_lut",
     "list_background_images",
-    "IMAGE_SUFFIXES",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

@@ -33,7 +33,6 @@ from serialgen.assets_manifest.skeleton import KEYPOINT_NAMES
 __all__ = [
     "BODY_COLOURS",
     "BODY_LIMBS",
-    "FOOT_LIMBS",
     "FOOT_COLOURS",
     "HAND_EDGES",
     "HAND_EDGE_COLOURS",
@@ -42,7 +41,6 @@ __all__ = [
     "LIMB_DIM",
     "Pose",
     "parse_pose",
-    "line_scale",
     "draw_pose_map",
     "draw_pose_image",
     "draw_pose_region",

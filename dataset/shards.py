@@ -107,8 +107,8 @@ def _pose_problem(pose) -> str | None:
     w, h, names, kps = pose.get("width"), pose.get("height"), pose.get("names"), pose.get("keypoints")
     if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
         return "has no positive integer width and height"
-    if not (isinstance(names, list) and isinstance(kps, list) and len(names) == len(kps)
-            and all(isinstance(p, list) and len(p) == 3 for p in kps)):
+    if not (isinstance(names, (list, tuple)) and isinstance(kps, (list, tuple)) and len(names) == len(kps)
+            and all(isinstance(p, (list, tuple)) and len(p) == 3 for p in kps)):
         return "keypoints are not one [x, y, visible] per name"
     return None
 

@@ -17,6 +17,18 @@ from test_loader_synth import synth_background, synth_pair
 SIZE = (256, 384)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread, as torch sets it in a DataLoader worker: with two, the resampling kernel's
+    threads spin against other jobs on a busy 2-core machine and a 0.2 s test takes 2 s."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _sample(character, pose, size=(256, 384)):
     m = synth_pair(character, pose, size=size)
     return decode_png(m["ref.png"], "RGBA"), parse_pose(m["ref_pose.json"])

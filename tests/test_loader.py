@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -11,13 +10,30 @@ import numpy as np
 import pytest
 import torch
 
+from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
 from serialgen.cli import main as cli_main
 from serialgen.dataset.loader import LoaderConfig, RenderPairDataset, make_loader, open_dataset, resolve_shards
+from serialgen.dataset.posemap import Pose, draw_pose_map, parse_pose
+from serialgen.dataset.shards import verify
+from serialgen.dataset.tarset import TarSetError
 from serialgen.errors import UserInputError
+from serialgen.imaging import fit_transform
 from test_loader_synth import synth_background, write_synthetic_shards
 
 SIZE = (128, 192)
 PER_SHARD = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread, as torch sets it in a DataLoader worker: with two, the resampling kernel's
+    threads spin against other jobs on a busy 2-core machine and a 0.2 s test takes 2 s."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +117,19 @@ def test_two_ranks_two_workers_see_disjoint_samples_covering_the_epoch(shard_set
     assert len(seen[0]) + len(seen[1]) == len(everything) and set(seen[0]) | set(seen[1]) == everything
 
 
-def test_fewer_shards_than_readers_is_a_clear_error_not_a_hang(shard_set):
+def test_fewer_shards_than_readers_is_a_clear_error_not_a_hang(shard_set, monkeypatch):
     root, bgs = shard_set
     three = resolve_shards(root)[:3]
     with pytest.raises(UserInputError, match="3 shards for 2 rank"):
         make_loader(three, bgs, _cfg(rank=0, world_size=2), num_workers=2)
-    # The same check inside the workers (a DataLoader built by hand): an error, not a wait.
+    # The same check inside the workers (a DataLoader built by hand): an error, not a wait. Run as
+    # worker 1 of 2 in this process: a real DataLoader re-raises it, but its errored workers then
+    # take torch's 5 s shutdown timeout each when the iterator is collected.
     ds = RenderPairDataset(three, bgs, _cfg(rank=1, world_size=2))
-    with pytest.raises(Exception, match="each reader needs at least one shard"):
-        list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    monkeypatch.setattr(RenderPairDataset, "_worker", staticmethod(lambda: (1, 2)))
+    with pytest.raises(UserInputError, match="each reader needs at least one shard"):
+        list(ds)
+    monkeypatch.undo()
     # Resampled mode draws with replacement per reader: no such limit.
     ds = RenderPairDataset(three, bgs, _cfg(rank=1, world_size=2, resampled=True, epoch_length=4))
     assert len(list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))) == 8
@@ -221,18 +241,76 @@ def test_cli_preview_and_bench(shard_set, tmp_path, capsys):
     assert result["warmup_samples"] >= 32 + 16  # the background pool filled before measuring
 
 
-def test_reads_the_render_farms_shards_when_present():
-    root = Path(__file__).resolve().parents[1] / "data" / "shards"
-    if not (root / "index.json").is_file():
-        pytest.skip(f"no rendered shard set at {root} (make shards)")
-    ds = RenderPairDataset(root, None, LoaderConfig(shuffle_buffer=0))
-    n = 0
-    for s in ds:
+def _pose_map(pose: dict | Pose, resolution) -> np.ndarray:
+    """The (3, H, W) uint8 map the loader should draw for ``pose`` fitted into ``resolution``."""
+    pose = parse_pose(pose) if isinstance(pose, dict) else pose
+    t = fit_transform(pose.size, resolution)
+    return draw_pose_map(pose.transformed(*t, resolution), resolution).transpose(2, 0, 1)
+
+
+def test_the_canonical_pose_map_is_the_index_standard_pose(tmp_path):
+    """Format version 2: the loader draws the index's standard_pose (what render used, at the render
+    resolution), fitted to the output; a version 1 index falls back to the geometry; a foreign or
+    newer index is a one-line error naming it."""
+    known = {"width": 64, "height": 96, "names": ["nose", "neck", "r_shoulder", "l_shoulder", "r_hip", "l_hip"],
+             "keypoints": [[32, 12, 1], [32, 22, 1], [22, 24, 1], [42, 24, 1], [26, 50, 1], [38, 50, 1]],
+             "defined": [1] * 6}
+    write_synthetic_shards(tmp_path, n_shards=1, per_shard=2, size=SIZE, standard_pose=known, with_characters=True)
+    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8"))))
+    expected = _pose_map(known, SIZE)
+    assert expected.any() and np.array_equal(s["std_pose"].numpy(), expected)
+    assert verify(tmp_path) == []
+
+    # Version 1: no standard_pose; the reference figure at the standard camera, at the samples' size.
+    index = json.loads((tmp_path / "index.json").read_text())
+    index["format_version"] = 1
+    del index["standard_pose"], index["characters"]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8"))))
+    uv, vis = reference_standard_keypoints(*SIZE)
+    geometry = _pose_map(Pose(uv, vis, SIZE, np.zeros((0, 2), np.float32)), SIZE)
+    assert np.array_equal(s["std_pose"].numpy(), geometry) and not np.array_equal(geometry, expected)
+
+    # canonical_pose=PATH (e.g. saved with a checkpoint) wins over both.
+    (tmp_path / "pose.json").write_text(json.dumps(known))
+    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8", canonical_pose=str(tmp_path / "pose.json")))))
+    assert np.array_equal(s["std_pose"].numpy(), expected)
+
+    index["format_version"] = 3
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(TarSetError, match=r"index.json: serialgen.shards format_version 3; this serialgen reads "
+                                          r"versions 1, 2; written by a newer serialgen"):
+        RenderPairDataset(tmp_path, None, _cfg())
+
+
+@pytest.mark.blender
+def test_reads_shards_rendered_by_blender(tmp_path):
+    """The loader on real renders (the mannequin, through the render worker and the shard writer) at
+    the default output size, as training reads them."""
+    from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
+    from serialgen.dataset.shards import ShardSummary, split_of, write_index
+    from serialgen.render.job import BlenderWorker, RenderJob
+    from serialgen.render.scene import RenderSettings
+
+    poses = tmp_path / "poses.npz"
+    save_pose_library(build_pose_library(8, seed=0), poses)
+    record = {"id": "mannequin-adult", "kind": "mannequin", "variant": "adult", "status": "accepted"}
+    split = split_of(record["id"])
+    out = tmp_path / "shards"
+    worker = BlenderWorker(RenderSettings(width=128, height=192, threads=1))
+    try:
+        result = worker.run(RenderJob(record, "", str(out), f"{split}/{record['id']}-p000000-000003.tar", split,
+                                      0, 3, 3, 0, str(poses)))
+    finally:
+        worker.unload()
+    assert result["status"] == "ok", result.get("traceback")
+    write_index(out, [ShardSummary(**result["shard"])], {}, result["failures"])
+    assert verify(out) == []
+    ds = RenderPairDataset(out, None, LoaderConfig(split=split, shuffle_buffer=0))
+    samples = list(ds)
+    assert len(samples) == 3 and ds.stats.total_skipped == 0
+    for s in samples:
         assert s["ref"].shape == (3, 768, 512) and (s["ref_mask"] == 0).any()
-        n += 1
-        if n >= 8:
-            break
-    assert n > 0 and ds.stats.total_skipped == 0
 
 
 def test_output_size_other_than_the_render_size(shard_set):

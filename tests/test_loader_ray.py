@@ -6,6 +6,8 @@ from serialgen.dataset.loader import resolve_shards
 from serialgen.dataset.shards import MEMBERS
 from test_loader_synth import write_synthetic_shards
 
+pytestmark = pytest.mark.ray
+
 
 def test_stock_webdataset_and_ray_read_the_same_samples(tmp_path):
     import webdataset as wds
@@ -15,7 +17,8 @@ def test_stock_webdataset_and_ray_read_the_same_samples(tmp_path):
     stock = {s["__key__"]: s for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)}
     assert len(stock) == 6 and all(set(MEMBERS) <= set(s) for s in stock.values())
 
-    ray = pytest.importorskip("ray")
+    import ray
+
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         rows = ray.data.read_webdataset(urls, decoder=None).take_all()

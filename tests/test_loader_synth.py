@@ -1,4 +1,4 @@
-"""Synthetic shards in the render engineer's format, for the loader tests and benchmarks.
+"""Synthetic shards in the render farm's format, for the loader tests and benchmarks.
 
 A figure is the canonical skeleton posed by ``forward_kinematics`` with random angles, seen by an
 orthographic camera turned about the vertical axis, and drawn with PIL as thick round-capped limbs
@@ -152,20 +152,25 @@ def synth_pair(character: int, pose: int, size=(512, 768), std_size=None, hands:
 
 def write_synthetic_shards(root: Path, n_shards: int = 4, per_shard: int = 6, split: str = "train",
                            size=(512, 768), std_size=None, characters_per_shard: int = 1,
-                           first_character: int = 0, texture: float = 0.0) -> list[Path]:
+                           first_character: int = 0, texture: float = 0.0, standard_pose: dict | None = None,
+                           with_characters: bool = False) -> list[Path]:
     """Write ``root/<split>/shard-NNNNNN.tar`` and ``root/index.json`` with the project's own shard
     writer (``serialgen.dataset.shards``: the render farm's format); return the shard paths.
 
     Keys are ``c<character>_p<pose>`` (no dots), unique across the whole set. Calling it again for
-    another split keeps the shards already listed in the index.
+    another split keeps the shards (and characters) already listed in the index. ``standard_pose``
+    and ``with_characters`` fill the index's version 2 fields (``characters`` from the samples'
+    own std_pose.json).
     """
     from serialgen.dataset import shards as fmt
 
     root = Path(root)
-    summaries = []
+    summaries, characters = [], {}
     if (root / fmt.INDEX_NAME).is_file():
+        old = fmt.read_index(root)
         summaries = [fmt.ShardSummary(**{k: e[k] for k in ("path", "split", "samples", "bytes", "sha256")})
-                     for e in fmt.read_index(root)["shards"] if e["split"] != split]
+                     for e in old["shards"] if e["split"] != split]
+        characters = {c: r for c, r in (old["characters"] or {}).items() if r["split"] != split}
     paths = []
     for s in range(n_shards):
         rel = f"{split}/shard-{s:06d}.tar"
@@ -176,9 +181,11 @@ def write_synthetic_shards(root: Path, n_shards: int = 4, per_shard: int = 6, sp
                 key = f"c{character:04d}_p{pose:05d}"
                 sample = synth_pair(character, pose, size=size, std_size=std_size, texture=texture, key=key, split=split)
                 w.write(key, sample)
+                characters[f"synth{character:04d}"] = {"split": split, "standard_pose": json.loads(sample["std_pose.json"])}
             summaries.append(w.close())
         paths.append(root / rel)
-    fmt.write_index(root, summaries, config={"synthetic": True}, failures=[])
+    fmt.write_index(root, summaries, config={"synthetic": True}, failures=[], standard_pose=standard_pose,
+                    characters=characters if with_characters else None)
     return paths
 
 

@@ -1,4 +1,5 @@
-"""Stage II pair shards: format round trip, verification, and pair building on (real, local) Ray Data."""
+"""Stage II pair shards (the ``serialgen.pairs`` schema of the tar-set layer): format round trip,
+verification, and pair building on (real, local) Ray Data (``ray`` tier)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 from PIL import Image
 
 from serialgen.dataset.pairs import (
@@ -20,7 +22,7 @@ from serialgen.dataset.pairs import (
     verify_pairs,
     write_index,
 )
-from serialgen.dataset.tarset import read_member, scan_shard
+from serialgen.dataset.tarset import TarSetError, read_member, scan_shard
 from serialgen.errors import UserInputError
 
 
@@ -29,8 +31,6 @@ def _img(w: int, h: int, colour: tuple[int, int, int]) -> Image.Image:
 
 
 def test_pair_shard_round_trip_and_verify(tmp_path):
-    import webdataset as wds
-
     out = tmp_path / "pairs"
     with PairShardWriter(out, 0) as w:
         w.add("00000000_a", _img(32, 48, (255, 255, 255)), _img(40, 40, (200, 0, 0)), "a red square", {"source": "a.jpg"})
@@ -69,6 +69,25 @@ def test_pair_shard_round_trip_and_verify(tmp_path):
     assert report["problems"][0].startswith("pairs-000000.tar: sha256 ") and "differs from the index" in report["problems"][0]
 
 
+def test_verify_checks_pair_members_and_unlisted_shards(tmp_path):
+    out = tmp_path / "pairs"
+    with PairShardWriter(out, 0) as w:
+        w.add("00000000_a", _img(8, 12, (255, 255, 255)), _png(), "caption", {"source": "a.png"})
+    write_index(out)
+    assert json.loads((out / "pairs-000000.json").read_text())["samples"] == 1  # the resumable build's sidecar
+    with PairShardWriter(out, 1) as w:  # finished after the index was written: not part of the set
+        w.add("00000001_b", _img(8, 12, (255, 255, 255)), _img(8, 8, (1, 2, 3)), "", {})
+    report = verify_pairs(out)
+    assert report["shards"] == 1 and report["samples"] == 1
+    assert report["problems"] == ["pairs-000000.tar: 00000000_a.target.jpg is not a JPEG",
+                                  "pairs-000001.tar: shard not in the index (left from another run?)"]
+    assert write_index(out)["samples"] == 2 and len(verify_pairs(out)["problems"]) == 1
+    (out / "index.json").write_text(json.dumps({"format": "serialgen.pairs", "format_version": 2, "shards": []}))
+    with pytest.raises(TarSetError, match="index.json: serialgen.pairs format_version 2; this serialgen reads "
+                                          "version 1; written by a newer serialgen"):
+        verify_pairs(out)
+
+
 def test_interrupted_shard_leaves_nothing_final(tmp_path):
     with pytest.raises(RuntimeError):
         with PairShardWriter(tmp_path, 3) as w:
@@ -99,7 +118,7 @@ def _png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray():  # only the ray-tier tests below use it
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -123,6 +142,7 @@ def corpus(tmp_path) -> Path:
     return root
 
 
+@pytest.mark.ray
 def test_build_pairs_on_ray_and_resume(local_ray, corpus, tmp_path):
     from serialgen.training.stage2.build_pairs import build_pairs
 
@@ -163,6 +183,7 @@ def test_build_pairs_on_ray_and_resume(local_ray, corpus, tmp_path):
         build_pairs(corpus, out, standardizer="identity", samples_per_shard=3, progress=False)
 
 
+@pytest.mark.ray
 def test_build_pairs_from_webdataset_shards(local_ray, tmp_path):
     from serialgen.training.stage2.build_pairs import build_pairs, discover_inputs
 
@@ -195,6 +216,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         build_pairs(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(UserInputError, match="--checkpoint: .*Stage I checkpoint folder"):
         load_standardizer(str(tmp_path / "no-ckpt"))
-    with pytest.raises(UserInputError, match="index.json: not found"):
+    with pytest.raises(TarSetError, match="index.json: not found; expected a pair set written by `serialgen standardize`"):
         read_index(tmp_path)
     np.testing.assert_array_equal(np.asarray(load_standardizer("identity")([_img(20, 20, (5, 5, 5))])[0])[0, 0], [255, 255, 255])

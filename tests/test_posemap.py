@@ -14,8 +14,8 @@ N = {n: i for i, n in enumerate(KEYPOINT_NAMES)}
 def _pose(size=(512, 768)):
     """The canonical figure in the rest A-pose, front view, fitted into 80 % of the canvas.
 
-    (Not ``reference_standard_pose``: the standard camera's framing belongs to the renderer and may
-    cut the hands; these tests need every point on the canvas.)
+    (Not the canonical standard pose, ``geometry.standard_form.reference_standard_keypoints``: the
+    standard camera's framing may cut the hands; these tests need every point on the canvas.)
     """
     from serialgen.assets_manifest import skeleton as sk
 

@@ -1,5 +1,7 @@
-"""The shard format without Blender: keys, splits, deterministic tars, index, verify, and reading the
-shards back with stock webdataset and Ray Data. Also the camera maths the renderer relies on."""
+"""The shard format without Blender: the tar-set layer (deterministic tars, index read/write and its
+version check, verify, iteration, random access), keys, splits, index version 2 (standard_pose,
+characters) and version 1 sets, and reading the shards back with stock webdataset and Ray Data.
+Also the camera maths the renderer relies on."""
 
 from __future__ import annotations
 
@@ -8,26 +10,41 @@ import json
 
 import numpy as np
 import pytest
+import webdataset as wds
 
 from serialgen.dataset import shards as S
+from serialgen.dataset import tarset as T
+from serialgen.errors import UserInputError
 
 
 def _pose(w=6, h=8):
     return {"width": w, "height": h, "names": ["nose", "neck"], "keypoints": [[1.0, 2.0, 1], [3.0, 4.0, 0]]}
 
 
+def _std_pose(character):
+    """A character's own standard pose (what its samples' std_pose.json holds)."""
+    x = float(sum(map(ord, character)) % 6)
+    return {"width": 6, "height": 8, "names": ["nose", "neck"], "keypoints": [[x, 2.0, 1], [3.0, 4.0, 1]]}
+
+
 def _members(key, seed=0):
     rng = np.random.default_rng(seed)
+    character = key.split("_p")[0]
     return {
         "ref.png": S.encode_png(rng.integers(0, 255, (8, 6, 4), dtype=np.uint8)),
         "std.png": S.encode_png(rng.integers(0, 255, (8, 6, 3), dtype=np.uint8)),
         "ref_pose.json": S.json_bytes(_pose()),
-        "std_pose.json": S.json_bytes(_pose()),
-        "meta.json": S.json_bytes({"schema": S.SAMPLE_SCHEMA, "key": key, "character": key.split("_p")[0]}),
+        "std_pose.json": S.json_bytes(_std_pose(character)),
+        "meta.json": S.json_bytes({"schema": S.SAMPLE_SCHEMA, "key": key, "character": character}),
     }
 
 
-def _write_set(root, characters=("proc-000001", "proc-000002", "proc-000003"), per=3):
+CHARACTERS = ("proc-000001", "proc-000002", "proc-000003")
+STANDARD_POSE = {"width": 6, "height": 8, "names": ["nose", "neck"], "keypoints": [[3.0, 1.0, 1], [3.0, 2.5, 1]],
+                 "defined": [1, 1]}
+
+
+def _write_set(root, characters=CHARACTERS, per=3, v2=False):
     summaries = []
     for c in characters:
         split = S.split_of(c)
@@ -36,8 +53,25 @@ def _write_set(root, characters=("proc-000001", "proc-000002", "proc-000003"), p
                 key = S.sample_key(c, p, 0)
                 w.write(key, _members(key, p))
             summaries.append(w.close())
-    S.write_index(root, summaries, {"seed": 0}, [])
+    extra = {}
+    if v2:
+        extra = {"standard_pose": STANDARD_POSE,
+                 "characters": {c: {"split": S.split_of(c), "standard_pose": _std_pose(c)} for c in characters}}
+    S.write_index(root, summaries, {"seed": 0}, [], **extra)
     return summaries
+
+
+def _edit_index(root, edit):
+    path = root / S.INDEX_NAME
+    index = json.loads(path.read_text())
+    edit(index)
+    path.write_text(json.dumps(index))
+
+
+def _as_v1(index):
+    """What a version 1 writer wrote: no standard_pose, no characters."""
+    index["format_version"] = 1
+    del index["standard_pose"], index["characters"]
 
 
 def test_keys_have_no_dots_and_bad_keys_say_why():
@@ -118,8 +152,6 @@ def test_verify_catches_missing_extra_and_incomplete(tmp_path):
 
 
 def test_stock_webdataset_reads_every_member(tmp_path):
-    import webdataset as wds
-
     summaries = _write_set(tmp_path)
     urls = [str(tmp_path / s.path) for s in summaries]
     ds = wds.WebDataset(urls, shardshuffle=False).decode("rgb8")
@@ -136,8 +168,10 @@ def test_stock_webdataset_reads_every_member(tmp_path):
     assert json.loads(raw["ref_pose.json"])["keypoints"][0] == [1.0, 2.0, 1]
 
 
+@pytest.mark.ray
 def test_ray_data_reads_the_shards(tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
+
     summaries = _write_set(tmp_path)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
@@ -152,6 +186,129 @@ def test_ray_data_reads_the_shards(tmp_path):
     meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
     assert meta["key"] == row["__key__"]
     assert sorted(r["__key__"] for r in rows) == sorted(k for s in summaries for k in s.keys)
+
+
+# -- the tar-set layer and index versions -----------------------------------------------------------
+
+
+def test_round_trip_members_random_access_and_index_v2(tmp_path):
+    summaries = _write_set(tmp_path, v2=True)
+    index = S.read_index(tmp_path)
+    assert index["format"] == "serialgen.shards" and index["format_version"] == S.SHARD_FORMAT_VERSION == 2
+    assert index["standard_pose"] == STANDARD_POSE
+    assert index["characters"] == {c: {"split": S.split_of(c), "standard_pose": _std_pose(c)} for c in CHARACTERS}
+    assert index["samples"] == 9 and [e["path"] for e in index["shards"]] == sorted(s.path for s in summaries)
+    assert S.verify(tmp_path) == []
+    # What was written is what is read, by the sequential reader and by random access.
+    path = tmp_path / summaries[0].path
+    samples = list(S.iter_shard(path))
+    assert [k for k, _ in samples] == summaries[0].keys
+    assert samples[1][1] == _members(summaries[0].keys[1], 1)
+    table = T.scan_shard(path)
+    assert [k for k, _ in table] == summaries[0].keys and list(table[0][1]) == list(S.MEMBERS)
+    for (key, members), (_, offsets) in zip(samples, table):
+        assert {m: T.read_member(path, *offsets[m]) for m in S.MEMBERS} == members
+    assert T.sha256_file(path) == (summaries[0].sha256, summaries[0].bytes)
+
+
+def test_a_version_1_set_still_loads_and_verifies(tmp_path):
+    _write_set(tmp_path)
+    _edit_index(tmp_path, _as_v1)
+    index = S.read_index(tmp_path)
+    assert index["format_version"] == 1 and index["standard_pose"] is None and index["characters"] is None
+    assert S.verify(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda ix: ix.update(format="serialgen.pairs"), "format 'serialgen.pairs', expected 'serialgen.shards' versions 1, 2"),
+    (lambda ix: ix.update(format_version=3), "format_version 3; this serialgen reads versions 1, 2; written by a newer"),
+    (lambda ix: ix.update(format_version="2"), "format_version '2'; this serialgen reads versions 1, 2"),
+    (lambda ix: ix.update(format_version=0), "format_version 0; this serialgen reads versions 1, 2"),
+    (lambda ix: ix["shards"][0].pop("sha256"), "shards[0] is not {path, samples, bytes, sha256}"),
+    (lambda ix: ix["shards"][0].update(path="../elsewhere.tar"), "is not a relative path inside the set"),
+    (lambda ix: ix["shards"][0].update(split="val"), "has split 'val'"),
+    (lambda ix: ix.update(standard_pose={"width": 6}), "standard_pose has no positive integer width and height"),
+    (lambda ix: ix["characters"]["proc-000001"].update(split="dev"), "characters 'proc-000001' has no split"),
+], ids=["foreign", "newer", "string", "older", "entry", "escape", "split", "pose", "characters"])
+def test_a_foreign_newer_or_malformed_index_is_one_line_naming_the_file(tmp_path, edit, expected):
+    _write_set(tmp_path, v2=True)
+    _edit_index(tmp_path, edit)
+    with pytest.raises(T.TarSetError) as exc:
+        S.read_index(tmp_path)
+    msg = str(exc.value)
+    assert isinstance(exc.value, UserInputError) and "\n" not in msg
+    assert msg.startswith(f"{tmp_path / S.INDEX_NAME}: ") and expected in msg, msg
+    assert S.verify(tmp_path) == [msg]
+
+
+def test_unreadable_indexes_are_tarset_errors(tmp_path):
+    (tmp_path / S.INDEX_NAME).write_text("{not json")
+    with pytest.raises(T.TarSetError, match=r"index.json: not valid JSON \(.* at line 1\); expected a shard set"):
+        S.read_index(tmp_path)
+    (tmp_path / S.INDEX_NAME).write_text("[1, 2]")
+    with pytest.raises(T.TarSetError, match="index.json: not a JSON object"):
+        S.read_index(tmp_path)
+    # The pair schema reads through the same layer: the same error type, its own expectation.
+    from serialgen.dataset import pairs
+
+    (tmp_path / S.INDEX_NAME).write_text("{}")
+    with pytest.raises(T.TarSetError, match="index.json: format None, expected 'serialgen.pairs' version 1"):
+        pairs.read_index(tmp_path)
+
+
+def test_verify_checks_characters_against_the_samples(tmp_path):
+    _write_set(tmp_path, v2=True)
+    moved = CHARACTERS[0]
+    other = "test" if S.split_of(moved) == "train" else "train"
+
+    def wrong(index):
+        index["characters"][moved]["split"] = other
+        index["characters"][CHARACTERS[1]]["standard_pose"]["keypoints"][0][0] = 5.0
+        del index["characters"][CHARACTERS[2]]
+        index["characters"]["proc-000009"] = {"split": "train", "standard_pose": _std_pose("proc-000009")}
+
+    _edit_index(tmp_path, wrong)
+    problems = S.verify(tmp_path)
+    assert any(f"character {moved} is {other!r} in the index's characters" in p for p in problems)
+    assert any(f"std_pose.json differs from the index's standard_pose of {CHARACTERS[1]}" in p for p in problems)
+    assert any(f"character '{CHARACTERS[2]}' is not in the index's characters" in p for p in problems)
+    assert S.verify(tmp_path, deep=False) == []  # sizes and checksums only
+
+    _write_set(tmp_path / "b", v2=True)
+    _edit_index(tmp_path / "b", lambda ix: ix["characters"].update(
+        {"proc-000009": {"split": "train", "standard_pose": _std_pose("proc-000009")}}))
+    assert S.verify(tmp_path / "b") == [
+        "index.json: character proc-000009 is listed in characters but has no sample and no failure"]
+    _edit_index(tmp_path / "b", lambda ix: ix.update(failures=[{"character": "proc-000009", "key": None, "error": "x"}]))
+    assert S.verify(tmp_path / "b") == []
+
+
+def test_writer_refuses_bad_samples(tmp_path):
+    with S.ShardWriter(tmp_path, "train/x-p000000-000002.tar", "train") as w:
+        w.write("x_p00000_v0", _members("x_p00000_v0"))
+        with pytest.raises(ValueError, match="duplicate sample key 'x_p00000_v0'"):
+            w.write("x_p00000_v0", _members("x_p00000_v0"))
+        partial = _members("x_p00001_v0")
+        del partial["std.png"]
+        with pytest.raises(ValueError, match=r"sample x_p00001_v0 has members .*, expected \['ref.png'"):
+            w.write("x_p00001_v0", partial)
+        assert w.close().samples == 1
+    with pytest.raises(ValueError, match="characters 'a' has no split"):
+        S.write_index(tmp_path, [], {}, [], characters={"a": {"split": "dev", "standard_pose": _pose()}})
+
+
+def test_verify_cli_and_preview_read_through_the_format(tmp_path, capsys):
+    from serialgen.cli import main as cli_main
+
+    _write_set(tmp_path, v2=True)
+    assert cli_main(["shards", "verify", str(tmp_path)]) == 0
+    assert "verify: OK, 3 shards, 9 pairs" in capsys.readouterr().out
+    assert cli_main(["shards", "preview", str(tmp_path), "--out", str(tmp_path / "sheet.png"), "--count", "2"]) == 0
+    _edit_index(tmp_path, lambda ix: ix.update(format_version=7))
+    assert cli_main(["shards", "preview", str(tmp_path), "--out", str(tmp_path / "sheet.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "format_version 7" in err[0]
+    assert cli_main(["shards", "verify", str(tmp_path)]) == 1
 
 
 # -- camera maths (no Blender) -------------------------------------------------------------------
