@@ -160,6 +160,42 @@ def _check_sample(index: dict, entry: dict, key: str, sample: dict[str, bytes]) 
     return problems
 
 
+def _characters_problem(characters) -> str | None:
+    if not isinstance(characters, dict):
+        return f"is {type(characters).__name__}, not an object of character ids"
+    for cid, rec in characters.items():
+        if not isinstance(rec, dict) or rec.get("split") not in SPLITS:
+            return f"{cid!r} has no split {' or '.join(SPLITS)}"
+        why = _pose_problem(rec.get("standard_pose"))
+        if why:
+            return f"{cid!r}: standard_pose {why}"
+    return None
+
+
+def _check_index(path: Path, index: dict) -> None:
+    for i, e in enumerate(index["shards"]):
+        if e.get("split") not in SPLITS:
+            raise TarSetError(f"{path}: shards[{i}] ({e['path']}) has split {e.get('split')!r}, not {' or '.join(SPLITS)}")
+    pose, characters = index.get("standard_pose"), index.get("characters")
+    if pose is not None and _pose_problem(pose):
+        raise TarSetError(f"{path}: standard_pose {_pose_problem(pose)}")
+    if characters is not None and _characters_problem(characters):
+        raise TarSetError(f"{path}: characters {_characters_problem(characters)}")
+
+
+SCHEMA = tarset.TarSetSchema(
+    format=SHARD_FORMAT,
+    version=SHARD_FORMAT_VERSION,
+    readable=(1, 2),
+    members=MEMBERS,
+    shard_globs=tuple(f"{s}/*.tar" for s in SPLITS),
+    packages=("serialgen", "bpy", "webdataset", "ray", "numpy", "pillow"),
+    check_index=_check_index,
+    check_sample=_check_sample,
+    what="a shard set written by `serialgen render` (its index.json is written when the run finishes)",
+)
+
+
 @dataclass
 class ShardSummary:
     """What a finished shard reports (small: this travels back through Ray)."""
@@ -220,18 +256,6 @@ def summarize_shard(root: str | Path, relpath: str, split: str) -> ShardSummary:
     return ShardSummary(relpath, split, len(keys), size, sha, keys)
 
 
-def _characters_problem(characters) -> str | None:
-    if not isinstance(characters, dict):
-        return f"is {type(characters).__name__}, not an object of character ids"
-    for cid, rec in characters.items():
-        if not isinstance(rec, dict) or rec.get("split") not in SPLITS:
-            return f"{cid!r} has no split {' or '.join(SPLITS)}"
-        why = _pose_problem(rec.get("standard_pose"))
-        if why:
-            return f"{cid!r}: standard_pose {why}"
-    return None
-
-
 def write_index(root: str | Path, shards: list[ShardSummary], config: dict, failures: list[dict], *,
                 standard_pose: dict | None = None, characters: dict | None = None) -> Path:
     """Write ``root/index.json`` (the last step of a run). Deterministic: no timestamps or timings.
@@ -262,30 +286,6 @@ def write_index(root: str | Path, shards: list[ShardSummary], config: dict, fail
         "standard_pose": standard_pose,
         "characters": characters,
     })
-
-
-def _check_index(path: Path, index: dict) -> None:
-    for i, e in enumerate(index["shards"]):
-        if e.get("split") not in SPLITS:
-            raise TarSetError(f"{path}: shards[{i}] ({e['path']}) has split {e.get('split')!r}, not {' or '.join(SPLITS)}")
-    pose, characters = index.get("standard_pose"), index.get("characters")
-    if pose is not None and _pose_problem(pose):
-        raise TarSetError(f"{path}: standard_pose {_pose_problem(pose)}")
-    if characters is not None and _characters_problem(characters):
-        raise TarSetError(f"{path}: characters {_characters_problem(characters)}")
-
-
-SCHEMA = tarset.TarSetSchema(
-    format=SHARD_FORMAT,
-    version=SHARD_FORMAT_VERSION,
-    readable=(1, 2),
-    members=MEMBERS,
-    shard_globs=tuple(f"{s}/*.tar" for s in SPLITS),
-    packages=("serialgen", "bpy", "webdataset", "ray", "numpy", "pillow"),
-    check_index=_check_index,
-    check_sample=_check_sample,
-    what="a shard set written by `serialgen render` (its index.json is written when the run finishes)",
-)
 
 
 def read_index(root: str | Path) -> dict:
