@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from serialgen.resolution import DEFAULT_RESOLUTION, add_resolution_argument, format_resolution
 from serialgen.training.stage1.model import StandardizationModel, clip_image_embeds, encode_latents
 from serialgen.training.common.tiny_models import (
     build_tiny_clip_vision,
@@ -103,15 +104,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models at 64x96 (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
+    add_resolution_argument(parser, default=None, multiple_of=8, help="image size (default 512x768; tiny 64x96)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--modes", default="off,on", help="gradient checkpointing modes to run, in order")
     args = parser.parse_args()
-    width = args.width or (64 if args.tiny else 512)
-    height = args.height or (96 if args.tiny else 768)
+    width, height = args.resolution or ((64, 96) if args.tiny else DEFAULT_RESOLUTION)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if device.type == "cpu":
@@ -135,7 +134,7 @@ def main() -> None:
 
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "resolution": [w, h], "batch_size": b, "dtype": args.dtype, "tiny": args.tiny,
+        "resolution": format_resolution((w, h)), "batch_size": b, "dtype": args.dtype, "tiny": args.tiny,
         "trainable_params_M": round(sum(p.numel() for p in trainable) / 1e6, 1),
         "runs": [],
     }

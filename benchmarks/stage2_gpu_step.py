@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from serialgen.resolution import DEFAULT_RESOLUTION, add_resolution_argument, format_resolution
+
 # SDXL base 1.0 UNet (unet/config.json), OpenCLIP ViT-H/14 vision tower (h94/IP-Adapter image_encoder),
 # CLIP ViT-L/14 text and OpenCLIP bigG text (SDXL text_encoder / text_encoder_2), SDXL VAE.
 SDXL_UNET = dict(
@@ -113,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models, 64x96, batch 2, on CPU (a smoke run)")
     ap.add_argument("--count-only", action="store_true", help="print parameter counts of the full models and exit")
     ap.add_argument("--batch", type=int, default=None, help="per-GPU batch (default 8; tiny 2)")
-    ap.add_argument("--width", type=int, default=None)
-    ap.add_argument("--height", type=int, default=None)
+    add_resolution_argument(ap, default=None, multiple_of=8, help="image size (default 512x768; tiny 64x96)")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="frozen-weight dtype (default bf16 on GPU)")
     ap.add_argument("--steps", type=int, default=6, help="timed training steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: use --tiny for a CPU run", file=sys.stderr)
         return 2
     batch = args.batch or (2 if args.tiny else 8)
-    width, height = args.width or (64 if args.tiny else 512), args.height or (96 if args.tiny else 768)
+    width, height = args.resolution or ((64, 96) if args.tiny else DEFAULT_RESOLUTION)
     dtype_name = args.dtype or ("fp32" if args.tiny else "bf16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     if args.tiny:
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "size": "tiny" if args.tiny else "paper (SDXL + ViT-H/14, random weights)",
-        "resolution": f"{width}x{height}", "batch": batch, "dtype": dtype_name,
+        "resolution": format_resolution((width, height)), "batch": batch, "dtype": dtype_name,
         "gradient_checkpointing": args.gradient_checkpointing,
         "adapter_params_M": round(count_parameters(params) / 1e6, 2), "build_s": round(build_s, 1),
         "torch": torch.__version__,
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats()
         from PIL import Image
 
-        ref = pad_to_square(Image.new("RGB", (512, 768), (200, 60, 60)))
+        ref = pad_to_square(Image.new("RGB", DEFAULT_RESOLUTION, (200, 60, 60)))
         times = []
         for i in range(1 + args.gen_images):
             _sync(device)

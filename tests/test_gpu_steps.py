@@ -18,13 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from serialgen.resolution import DEFAULT_RESOLUTION
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-WIDTH, HEIGHT = 512, 768
+WIDTH, HEIGHT = DEFAULT_RESOLUTION
 
 
 def _benchmark(name: str):

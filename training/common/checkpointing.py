@@ -40,19 +40,14 @@ from serialgen.errors import UserInputError
 
 __all__ = [
     "CHECKPOINT_VERSION",
-    "trainable_state_dict",
     "save_checkpoint",
     "load_trainable_weights",
     "load_checkpoint",
-    "read_train_state",
     "read_checkpoint_config",
-    "read_model_config",
     "check_model_config",
     "write_model_config",
     "latest_checkpoint",
     "rotate_checkpoints",
-    "capture_rng_state",
-    "restore_rng_state",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -60,7 +55,7 @@ MODEL_CONFIG_NAME = "model_config.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters with `requires_grad`, by state_dict name, detached, contiguous and on CPU."""
     return {
         name: param.detach().to("cpu").contiguous()
@@ -69,7 +64,7 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+def _capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """All RNG states a training step may draw from (global torch/CUDA/numpy/python + named generators)."""
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -93,8 +88,8 @@ def _python_state_to_plain(state: tuple) -> list:
     return [version, list(internal), gauss]
 
 
-def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
-    """Inverse of `capture_rng_state`; a generator missing from the saved state is an error."""
+def _restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Inverse of `_capture_rng_state`; a generator missing from the saved state is an error."""
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -139,7 +134,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        weights = trainable_state_dict(model)
+        weights = _trainable_state_dict(model)
         save_file(weights, str(tmp / "trainable.safetensors"), metadata={"format": "pt", "step": str(step)})
         resume: dict[str, Any] = {}
         if optimizer is not None:
@@ -167,7 +162,7 @@ def save_checkpoint(
     if not is_main_process or tmp.exists():
         # each process writes its own RNG state into the (temporary) checkpoint folder
         target = tmp if tmp.exists() else final
-        torch.save(capture_rng_state(generators), target / f"rng-{rank}.pt")
+        torch.save(_capture_rng_state(generators), target / f"rng-{rank}.pt")
     _barrier()
     if is_main_process:
         if final.exists():
@@ -200,7 +195,7 @@ def _require_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def read_train_state(checkpoint: str | Path) -> dict[str, Any]:
+def _read_train_state(checkpoint: str | Path) -> dict[str, Any]:
     """The checkpoint's `train_state.json`; rejects an unknown format version."""
     path = _require_checkpoint(checkpoint) / "train_state.json"
     state = json.loads(path.read_text())
@@ -222,7 +217,7 @@ def write_model_config(folder: str | Path, model_config: Mapping[str, Any]) -> P
     return path
 
 
-def read_model_config(folder: str | Path) -> dict[str, Any] | None:
+def _read_model_config(folder: str | Path) -> dict[str, Any] | None:
     """The `model_config.json` of a checkpoint or run folder; None for folders written before it existed."""
     path = Path(folder) / MODEL_CONFIG_NAME
     return json.loads(path.read_text()) if path.is_file() else None
@@ -231,7 +226,7 @@ def read_model_config(folder: str | Path) -> dict[str, Any] | None:
 def check_model_config(folder: str | Path, expected: Mapping[str, Any]) -> None:
     """One-line error when the saved model config differs from the model about to load the weights
     (another architecture or ablation); nothing to check for folders without `model_config.json`."""
-    saved = read_model_config(folder)
+    saved = _read_model_config(folder)
     if saved is None:
         return
     expected = json.loads(json.dumps(_plain(expected)))
@@ -280,7 +275,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the train state (step, data position...)."""
     checkpoint = _require_checkpoint(checkpoint)
-    state = read_train_state(checkpoint)
+    state = _read_train_state(checkpoint)
     names = load_trainable_weights(model, checkpoint)
     own_trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if sorted(names) != sorted(own_trainable):
@@ -301,7 +296,7 @@ def load_checkpoint(
     rng_path = checkpoint / f"rng-{rank}.pt"
     if not rng_path.is_file():
         raise UserInputError(f"{rng_path}: not found (resuming with more processes than the run had?)")
-    restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True), generators)
+    _restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True), generators)
     return state
 
 

@@ -41,8 +41,6 @@ __all__ = [
     "resolution_setting",
     "section",
     "packaged_config",
-    "resolve_config_path",
-    "parse_set",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -102,7 +100,7 @@ def packaged_config(name: str) -> Path:
     return PACKAGED_DIR / f"{name}.yaml"
 
 
-def resolve_config_path(value: str | Path) -> Path:
+def _resolve_config_path(value: str | Path) -> Path:
     """A YAML path, or the name of a packaged config."""
     path = Path(value)
     if path.is_file():
@@ -315,7 +313,7 @@ def _notice(source: str, notes: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ --set
 
-def parse_set(items: Iterable[str]) -> list[tuple[str, Any]]:
+def _parse_set(items: Iterable[str]) -> list[tuple[str, Any]]:
     """``["train.learning_rate=1e-4", ...]`` -> ``[("train.learning_rate", 0.0001), ...]`` (values as YAML)."""
     out = []
     for item in items:
@@ -380,7 +378,7 @@ def _finish(cls: type[C], data: dict, source: str) -> C:
 
 def load_config(cls: type[C], path_or_name: str | Path, overrides: Iterable[str] = ()) -> C:
     """Read a YAML config (a path or a packaged name), translate old keys, apply ``--set`` overrides, validate."""
-    path = resolve_config_path(path_or_name)
+    path = _resolve_config_path(path_or_name)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
@@ -390,7 +388,7 @@ def load_config(cls: type[C], path_or_name: str | Path, overrides: Iterable[str]
     renamed = getattr(cls, "RENAMED", ())
     data, notes = translate_old_keys(data, renamed, path.name)
     _notice(path.name, notes)
-    data = _apply(cls, data, parse_set(overrides), "--set", renamed)
+    data = _apply(cls, data, _parse_set(overrides), "--set", renamed)
     return _finish(cls, data, path.name)
 
 

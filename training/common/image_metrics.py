@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "gaussian_window", "SSIM_WINDOW", "SSIM_SIGMA"]
+__all__ = ["psnr", "ssim", "SSIM_WINDOW", "SSIM_SIGMA"]
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -35,7 +35,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return (10 * torch.log10(data_range**2 / mse)).float()  # mse 0 -> inf
 
 
-def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+def _gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Normalised 1-D Gaussian (size,), float64."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
@@ -49,7 +49,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0) -> torch.Ten
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(a.shape[-2:])}")
     a, b = a.double(), b.double()
     channels = a.shape[1]
-    g = gaussian_window()
+    g = _gaussian_window()
     kx = g.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     ky = g.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
 

@@ -20,10 +20,7 @@ import torch
 
 __all__ = [
     "seeded_init",
-    "tiny_unet_config",
-    "tiny_vae_config",
     "tiny_clip_vision_config",
-    "tiny_sdxl_unet_config",
     "tiny_clip_text_config",
     "build_tiny_unet",
     "build_tiny_vae",
@@ -43,7 +40,7 @@ def seeded_init(seed: int) -> Iterator[None]:
         yield
 
 
-def tiny_unet_config(**overrides) -> dict:
+def _tiny_unet_config(**overrides) -> dict:
     """SD1.5-shaped UNet2DConditionModel config, two resolutions, attention at both (7 attn1 layers).
 
     cross_attention_dim 32 equals the tiny CLIP vision projection_dim, as 768 does for SD1.5 + ViT-L/14.
@@ -64,7 +61,7 @@ def tiny_unet_config(**overrides) -> dict:
     return config
 
 
-def tiny_vae_config(**overrides) -> dict:
+def _tiny_vae_config(**overrides) -> dict:
     """AutoencoderKL with 4 blocks (downsampling factor 8, like the SD VAE), 4 latent channels."""
     config = dict(
         in_channels=3,
@@ -97,7 +94,7 @@ def tiny_clip_vision_config(**overrides) -> dict:
     return config
 
 
-def tiny_sdxl_unet_config(**overrides) -> dict:
+def _tiny_sdxl_unet_config(**overrides) -> dict:
     """SDXL-shaped UNet config from diffusers' SDXL pipeline tests (text_time embedding, cross dim 64)."""
     config = dict(
         block_out_channels=(32, 64),
@@ -140,19 +137,19 @@ def tiny_clip_text_config(**overrides) -> dict:
 
 
 def build_tiny_unet(seed: int = 0, **overrides):
-    """Random-initialised tiny `UNet2DConditionModel` (see `tiny_unet_config`)."""
+    """Random-initialised tiny `UNet2DConditionModel` (see `_tiny_unet_config`)."""
     from diffusers import UNet2DConditionModel
 
     with seeded_init(seed):
-        return UNet2DConditionModel(**tiny_unet_config(**overrides))
+        return UNet2DConditionModel(**_tiny_unet_config(**overrides))
 
 
 def build_tiny_vae(seed: int = 0, **overrides):
-    """Random-initialised tiny `AutoencoderKL` (factor 8, see `tiny_vae_config`)."""
+    """Random-initialised tiny `AutoencoderKL` (factor 8, see `_tiny_vae_config`)."""
     from diffusers import AutoencoderKL
 
     with seeded_init(seed):
-        return AutoencoderKL(**tiny_vae_config(**overrides))
+        return AutoencoderKL(**_tiny_vae_config(**overrides))
 
 
 def build_tiny_clip_vision(seed: int = 0, **overrides):
@@ -177,7 +174,7 @@ def build_tiny_sdxl_unet(seed: int = 0, **overrides):
     from diffusers import UNet2DConditionModel
 
     with seeded_init(seed):
-        return UNet2DConditionModel(**tiny_sdxl_unet_config(**overrides))
+        return UNet2DConditionModel(**_tiny_sdxl_unet_config(**overrides))
 
 
 def write_tiny_clip_tokenizer(directory: str | Path, vocab_size: int = 1000):

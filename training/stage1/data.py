@@ -28,14 +28,12 @@ from torch.utils.data import Dataset
 from serialgen.errors import UserInputError
 
 __all__ = [
-    "SAMPLE_KEYS",
     "SyntheticStandardizationDataset",
     "collate_stage1",
     "open_stage1_dataset",
-    "parse_synthetic_spec",
 ]
 
-SAMPLE_KEYS = ("ref", "ref_mask", "ref_pose", "std", "std_pose")
+_SAMPLE_KEYS = ("ref", "ref_mask", "ref_pose", "std", "std_pose")
 
 # joints of the toy figure in a unit box (x, y), and the limbs drawn between them (OpenPose-ish colours)
 _JOINTS = {"head": (0.5, 0.12), "neck": (0.5, 0.25), "hip": (0.5, 0.55), "lhand": (0.2, 0.5),
@@ -124,13 +122,13 @@ class SyntheticStandardizationDataset(Dataset):
 def collate_stage1(samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Stack the tensor members; `meta` becomes a list."""
     samples = list(samples)
-    batch = {key: torch.stack([s[key] for s in samples]) for key in SAMPLE_KEYS}
+    batch = {key: torch.stack([s[key] for s in samples]) for key in _SAMPLE_KEYS}
     batch["meta"] = [s.get("meta", {}) for s in samples]
     batch["__key__"] = [s.get("__key__", "") for s in samples]
     return batch
 
 
-def parse_synthetic_spec(spec: str) -> int | None:
+def _parse_synthetic_spec(spec: str) -> int | None:
     """`synthetic:N` -> N; anything else -> None."""
     if not spec.startswith("synthetic:"):
         return None
@@ -148,7 +146,7 @@ def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, sp
     epoch in infinite mode) go to the shard loader. The synthetic data has no split: train and test
     are then different seeds.
     """
-    count = parse_synthetic_spec(spec)
+    count = _parse_synthetic_spec(spec)
     if count is not None:
         return SyntheticStandardizationDataset(count, resolution, seed=seed if split == "train" else seed + 7919)
     from serialgen.dataset.loader import open_dataset

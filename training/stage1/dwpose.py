@@ -98,6 +98,8 @@ class DWPoseOnnx:
         size = 640
         h, w = bgr.shape[:2]
         r = min(size / h, size / w)
+        # YOLOX's own input: top-left aligned on grey 114 (not serialgen.imaging.letterbox, which centres
+        # on white); the box decoding below assumes no offset.
         padded = np.full((size, size, 3), 114, np.uint8)
         padded[: int(h * r), : int(w * r)] = np.asarray(Image.fromarray(bgr).resize((int(w * r), int(h * r)), Image.Resampling.BILINEAR))
         out = self.det.run(None, {self.det.get_inputs()[0].name: padded.transpose(2, 0, 1)[None].astype(np.float32)})[0][0]

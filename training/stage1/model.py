@@ -37,13 +37,11 @@ __all__ = [
     "encode_latents",
     "decode_latents",
     "clip_image_embeds",
-    "CLIP_MEAN",
-    "CLIP_STD",
 ]
 
 # OpenAI CLIP normalisation (ViT-L/14 and the sd-image-variations encoder use it).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _LAYER = re.compile(r"^(up_blocks\.(\d+)|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn1$")
 
@@ -236,12 +234,14 @@ def clip_image_embeds(image_encoder, images: torch.Tensor) -> torch.Tensor:
     """
     size = image_encoder.config.image_size
     x = (images.float() + 1) / 2
+    # On the device, inside the training step: the tensor form of serialgen.imaging.pad_to_square
+    # (centred on white), which works on PIL images; every checkpoint was trained with exactly this.
     h, w = x.shape[-2:]
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
     x = F.pad(x, (left, side - w - left, top, side - h - top), value=1.0)
     x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
-    std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
+    mean = torch.tensor(_CLIP_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(_CLIP_STD, device=x.device)[:, None, None]
     pixel_values = ((x - mean) / std).to(image_encoder.dtype)
     return image_encoder(pixel_values=pixel_values).image_embeds.float().unsqueeze(1)

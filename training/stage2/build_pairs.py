@@ -48,10 +48,8 @@ __all__ = [
     "IdentityStandardizer",
     "load_standardizer",
     "discover_inputs",
-    "plan_shards",
     "ShardBuilder",
     "build_pairs",
-    "is_pair_input",
     "add_pair_arguments",
     "run_build_pairs",
 ]
@@ -182,12 +180,6 @@ def _tar_items(tar_path: Path) -> list[SourceItem]:
     return items
 
 
-def is_pair_input(path: str | Path) -> bool:
-    """True when ``path`` is a corpus (folder or tar shards) rather than a single image."""
-    p = Path(path)
-    return p.is_dir() or p.suffix == ".tar"
-
-
 def discover_inputs(path: str | Path) -> list[SourceItem]:
     """The sorted corpus under ``path`` with ordinals and alt-reference links filled in."""
     root = Path(path).expanduser()
@@ -235,7 +227,7 @@ def discover_inputs(path: str | Path) -> list[SourceItem]:
     return items
 
 
-def plan_shards(items: Sequence[SourceItem], samples_per_shard: int) -> list[dict[str, Any]]:
+def _plan_shards(items: Sequence[SourceItem], samples_per_shard: int) -> list[dict[str, Any]]:
     """Jobs ``{"index": i, "items": JSON list}``; shard i holds inputs [i*n, (i+1)*n) plus their alt refs."""
     jobs = []
     for index, s0 in enumerate(range(0, len(items), samples_per_shard)):
@@ -405,7 +397,7 @@ def build_pairs(
     else:
         plan_file.write_text(json.dumps({"input": str(Path(input_path).resolve()), "samples": len(items),
                                          "samples_per_shard": samples_per_shard, "fingerprint": fingerprint}, indent=1))
-    jobs = plan_shards(items, samples_per_shard)
+    jobs = _plan_shards(items, samples_per_shard)
     done = completed_shards(out)
     todo = [j for j in jobs if shard_name(j["index"]) not in done]
     built: list[dict[str, Any]] = []

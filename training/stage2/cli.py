@@ -16,6 +16,7 @@ from pathlib import Path
 
 from serialgen.errors import UserInputError
 from serialgen.resolution import add_resolution_argument
+from serialgen.training.stage2.config import MODES
 
 __all__ = ["register"]
 
@@ -114,7 +115,7 @@ def register(sub, groups) -> None:
     p.add_argument("--config", required=True, help="YAML config path, or a packaged name: stage2, stage2-tiny")
     p.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps)")
-    p.add_argument("--mode", choices=("two-stage", "unpaired", "paired-one-stage"),
+    p.add_argument("--mode", choices=MODES,
                    help="reference used in training (overrides the config; the last two are the Table 2 baselines)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.learning_rate=2e-5 (repeatable)")

@@ -30,8 +30,6 @@ from serialgen.training.stage2.config import (
 __all__ = [
     "SDXLComponents",
     "build_components",
-    "load_sdxl",
-    "load_image_encoder",
     "build_tiny_components",
 ]
 
@@ -78,7 +76,7 @@ class SDXLComponents:
         return pipe
 
 
-def load_sdxl(path: str | Path, vae_path: str | Path | None = None) -> dict[str, Any]:
+def _load_sdxl(path: str | Path, vae_path: str | Path | None = None) -> dict[str, Any]:
     """Load the frozen SDXL parts from a local diffusers folder (``local_files_only``; no hub).
 
     ``vae_path`` replaces the VAE (e.g. madebyollin/sdxl-vae-fp16-fix); the VAE runs in fp32 anyway.
@@ -103,7 +101,7 @@ def load_sdxl(path: str | Path, vae_path: str | Path | None = None) -> dict[str,
     )
 
 
-def load_image_encoder(path: str | Path) -> Any:
+def _load_image_encoder(path: str | Path) -> Any:
     """The CLIP vision tower whose penultimate hidden states (257 tokens for ViT-H/14) feed the adapter."""
     from transformers import CLIPVisionModelWithProjection
 
@@ -145,5 +143,5 @@ def build_components(model: ModelConfig) -> SDXLComponents:
     if model.tiny:
         return build_tiny_components(model.tiny_seed)
     check_model_paths(model)
-    parts = load_sdxl(model.pretrained_model, model.vae)
-    return SDXLComponents(image_encoder=load_image_encoder(model.image_encoder), **parts)
+    parts = _load_sdxl(model.pretrained_model, model.vae)
+    return SDXLComponents(image_encoder=_load_image_encoder(model.image_encoder), **parts)

@@ -37,13 +37,11 @@ __all__ = [
     "MaskFolderSegmenter",
     "RembgSegmenter",
     "make_segmenter",
-    "remove_background",
     "ClipScorer",
     "FaceEmbedder",
     "ArcFaceOnnx",
     "ap_clip_i",
     "SeriesScores",
-    "evaluate_series",
     "evaluate_outputs",
     "format_table",
 ]
@@ -159,7 +157,7 @@ def make_segmenter(spec: str) -> Segmenter:
     raise UserInputError(f"--segmenter: {spec!r} is not one of white[:T], masks:DIR, rembg:MODEL.onnx")
 
 
-def remove_background(image: Any, mask: Any) -> Any:
+def _remove_background(image: Any, mask: Any) -> Any:
     """Composite the foreground (mask True) onto white; RGB out."""
     import numpy as np
     from PIL import Image
@@ -278,6 +276,8 @@ class ArcFaceOnnx:
         h, w = rgb.shape[:2]
         s = self.det_size / max(h, w)
         nh, nw = int(round(h * s)), int(round(w * s))
+        # SCRFD's own input: top-left aligned on black, as insightface feeds it (not serialgen.imaging's
+        # centred white letterbox); the keypoints are mapped back by the scale alone.
         canvas = np.zeros((self.det_size, self.det_size, 3), np.float32)
         canvas[:nh, :nw] = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR), np.float32)
         blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
@@ -343,7 +343,7 @@ def _open(path: Path) -> Any:
         raise UserInputError(f"{path}: not a readable image ({exc})") from None
 
 
-def evaluate_series(series_dir: str | Path, reference: str | Path, clip: ClipScorer, segmenter: Segmenter, *,
+def _evaluate_series(series_dir: str | Path, reference: str | Path, clip: ClipScorer, segmenter: Segmenter, *,
                     faces: FaceEmbedder | None = None, ap_pairs: str = "cross-prompt") -> SeriesScores:
     """Score one series folder (``series.json`` + images from ``serialgen generate``) against its reference."""
     d = Path(series_dir)
@@ -355,8 +355,8 @@ def evaluate_series(series_dir: str | Path, reference: str | Path, clip: ClipSco
     ref = _open(ref_path)
     gens = [_open(d / e["file"]) for e in entries]
     prompts = [e["prompt"] for e in entries]
-    ref_fg = remove_background(ref, segmenter(ref, ref_path))
-    gen_fg = [remove_background(g, segmenter(g, d / e["file"])) for g, e in zip(gens, entries)]
+    ref_fg = _remove_background(ref, segmenter(ref, ref_path))
+    gen_fg = [_remove_background(g, segmenter(g, d / e["file"])) for g, e in zip(gens, entries)]
     e_ref = clip.images([ref_fg])[0]
     e_fg = clip.images(gen_fg)
     e_full = clip.images([g.convert("RGB") for g in gens])
@@ -423,7 +423,7 @@ def evaluate_outputs(outputs: Sequence[str | Path], refs: Sequence[str | Path], 
                      segmenter: Segmenter, *, faces: FaceEmbedder | None = None,
                      ap_pairs: str = "cross-prompt") -> dict[str, Any]:
     """Score every series under ``outputs``; returns ``{"series": [...], "mean": {...}, settings}``."""
-    series = [evaluate_series(d, _match_reference(d, refs), clip, segmenter, faces=faces, ap_pairs=ap_pairs)
+    series = [_evaluate_series(d, _match_reference(d, refs), clip, segmenter, faces=faces, ap_pairs=ap_pairs)
               for d in _series_dirs(outputs)]
 
     def mean(key: str) -> float | None:

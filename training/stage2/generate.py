@@ -29,13 +29,13 @@ from serialgen.resolution import DEFAULT_RESOLUTION, format_resolution
 from serialgen.training.common.config import config_from_dict, config_to_dict
 from serialgen.training.stage2.config import InferenceConfig, ModelConfig, Stage2Config
 
-__all__ = ["SERIES_VERSION", "generate_series", "load_adapter_pipeline", "adapter_run_config"]
+__all__ = ["SERIES_VERSION", "generate_series"]
 
 # 2: the model section is "model" (was "models") and settings hold "resolution": "WxH" (was width, height)
 SERIES_VERSION = 2
 
 
-def adapter_run_config(adapter: str | Path) -> Stage2Config | None:
+def _adapter_run_config(adapter: str | Path) -> Stage2Config | None:
     """The training config saved beside an adapter (checkpoint folder or run folder), if any; a config
     of an older release is translated to the current key names (with a notice)."""
     import yaml
@@ -50,13 +50,13 @@ def adapter_run_config(adapter: str | Path) -> Stage2Config | None:
     return None
 
 
-def load_adapter_pipeline(adapter: str | Path, run_config: Stage2Config | None, *, sdxl: str | None = None,
+def _load_adapter_pipeline(adapter: str | Path, run_config: Stage2Config | None, *, sdxl: str | None = None,
                           image_encoder: str | None = None, vae: str | None = None, device: str = "cpu",
                           dtype: Any = None) -> tuple[Any, ModelConfig]:
     """A stock ``StableDiffusionXLPipeline`` (DDIM) with the trained adapter loaded by ``load_ip_adapter``.
 
     Base models come from ``sdxl`` / ``image_encoder`` when given, else from the adapter's training
-    config ``run_config`` (:func:`adapter_run_config`; a tiny run rebuilds its seeded tiny models).
+    config ``run_config`` (:func:`_adapter_run_config`; a tiny run rebuilds its seeded tiny models).
     Returns (pipeline, model section used).
     """
     import dataclasses
@@ -128,7 +128,7 @@ def generate_series(
         raise UserInputError("--prompt: give at least one prompt")
     if seeds < 1:
         raise UserInputError(f"--seeds: {seeds} must be >= 1")
-    run_cfg = adapter_run_config(adapter)
+    run_cfg = _adapter_run_config(adapter)
     defaults = run_cfg.inference if run_cfg is not None else InferenceConfig()
     resolution = tuple(resolution or (run_cfg.data.resolution if run_cfg is not None else DEFAULT_RESOLUTION))
     steps = steps or defaults.num_inference_steps
@@ -144,7 +144,7 @@ def generate_series(
         std = load_standardizer(standardizer, device=device)
         standardized, std_name = std([reference], seed=first_seed)[0], std.name
         del std
-    pipe, model = load_adapter_pipeline(adapter, run_cfg, sdxl=sdxl, image_encoder=image_encoder, vae=vae, device=device)
+    pipe, model = _load_adapter_pipeline(adapter, run_cfg, sdxl=sdxl, image_encoder=image_encoder, vae=vae, device=device)
     pipe.set_ip_adapter_scale(ip_scale)
     out.mkdir(parents=True, exist_ok=True)
     reference.save(out / "reference.png")

@@ -44,8 +44,6 @@ __all__ = [
     "encode_reference",
     "initial_adapter_state_dict",
     "attach_ip_adapter",
-    "adapter_modules",
-    "adapter_parameters",
     "adapter_state_dict",
     "adapter_config",
     "AdapterView",
@@ -154,14 +152,14 @@ def attach_ip_adapter(unet: Any, image_embed_dim: int, state_dict: dict | None =
     # low_cpu_mem_usage=False: build real tensors (the meta-device path needs a device map per module).
     unet._load_ip_adapter_weights([state_dict], low_cpu_mem_usage=False)
     unet.requires_grad_(False)
-    params = adapter_parameters(unet)
+    params = _adapter_parameters(unet)
     for p in params:
         p.data = p.data.to(torch.float32)
         p.requires_grad_(True)
     return params
 
 
-def adapter_modules(unet: Any) -> tuple[Any, list[tuple[str, Any]]]:
+def _adapter_modules(unet: Any) -> tuple[Any, list[tuple[str, Any]]]:
     """(image projection module, [(processor name, IPAdapterAttnProcessor2_0), ...])."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 
@@ -178,9 +176,9 @@ def adapter_modules(unet: Any) -> tuple[Any, list[tuple[str, Any]]]:
     return hid.image_projection_layers[0], procs
 
 
-def adapter_parameters(unet: Any) -> list[Any]:
+def _adapter_parameters(unet: Any) -> list[Any]:
     """Every adapter parameter (projection MLP, then to_k_ip / to_v_ip per layer), in a fixed order."""
-    proj, procs = adapter_modules(unet)
+    proj, procs = _adapter_modules(unet)
     params = list(proj.parameters())
     for _name, proc in procs:
         params.extend(proc.parameters())
@@ -193,7 +191,7 @@ def adapter_state_dict(unet: Any) -> dict[str, Any]:
     The key layout of the original IP-Adapter releases, which
     ``StableDiffusionXLPipeline.load_ip_adapter(..., weight_name="ip_adapter.safetensors")`` reads.
     """
-    proj, procs = adapter_modules(unet)
+    proj, procs = _adapter_modules(unet)
     out = {}
     for key, value in _full_projection_to_original(proj.state_dict()).items():
         out[f"image_proj.{key}"] = value
@@ -217,7 +215,7 @@ class AdapterView(torch.nn.Module):
 
     def __init__(self, unet: Any):
         super().__init__()
-        proj, procs = adapter_modules(unet)
+        proj, procs = _adapter_modules(unet)
         # Registered in sorted name order, the order safetensors stores keys in, so the names read back
         # from a checkpoint file line up one-to-one with named_parameters().
         self.image_proj = torch.nn.Module()
@@ -238,7 +236,7 @@ class AdapterView(torch.nn.Module):
 
 def adapter_config(unet: Any) -> dict[str, Any]:
     """The installed adapter's own config (JSON types), saved as ``model_config.json`` beside its weights."""
-    proj, procs = adapter_modules(unet)
+    proj, procs = _adapter_modules(unet)
     first = proj.get_submodule("ff.net.0.proj")
     return {
         "_class_name": "IPAdapterFull",

@@ -43,8 +43,6 @@ __all__ = [
     "prepare_inputs",
     "denoising_loss",
     "train_stage2",
-    "validation_grid",
-    "step_generator",
 ]
 
 
@@ -66,7 +64,7 @@ class Stage2Denoiser(nn.Module):
         ).sample
 
 
-def step_generator(seed: int, micro_step: int, rank: int, device: Any) -> Any:
+def _step_generator(seed: int, micro_step: int, rank: int, device: Any) -> Any:
     """The one generator a micro-step draws from; a function of (seed, micro-step, rank) only."""
     import torch
 
@@ -75,7 +73,7 @@ def step_generator(seed: int, micro_step: int, rank: int, device: Any) -> Any:
     return g
 
 
-def validation_grid(pipe: Any, references: list[Any], prompts: Sequence[str], path: str | Path, *,
+def _validation_grid(pipe: Any, references: list[Any], prompts: Sequence[str], path: str | Path, *,
                     resolution: tuple[int, int], steps: int, guidance_scale: float, ip_scale: float, seed: int,
                     autocast: Any = None) -> Path:
     """One row per reference: the reference (letterboxed to the output size), then one image per prompt.
@@ -341,7 +339,7 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
     for step in range(start_step, total):
         for micro in range(accum):
             _pos, batch = next(batches)
-            g = step_generator(seed, step * accum + micro, rank, device)
+            g = _step_generator(seed, step * accum + micro, rank, device)
             inputs = prepare_inputs(comps, pipe, batch, g, drop=dataclasses.asdict(tcfg.drop),
                                     noise_offset=tcfg.noise_offset, target_hw=(height, width), device=device)
             with accelerator.accumulate(model):
@@ -366,7 +364,7 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
             save(global_step)
             last_saved = global_step
         if main and vcfg.every and val_refs and (global_step % vcfg.every == 0 or global_step == total):
-            validation_grid(pipe, val_refs, vcfg.prompts, out / "validation" / f"step-{global_step:08d}.png",
+            _validation_grid(pipe, val_refs, vcfg.prompts, out / "validation" / f"step-{global_step:08d}.png",
                             resolution=resolution, steps=icfg.num_inference_steps,
                             guidance_scale=icfg.guidance_scale, ip_scale=icfg.ip_adapter_scale,
                             seed=vcfg.seed, autocast=accelerator.autocast)
