@@ -1,8 +1,6 @@
 """Compositing: the mask and keypoints follow the image exactly under every transform."""
 
-import io
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -13,7 +13,6 @@ This module also tests the generator itself (the premise every loader test stand
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
