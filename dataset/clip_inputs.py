@@ -27,13 +27,10 @@ def clip_processor(size: int) -> Any:
     We pin the PIL implementation: transformers picks a torchvision backend when torchvision is
     installed, whose resize differs slightly, and training and inference must see identical pixels.
     """
-    try:
-        from transformers import CLIPImageProcessorPil as _Processor
-    except ImportError:  # older transformers: only the PIL implementation exists
-        from transformers import CLIPImageProcessor as _Processor
+    from transformers import CLIPImageProcessorPil
 
     if size not in _PROCESSORS:
-        _PROCESSORS[size] = _Processor(size=size, crop_size=size)
+        _PROCESSORS[size] = CLIPImageProcessorPil(size=size, crop_size=size)
     return _PROCESSORS[size]
 
 
