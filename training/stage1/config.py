@@ -90,7 +90,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ValidationConfig:
     every: int = setting(500, min=0)  # steps between validation grids (and one at the last step); 0: no validation
-    num_references: int = setting(4, min=1)  # rows of the grid: reference | predicted standard | target
+    num_references: int = setting(4, min=0)  # rows of the grid (reference | predicted standard | target); 0: no grid
 
 
 @dataclass(frozen=True)
