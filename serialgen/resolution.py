@@ -73,10 +73,11 @@ def resolution_type(what: str = "--resolution", **limits):
 
 def add_resolution_argument(parser: argparse.ArgumentParser, default: tuple[int, int] | None = DEFAULT_RESOLUTION,
                             help: str = "image size", **limits) -> None:
-    """``--resolution WxH`` (default ``default``; None: no default, the caller picks one later)."""
-    shown = f"default {format_resolution(default)}" if default is not None else "default: see below"
+    """``--resolution WxH`` (default ``default``; None: no default, the caller picks one later and
+    ``help`` says which)."""
+    shown = f" (default {format_resolution(default)})" if default is not None else ""
     parser.add_argument("--resolution", type=resolution_type(**limits), default=default, metavar="WxH",
-                        help=f"{help} ({shown})")
+                        help=f"{help}{shown}")
     add_renamed_flags(parser, {"--size": "--resolution WxH", "--width": "--resolution WxH",
                                "--height": "--resolution WxH"})
 

@@ -104,6 +104,29 @@ def violations(root: Path) -> list[str]:
     return found
 
 
+# Inside training/: what both stages share, then Stage I, then Stage II (two-stage generation and
+# pair building run Stage I; Stage I never needs Stage II).
+TRAINING_ORDER = {"common": 0, "stage1": 1, "stage2": 2}
+
+
+def training_violations(root: Path) -> list[str]:
+    """Imports inside training/ that run from common to a stage, or from Stage I to Stage II."""
+    found = []
+    for path in sorted((root / PARTS["training"]).rglob("*.py")):
+        module = _module_name(path, root)
+        here = TRAINING_ORDER.get(module.split(".")[2] if module.count(".") >= 2 else "")
+        if here is None:
+            continue
+        for line, target, how in referenced_modules(path.read_text(), module, path.name == "__init__.py"):
+            parts = target.split(".")
+            if parts[:2] != ["serialgen", "training"] or len(parts) < 3 or parts[2] not in TRAINING_ORDER:
+                continue
+            if TRAINING_ORDER[parts[2]] > here:
+                found.append(f"{path.relative_to(root)}:{line}: training.{module.split('.')[2]} -> "
+                             f"training.{parts[2]} ({how} {target})")
+    return found
+
+
 def bpy_imports(root: Path) -> list[str]:
     """Every import of bpy/mathutils/bpy_extras outside the one gate."""
     found = []
@@ -121,6 +144,10 @@ def bpy_imports(root: Path) -> list[str]:
 
 def test_no_import_runs_up_the_data_flow():
     assert violations(ROOT) == []
+
+
+def test_training_common_then_stage1_then_stage2():
+    assert training_violations(ROOT) == []
 
 
 def test_bpy_is_reached_through_one_gate():
@@ -162,5 +189,7 @@ def test_the_checker_allows_the_data_flow_and_prose(tmp_path):
     for folder in ["serialgen", *PARTS.values()]:
         (root / folder).mkdir(exist_ok=True)
     assert violations(root) == []
+    assert training_violations(_tree(tmp_path, {"training/stage1/x.py": "from ..stage2 import train\n"})) == [
+        "training/stage1/x.py:1: training.stage1 -> training.stage2 (import serialgen.training.stage2)"]
     assert bpy_imports(_tree(tmp_path, {"dataset/x.py": "def f():\n    import bpy\n"})) == [
         "dataset/x.py:2: imports bpy (use render/bpy_utils.py)"]
