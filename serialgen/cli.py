@@ -38,8 +38,19 @@ _GROUPS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where to look), exit 2.
+
+    Stock argparse prints the whole usage block first, 16 lines for ``serialgen render``, which buries
+    the one line that matters. Subparsers inherit the class, so every command behaves the same.
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="serialgen",
         description="SerialGen toolkit: characters -> rendered pairs -> shards -> training.",
     )

@@ -28,10 +28,19 @@ def test_every_subcommand_has_help(capsys):
         assert "usage:" in capsys.readouterr().out
 
 
-def test_unknown_flag_is_one_line_error(capsys):
-    try:
-        main(["--no-such-flag"])
-    except SystemExit as exc:
-        assert exc.code == 2
+import pytest
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["render", "--assets", "a", "--out", "b", "--engine", "vray"], "invalid choice: 'vray'"),
+    (["render", "--assets", "a", "--out", "b", "--resolution", "12x"], "--resolution"),
+    (["data", "preview"], "required: SHARDS, --out"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
+])
+def test_every_usage_error_is_one_line_and_exit_2(capsys, argv, says):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("serialgen: error:")
+    assert len(err) == 1 and says in err[0] and err[0].startswith("serialgen"), err
