@@ -24,6 +24,7 @@ _REGISTRARS = [
     ("serialgen.render.cli", "register"),
     ("serialgen.dataset.cli_shards", "register"),
     ("serialgen.dataset.cli", "register"),
+    ("serialgen.dataset.report.cli", "register"),
     ("serialgen.training.stage1.cli", "register"),
     ("serialgen.training.stage2.cli", "register"),
 ]
