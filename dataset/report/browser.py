@@ -53,6 +53,7 @@ class PageCheck:
     errors: list[str] = field(default_factory=list)  # script exceptions, console errors, failed loads
     outside_requests: list[str] = field(default_factory=list)  # anything not file: or data:
     title: str = ""
+    evaluated: object = None  # the value of ``evaluate``, when given
     seconds: float = 0.0
 
     @property
@@ -133,10 +134,13 @@ def _start(binary: str, profile: str, width: int, height: int):
 
 
 def check_page(page: str | Path, *, screenshot: str | Path | None = None, width: int = 1280, height: int = 900,
-               full_page: bool = True, timeout: float = 60.0, chromium: str | None = None) -> PageCheck:
+               full_page: bool = True, timeout: float = 60.0, chromium: str | None = None,
+               evaluate: str | None = None) -> PageCheck:
     """Open ``page`` (an HTML file) in a fresh headless Chromium and report what it saw.
 
     ``screenshot``: write a PNG of the page (the whole page when ``full_page``, else the window).
+    ``evaluate``: a JavaScript expression evaluated after the load event; its (JSON) value is
+    ``PageCheck.evaluated``.
     Raises RuntimeError when no Chromium is found or it does not start.
     """
     binary = chromium or find_chromium()
@@ -159,6 +163,10 @@ def check_page(page: str | Path, *, screenshot: str | Path | None = None, width:
                      ".map(function (i) { return [i.getAttribute('src'), i.naturalWidth, i.naturalHeight]; })})")
             seen = json.loads(pipe.call("Runtime.evaluate", {"expression": probe, "returnByValue": True},
                                         session=session)["result"]["value"])
+            evaluated = None
+            if evaluate is not None:
+                evaluated = pipe.call("Runtime.evaluate", {"expression": evaluate, "returnByValue": True},
+                                      session=session)["result"].get("value")
             shot = None
             if screenshot is not None:
                 shot = pipe.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": full_page},
@@ -176,7 +184,8 @@ def check_page(page: str | Path, *, screenshot: str | Path | None = None, width:
                 proc.wait()
             os.close(pipe.write_fd)
             os.close(pipe.read_fd)
-    check = PageCheck(url=url, title=seen["title"], images=[(s or "", int(w), int(h)) for s, w, h in seen["images"]])
+    check = PageCheck(url=url, title=seen["title"], images=[(s or "", int(w), int(h)) for s, w, h in seen["images"]],
+                      evaluated=evaluated)
     for msg in pipe.events:
         method, params = msg.get("method"), msg.get("params", {})
         if method == "Runtime.exceptionThrown":
