@@ -38,12 +38,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m 'not blender and not ray and not slow and not gpu'
 
-## the main job: default manifests (procedural characters, pose library, backgrounds), then render
+## the main job: default manifests (procedural characters, pose library, backgrounds), then render,
+## verify, and write the report page (data/shards/report/index.html; its path is printed last)
 shards: $(STAMP)
 	$(VENV)/bin/serialgen assets build --procedural $(CHARACTERS) --poses $(POSES) --out $(ASSETS_DIR)
 	$(VENV)/bin/serialgen render --assets $(ASSETS_DIR) --out $(SHARDS_DIR) \
 	    --poses-per-character $(PER_CHAR) --resolution $(RESOLUTION) --workers $(WORKERS)
 	$(VENV)/bin/serialgen shards verify $(SHARDS_DIR)
+	$(VENV)/bin/serialgen report $(SHARDS_DIR) --assets $(ASSETS_DIR)
 
 clean:
 	rm -rf $(VENV) data build *.egg-info
