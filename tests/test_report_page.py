@@ -67,6 +67,18 @@ def write_set(root: Path, characters: dict[str, tuple[str, int]], *, failures=()
     return root
 
 
+# run.json as the farm writes it (format 2): the config, rendering version, code fingerprint and
+# the asset folder's summary.
+RUN_JSON = {"format": "serialgen.render-run/2", "rendering_version": 2, "code_fingerprint": "0123456789abcdef",
+            "config": {"per_character": 4, "seed": 7, "settings": {"engine": "workbench", "width": 32, "height": 48}},
+            "splits": {"char-a": "train", "char-b": "test"},
+            "assets": {"path": "/data/assets", "characters_accepted": 3, "characters_rejected": 1,
+                       "rejected_by_reason": {"import_failed": 1},
+                       "rejected": [{"id": "char-z", "name": "Zombie-9f8e7d", "reason": "import_failed",
+                                     "detail": "Zombie.fbx: Blender could not read it"}],
+                       "manifests": None}}
+
+
 @pytest.fixture(scope="module")
 def full_set(tmp_path_factory) -> tuple[Path, Path]:
     """A set with everything a page shows: run.json, the render's report.json, a failed sample, a
@@ -76,9 +88,7 @@ def full_set(tmp_path_factory) -> tuple[Path, Path]:
                 {"character": "char-q", "key": None, "error": "Blender died 3 times"}]
     write_set(root, {"char-a": ("train", 4), "char-b": ("test", 3)}, failures=failures,
               index_names={"char-a": "Knight-a1b2c3", "char-b": HOSTILE})
-    (root / "run.json").write_text(json.dumps({"code_fingerprint": "0123456789abcdef", "rendering_version": 2,
-                                               "per_character": 4, "seed": 7,
-                                               "settings": {"engine": "workbench", "width": 32, "height": 48}}))
+    (root / "run.json").write_text(json.dumps(RUN_JSON))
     (root / "report.json").write_text(json.dumps({"status": "complete", "seconds": 1.5, "pairs_per_s": 4.7,
                                                   "workers": 1, "retries": [],
                                                   "quarantined": {"char-q": {"reason": "Blender died 3 times"}}}))
@@ -128,6 +138,16 @@ def test_data_never_becomes_markup(full_set):
     assert HOSTILE not in html and "<script>alert" not in html
     assert html.count("<script>") == 1  # the page's own filter script
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+
+
+def test_asset_rejections_recorded_at_render_time_need_no_asset_folder(tmp_path):
+    root = write_set(tmp_path / "s", {"char-a": ("train", 2)})
+    (root / "run.json").write_text(json.dumps(RUN_JSON))
+    html = build_shards_report(root, tmp_path / "out").read_text()
+    assert "asset summary recorded in run.json at render time" in html
+    assert "Zombie-9f8e7d" in html and "Zombie.fbx: Blender could not read it" in html
+    assert "/data/assets: 3 characters accepted, 1 rejected (import_failed 1)" in html
+    assert 'data-status="rejected"' in html and "0123456789abcdef" in html and "seed" in html
 
 
 def test_a_bare_set_says_what_is_not_recorded(tmp_path):

@@ -78,7 +78,12 @@ class _ShardSet:
         self.root = root
         self.notes: list[str] = []
         self.index = shards.read_index(root)
-        self.run = _read_json(root / "run.json", self.notes) or {}
+        run = _read_json(root / "run.json", self.notes) or {}
+        # run.json format 2 (serialgen.render-run/2) wraps the render config and adds the rendering
+        # version, the code fingerprint and the asset summary; format 1 was the bare config.
+        self.run = run if isinstance(run, dict) else {}
+        is_v2 = str(self.run.get("format", "")).startswith("serialgen.render-run/")
+        self.run_config = (self.run.get("config") or {}) if is_v2 else self.run
         self.render_report = _read_json(root / "report.json", self.notes) or {}
         self.shard_entries = list(self.index.get("shards", []))
         self.standard_entries = list(self.index.get("standard_shards", []))
@@ -94,19 +99,29 @@ class _ShardSet:
             m = _KEY_RE.match(key or "")
             if m:
                 self.shards_of.setdefault(m["character"], []).append(entry)
-        self.assets_records, self.assets_report, self.assets_source = self._asset_records(assets)
+        self.assets_records, self.assets_summary, self.assets_source = self._asset_records(assets)
         self.stats, self.stats_source = self._stats(sample)
 
     # -- the asset folder's view of the characters (file names, rejections) --------------------
     def _asset_records(self, assets: Path | None):
+        """(character records, asset summary, where they came from): the asset folder given with
+        ``--assets`` (full records: file paths too), else what the render recorded in run.json
+        (rejected characters with name, reason and detail), else (None, None, None)."""
         if assets is not None:
             records = manifest.read_jsonl(assets / "characters.jsonl", "character")
-            report = manifest.read_report(assets / "report.json") if (assets / "report.json").is_file() else None
-            return records, report, f"asset folder {assets}"
+            rejected = [r for r in records if r["status"] == "rejected"]
+            by_reason: dict[str, int] = {}
+            for r in rejected:
+                by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + 1
+            summary = {"path": str(assets), "characters_accepted": len(records) - len(rejected),
+                       "characters_rejected": len(rejected), "rejected_by_reason": by_reason}
+            return records, summary, f"asset folder {assets}"
         recorded = self.run.get("assets")
         if isinstance(recorded, dict):
-            records = recorded.get("characters")
-            return (records if isinstance(records, list) else None), recorded.get("report"), "recorded at render time"
+            records = [{"id": r.get("id"), "display_name": r.get("name"), "status": "rejected",
+                        "reason": r.get("reason"), "detail": r.get("detail")}
+                       for r in recorded.get("rejected") or [] if isinstance(r, dict)]
+            return records, recorded, "asset summary recorded in run.json at render time"
         return None, None, None
 
     # -- distributions ----------------------------------------------------------------------------
@@ -215,19 +230,25 @@ def _file_name(rec: dict) -> str | None:
 
 def _settings_rows(s: _ShardSet) -> list[tuple[str, object]]:
     config = s.index.get("config") or {}
-    run = s.run
+    run = s.run_config
     settings = run.get("settings") or config.get("settings") or {}
     rows: list[tuple[str, object]] = [("folder", str(s.root))]
-    fingerprint = run.get("code_fingerprint")
+    fingerprint = s.run.get("code_fingerprint")
     rows.append(("code fingerprint", ("html", f"<code>{esc(fingerprint)}</code>") if fingerprint
                  else ("html", not_recorded("not recorded (rendered before run.json held it)"))))
-    version = run.get("rendering_version", config.get("rendering_version"))
+    version = s.run.get("rendering_version", config.get("rendering_version"))
     rows.append(("rendering version", version if version is not None else ("html", not_recorded())))
     rows.append(("index format", f"{s.index.get('format')} version {s.index.get('format_version')}"))
-    for key in ("engine", "width", "height", "supersample", "workbench_aa", "eevee_samples", "cycles_samples",
-                "cycles_device", "cycles_denoise"):
-        if key in settings:
-            rows.append((f"render: {key}", settings[key]))
+    if s.assets_summary:
+        a = s.assets_summary
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted((a.get("rejected_by_reason") or {}).items()))
+        rows.append(("asset folder", f"{a.get('path', '?')}: {a.get('characters_accepted', '?')} characters accepted, "
+                                     f"{a.get('characters_rejected', '?')} rejected" + (f" ({reasons})" if reasons else "")))
+    if settings:
+        size = f"{settings['width']}x{settings['height']}" if "width" in settings and "height" in settings else None
+        rest = [f"{k} {v}" for k, v in sorted(settings.items()) if k not in ("engine", "width", "height")]
+        rows.append(("render settings", ", ".join(str(x) for x in (settings.get("engine"), size) if x) + (
+            "; " + ", ".join(rest) if rest else "")))
     for key in ("per_character", "poses", "poses_per_shard", "seed", "test_fraction", "limit_characters"):
         value = run.get(key, config.get(key))
         if value is not None:
@@ -305,9 +326,10 @@ def _failures_section(s: _ShardSet, characters: list[dict]) -> str:
             "not recorded: this set's run.json holds no asset summary; pass --assets DIR to show the asset "
             "folder's rejections"))
     elif rejected:
-        rows = [[_file_name(r) or r.get("id"), r.get("id"), r.get("reason"), r.get("detail")] for r in rejected]
+        rows = [[_file_name(r) or r.get("display_name") or r.get("id"), r.get("id"), r.get("reason"), r.get("detail")]
+                for r in rejected]
         parts.append(f"<h3>Rejected by the asset build</h3><p class=\"note\">From the {esc(s.assets_source)}.</p>"
-                     + table(["file", "id", "reason", "detail"], rows))
+                     + table(["file or name", "id", "reason", "detail"], rows))
     if not parts or (not quarantined and not sample_fails and not rejected):
         parts.insert(0, '<p class="ok">No failed samples, no quarantined characters'
                         + (", no rejected characters." if s.assets_source else ".") + "</p>")
