@@ -157,7 +157,7 @@ def test_stage2_run_of_the_first_release_resumes_and_generates(tmp_path, capsys)
     ref = tmp_path / "alice.png"
     Image.new("RGB", (60, 90), (30, 160, 60)).save(ref)
     rc = main(["generate", "--standardizer", "identity", "--adapter", str(old), "--ref", str(ref), "--prompt", "a person",
-               "--seeds", "1", "--out", str(tmp_path / "series"), "--steps", "1", "--quiet"])
+               "--num-seeds", "1", "--out", str(tmp_path / "series"), "--steps", "1", "--no-progress"])
     assert rc == 0
     assert NOTICE in capsys.readouterr().err
     record = json.loads((tmp_path / "series" / "series.json").read_text())

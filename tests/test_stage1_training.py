@@ -122,7 +122,8 @@ def test_eval_prints_psnr_and_ssim(interrupted_run, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 3
     assert 0 < summary["psnr"] < 60 and -1 <= summary["ssim"] <= 1
-    assert summary["settings"]["ssim"] == {"window": 11, "sigma": 1.5, "data_range": 1.0, "space": "RGB [0,1]"}
+    assert summary["settings"]["ssim"] == {"window": 11, "sigma": 1.5, "data_range": 1.0, "space": "RGB [0,1]",
+                                         "library": "scikit-image"}
     assert main(["eval", "standardization", "--checkpoint", str(ckpt), "--shards", "synthetic:2", "--steps", "2"]) == 0
     table = capsys.readouterr().out
     assert "PSNR" in table and "SSIM" in table and "copy input" in table

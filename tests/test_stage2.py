@@ -201,7 +201,7 @@ def test_missing_weights_path_is_one_clear_line(tmp_path, capsys):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{pretrained_model: {tmp_path / 'absent'}, image_encoder: {tmp_path}}}\ndata: {{synthetic: 4}}\n")
-    assert main(["train", "stage2", "--config", str(cfg), "--output-dir", str(tmp_path / "o"), "--quiet"]) == 2
+    assert main(["train", "stage2", "--config", str(cfg), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
     err_line = capsys.readouterr().err.strip()
     assert err_line.startswith("serialgen: error: model.pretrained_model:") and "absent" in err_line and "\n" not in err_line
 
@@ -266,8 +266,8 @@ def test_generate_and_evaluate_a_series(tiny_run, tmp_path):
     Image.new("RGB", (60, 90), (30, 160, 60)).save(ref)
     out = tmp_path / "series" / "alice"
     rc = main(["generate", "--standardizer", "identity", "--adapter", str(tiny_run), "--ref", str(ref),
-               "--prompt", "a person walking", "--prompt", "a person sitting", "--seeds", "2", "--out", str(out),
-               "--steps", "2", "--guidance", "1", "--quiet"])  # size: the adapter's training resolution
+               "--prompt", "a person walking", "--prompt", "a person sitting", "--num-seeds", "2", "--out", str(out),
+               "--steps", "2", "--guidance", "1", "--no-progress"])  # size: the adapter's training resolution
     assert rc == 0
     record = json.loads((out / "series.json").read_text())
     assert record["version"] == 2 and record["settings"]["resolution"] == "64x96"

@@ -1,6 +1,6 @@
 """Training checkpoints: only the trainable weights (safetensors) plus exactly what an exact resume needs.
 
-Layout of one checkpoint (format version `CHECKPOINT_VERSION`), written to a temporary folder and
+Layout of one checkpoint (format version `run_folder.CHECKPOINT_VERSION`), written to a temporary folder and
 renamed when complete, so a crash never leaves a half checkpoint that `latest_checkpoint` would pick:
 
     OUTPUT/checkpoints/step-00001000/
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,22 +36,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from serialgen.errors import UserInputError
+from serialgen.training.common.run_folder import CHECKPOINT_VERSION, read_train_state, require_checkpoint
 
 __all__ = [
-    "CHECKPOINT_VERSION",
     "save_checkpoint",
     "load_trainable_weights",
     "load_checkpoint",
-    "read_checkpoint_config",
     "check_model_config",
     "write_model_config",
-    "latest_checkpoint",
-    "rotate_checkpoints",
 ]
 
-CHECKPOINT_VERSION = 1
 MODEL_CONFIG_NAME = "model_config.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -188,28 +182,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _require_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if not (path / "trainable.safetensors").is_file():
-        raise UserInputError(f"{path}: not a checkpoint (expected trainable.safetensors, train_state.json, config.yaml)")
-    return path
-
-
-def _read_train_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The checkpoint's `train_state.json`; rejects an unknown format version."""
-    path = _require_checkpoint(checkpoint) / "train_state.json"
-    state = json.loads(path.read_text())
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise UserInputError(f"{path}: checkpoint version {state.get('version')!r}, expected {CHECKPOINT_VERSION}")
-    return state
-
-
-def read_checkpoint_config(checkpoint: str | Path) -> dict[str, Any]:
-    """The run config dumped beside the checkpoint, as written (old key names are translated by the
-    stage's config class when it is validated)."""
-    return yaml.safe_load((_require_checkpoint(checkpoint) / "config.yaml").read_text())
-
-
 def write_model_config(folder: str | Path, model_config: Mapping[str, Any]) -> Path:
     """`folder/model_config.json`: the model's own config, beside its weights."""
     path = Path(folder) / MODEL_CONFIG_NAME
@@ -247,7 +219,7 @@ def load_trainable_weights(model: torch.nn.Module, checkpoint: str | Path, *, em
     Every saved name must exist in the model with the same shape (a mismatch means the checkpoint
     belongs to another architecture or ablation, e.g. trained with --no-fbdm).
     """
-    path = _require_checkpoint(checkpoint) / ("ema.safetensors" if ema else "trainable.safetensors")
+    path = require_checkpoint(checkpoint) / ("ema.safetensors" if ema else "trainable.safetensors")
     if not path.is_file():
         raise UserInputError(f"{path}: not found (the run had no EMA?)")
     weights = load_file(str(path))
@@ -274,8 +246,8 @@ def load_checkpoint(
     rank: int = 0,
 ) -> dict[str, Any]:
     """Restore everything `save_checkpoint` wrote; returns the train state (step, data position...)."""
-    checkpoint = _require_checkpoint(checkpoint)
-    state = _read_train_state(checkpoint)
+    checkpoint = require_checkpoint(checkpoint)
+    state = read_train_state(checkpoint)
     names = load_trainable_weights(model, checkpoint)
     own_trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if sorted(names) != sorted(own_trainable):
@@ -291,31 +263,14 @@ def load_checkpoint(
     if ema is not None:
         shadow = load_file(str(checkpoint / "ema.safetensors"))
         ema_state = dict(resume["ema"])
-        ema_state["shadow_params"] = [shadow[n] for n in own_trainable]  # parameters() order, as EMAModel keeps them
+        # parameters() order, as EMAModel keeps them; each shadow stays where the EMA already lives
+        # (device and dtype): safetensors loads to CPU, and a CPU shadow would mix devices in the next
+        # EMA step on a GPU
+        ema_state["shadow_params"] = [shadow[n].to(device=old.device, dtype=old.dtype)
+                                      for n, old in zip(own_trainable, ema.shadow_params)]
         ema.load_state_dict(ema_state)
     rng_path = checkpoint / f"rng-{rank}.pt"
     if not rng_path.is_file():
         raise UserInputError(f"{rng_path}: not found (resuming with more processes than the run had?)")
     _restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True), generators)
     return state
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under `output_dir/checkpoints`, or None."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
-
-
-def rotate_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest checkpoints (keep <= 0 keeps all); returns what was removed."""
-    root = Path(output_dir) / "checkpoints"
-    if keep <= 0 or not root.is_dir():
-        return []
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-    removed = [p for _, p in found[:-keep]]
-    for path in removed:
-        shutil.rmtree(path)
-    return removed

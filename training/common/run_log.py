@@ -2,7 +2,8 @@
 
 `metrics.jsonl` is the machine-readable record (`{"step", "loss", "lr", "samples_per_s", ...}`);
 after a resume the lines past the resumed step are dropped first, so the file always describes one
-consistent run. Shared by Stage I and Stage II.
+consistent run. `loss.png` beside it is its loss curve, redrawn at every checkpoint, for a look
+without TensorBoard. Shared by Stage I and Stage II.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["MetricsLogger", "Throughput", "save_image_grid", "to_uint8_image"]
+__all__ = ["MetricsLogger", "Throughput", "plot_loss_curve", "save_image_grid", "to_uint8_image"]
 
 
 class MetricsLogger:
@@ -113,3 +114,51 @@ def save_image_grid(rows: Sequence[Sequence[np.ndarray]], path: str | Path, pad:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     return grid
+
+
+def plot_loss_curve(metrics: str | Path, out: str | Path, title: str = "") -> Path | None:
+    """Draw the `loss` of `metrics.jsonl` against `step` into the PNG `out` (written to a temporary
+    name, then renamed, so a viewer never sees half a file); None when there is nothing to draw yet.
+
+    The logged losses (means over `train.log_every` steps) and, once there are enough of them, a
+    moving average over a tenth of the points, which is what shows the trend of a noisy diffusion loss.
+    """
+    metrics, out = Path(metrics), Path(out)
+    steps, losses = [], []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash
+                continue
+            if isinstance(record.get("loss"), (int, float)) and math.isfinite(record["loss"]):
+                steps.append(record["step"])
+                losses.append(record["loss"])
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    ax.plot(steps, losses, lw=0.8, alpha=0.45 if len(steps) >= 20 else 1.0, label="loss")
+    window = max(len(steps) // 10, 1)
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.6, label=f"mean of {window}")
+        ax.legend(loc="upper right", frameon=False)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if min(losses) > 0 and max(losses) / min(losses) > 20:
+        ax.set_yscale("log")
+    ax.set_title(title or metrics.parent.name, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 from serialgen.errors import UserInputError
-from serialgen.resolution import add_resolution_argument, format_resolution
+from serialgen.resolution import add_resolution_argument
+from serialgen.training.common.config import positive_int
+from serialgen.training.stage1.config import INFERENCE_DTYPES
 
 __all__ = ["register"]
 
@@ -25,20 +27,35 @@ def _device(name: str | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from serialgen.training.stage1.config import check_model_paths, load_stage1_config
+    from serialgen.training.common.config import override
+    from serialgen.training.common.run_folder import finished_message, require_checkpoint
+    from serialgen.training.stage1.config import check_model_paths, check_training_data, load_stage1_config
 
+    # Everything a user can get wrong is checked here, before torch is imported (a second, not 6-17).
     overrides = list(args.set or [])
     if args.no_fbdm:
         overrides.append("model.fbdm=false")
     if args.no_rpim:
         overrides.append("model.rpim=false")
     config = load_stage1_config(args.config, overrides)
-    check_model_paths(config)  # a wrong weights path is one line, before torch is imported
+    changes = {"output_dir": args.output_dir, "train.max_steps": args.max_steps,
+               "data.train_shards": args.train_shards, "data.backgrounds": args.backgrounds}
+    config = override(config, {k: v for k, v in changes.items() if v is not None})
+    check_model_paths(config)
+    check_training_data(config)
+    if args.resume == "auto":
+        done = finished_message(config.output_dir, config.train.max_steps)
+        if done:
+            print(done)
+            return 0
+    elif args.resume != "never":
+        require_checkpoint(args.resume)
 
+    from serialgen.training.common.quiet import filter_library_warnings
+    filter_library_warnings()
     from serialgen.training.stage1.train import train_stage1
 
-    result = train_stage1(config, output_dir=args.output_dir, max_steps=args.max_steps,
-                          train_shards=args.train_shards, resume=args.resume)
+    result = train_stage1(config, resume=args.resume, progress=not args.no_progress)
     losses = list(result.losses.values())
     summary = {
         "output_dir": str(result.output_dir),
@@ -61,37 +78,40 @@ def _is_shard_input(value: str) -> bool:
 
 
 def _standardize(args: argparse.Namespace) -> int:
-    import torch
-    from PIL import Image
-
-    from serialgen.training.stage1.data import open_stage1_dataset
-    from serialgen.training.common.run_log import to_uint8_image
-    from serialgen.training.stage1.pipeline import StandardizePipeline
-    from serialgen.training.stage1.reference_inputs import BlankPose, WhiteBackgroundMask, list_images, load_reference
+    from serialgen.training.common.quiet import filter_library_warnings
 
     if not Path(args.checkpoint).is_dir():
         raise UserInputError(f"{args.checkpoint}: checkpoint folder not found")
-    pipe = StandardizePipeline.from_checkpoint(args.checkpoint, device=_device(args.device),
+    filter_library_warnings()
+    import torch
+    from PIL import Image
+
+    from serialgen.training.common.run_log import to_uint8_image
+    from serialgen.training.stage1.data import batch_to_device, open_stage1_dataset
+    from serialgen.training.stage1.pipeline import StandardizePipeline, inference_dtype
+    from serialgen.training.stage1.reference_inputs import BlankPose, WhiteBackgroundMask, list_images, load_reference
+
+    device = _device(args.device)
+    pipe = StandardizePipeline.from_checkpoint(args.checkpoint, device=device, dtype=inference_dtype(args.dtype, device),
                                                num_inference_steps=args.steps, guidance_scale=args.guidance,
                                                resolution=args.resolution)
     resolution = pipe.resolution
     std_pose = None
     if args.std_pose:
         std_pose = load_reference(args.std_pose, resolution)["ref"].add(1).div(2)  # pose map as drawn, [0, 1]
-    elif pipe.canonical_pose is not None and tuple(pipe.canonical_pose.shape[-2:]) != resolution[::-1]:
-        raise UserInputError(f"--resolution {format_resolution(resolution)} differs from the checkpoint's canonical pose "
-                             "map; pass --std-pose")
 
     out = Path(args.out)
     single_file = out.suffix.lower() == ".png"
-    # inputs: our own shards (exact mask and keypoints from the loader) or pictures
-    if _is_shard_input(args.input):
+    # inputs: our own shards (exact mask and keypoints, and each character's own standard pose map,
+    # as in training and eval) or pictures (the checkpoint's canonical map)
+    from_shards = _is_shard_input(args.input)
+    if from_shards:
         if single_file:
             raise UserInputError(f"--out {out}: a shard input gives many images; pass a folder")
         dataset = open_stage1_dataset(args.input, resolution=resolution, seed=args.seed, split=args.split,
                                       backgrounds=args.backgrounds)
         samples = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
-        items = ((s.get("__key__") or f"sample-{i:06d}", s) for i, s in enumerate(samples))
+        items = ((s.get("__key__") or f"sample-{i:06d}", batch_to_device(s, "cpu")) for i, s in enumerate(samples))
     else:
         pose = _pose_estimator(args) or BlankPose()
         if isinstance(pose, BlankPose):
@@ -114,7 +134,10 @@ def _standardize(args: argparse.Namespace) -> int:
         refs = torch.stack([s["ref"] for _, s in batch])
         masks = torch.stack([s["ref_mask"] for _, s in batch])
         poses = torch.stack([s["ref_pose"] for _, s in batch])
-        images = pipe(refs, masks, poses, std_pose, generator=generator)
+        target_pose = std_pose
+        if target_pose is None and from_shards:
+            target_pose = torch.stack([s["std_pose"] for _, s in batch])
+        images = pipe(refs, masks, poses, target_pose, generator=generator)
         for (name, _), image in zip(batch, images):
             target = out if single_file else out / f"{name}.png"
             Image.fromarray(to_uint8_image(image, (0, 1))).save(target)
@@ -141,14 +164,17 @@ def _pose_estimator(args: argparse.Namespace):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from serialgen.training.stage1.evaluate import evaluate_standardization, format_table
+    from serialgen.training.common.quiet import filter_library_warnings
 
     if not Path(args.checkpoint).is_dir():
         raise UserInputError(f"{args.checkpoint}: checkpoint folder not found")
-    summary = evaluate_standardization(args.checkpoint, args.shards, device=_device(args.device),
+    filter_library_warnings()
+    from serialgen.training.stage1.evaluate import evaluate_standardization, format_table
+
+    summary = evaluate_standardization(args.checkpoint, args.shards, device=_device(args.device), dtype=args.dtype,
                                        batch_size=args.batch_size, max_samples=args.max_samples,
                                        num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                                       backgrounds=args.backgrounds, progress=not args.json)
+                                       backgrounds=args.backgrounds, progress=not (args.json or args.no_progress))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))
@@ -162,33 +188,47 @@ def _eval(args: argparse.Namespace) -> int:
 
 def register(sub, groups) -> None:
     """Add `train stage1`, `eval standardization` and the top-level `standardize`."""
-    p = groups["train"].add_parser("stage1", help="train the Stage I standardization model",
-                                   description="Train (or resume) the Stage I standardization model on accelerate. "
-                                   "Launch multi-GPU with `accelerate launch -m serialgen.cli train stage1 ...`.")
+    p = groups["train"].add_parser(
+        "stage1", help="train the Stage I standardization model",
+        description="Train (or resume) the Stage I standardization model on accelerate. Re-running the same "
+        "command resumes from the latest checkpoint; a finished run says there is nothing to do. Launch multi-GPU "
+        "with `accelerate launch -m serialgen.cli train stage1 ...`. Config values not given here come from --config.")
     p.add_argument("--config", required=True, help="YAML config path, or stage1 / stage1-tiny (packaged)")
-    p.add_argument("--output-dir", help="run folder (checkpoints/, metrics.jsonl, tensorboard/, validation/)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps in total (overrides train.max_steps)")
-    p.add_argument("--train-shards", help="training shards for the loader, or synthetic:N (overrides data.train_shards)")
-    p.add_argument("--resume", default="auto", help="auto (latest checkpoint in the output folder), never, or a checkpoint path")
+    p.add_argument("--output-dir", help="run folder: checkpoints/, metrics.jsonl, loss.png, tensorboard/, validation/ "
+                   "(default: the config's output_dir)")
+    p.add_argument("--max-steps", type=positive_int,
+                   help="optimizer steps in total, counting those already done (default: the config's train.max_steps)")
+    p.add_argument("--train-shards", help="training shards for the loader, or synthetic:N (default: the config's data.train_shards)")
+    p.add_argument("--backgrounds", help="background images to composite the references onto: a folder of images or "
+                   "an assets folder (default: the config's data.backgrounds; without any, shard training is refused "
+                   "unless data.procedural_backgrounds is true)")
+    p.add_argument("--resume", default="auto", help="auto: the latest checkpoint in the output folder, if any (default); "
+                   "never: start over; or a checkpoint path")
     p.add_argument("--no-fbdm", action="store_true", help="ablation: no foreground/background tokens")
     p.add_argument("--no-rpim", action="store_true", help="ablation: no reference pose injection")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.learning_rate=1e-4")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.learning_rate=1e-4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (loss, steps/s, time left)")
     p.set_defaults(handler=_train)
 
     p = groups["eval"].add_parser("standardization", help="PSNR/SSIM of Stage I on the held-out split",
                                   description="Standardize the test split of a shard set and score it against the "
-                                  "rendered standard images (PSNR, SSIM: Gaussian 11x11, sigma 1.5, data range 1).")
+                                  "rendered standard images (scikit-image PSNR and SSIM: Gaussian 11x11, sigma 1.5, "
+                                  "data range 1). Each sample's target pose map is its character's own, as in training.")
     p.add_argument("--checkpoint", required=True, help="Stage I checkpoint folder (checkpoints/step-N)")
     p.add_argument("--shards", required=True, help="shard set (its test split is used), or synthetic:N")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--backgrounds", help="background images to composite the test references onto (default: procedural)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table (and no progress bar)")
+    p.add_argument("--backgrounds", help="background images to composite the test references onto (default: "
+                   "procedural colour fields)")
     p.add_argument("--out", help="also write the full JSON (with per-sample scores) to this file")
-    p.add_argument("--max-samples", type=int, help="stop after this many samples")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint config's, 20)")
+    p.add_argument("--max-samples", type=positive_int, help="stop after this many samples (default: the whole split)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per model call (default 4)")
+    p.add_argument("--steps", type=positive_int, help="DDIM steps (default: the checkpoint config's, 20)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint config's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("auto", *INFERENCE_DTYPES), default="auto",
+                   help="weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("standardize", help="Stage I inference: reference image(s) -> standard form",
@@ -198,16 +238,21 @@ def register(sub, groups) -> None:
     p.add_argument("--input", required=True, help="image file, folder of images, shard set (.tar / folder with index.json) or synthetic:N")
     p.add_argument("--out", required=True, help="output folder (or a .png path for a single input)")
     p.add_argument("--split", default="test", help="shard split to read when --input is a shard set (default test)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the checkpoint config's, 20)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per model call (default 4)")
+    p.add_argument("--steps", type=positive_int, help="DDIM steps (default: the checkpoint config's, 20)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint config's)")
+    p.add_argument("--dtype", choices=("auto", *INFERENCE_DTYPES), default="auto",
+                   help="weights dtype (default auto: bf16 on CUDA, fp32 on CPU)")
     add_resolution_argument(p, default=None, multiple_of=8,
                             help="model input size (default: the checkpoint config's data.resolution)")
-    p.add_argument("--std-pose", help="target pose map image (default: the canonical map stored in the checkpoint)")
+    p.add_argument("--std-pose", help="target pose map image (default: pictures get the reference figure's canonical "
+                   "map stored in the checkpoint; shard samples their character's own)")
     p.add_argument("--dwpose-det", help="DWPose detector ONNX (yolox_l.onnx), local path; needs onnxruntime")
     p.add_argument("--dwpose-pose", help="DWPose pose ONNX (dw-ll_ucoco_384.onnx), local path")
-    p.add_argument("--backgrounds", help="shard input: background images to composite the references onto")
-    p.add_argument("--white-threshold", type=float, default=0.94, help="without alpha: pixels brighter than this are background")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backgrounds", help="shard input: background images to composite the references onto "
+                   "(default: procedural colour fields)")
+    p.add_argument("--white-threshold", type=float, default=0.94,
+                   help="pictures without alpha: pixels whose every channel is at least this (0-1) are background (default 0.94)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     p.set_defaults(handler=_standardize)

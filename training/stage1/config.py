@@ -22,6 +22,7 @@ from serialgen.training.common.config import (
 )
 
 __all__ = [
+    "INFERENCE_DTYPES",
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
@@ -30,7 +31,13 @@ __all__ = [
     "Stage1Config",
     "load_stage1_config",
     "check_model_paths",
+    "check_training_data",
 ]
+
+
+# `--dtype` of standardize / eval (and the pair builder): name -> torch dtype attribute. Here, not in
+# the pipeline, so the commands list the choices without importing torch.
+INFERENCE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -52,10 +59,15 @@ class ModelConfig:
 class DataConfig:
     train_shards: str | None = None  # shard path/pattern for dataset/loader.py, or synthetic:N
     val_shards: str | None = None  # same; None: validate on the first training batch
-    backgrounds: str | None = None  # background image folder for the loader's compositing (None: procedural)
+    backgrounds: str | None = None  # background images for the loader's compositing (a folder or an assets folder)
+    # without backgrounds, shard training is refused unless this allows procedural colour fields
+    procedural_backgrounds: bool = False
     epoch_length: int | None = setting(2000, min=1)  # loader samples per reader per epoch in infinite mode (bounds resume replay)
     resolution: tuple[int, int] = resolution_setting(DEFAULT_RESOLUTION)
     num_workers: int = setting(4, min=0)
+    # probability that a sample's target pose map is the canonical (reference figure's) map instead of
+    # its character's own: what inference on pictures gives the model (docs/stage1.md)
+    canonical_share: float = setting(0.2, min=0, max=1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,10 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = setting(0.9999, min=0, max=1)
     reference_dropout: float = setting(0.1, min=0)  # per sample: no reference features, zero CLIP embedding (CFG)
+    # per sample: the reference's background mask / pose map replaced by zeros, what a picture whose
+    # mask or pose could not be estimated gives at inference, so a missing estimate is in-distribution
+    mask_dropout: float = setting(0.0, min=0, max=1)
+    pose_dropout: float = setting(0.0, min=0, max=1)
     min_snr_gamma: float | None = setting(None, min=0)  # e.g. 5.0; None: plain epsilon MSE (eq. 2)
     noise_offset: float = setting(0.0, min=0)
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (pair with prediction_type v_prediction)
@@ -84,7 +100,9 @@ class TrainConfig:
     keep_checkpoints: int = setting(3, min=0)  # 0: keep all
     log_every: int = setting(10, min=1)
     tensorboard: bool = True
-    ddp_find_unused_parameters: bool = True
+    # every trainable parameter gets a gradient in every step (the reference tail that cannot is frozen,
+    # model.reference_unused_parameters), so DDP needs no per-step search for unused ones
+    ddp_find_unused_parameters: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,24 @@ class Stage1Config:
             raise UserInputError(f"{self.source}: train.reference_dropout must be in [0, 1), got {self.train.reference_dropout}")
         if not self.model.tiny and not self.model.pretrained_model:
             raise UserInputError(f"{self.source}: model.pretrained_model is required unless model.tiny is true")
+
+
+def check_training_data(config: Stage1Config) -> None:
+    """One-line errors for training data the run cannot or should not use, before any heavy import.
+
+    Shard training composites every reference onto a background. Procedural colour fields are a
+    stand-in (the tiny config allows them); a model that will see real pictures must train on real
+    backgrounds, so without ``data.backgrounds`` the run stops unless ``data.procedural_backgrounds``
+    says that is meant."""
+    d = config.data
+    if not d.train_shards:
+        raise UserInputError(f"{config.source}: no training data: set data.train_shards or pass --train-shards "
+                             "(shards, or synthetic:N)")
+    if d.train_shards.startswith("synthetic:") or d.backgrounds or d.procedural_backgrounds:
+        return
+    raise UserInputError(f"{config.source}: data.backgrounds is not set: references would be composited onto procedural "
+                         "colour fields; pass --backgrounds DIR (images, or an assets folder), or "
+                         "--set data.procedural_backgrounds=true if that is meant")
 
 
 def load_stage1_config(path_or_name: str | Path, overrides: Iterable[str] = ()) -> Stage1Config:

@@ -5,11 +5,14 @@ Sample contract (what `dataset/loader.py` yields and what the model consumes), p
     ref_mask  (1, H, W) float in [0, 1]    1 = background
     ref_pose  (3, H, W) float              reference pose map (OpenPose colours)
     std       (3, H, W) float in [-1, 1]   standard image (target)
-    std_pose  (3, H, W) float              canonical standard pose map
+    std_pose  (3, H, W) float              standard pose map: the character's own (the loader's
+                                           default), or the canonical one for a `data.canonical_share`
     meta      dict                         (character id, pose id, ...)
     __key__   str                          the sample key
-Pose maps are passed to the networks as the loader gives them; training and inference must use the
-same drawing (inference reuses the loader's renderer or the checkpoint's stored canonical map).
+Shard data comes out of the loader as uint8 (its fast path: a quarter of the bytes between processes)
+and is converted to these ranges on the device (:func:`batch_to_device`); the synthetic data is float.
+Pose maps are passed to the networks as the loader draws them; training and inference must use the
+same drawing (:func:`canonical_pose_map` draws the canonical map with the loader's renderer).
 
 `SyntheticStandardizationDataset` is a learnable toy version of the task for tests and the tiny
 config: a "character" (head, torso, legs in per-character colours) somewhere on a noisy coloured
@@ -29,6 +32,8 @@ from serialgen.errors import UserInputError
 
 __all__ = [
     "SyntheticStandardizationDataset",
+    "batch_to_device",
+    "canonical_pose_map",
     "collate_stage1",
     "open_stage1_dataset",
 ]
@@ -128,6 +133,32 @@ def collate_stage1(samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def batch_to_device(batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The tensor members on ``device``, uint8 ones (the loader's fast path) converted there to the
+    model's ranges by the loader's own ``to_model_range``; float members (synthetic data) as they are."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in moved.values()):
+        from serialgen.dataset.loader import to_model_range
+
+        moved = to_model_range(moved)
+    return moved
+
+
+def canonical_pose_map(resolution: tuple[int, int]) -> torch.Tensor:
+    """The reference figure's standard pose (geometry's ``reference_standard_keypoints`` at
+    ``resolution``) drawn by the loader's pose-map renderer: (3, H, W) float in [0, 1].
+
+    What a checkpoint stores for inference on pictures, where no character of ours defines a
+    standard pose; drawn at the model's own size, so no resize blurs its lines."""
+    from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
+    from serialgen.dataset.posemap import Pose, draw_pose_map
+
+    width, height = resolution
+    xy, visible = reference_standard_keypoints(width, height)
+    pose = Pose(xy, visible, (width, height), np.zeros((0, 2), np.float32))
+    return torch.from_numpy(draw_pose_map(pose, (width, height))).permute(2, 0, 1).float().div(255.0)
+
+
 def _parse_synthetic_spec(spec: str) -> int | None:
     """`synthetic:N` -> N; anything else -> None."""
     if not spec.startswith("synthetic:"):
@@ -139,12 +170,15 @@ def _parse_synthetic_spec(spec: str) -> int | None:
 
 
 def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, split: str = "train",
-                        infinite: bool = False, backgrounds: str | None = None, epoch_length: int | None = None) -> Dataset:
+                        infinite: bool = False, backgrounds: str | None = None, epoch_length: int | None = None,
+                        canonical_share: float = 0.0) -> Dataset:
     """A dataset for a data spec: `synthetic:N`, or shard path(s)/pattern read by `dataset/loader.py`.
 
-    `split`, `infinite` (resampled shards), `backgrounds` and `epoch_length` (samples per reader per
-    epoch in infinite mode) go to the shard loader. The synthetic data has no split: train and test
-    are then different seeds.
+    `split`, `infinite` (resampled shards), `backgrounds`, `epoch_length` (samples per reader per
+    epoch in infinite mode) and `canonical_share` (the probability that a sample's standard pose map
+    is the canonical one instead of its character's own) go to the shard loader, which yields uint8
+    (convert with :func:`batch_to_device`). The synthetic data has no split (train and test are
+    different seeds) and its toy figure has no canonical pose.
     """
     count = _parse_synthetic_spec(spec)
     if count is not None:
@@ -152,5 +186,7 @@ def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, sp
     from serialgen.dataset.loader import open_dataset
 
     extra = {"epoch_length": epoch_length} if infinite and epoch_length else {}
+    if canonical_share:
+        extra["canonical_share"] = canonical_share
     return open_dataset(spec, resolution=resolution, seed=seed, split=split, infinite=infinite,
-                        backgrounds=backgrounds, **extra)
+                        backgrounds=backgrounds, dtype="uint8", std_pose="per_character", **extra)

@@ -24,10 +24,26 @@ from safetensors.torch import load_file
 
 from serialgen.errors import UserInputError
 from serialgen.resolution import DEFAULT_RESOLUTION
-from serialgen.training.common.checkpointing import check_model_config, load_trainable_weights, read_checkpoint_config
+from serialgen.training.common.checkpointing import check_model_config, load_trainable_weights
+from serialgen.training.common.run_folder import read_checkpoint_config
 from serialgen.training.stage1.model import clip_image_embeds, decode_latents, encode_latents
 
-__all__ = ["StandardizePipeline", "Stage1Standardizer"]
+__all__ = ["StandardizePipeline", "Stage1Standardizer", "inference_dtype"]
+
+
+def inference_dtype(name: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """The weights' dtype for inference: ``fp32``/``bf16``/``fp16`` (or a torch dtype); None or
+    ``auto``: bf16 on CUDA (the networks trained under bf16 autocast), fp32 elsewhere (on CPUs
+    without bf16 matrix units bf16 runs slower than fp32: docs/stage1.md has the measurement)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    from serialgen.training.stage1.config import INFERENCE_DTYPES
+
+    if name not in INFERENCE_DTYPES:
+        raise UserInputError(f"--dtype {name}: expected auto, {', '.join(INFERENCE_DTYPES)}")
+    return getattr(torch, INFERENCE_DTYPES[name])
 
 
 class StandardizePipeline:
@@ -58,9 +74,6 @@ class StandardizePipeline:
         parts = build_components(config)
         check_model_config(checkpoint, parts.model.model_config())
         load_trainable_weights(parts.model, checkpoint, ema=use_ema and (checkpoint / "ema.safetensors").is_file())
-        canonical = None
-        if (checkpoint / "canonical_pose.safetensors").is_file():
-            canonical = load_file(str(checkpoint / "canonical_pose.safetensors"))["std_pose"]
         for module in (parts.model, parts.vae, parts.image_encoder):
             module.to(device=device).eval()
             if dtype != torch.float32:
@@ -68,6 +81,16 @@ class StandardizePipeline:
         settings = dict(num_inference_steps=config.inference.num_inference_steps,
                         guidance_scale=config.inference.guidance_scale, resolution=config.data.resolution)
         settings.update({k: v for k, v in overrides.items() if v is not None})
+        # The canonical target pose for pictures: the map stored with the checkpoint, or, at another
+        # size (or for a checkpoint without one), the same reference figure drawn at that size.
+        width, height = settings["resolution"]
+        canonical = None
+        if (checkpoint / "canonical_pose.safetensors").is_file():
+            canonical = load_file(str(checkpoint / "canonical_pose.safetensors"))["std_pose"]
+        if canonical is None or tuple(canonical.shape[-2:]) != (height, width):
+            from serialgen.training.stage1.data import canonical_pose_map
+
+            canonical = canonical_pose_map((width, height))
         return cls(parts.model, parts.vae, parts.image_encoder, inference_scheduler(parts.noise_scheduler),
                    canonical_pose=canonical, config=config, **settings)
 
@@ -155,11 +178,13 @@ class Stage1Standardizer:
 
     def __init__(self, checkpoint: str | Path, device: str = "cpu", *, dwpose_det: str | None = None,
                  dwpose_pose: str | None = None, white_threshold: float = 0.94, steps: int | None = None,
-                 guidance: float | None = None, resolution: tuple[int, int] | None = None):
+                 guidance: float | None = None, resolution: tuple[int, int] | None = None,
+                 dtype: torch.dtype | str | None = None):
         from serialgen.training.stage1.reference_inputs import BlankPose, WhiteBackgroundMask
 
-        self.pipeline = StandardizePipeline.from_checkpoint(checkpoint, device=device, num_inference_steps=steps,
-                                                            guidance_scale=guidance, resolution=resolution)
+        self.pipeline = StandardizePipeline.from_checkpoint(checkpoint, device=device, dtype=inference_dtype(dtype, device),
+                                                            num_inference_steps=steps, guidance_scale=guidance,
+                                                            resolution=resolution)
         if dwpose_det and dwpose_pose:
             from serialgen.training.stage1.dwpose import DWPoseOnnx
 

@@ -23,20 +23,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from serialgen.errors import UserInputError
-from serialgen.training.common.checkpointing import (
-    check_model_config,
-    latest_checkpoint,
-    load_checkpoint,
-    rotate_checkpoints,
-    save_checkpoint,
-)
+from serialgen.training.common.checkpointing import check_model_config, load_checkpoint, save_checkpoint
 from serialgen.training.common.config import config_to_dict, override
 from serialgen.training.common.resumable_data import DataPosition, ResumableBatches
-from serialgen.training.common.run_log import MetricsLogger, Throughput, save_image_grid, to_uint8_image
+from serialgen.training.common.run_folder import latest_checkpoint, rotate_checkpoints
+from serialgen.training.common.run_log import MetricsLogger, Throughput, plot_loss_curve, save_image_grid, to_uint8_image
 from serialgen.training.stage1.components import Stage1Components, build_components, inference_scheduler
-from serialgen.training.stage1.config import Stage1Config, check_model_paths
-from serialgen.training.stage1.data import collate_stage1, open_stage1_dataset
+from serialgen.training.stage1.config import Stage1Config, check_model_paths, check_training_data
+from serialgen.training.stage1.data import batch_to_device, canonical_pose_map, collate_stage1, open_stage1_dataset
 from serialgen.training.stage1.model import clip_image_embeds, encode_latents
 from serialgen.training.stage1.pipeline import StandardizePipeline
 
@@ -83,15 +77,28 @@ def _make_accelerator(config: Stage1Config, output_dir: Path):
     )
 
 
-def _encode_batch(batch, parts: Stage1Components, generator: torch.Generator, device, weight_dtype):
-    """Frozen encoders: target latents (posterior sample), reference latents (mode), CLIP embeddings."""
-    std = batch["std"].to(device, weight_dtype)
-    ref = batch["ref"].to(device, weight_dtype)
+def _encode_batch(batch, parts: Stage1Components, generator: torch.Generator, weight_dtype):
+    """Frozen encoders: target latents (posterior sample), reference latents (mode), CLIP embeddings.
+    `batch` is on the device already, in the model's ranges."""
+    std = batch["std"].to(weight_dtype)
+    ref = batch["ref"].to(weight_dtype)
     # posterior noise comes from the run's CPU generator, so it is the same on every device
     target_latents = encode_latents(parts.vae, std, generator=generator, sample=True)
     ref_latents = encode_latents(parts.vae, ref)
     embeds = clip_image_embeds(parts.image_encoder, ref)
     return target_latents, ref_latents, embeds
+
+
+def _drop_estimates(batch: dict, config: Stage1Config, generator: torch.Generator) -> dict:
+    """Per sample, with `train.mask_dropout` / `train.pose_dropout`: the reference's background mask or
+    pose map becomes zeros, as for a picture whose mask or pose could not be estimated. No draw is
+    made for a rate of 0, so runs without it keep the random stream of earlier releases."""
+    out = dict(batch)
+    for key, rate in (("ref_mask", config.train.mask_dropout), ("ref_pose", config.train.pose_dropout)):
+        if rate:
+            keep = (torch.rand(out[key].shape[0], generator=generator) >= rate).to(out[key].device)
+            out[key] = out[key] * keep.to(out[key].dtype)[:, None, None, None]
+    return out
 
 
 def _noise(latents: torch.Tensor, parts: Stage1Components, config: Stage1Config, generator: torch.Generator):
@@ -136,20 +143,22 @@ def _validate(step: int, model, parts: Stage1Components, config: Stage1Config, v
 
 
 def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, max_steps: int | None = None,
-                 train_shards: str | None = None, resume: str = "auto", stop_after: int | None = None) -> TrainResult:
+                 train_shards: str | None = None, resume: str = "auto", stop_after: int | None = None,
+                 progress: bool = False) -> TrainResult:
     """Train (or resume) Stage I. `resume`: "auto" (latest checkpoint in the output folder, if any),
     "never", or a checkpoint path. `stop_after`: return after that many optimizer steps of this call
-    (to simulate an interruption; the schedule still targets `max_steps`). `config` is not changed:
-    `output_dir`, `max_steps` and `train_shards` make a new config, the one saved with the checkpoints."""
+    (to simulate an interruption; the schedule still targets `max_steps`). `progress`: a progress bar
+    (loss, steps/s, ETA) on the main process. `config` is not changed: `output_dir`, `max_steps` and
+    `train_shards` make a new config, the one saved with the checkpoints."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
+    from tqdm import tqdm
 
     changes = {"output_dir": None if output_dir is None else str(output_dir), "train.max_steps": max_steps,
                "data.train_shards": train_shards}
     config = override(config, {k: v for k, v in changes.items() if v is not None})
     t, v = config.train, config.validation
-    if not config.data.train_shards:
-        raise UserInputError(f"{config.source}: no training data: set data.train_shards or pass --train-shards (shards, or synthetic:N)")
+    check_training_data(config)
     output_dir = Path(config.output_dir)
     check_model_paths(config)  # before anything heavy
 
@@ -179,18 +188,24 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
     ema = EMAModel(trainable, decay=t.ema_decay) if t.ema else None
 
     # 4. Data in a resumable order. The validation batch is fixed (from the validation set or the first
-    #    training samples); its first standard-pose map is the canonical map saved with every checkpoint,
-    #    so it holds at least one sample even when validation is off.
+    #    training samples).
     d = config.data
     train_set = open_stage1_dataset(d.train_shards, resolution=d.resolution, seed=config.seed, split="train",
-                                    infinite=True, backgrounds=d.backgrounds, epoch_length=d.epoch_length)
-    val_source = open_stage1_dataset(d.val_shards, resolution=d.resolution, seed=config.seed, split="test",
-                                     backgrounds=d.backgrounds) if d.val_shards else train_set
-    val_count = max(v.num_references, 1)
-    val_batch = collate_stage1([val_source[i] for i in range(min(val_count, len(val_source)))]) \
-        if hasattr(val_source, "__len__") else collate_stage1(list(_take(val_source, val_count)))
+                                    infinite=True, backgrounds=d.backgrounds, epoch_length=d.epoch_length,
+                                    canonical_share=d.canonical_share)
+    val_batch = None
+    if v.every and v.num_references:
+        val_source = open_stage1_dataset(d.val_shards, resolution=d.resolution, seed=config.seed, split="test",
+                                         backgrounds=d.backgrounds) if d.val_shards else train_set
+        val_batch = collate_stage1([val_source[i] for i in range(min(v.num_references, len(val_source)))]) \
+            if hasattr(val_source, "__len__") else collate_stage1(list(_take(val_source, v.num_references)))
+        val_batch = batch_to_device(val_batch, "cpu")  # model ranges; the pipeline moves it
+    # What inference on a picture uses: the reference figure's canonical map at the model's size
+    # (never a training sample's own map, which for a chibi is a small figure).
+    canonical_pose = {"std_pose": canonical_pose_map(d.resolution)}
 
-    # 5. Prepare, then resume
+    # 5. Prepare, then resume (the EMA is placed on the device first: loading keeps each shadow
+    #    weight where the EMA lives)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
@@ -208,7 +223,6 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
                                                 rank=rank, world_size=world))
     logger = MetricsLogger(output_dir, resume_step=step, tensorboard=t.tensorboard) if accelerator.is_main_process else None
     result = TrainResult(output_dir=output_dir, first_step=step + 1, last_step=step)
-    canonical_pose = {"std_pose": val_batch["std_pose"][0]}
 
     def save(at_step: int) -> Path:
         path = save_checkpoint(output_dir, at_step, unwrapped, train_state={"data": position.to_dict()},
@@ -218,22 +232,24 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
                                is_main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
             rotate_checkpoints(output_dir, t.keep_checkpoints)
+            plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss.png", title=f"Stage I, {output_dir.name}")
         return path
 
     # 6. Training loop: one optimizer step = gradient_accumulation_steps micro-batches
     throughput, window, started, steps_run = Throughput(), [], time.perf_counter(), 0
+    bar = tqdm(total=t.max_steps, initial=step, desc="stage1", unit="step", dynamic_ncols=True,
+               disable=not (progress and accelerator.is_main_process))
     while step < t.max_steps and (stop_after is None or steps_run < stop_after):
         micro_losses = []
         for _ in range(t.gradient_accumulation_steps):
             position, batch = next(batches)
             with accelerator.accumulate(model):
-                target_latents, ref_latents, embeds = _encode_batch(batch, parts, generator, accelerator.device, weight_dtype)
+                batch = _drop_estimates(batch_to_device(batch, accelerator.device), config, generator)
+                target_latents, ref_latents, embeds = _encode_batch(batch, parts, generator, weight_dtype)
                 noisy, timesteps, target, use_reference = _noise(target_latents, parts, config, generator)
                 with accelerator.autocast():
-                    pred = model(noisy, timesteps, ref_latents, embeds,
-                                 batch["std_pose"].to(accelerator.device, weight_dtype),
-                                 batch["ref_pose"].to(accelerator.device, weight_dtype),
-                                 batch["ref_mask"].to(accelerator.device, weight_dtype), use_reference)
+                    pred = model(noisy, timesteps, ref_latents, embeds, batch["std_pose"].to(weight_dtype),
+                                 batch["ref_pose"].to(weight_dtype), batch["ref_mask"].to(weight_dtype), use_reference)
                 loss = diffusion_loss(pred, target, timesteps, parts.noise_scheduler, t.min_snr_gamma)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
@@ -252,16 +268,19 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
             raise RuntimeError(f"loss is {step_loss} at step {step}; lower train.learning_rate or check the data")
         result.losses[step] = step_loss
         window.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", refresh=False)
 
         # 7. Log, validate, checkpoint
         if logger is not None and (step % t.log_every == 0 or step == t.max_steps):
             logger.log(step, loss=sum(window) / len(window), lr=lr_scheduler.get_last_lr()[0],
                        samples_per_s=throughput.rate(), epoch=position.epoch)
             window = []
-        if accelerator.is_main_process and v.every and v.num_references and (step % v.every == 0 or step == t.max_steps):
-            _validate(step, unwrapped, parts, config, _first(val_batch, v.num_references), output_dir, logger, ema)
+        if accelerator.is_main_process and val_batch is not None and (step % v.every == 0 or step == t.max_steps):
+            _validate(step, unwrapped, parts, config, val_batch, output_dir, logger, ema)
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps:
             result.last_checkpoint = save(step)
+    bar.close()
     accelerator.wait_for_everyone()
     result.last_step = step
     result.seconds_per_step = (time.perf_counter() - started) / max(steps_run, 1)
@@ -269,10 +288,6 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
         logger.close()
     accelerator.end_training()
     return result
-
-
-def _first(batch: dict, n: int) -> dict:
-    return {key: value[:n] for key, value in batch.items()}
 
 
 def _take(iterable, n: int):

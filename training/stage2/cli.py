@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from serialgen.errors import UserInputError
-from serialgen.resolution import add_resolution_argument
+from serialgen.resolution import add_renamed_flags, add_resolution_argument
+from serialgen.training.common.config import positive_int
 from serialgen.training.stage2.config import MODES
 
 __all__ = ["register"]
@@ -28,25 +29,43 @@ def _device(name: str | None) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from serialgen.training.stage2.config import check_model_paths, load_stage2_config
+    from serialgen.training.common.config import override
+    from serialgen.training.common.run_folder import finished_message, latest_checkpoint
+    from serialgen.training.stage2.config import check_model_paths, check_pair_sets, check_resume, load_stage2_config
 
+    # Everything a user can get wrong is checked here, before torch is imported (a second, not 6-17).
     overrides = list(args.set or [])
     if args.mode:
         overrides.append(f"mode={args.mode}")
     config = load_stage2_config(args.config, overrides)
-    check_model_paths(config.model)  # a wrong weights path is one line, before torch is imported
+    changes = {"output_dir": args.output_dir, "train.max_steps": args.max_steps}
+    config = override(config, {k: v for k, v in changes.items() if v is not None})
+    check_model_paths(config.model)
+    check_pair_sets(config)
+    latest = latest_checkpoint(config.output_dir)
+    if latest is not None:
+        check_resume(latest, config)
+    done = finished_message(config.output_dir, config.train.max_steps)
+    if done:
+        print(done)
+        return 0
 
+    from serialgen.training.common.quiet import filter_library_warnings
+    filter_library_warnings()
     from serialgen.training.stage2.train import train_stage2
 
-    summary = train_stage2(config, output_dir=args.output_dir, max_steps=args.max_steps, progress=not args.quiet)
+    summary = train_stage2(config, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per run, not per process
         print(json.dumps(summary, indent=1))
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from serialgen.training.stage2.generate import generate_series
+    from serialgen.training.common.quiet import filter_library_warnings
+    from serialgen.training.stage2.generate import check_standardizer, generate_series
 
+    check_standardizer(args.standardizer)
+    filter_library_warnings()
     prompts = list(args.prompt or [])
     if args.prompts_file:
         f = Path(args.prompts_file)
@@ -55,10 +74,10 @@ def _generate(args: argparse.Namespace) -> int:
         prompts += [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
     record = generate_series(
         ref=args.ref, prompts=prompts, out=args.out, adapter=args.adapter, standardizer=args.standardizer,
-        seeds=args.seeds, first_seed=args.first_seed, resolution=args.resolution, steps=args.steps,
+        num_seeds=args.num_seeds, first_seed=args.first_seed, resolution=args.resolution, steps=args.steps,
         guidance_scale=args.guidance, ip_scale=args.ip_scale, negative_prompt=args.negative_prompt,
         sdxl=args.sdxl, image_encoder=args.image_encoder, vae=args.vae, device=_device(args.device),
-        progress=not args.quiet,
+        progress=not args.no_progress,
     )
     print(f"{len(record['images'])} images ({len(record['prompts'])} prompts x {len(record['seeds'])} seeds) "
           f"-> {args.out} (grid.png, series.json); standardizer: {record['standardizer']}")
@@ -66,6 +85,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from serialgen.training.common.quiet import filter_library_warnings
+
+    filter_library_warnings()
     from serialgen.training.stage2.evaluate import (
         ArcFaceOnnx,
         ClipScorer,
@@ -113,13 +135,17 @@ def register(sub, groups) -> None:
         "Multi-GPU: `accelerate launch --num_processes N -m serialgen.cli train stage2 --config C`.",
     )
     p.add_argument("--config", required=True, help="YAML config path, or a packaged name: stage2, stage2-tiny")
-    p.add_argument("--output-dir", help="run folder (default: the config's output_dir)")
-    p.add_argument("--max-steps", type=int, help="total optimizer steps (overrides train.max_steps)")
+    p.add_argument("--output-dir", help="run folder: checkpoints/, metrics.jsonl, loss.png, tensorboard/, validation/ "
+                   "(default: the config's output_dir)")
+    p.add_argument("--max-steps", type=positive_int,
+                   help="optimizer steps in total, counting those already done (default: the config's train.max_steps)")
     p.add_argument("--mode", choices=MODES,
-                   help="reference used in training (overrides the config; the last two are the Table 2 baselines)")
+                   help="reference used in training (default: the config's mode, two-stage; the other two are the "
+                   "Table 2 baselines)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.learning_rate=2e-5 (repeatable)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (loss, steps/s, time left)")
+    add_renamed_flags(p, {"--quiet": "--no-progress"})
     p.set_defaults(handler=_train)
 
     p = sub.add_parser(
@@ -129,25 +155,28 @@ def register(sub, groups) -> None:
     )
     p.add_argument("--standardizer", required=True,
                    help="Stage I checkpoint folder; 'identity' (no standardization, letterbox only: a labelled stand-in); "
-                   "'none' (raw reference: the one-stage baselines)")
+                   "'none' (raw reference: the one-stage baselines); or module:function")
     p.add_argument("--adapter", required=True, help="ip_adapter.safetensors, or a Stage II run / checkpoint folder holding one")
     p.add_argument("--ref", required=True, help="reference image")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; at least one here or in --prompts-file)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
-    p.add_argument("--seeds", type=int, default=4, help="images per prompt (seeds first-seed .. first-seed+N-1; default 4)")
-    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--num-seeds", type=positive_int, default=4,
+                   help="images per prompt: seeds first-seed .. first-seed+N-1 (default 4)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
+    add_renamed_flags(p, {"--seeds": "--num-seeds N (images per prompt)", "--quiet": "--no-progress"})
     p.add_argument("--out", required=True, help="output folder")
     add_resolution_argument(p, default=None, multiple_of=8,
                             help="image size (default: the adapter's training data.resolution, else 512x768)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the adapter config's inference.num_inference_steps, else 20)")
+    p.add_argument("--steps", type=positive_int,
+                   help="DDIM steps (default: the adapter config's inference.num_inference_steps, else 20)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the adapter config's, else 7.5)")
     p.add_argument("--ip-scale", type=float, help="IP-Adapter scale, 0 = text only (default: the adapter config's, else 1.0)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (default '': what text dropout trained)")
     p.add_argument("--sdxl", help="SDXL folder (default: from the adapter's training config)")
     p.add_argument("--image-encoder", help="CLIP vision folder (default: from the adapter's training config)")
-    p.add_argument("--vae", help="replacement VAE folder")
+    p.add_argument("--vae", help="replacement VAE folder (default: the adapter config's model.vae, else SDXL's own)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_generate)
 
     p = groups["eval"].add_parser(
@@ -165,5 +194,5 @@ def register(sub, groups) -> None:
                    help="AP-CLIP-I over pairs from different prompts (default) or all pairs")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("--out", help="also write the full JSON (per-image scores) to this file")
-    p.add_argument("--device", help="cuda / cpu")
+    p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     p.set_defaults(handler=_eval)

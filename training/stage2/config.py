@@ -34,6 +34,8 @@ __all__ = [
     "load_stage2_config",
     "require_model_dir",
     "check_model_paths",
+    "check_pair_sets",
+    "check_resume",
 ]
 
 # two-stage: the paper's model (reference = standardized std_ref.png);
@@ -209,3 +211,40 @@ def check_model_paths(model: ModelConfig) -> None:
     require_model_dir(model.image_encoder, "model.image_encoder", ENCODER_LAYOUT, ("config.json",))
     if model.vae:
         require_model_dir(model.vae, "model.vae", "a local AutoencoderKL folder", ("config.json",))
+
+
+def check_pair_sets(config: Stage2Config) -> None:
+    """One line for a ``data.pairs`` folder that is no pair set (the synthetic set is written by the run)."""
+    for d in config.data.pairs:
+        if not (Path(d) / "index.json").is_file():
+            raise UserInputError(f"data.pairs: {d} has no index.json; expected a pair set from pair building")
+
+
+# What a resume must share with the run it continues (the rest, e.g. the learning rate, may change).
+_RESUME_KEYS = ("mode", "model", "data.resolution", "train.batch_size", "train.gradient_accumulation_steps", "seed")
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def check_resume(checkpoint: Path, config: Stage2Config) -> None:
+    """One-line error when ``config`` differs from the checkpoint's run config in a _RESUME_KEYS entry
+    (the checkpoint's config may use old key names: it is translated first). Reads YAML only."""
+    from serialgen.training.common.config import config_from_dict, config_to_dict
+    from serialgen.training.common.run_folder import read_checkpoint_config
+
+    saved = config_to_dict(config_from_dict(Stage2Config, read_checkpoint_config(checkpoint),
+                                            source=str(checkpoint / "config.yaml")))
+    now = config_to_dict(config)
+    if not saved["model"]["tiny"] and not now["model"]["tiny"]:
+        saved["model"]["tiny_seed"] = now["model"]["tiny_seed"]  # unused without tiny models
+    for key in _RESUME_KEYS:
+        if _get(saved, key) != _get(now, key):
+            raise UserInputError(
+                f"{checkpoint}: resuming with a different {key} ({_get(saved, key)!r} -> {_get(now, key)!r}); "
+                "use the run's config or a new --output-dir"
+            )

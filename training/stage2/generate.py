@@ -1,6 +1,6 @@
 """Two-stage generation of a series: standardize the reference once, then one image per prompt x seed.
 
-``serialgen generate --standardizer CK1 --adapter CK2 --ref IMG --prompt P ... --seeds N --out DIR``
+``serialgen generate --standardizer CK1 --adapter CK2 --ref IMG --prompt P ... --num-seeds N --out DIR``
 writes::
 
     DIR/reference.png        the input reference (RGB)
@@ -29,10 +29,22 @@ from serialgen.resolution import DEFAULT_RESOLUTION, format_resolution
 from serialgen.training.common.config import config_from_dict, config_to_dict
 from serialgen.training.stage2.config import InferenceConfig, ModelConfig, Stage2Config
 
-__all__ = ["SERIES_VERSION", "generate_series"]
+__all__ = ["SERIES_VERSION", "check_standardizer", "generate_series"]
 
 # 2: the model section is "model" (was "models") and settings hold "resolution": "WxH" (was width, height)
 SERIES_VERSION = 2
+
+
+def check_standardizer(spec: str) -> None:
+    """One line naming ``--standardizer`` when its value is none of the accepted kinds, before any model
+    loads: a Stage I checkpoint folder, ``identity``, ``none`` or ``module:function``."""
+    if spec in ("identity", "none") or Path(spec).is_dir():
+        return
+    module, sep, function = spec.partition(":")
+    if sep and module and function and not Path(spec).exists():
+        return
+    raise UserInputError(f"--standardizer {spec}: not found; expected a Stage I checkpoint folder, 'identity', "
+                         "'none' or module:function")
 
 
 def _adapter_run_config(adapter: str | Path) -> Stage2Config | None:
@@ -95,7 +107,7 @@ def generate_series(
     out: str | Path,
     adapter: str | Path,
     standardizer: str = "identity",
-    seeds: int = 4,
+    num_seeds: int = 4,
     first_seed: int = 0,
     resolution: tuple[int, int] | None = None,
     steps: int | None = None,
@@ -126,8 +138,9 @@ def generate_series(
 
     if not prompts:
         raise UserInputError("--prompt: give at least one prompt")
-    if seeds < 1:
-        raise UserInputError(f"--seeds: {seeds} must be >= 1")
+    if num_seeds < 1:
+        raise UserInputError(f"--num-seeds: {num_seeds} must be >= 1")
+    check_standardizer(standardizer)
     run_cfg = _adapter_run_config(adapter)
     defaults = run_cfg.inference if run_cfg is not None else InferenceConfig()
     resolution = tuple(resolution or (run_cfg.data.resolution if run_cfg is not None else DEFAULT_RESOLUTION))
@@ -151,7 +164,7 @@ def generate_series(
     standardized.save(out / "standardized.png")
     ip_image = pad_to_square(standardized)
     images: list[dict[str, Any]] = []
-    seed_list = list(range(first_seed, first_seed + seeds))
+    seed_list = list(range(first_seed, first_seed + num_seeds))
     rows = []
     total = len(prompts) * len(seed_list)
     with tqdm(total=total, desc="generate", unit="img", disable=not progress) as bar:

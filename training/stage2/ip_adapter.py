@@ -29,6 +29,7 @@ exactly the same resize and normalisation.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,6 +48,7 @@ __all__ = [
     "adapter_state_dict",
     "adapter_config",
     "AdapterView",
+    "ip_adapter_scale",
     "resolve_adapter_file",
     "count_parameters",
 ]
@@ -232,6 +234,23 @@ class AdapterView(torch.nn.Module):
             holder.to_v_ip = proc.to_v_ip[0]
             layers[str(1 + 2 * i)] = holder  # diffusers numbers cross-attention layers 1, 3, 5, ...
         self.ip_adapter = torch.nn.ModuleDict({k: layers[k] for k in sorted(layers)})
+
+
+@contextlib.contextmanager
+def ip_adapter_scale(pipe: Any, scale: float):
+    """``pipe.set_ip_adapter_scale(scale)`` for the block, then every processor's scale as it was.
+
+    The setter writes into the processors of ``pipe.unet``; during training that is the UNet being
+    trained, so a validation grid at another scale would otherwise leave that scale in every later
+    training step."""
+    processors = [p for p in pipe.unet.attn_processors.values() if isinstance(getattr(p, "scale", None), list)]
+    saved = [list(p.scale) for p in processors]
+    pipe.set_ip_adapter_scale(scale)
+    try:
+        yield
+    finally:
+        for processor, scales in zip(processors, saved):
+            processor.scale = scales
 
 
 def adapter_config(unet: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from serialgen.errors import UserInputError
 from serialgen.training.common.config import config_to_dict, override
-from serialgen.training.stage2.config import Stage2Config, check_model_paths
+from serialgen.training.stage2.config import Stage2Config, check_model_paths, check_pair_sets, check_resume
 
 __all__ = [
     "Stage2Denoiser",
@@ -87,21 +87,22 @@ def _validation_grid(pipe: Any, references: list[Any], prompts: Sequence[str], p
 
     from serialgen.imaging import letterbox, pad_to_square
     from serialgen.training.common.run_log import save_image_grid
+    from serialgen.training.stage2.ip_adapter import ip_adapter_scale
 
     width, height = resolution
-    pipe.set_ip_adapter_scale(ip_scale)
     rows = []
-    for ref in references:
-        row = [np.asarray(letterbox(ref.convert("RGB"), resolution)[0])]
-        for prompt in prompts:
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                image = pipe(
-                    prompt, negative_prompt="", ip_adapter_image=pad_to_square(ref), height=height, width=width,
-                    num_inference_steps=steps, guidance_scale=guidance_scale,
-                    generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil",
-                ).images[0]
-            row.append(np.asarray(image.convert("RGB")))
-        rows.append(row)
+    with ip_adapter_scale(pipe, ip_scale):  # the trained UNet's own scale comes back afterwards
+        for ref in references:
+            row = [np.asarray(letterbox(ref.convert("RGB"), resolution)[0])]
+            for prompt in prompts:
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    image = pipe(
+                        prompt, negative_prompt="", ip_adapter_image=pad_to_square(ref), height=height, width=width,
+                        num_inference_steps=steps, guidance_scale=guidance_scale,
+                        generator=torch.Generator(device="cpu").manual_seed(seed), output_type="pil",
+                    ).images[0]
+                row.append(np.asarray(image.convert("RGB")))
+            rows.append(row)
     save_image_grid(rows, path)
     return Path(path)
 
@@ -117,36 +118,6 @@ def _link_adapter(checkpoint: Path) -> Path:
     except OSError:
         shutil.copyfile(src, dst)
     return dst
-
-
-# What a resume must share with the run it continues (the rest, e.g. the learning rate, may change).
-_RESUME_KEYS = ("mode", "model", "data.resolution", "train.batch_size", "train.gradient_accumulation_steps", "seed")
-
-
-def _get(cfg: dict, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
-
-
-def _check_resume(checkpoint: Path, config: Stage2Config) -> None:
-    """One-line error when ``config`` differs from the checkpoint's run config in a _RESUME_KEYS entry
-    (the checkpoint's config may use old key names: it is translated first)."""
-    from serialgen.training.common.checkpointing import read_checkpoint_config
-    from serialgen.training.common.config import config_from_dict
-
-    saved = config_to_dict(config_from_dict(Stage2Config, read_checkpoint_config(checkpoint),
-                                            source=str(checkpoint / "config.yaml")))
-    now = config_to_dict(config)
-    if not saved["model"]["tiny"] and not now["model"]["tiny"]:
-        saved["model"]["tiny_seed"] = now["model"]["tiny_seed"]  # unused without tiny models
-    for key in _RESUME_KEYS:
-        if _get(saved, key) != _get(now, key):
-            raise UserInputError(
-                f"{checkpoint}: resuming with a different {key} ({_get(saved, key)!r} -> {_get(now, key)!r}); "
-                "use the run's config or a new --output-dir"
-            )
 
 
 def prepare_inputs(comps: Any, pipe: Any, batch: dict[str, Any], generator: Any, *, drop: dict[str, float],
@@ -219,7 +190,8 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
     from serialgen.dataset.stage2_loader import Stage2PairDataset, write_synthetic_pairs
     from serialgen.training.common import checkpointing as ckpt
     from serialgen.training.common.resumable_data import DataPosition, ResumableBatches, SeededEpochSampler
-    from serialgen.training.common.run_log import MetricsLogger, Throughput
+    from serialgen.training.common.run_folder import latest_checkpoint, rotate_checkpoints
+    from serialgen.training.common.run_log import MetricsLogger, Throughput, plot_loss_curve
     from serialgen.training.stage2.components import build_components
     from serialgen.training.stage2.ip_adapter import (
         AdapterView,
@@ -240,9 +212,10 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
     # Cheap checks first: a wrong weights path or a mismatched resume is one line, before any process
     # group starts or any model loads.
     check_model_paths(config.model)
-    latest = ckpt.latest_checkpoint(out)
+    check_pair_sets(config)
+    latest = latest_checkpoint(out)
     if latest is not None:
-        _check_resume(latest, config)
+        check_resume(latest, config)
     accelerator = Accelerator(
         mixed_precision=tcfg.mixed_precision, gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
         cpu=not torch.cuda.is_available(),  # without it accelerate ignores a CPU torchrun/MPI world (no gloo group)
@@ -258,9 +231,6 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
             write_synthetic_pairs(synth, dcfg.synthetic, seed=seed, size=resolution)
         accelerator.wait_for_everyone()
         pair_dirs.append(str(synth))
-    for d in pair_dirs:
-        if not (Path(d) / "index.json").is_file():
-            raise UserInputError(f"data.pairs: {d} has no index.json; expected a pair set from `serialgen standardize`")
 
     # ---- frozen models; the adapter
     comps = build_components(config.model)
@@ -317,7 +287,8 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
     accum = tcfg.gradient_accumulation_steps
     total = tcfg.max_steps
     throughput = Throughput()
-    bar = tqdm(total=total, initial=start_step, desc="stage2", disable=not (main and progress), unit="step")
+    bar = tqdm(total=total, initial=start_step, desc="stage2", disable=not (main and progress), unit="step",
+               dynamic_ncols=True)
     losses: list[float] = []
     last_loss = float("nan")
     t0 = time.perf_counter()
@@ -330,7 +301,8 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
         )
         if main:
             _link_adapter(path)
-            ckpt.rotate_checkpoints(out, tcfg.keep_checkpoints)
+            rotate_checkpoints(out, tcfg.keep_checkpoints)
+            plot_loss_curve(out / "metrics.jsonl", out / "loss.png", title=f"Stage II ({config.mode}), {out.name}")
         accelerator.wait_for_everyone()
         return path
 
@@ -372,9 +344,9 @@ def train_stage2(config: Stage2Config, *, output_dir: str | Path | None = None, 
     bar.close()
 
     final_step = max(total, start_step)
-    if final_step > last_saved or ckpt.latest_checkpoint(out) is None:
+    if final_step > last_saved or latest_checkpoint(out) is None:
         save(final_step)
-    final = ckpt.latest_checkpoint(out)
+    final = latest_checkpoint(out)
     adapter_path = out / "ip_adapter.safetensors"
     if main and final is not None:
         shutil.copyfile(final / "ip_adapter.safetensors", adapter_path)
