@@ -45,12 +45,21 @@ from serialgen.render.rig import Rig
 from serialgen.render.scene import RenderSettings
 
 __all__ = [
+    "RENDERING_VERSION",
     "SAMPLE_STAGES",
     "RenderJob",
     "derive_seed",
     "character_samples",
     "BlenderWorker",
 ]
+
+#: Version of the rendering conventions (``docs/rendering.md``): the standard form, view sampling,
+#: lighting, keypoint visibility. A change to any documented number changes the data: bump it (the
+#: farm records it in run.json and refuses to mix versions in one folder).
+#: 3: the standard camera fixes the face box (eyes, mouth) instead of the head box; face landmarks
+#: from eye bones, eye/mouth materials and shape keys, the skull under hair and hats; an exposure
+#: floor on the character; 1x render with numpy anti-aliasing read without a file.
+RENDERING_VERSION = 3
 
 SAMPLE_STAGES = ("pose", "render", "keypoints", "encode", "write")
 _UPPER_BODY = ("nose", "neck", "r_shoulder", "r_elbow", "l_shoulder", "l_elbow", "r_hip", "l_hip",
@@ -197,9 +206,10 @@ class BlenderWorker:
             rig.set_expression(std_mod.STANDARD_EXPRESSION)
             rig.apply_pose(std_mod.standard_angles())
             skel = rig.posed_skeleton()
-            lo, hi = rig.world_bounds()
+            mesh_points = rig.evaluated_vertices()
+            lo, hi = mesh_points.min(0), mesh_points.max(0)
             head = head_geometry_of(rig, skel)
-            camera = std_mod.standard_camera(skel, s.width, s.height, head)
+            camera = std_mod.standard_camera(skel, s.width, s.height, rig.face_landmarks)
             apply_camera(self.scene.camera, camera)
             light_mod.apply_lighting(self.scene, light_mod.STANDARD_LIGHTING, s.engine)
         loaded.std_meta["character_height_m"] = float(hi[2] - lo[2])
@@ -211,9 +221,17 @@ class BlenderWorker:
             loaded.std_png = shards.encode_png(flatten_on_white(rgba))
             loaded.std_pose = pose_record(kps, defined, s.width, s.height)
             loaded.std_pose_json = shards.json_bytes(loaded.std_pose)
+        box = std_mod.standard_face_box(camera, std_mod.face_points(skel, rig.face_landmarks))
+        sources = rig.face_landmark_sources
         loaded.std_meta.update({
             "camera": camera.to_json(),
+            "face_box": {"center": [round(float(x), 3) for x in box["center"]], "side": round(float(box["side"]), 3),
+                         "eye_distance": round(float(box["eye_distance"]), 3),
+                         "eye_to_mouth": round(float(box["eye_to_mouth"]), 3)},
+            "face_landmarks_source": {k: sources.get(k, "defaults")
+                                      for k in ("l_eye", "r_eye", "nose", "mouth", "l_ear", "r_ear")},
             "head_box": std_mod.head_box(skel, camera, head),
+            "fit": std_mod.standard_fit(camera, head.world_points(skel), mesh_points),
             "lighting": light_mod.STANDARD_LIGHTING.to_json(),
             "timings_s": timings,
         })

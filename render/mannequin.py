@@ -106,6 +106,7 @@ class Mannequin:
         self.spec = spec
         self.id = spec.char_id
         self.face_landmarks = None
+        self.face_landmark_sources: dict[str, str] = {}  # the skeleton's defaults
         self.head_geometry = None  # the head bone is the head (geometry.head.head_geometry_of)
         self._rest = _rest_joints(spec)
         collection = collection or bpy.context.scene.collection

@@ -31,6 +31,7 @@ import numpy as np
 from serialgen.assets_manifest import rig_alignment as ra
 from serialgen.assets_manifest.bone_maps import MIN_JOINTS
 from serialgen.assets_manifest import skeleton as sk
+from serialgen.assets_manifest.geometry.face import TAGS, name_tag, shape_key_tag
 from serialgen.assets_manifest.geometry.head import HeadGeometry, measure_head
 from serialgen.render.bpy_utils import import_bpy, import_mathutils
 
@@ -47,7 +48,8 @@ class Rig(Protocol):
     Attributes: ``id`` (manifest id); ``armature`` (the bpy armature Object); ``meshes`` (the bpy
     mesh Objects it deforms); ``bone_map`` (canonical joint -> bone name); ``expressions`` (name ->
     shape keys, "neutral" included); ``face_landmarks`` (overrides of
-    ``skeleton.FACE_LANDMARK_DEFAULTS``, or None); ``head_geometry`` (the measured head, or None:
+    ``skeleton.FACE_LANDMARK_DEFAULTS`` plus ``mouth``, or None); ``face_landmark_sources``
+    (landmark -> where it came from, ``geometry.face.SOURCES``; missing = the defaults); ``head_geometry`` (the measured head, or None:
     the head bone stands for the head, ``geometry.head.head_geometry_of``).
     """
 
@@ -57,6 +59,7 @@ class Rig(Protocol):
     bone_map: dict[str, str]
     expressions: dict[str, Expression]
     face_landmarks: dict[str, tuple[float, float, float]] | None
+    face_landmark_sources: dict[str, str]
     head_geometry: HeadGeometry | None
 
     def apply_pose(self, angles, root_translation=(0.0, 0.0, 0.0)) -> None:
@@ -98,6 +101,50 @@ def _np(m) -> np.ndarray:
     return np.array([list(row) for row in m], dtype=np.float64)
 
 
+def _face_evidence(obj, linear: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What one mesh object says about the face, per vertex: the ``face.TAGS`` code of its polygons'
+    material names (eye beats lips beats mouth beats cover where materials meet), else of the object's name;
+    1/2 where an eye/mouth shape key moves it by >= a quarter of that key's largest move, and that
+    move in metres (``linear``: the object's world 3x3)."""
+    me = obj.data
+    nv = len(me.vertices)
+    tags = np.full(nv, TAGS[name_tag(obj.name)], dtype=np.int8)
+    slot_tags = np.array([TAGS[name_tag(s.material.name if s.material else "")] for s in obj.material_slots],
+                         dtype=np.int8)
+    if slot_tags.any() and len(me.polygons):
+        mat = np.empty(len(me.polygons), dtype=np.int64)
+        me.polygons.foreach_get("material_index", mat)
+        total = np.empty(len(me.polygons), dtype=np.int64)
+        me.polygons.foreach_get("loop_total", total)
+        loop_vert = np.empty(len(me.loops), dtype=np.int64)
+        me.loops.foreach_get("vertex_index", loop_vert)
+        loop_tag = np.repeat(slot_tags[np.clip(mat, 0, len(slot_tags) - 1)], total)
+        from_mat = np.zeros(nv, dtype=np.int8)
+        for tag in (TAGS["cover"], TAGS["mouth"], TAGS["lips"], TAGS["eye"]):  # later wins
+            from_mat[loop_vert[loop_tag == tag]] = tag
+        tags = np.where(from_mat > 0, from_mat, tags).astype(np.int8)
+    key_tags = np.zeros(nv, dtype=np.int8)
+    key_weights = np.zeros(nv)
+    keys = me.shape_keys
+    if keys is not None and len(keys.key_blocks) > 1:
+        basis = np.empty(nv * 3)
+        keys.reference_key.data.foreach_get("co", basis)
+        basis = basis.reshape(-1, 3)
+        for kb in keys.key_blocks:
+            code = {"eye": 1, "mouth": 2}.get(shape_key_tag(kb.name))
+            if kb == keys.reference_key or code is None:
+                continue
+            co = np.empty(nv * 3)
+            kb.data.foreach_get("co", co)
+            d = np.linalg.norm((co.reshape(-1, 3) - basis) @ linear.T, axis=1)
+            if d.max() <= 1e-6:
+                continue
+            moved = (d >= 0.25 * d.max()) & ((key_tags == 0) | (key_tags == code) | (code == 1))
+            key_tags[moved] = code
+            key_weights[moved] = np.maximum(key_weights[moved], d[moved])
+    return tags, key_tags, key_weights
+
+
 class CharacterRig:
     """One character: its armature, meshes, canonical bone map, expressions and face landmarks.
 
@@ -108,7 +155,8 @@ class CharacterRig:
         bone_map: canonical joint -> armature bone name; must cover ``bone_maps.MIN_JOINTS``.
         expressions: name -> [(mesh object name, shape key name, weight), ...].
         face_landmarks: overrides of ``skeleton.FACE_LANDMARK_DEFAULTS`` (head-length units);
-            None: estimated on the measured head (``head_geometry.estimate_face_landmarks``).
+            None: located on the head mesh (``geometry.face.locate_face``); given ones win, the
+            located ones fill the rest (the mouth).
         owned: extra datablock owners to delete in ``remove`` (for example a collection).
 
     ``head_geometry`` (:class:`~serialgen.assets_manifest.geometry.head.HeadGeometry`): the head region's box
@@ -161,18 +209,26 @@ class CharacterRig:
         self._al = ra.build_alignment(self._bone_names, parents, heads, tails, rots, self.bone_map,
                                       frame=rot_world.T)
         self._pose_bones = [armature.pose.bones[n] for n in self._bone_names]
-        self.head_geometry: HeadGeometry = self._measure_head(need_landmarks=self.face_landmarks is None)
-        if self.face_landmarks is None and self.head_geometry.landmarks:
-            self.face_landmarks = dict(self.head_geometry.landmarks)
+        self.head_geometry: HeadGeometry = self._measure_head()
+        # Landmarks the record gives (the procedural builder measures its own on the mesh) win;
+        # the located ones fill the rest (the mouth, which records do not carry).
+        given = self.face_landmarks or {}
+        located = self.head_geometry.landmarks
+        self.face_landmarks = {**located, **given} or None
+        self.face_landmark_sources = {**{k: self.head_geometry.landmark_sources[k] for k in located},
+                                      **{k: "record" for k in given}}
 
     # -- head geometry ------------------------------------------------------------------------
 
-    def _measure_head(self, need_landmarks: bool) -> HeadGeometry:
-        """Measure the head on the rest mesh (pose-independent: rest bones and undeformed vertices).
+    def _measure_head(self) -> HeadGeometry:
+        """Measure the head on the rest mesh (pose-independent: rest bones and undeformed vertices)
+        and locate the face on it (``geometry/face.py``).
 
         A vertex rigid with the head bone is, in any pose, at ``head_w + G @ local`` with ``G`` the
         canonical world rotation of the head joint (``posed_skeleton``); at rest ``G`` is
         ``canonical_rotation_of(rest rotation)``, so ``local = G_rest^T (v_rest - head_rest)``.
+        Per vertex it also hands over what names say (``face.name_tag`` of the polygon's material,
+        then of the mesh object) and how far eye and mouth shape keys move it.
         """
         al = self._al
         b = al.joint_bone["head"]
@@ -183,7 +239,7 @@ class CharacterRig:
         head_bone = self.armature.data.bones[al.bone_names[b]]
         head_set = {head_bone.name, *(c.name for c in head_bone.children_recursive)}
         bone_names = set(self._bone_names)
-        locs, dominant, influence, tris = [], [], [], []
+        locs, dominant, influence, tris, tags, key_tags, key_weights = [], [], [], [], [], [], []
         n = 0
         self.bpy.context.view_layer.update()  # fresh matrix_world for newly linked meshes
         for obj in self.meshes:
@@ -215,11 +271,17 @@ class CharacterRig:
             locs.append((world - head_w) @ g_rest)  # rows: G_rest^T (v - head)
             dominant.append(dom)
             influence.append(inf)
-            if need_landmarks and (dom.any() or (inf >= 0.1).any()):
+            if dom.any() or (inf >= 0.1).any():
+                tag_v, ktag_v, kw_v = _face_evidence(obj, g_rest.T @ m[:3, :3])
                 me.calc_loop_triangles()
                 t = np.empty(len(me.loop_triangles) * 3, dtype=np.int64)
                 me.loop_triangles.foreach_get("vertices", t)
                 tris.append(t.reshape(-1, 3) + n)
+            else:
+                tag_v, ktag_v, kw_v = np.zeros(nv, np.int8), np.zeros(nv, np.int8), np.zeros(nv)
+            tags.append(tag_v)
+            key_tags.append(ktag_v)
+            key_weights.append(kw_v)
             n += nv
         if not locs:
             return HeadGeometry.from_bone(length)
@@ -232,7 +294,8 @@ class CharacterRig:
         if len(eyes) < 2:
             eyes = None
         return measure_head(np.concatenate(locs), np.concatenate(dominant), np.concatenate(influence), length,
-                            np.concatenate(tris) if tris else None, eyes)
+                            np.concatenate(tris) if tris else None, eyes, np.concatenate(tags),
+                            np.concatenate(key_tags), np.concatenate(key_weights))
 
     # -- posing -------------------------------------------------------------------------------
 

@@ -136,11 +136,11 @@ def test_visible_keypoints_inside_silhouette(worker, poses_path, procedural, tmp
 
 
 @pytest.mark.parametrize("kind", ["procedural", "mannequin"])
-def test_standard_image_places_the_head(worker, poses_path, procedural, tmp_path, kind):
-    from serialgen.assets_manifest.geometry.standard_form import STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT
+def test_standard_image_places_the_face(worker, poses_path, procedural, tmp_path, kind):
+    from serialgen.assets_manifest.geometry.standard_form import STANDARD_FACE_CENTER, STANDARD_FACE_SIDE
 
     assets, records = procedural
-    heights = []
+    sides = []
     for role in VARIANTS:
         record = records[role] if kind == "procedural" else _record(role)
         result = worker.run(_job(record, tmp_path, poses_path, k=1, assets=assets))
@@ -151,25 +151,25 @@ def test_standard_image_places_the_head(worker, poses_path, procedural, tmp_path
         assert (border == 255).all(), "standard image border is not pure white"
         assert (std < 250).any(axis=-1).sum() > 0.03 * W * H  # a character is drawn
         meta = json.loads(sample["meta.json"])
-        box = meta["std"]["head_box"]
-        assert abs(box["center"][0] - STANDARD_HEAD_CENTER[0] * W) <= 0.02 * H
-        assert abs(box["center"][1] - STANDARD_HEAD_CENTER[1] * H) <= 0.02 * H
-        assert abs(box["height"] - STANDARD_HEAD_HEIGHT * H) <= 0.02 * H
+        box = meta["std"]["face_box"]
+        assert box["center"] == pytest.approx([STANDARD_FACE_CENTER[0] * W, STANDARD_FACE_CENTER[1] * H], abs=0.01)
+        assert box["side"] == pytest.approx(STANDARD_FACE_SIDE * H, abs=0.01)
+        assert meta["std"]["fit"]["head_inside"] and meta["std"]["fit"]["body_inside"]
         pose = json.loads(sample["std_pose.json"])
         names = pose["names"]
         kp = {n: pose["keypoints"][i] for i, n in enumerate(names)}
-        # Eyes sit at mid head height (face landmarks), visible, left/right mirrored about the centre.
+        # The eyes sit just above the box centre, visible, left/right mirrored about the centre line.
         eyes_y = (kp["l_eye"][1] + kp["r_eye"][1]) / 2
         eyes_x = (kp["l_eye"][0] + kp["r_eye"][0]) / 2
         assert kp["l_eye"][2] and kp["r_eye"][2] and kp["nose"][2]
-        assert abs(eyes_y - STANDARD_HEAD_CENTER[1] * H) <= 0.02 * H
-        assert abs(eyes_x - STANDARD_HEAD_CENTER[0] * W) <= 0.02 * H
+        assert 0 < box["center"][1] - eyes_y <= 0.1 * box["side"]
+        assert abs(eyes_x - STANDARD_FACE_CENTER[0] * W) <= 0.01 * W
         assert kp["l_eye"][0] > kp["r_eye"][0]  # front view: the character's left is image right
-        # The head is drawn where the keypoints say: skin pixels around the eye line.
+        # The face is drawn where the keypoints say: skin pixels around the eye line.
         y0 = int(eyes_y)
         assert (std[y0, int(eyes_x) - 2:int(eyes_x) + 3] < 250).any()
-        heights.append(box["height"])
-    assert np.ptp(heights) <= 0.02 * H  # same head size for child, adult and heavy
+        sides.append(box["side"])
+    assert np.ptp(sides) <= 0.01  # the same face size for child, adult and heavy
 
 
 @pytest.mark.parametrize("kind", ["procedural", "mannequin"])

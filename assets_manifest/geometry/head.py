@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serialgen.assets_manifest.geometry.face import axis_hits, front_depth, locate_face
+
 __all__ = [
     "MIN_VERTICES",
     "INFLUENCE_MIN",
@@ -71,7 +73,8 @@ class HeadGeometry:
     bone_length: float
     source: str
     n_vertices: int = 0
-    landmarks: dict = field(default_factory=dict)  # estimated face landmarks, head-bone-length units
+    landmarks: dict = field(default_factory=dict)  # located face landmarks (face.py), head-bone-length units
+    landmark_sources: dict = field(default_factory=dict)  # landmark -> face.SOURCES entry
 
     @classmethod
     def from_bone(cls, bone_length: float) -> "HeadGeometry":
@@ -147,8 +150,11 @@ def _subsample(points: np.ndarray, n: int) -> np.ndarray:
 
 
 def measure_head(local: np.ndarray, dominant: np.ndarray, influence: np.ndarray, bone_length: float,
-                 triangles: np.ndarray | None = None, eye_points: dict | None = None) -> HeadGeometry:
-    """Measure the head from every skinned rest vertex of a character.
+                 triangles: np.ndarray | None = None, eye_points: dict | None = None,
+                 tags: np.ndarray | None = None, key_tags: np.ndarray | None = None,
+                 key_weights: np.ndarray | None = None) -> HeadGeometry:
+    """Measure the head from every skinned rest vertex of a character, and locate its face
+    (``geometry/face.py``: eye bones, eye/mouth materials and shape keys, the skull under hair and hats).
 
     Args:
         local: (V, 3) rest vertices in the head's local frame (metres).
@@ -157,6 +163,8 @@ def measure_head(local: np.ndarray, dominant: np.ndarray, influence: np.ndarray,
         bone_length: head bone length in metres (the unit of face landmarks).
         triangles: (T, 3) vertex indices into ``local`` (for face landmarks), or None.
         eye_points: {"l_eye"/"r_eye": (3,) local eye-bone head} when the rig has eye bones.
+        tags: (V,) int8 ``face.TAGS`` codes from material/mesh names (None: nothing known).
+        key_tags, key_weights: (V,) vertices moved by eye (1) / mouth (2) shape keys and how far.
     """
     local = np.asarray(local, dtype=np.float64).reshape(-1, 3)
     dominant = np.asarray(dominant, dtype=bool)
@@ -174,54 +182,24 @@ def measure_head(local: np.ndarray, dominant: np.ndarray, influence: np.ndarray,
     pts = local[mask]
     lo, hi = pts.min(0), pts.max(0)
     geo = HeadGeometry(0.5 * (lo + hi), hi - lo, _subsample(pts, MAX_POINTS), length, source, int(mask.sum()))
-    tris = None
-    if triangles is not None and len(triangles):
-        tri = np.asarray(triangles, dtype=np.int64).reshape(-1, 3)
-        # Faces touching the region: its boundary faces close the surface where the region's edge
-        # runs through a face (a cube head whose lower corners are weighted to the neck).
-        tri = tri[mask[tri].any(axis=1)]
-        tris = local[tri] if len(tri) else None
-    marks = estimate_face_landmarks(geo, tris, eye_points)
-    return HeadGeometry(geo.center, geo.size, geo.points, length, source, geo.n_vertices, marks)
+    if tags is None:
+        tags = np.zeros(len(local), dtype=np.int8)
+    marks, sources = locate_face(local, mask, tags, length, triangles, eye_points, key_tags, key_weights,
+                                 surface_estimate=estimate_face_landmarks)
+    return HeadGeometry(geo.center, geo.size, geo.points, length, source, geo.n_vertices, marks, sources)
 
 
-def _axis_hits(tris: np.ndarray, axis: int, queries: np.ndarray) -> np.ndarray:
-    """For rays parallel to ``axis`` through 2D ``queries`` (Q, 2) (the other two coordinates in
-    increasing axis order), the ``axis`` coordinate of every hit: (Q, T) with NaN where a ray misses."""
-    others = [a for a in range(3) if a != axis]
-    p = tris[:, :, others]  # (T, 3, 2)
-    a, b, c = p[:, 0], p[:, 1], p[:, 2]
-    v0, v1 = b - a, c - a
-    den = v0[:, 0] * v1[:, 1] - v0[:, 1] * v1[:, 0]  # (T,)
-    ok = np.abs(den) > 1e-12
-    den = np.where(ok, den, 1.0)
-    q = queries[:, None, :] - a[None]  # (Q, T, 2)
-    u = (q[..., 0] * v1[:, 1] - q[..., 1] * v1[:, 0]) / den
-    v = (v0[:, 0] * q[..., 1] - v0[:, 1] * q[..., 0]) / den
-    inside = ok & (u >= -1e-9) & (v >= -1e-9) & (u + v <= 1 + 1e-9)
-    d = tris[:, :, axis]
-    depth = d[:, 0] + u * (d[:, 1] - d[:, 0]) + v * (d[:, 2] - d[:, 0])
-    return np.where(inside, depth, np.nan)
-
-
-def _front(tris, x, z) -> float | None:
-    """Front-most (minimum Y) surface point's Y at (x, z), or None where the head is not there."""
-    if tris is None:
-        return None
-    hits = _axis_hits(tris, 1, np.array([[x, z]]))[0]
-    return None if np.isnan(hits).all() else float(np.nanmin(hits))
-
-
-def estimate_face_landmarks(geo: HeadGeometry, tris: np.ndarray | None,
-                            eye_points: dict | None = None) -> dict[str, tuple[float, float, float]]:
-    """Nose, eyes and ears on the head surface (``FACE_FRACTIONS``), in the units of
-    ``skeleton.FACE_LANDMARK_DEFAULTS`` (local frame / head bone length).
+def estimate_face_landmarks(center: np.ndarray, size: np.ndarray,
+                            tris: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Nose, eyes and ears on a head surface whose box is ``center``/``size`` (``FACE_FRACTIONS``),
+    in metres in the local frame: the fallback of ``face.locate_face`` for faces no name, bone or
+    shape key describes.
 
     ``tris``: (T, 3, 3) local head triangles (surface queries by axis-parallel rays); without them
-    the box faces stand in for the surface. Eye bones, when given, fix the eyes' X and Z.
+    the box faces stand in for the surface.
     """
     f = FACE_FRACTIONS
-    c, s = geo.center, geo.size
+    c, s = np.asarray(center, dtype=np.float64), np.asarray(size, dtype=np.float64)
     front_y = c[1] - 0.5 * s[1]
     # Nose: front-most point of a grid in the band around the centre height (ties: nearest the
     # band's centre line, so a flat face gets its nose in the middle).
@@ -230,7 +208,7 @@ def estimate_face_landmarks(geo: HeadGeometry, tris: np.ndarray | None,
     nose = np.array([c[0], front_y, c[2]])
     if tris is not None:
         grid = np.array([[x, z] for z in zs for x in xs])
-        hits = _axis_hits(tris, 1, grid)
+        hits = axis_hits(tris, 1, grid)
         ys = np.where(np.isnan(hits), np.inf, hits).min(axis=1)  # inf: the ray misses the head
         ys[ys > c[1]] = np.inf  # a hit in the back half: the face is not there (a hole)
         if np.isfinite(ys).any():
@@ -241,19 +219,15 @@ def estimate_face_landmarks(geo: HeadGeometry, tris: np.ndarray | None,
     eye_z = min(nose[2] + f["eye_up"] * s[2], c[2] + 0.45 * s[2])
     out = {"nose": nose}
     for side, sign in (("l_eye", 1.0), ("r_eye", -1.0)):
-        if eye_points and side in eye_points:
-            ex, ez = float(eye_points[side][0]), float(eye_points[side][2])
-            fallback_y = float(eye_points[side][1])
-        else:
-            ex, ez, fallback_y = nose[0] + sign * f["eye_side"] * s[0], eye_z, nose[1]
-        y = _front(tris, ex, ez)
-        out[side] = np.array([ex, fallback_y if y is None else y, ez])
+        ex, ez = nose[0] + sign * f["eye_side"] * s[0], eye_z
+        y = front_depth(tris, ex, ez)
+        out[side] = np.array([ex, nose[1] if y is None else y, ez])
     ear_z = 0.5 * (out["l_eye"][2] + out["r_eye"][2])
     for side, sign in (("l_ear", 1.0), ("r_ear", -1.0)):
         ear = np.array([c[0] + sign * 0.5 * s[0], c[1], ear_z])
         if tris is not None:
             ys = c[1] + s[1] * np.linspace(-f["ear_depth_band"], f["ear_depth_band"], 7)
-            hits = _axis_hits(tris, 0, np.stack([ys, np.full_like(ys, ear_z)], 1))
+            hits = axis_hits(tris, 0, np.stack([ys, np.full_like(ys, ear_z)], 1))
             if not np.isnan(hits).all():
                 side_x = np.where(np.isnan(hits), -np.inf, sign * hits).max(axis=1)  # (7,) -inf: miss
                 ok = np.isfinite(side_x)
@@ -263,5 +237,4 @@ def estimate_face_landmarks(geo: HeadGeometry, tris: np.ndarray | None,
                 k = np.flatnonzero(near)[np.argmin(np.abs(ys[near] - c[1]))]
                 ear = np.array([sign * side_x[k], ys[k], ear_z])
         out[side] = ear
-    length = geo.bone_length
-    return {k: tuple(round(float(x) / length, 5) for x in v) for k, v in out.items()}
+    return out
