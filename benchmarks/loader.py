@@ -81,6 +81,7 @@ def _steps(args) -> dict:
     from serialgen.dataset import compositing as C
     from serialgen.dataset import loader as L
     from serialgen.dataset import posemap as pm
+    from serialgen.dataset import shards as shards_fmt
 
     torch.set_num_threads(1)
     samples, _ = _samples(args.shards)
@@ -109,7 +110,7 @@ def _steps(args) -> dict:
             meta = json.loads(s["meta.json"])
             pose = pm.parse_pose(s["ref_pose.json"])
             t = tick("json + pose parse", t)
-            ref = L.decode_png(s["ref.png"], "RGBA")
+            ref = shards_fmt.decode_png(s["ref.png"], "RGBA")
             t = tick("ref.png decode", t)
             std, std_pose = proc._standard(s, meta)
             t = tick("standard (cached per character)", t)
@@ -150,12 +151,13 @@ def _alternatives(args) -> dict:
     from serialgen.dataset import compositing as C
     from serialgen.dataset import loader as L
     from serialgen.dataset import posemap as pm
+    from serialgen.dataset import shards as shards_fmt
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", UserWarning)
     samples, _ = _samples(args.shards)
     samples = samples[:24]
-    refs = [L.decode_png(s["ref.png"], "RGBA") for s in samples]
+    refs = [shards_fmt.decode_png(s["ref.png"], "RGBA") for s in samples]
     poses = [pm.parse_pose(s["ref_pose.json"]) for s in samples]
     boxes = []
     for r in refs:
@@ -291,7 +293,7 @@ def _ab(args) -> dict:
     urls = new_loader.resolve_shards(args.shards)
     pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
     members = [(s["ref.png"], s["std.png"]) for s in pipe if "ref.png" in s and "std.png" in s][:256]
-    dec = new_loader.decode_png
+    from serialgen.dataset.shards import decode_png as dec
     counts = {"before": 0, "now": 0, "raw": 0, "raw_ref": 0}
     times = dict.fromkeys(counts, 0.0)
     i = 0

@@ -161,7 +161,7 @@ def bench(args) -> dict:
     """
     import torch
 
-    from serialgen.dataset import loader as L
+    from serialgen.dataset import shards as S
     from serialgen.errors import UserInputError
 
     torch.set_num_threads(1)
@@ -179,11 +179,11 @@ def bench(args) -> dict:
         return im
 
     def raw_pair(ref, std):
-        L.decode_png(ref, "RGBA")
-        L.decode_png(std, "RGB")
+        S.decode_png(ref, "RGBA")
+        S.decode_png(std, "RGB")
 
     def raw_ref(ref, std):
-        L.decode_png(ref, "RGBA")
+        S.decode_png(ref, "RGBA")
 
     def raw_pil(ref, std):
         decode_pil(ref)
@@ -243,6 +243,7 @@ def bench(args) -> dict:
         "std_cache_hit_rate": round(stats.std_cache_hits / hits, 3) if hits else None,
         "backgrounds": len(ds.background_paths) or "procedural",
         "skipped": dict(stats.skipped),
+        "skipped_where": stats.keys,
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),

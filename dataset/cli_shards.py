@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from serialgen.errors import UserInputError
@@ -20,17 +20,35 @@ _COLOURS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 
 
 def _handle_verify(args: argparse.Namespace) -> int:
     from serialgen.dataset.shards import read_index, verify
+    from serialgen.dataset.tarset import ForeignSetError, TarSetError, index_path
 
-    problems = verify(args.shards, deep=not args.quick)
+    root = Path(args.shards)
+    if not root.exists():
+        raise UserInputError(f"{root}: no such file or folder; expected a shard set (a folder with index.json)")
+    if not index_path(root).is_file():
+        unfinished = root.is_dir() and any(root.glob("*/*.tar"))
+        raise UserInputError(f"{root}: not a shard set (no {index_path(root).name}"
+                             + ("; its shards have no index: an unfinished render? run it again" if unfinished else "")
+                             + ")")
+    try:
+        read_index(root)
+    except ForeignSetError:
+        raise  # the wrong folder or the wrong serialgen: a usage error (exit 2)
+    except TarSetError as exc:  # an index that is there but damaged: damaged data (exit 1)
+        print(f"{exc}", file=sys.stderr)
+        print("verify: FAILED, the index is damaged", file=sys.stderr)
+        return 1
+    problems = verify(root, deep=not args.quick, decode=args.decode)
     if problems:
         for line in problems:
-            print(f"{args.shards}: {line}", file=sys.stderr)
-        print(f"verify: FAILED, {len(problems)} problems", file=sys.stderr)
+            print(f"{root}: {line}", file=sys.stderr)
+        print(f"verify: FAILED, {len(problems)} problem{'s' if len(problems) != 1 else ''}", file=sys.stderr)
         return 1
-    index = read_index(args.shards)
+    index = read_index(root)
     splits = ", ".join(f"{k} {v['samples']} pairs / {v['shards']} shards" for k, v in index["splits"].items())
+    depth = "sizes and sha256 only" if args.quick else "every image decoded" if args.decode else "every sample checked"
     print(f"verify: OK, {len(index['shards'])} shards, {index['samples']} pairs ({splits}; index version "
-          f"{index['format_version']})")
+          f"{index['format_version']}; {depth})")
     return 0
 
 
@@ -46,29 +64,58 @@ def _draw(image, pose: dict, scale: float):
 
 
 def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_height: int = 256,
-                  split: str | None = None) -> Path:
-    """Draw ``count`` pairs (ref on a grey checkerboard | std), keypoints drawn, as one PNG."""
+                  split: str | None = None) -> tuple[Path, int, Counter]:
+    """Draw ``count`` pairs (ref on a grey checkerboard | std), keypoints drawn, as one PNG; each
+    cell is labelled with the key, the character's display name (index ``characters[id]["name"]``,
+    else its id), its split, framing and expression. Returns (the PNG, pairs drawn, refused samples
+    by reason): a sample the tar reader refuses (unsafe member names, links, bad keys, a damaged
+    tar) or whose images fail their CRCs or do not decode is not drawn but counted."""
     from PIL import Image, ImageDraw
 
-    from serialgen.dataset.shards import iter_shard, read_index
+    from serialgen.dataset.shards import MEMBERS, decode_png, png_problem, read_index
+    from serialgen.dataset.tarset import iter_samples
 
     index = read_index(root)
+    characters = index.get("characters") or {}
+    refused: Counter = Counter()
     cells = []
     for entry in index["shards"]:
         if split and entry["split"] != split:
             continue
-        for key, sample in iter_shard(Path(root) / entry["path"]):
-            cells.append((key, sample))
+        for key, sample in iter_samples(Path(root) / entry["path"], on_reject=lambda r: refused.update([r.reason])):
+            missing = [m for m in MEMBERS if m not in sample]
+            if missing:
+                refused["incomplete sample"] += 1
+                continue
+            member = "ref.png"
+            try:
+                for member in ("ref.png", "std.png"):
+                    why = png_problem(sample[member])
+                    if why:
+                        raise ValueError(why)
+                member = "ref.png"
+                ref = Image.fromarray(decode_png(sample["ref.png"], "RGBA"), "RGBA")
+                member = "std.png"
+                std = Image.fromarray(decode_png(sample["std.png"], "RGB"), "RGB")
+                member = "meta.json"
+                meta = json.loads(sample["meta.json"])
+                member = "ref_pose.json/std_pose.json"
+                poses = json.loads(sample["ref_pose.json"]), json.loads(sample["std_pose.json"])
+                if not isinstance(meta, dict) or not all(isinstance(p, dict) and "keypoints" in p for p in poses):
+                    raise ValueError("not the expected JSON objects")
+            except (ValueError, OSError, EOFError) as exc:
+                refused[f"corrupt {member}"] += 1
+                continue
+            cells.append((key, entry["split"], ref, std, meta, poses))
             if len(cells) >= count:
                 break
         if len(cells) >= count:
             break
     if not cells:
-        raise UserInputError(f"{root}: no samples to preview" + (f" in split {split!r}" if split else ""))
+        raise UserInputError(f"{root}: no samples to preview" + (f" in split {split!r}" if split else "")
+                             + (f" (refused: {dict(refused)})" if refused else ""))
     rows = []
-    for key, sample in cells:
-        ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGBA")
-        std = Image.open(io.BytesIO(sample["std.png"])).convert("RGB")
+    for key, sample_split, ref, std, meta, (ref_pose, std_pose) in cells:
         scale = thumb_height / ref.height
         size = (max(1, round(ref.width * scale)), thumb_height)
         board = Image.new("RGBA", ref.size, (150, 150, 150, 255))
@@ -79,13 +126,20 @@ def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_heigh
                 dd.rectangle([x, y, x + step - 1, y + step - 1], fill=(190, 190, 190, 255))
         board.alpha_composite(ref)
         left, right = board.convert("RGB").resize(size), std.resize(size)
-        _draw(left, json.loads(sample["ref_pose.json"]), scale)
-        _draw(right, json.loads(sample["std_pose.json"]), scale)
-        row = Image.new("RGB", (2 * size[0] + 4, thumb_height + 14), "white")
-        row.paste(left, (0, 14))
-        row.paste(right, (size[0] + 4, 14))
-        meta = json.loads(sample["meta.json"])
-        ImageDraw.Draw(row).text((2, 1), f"{key} {meta.get('framing')} {meta.get('expression')}", fill=(0, 0, 0))
+        _draw(left, ref_pose, scale)
+        _draw(right, std_pose, scale)
+        row = Image.new("RGB", (2 * size[0] + 4, thumb_height + 28), "white")
+        row.paste(left, (0, 28))
+        row.paste(right, (size[0] + 4, 28))
+        char = meta.get("character")
+        record = characters.get(char) if isinstance(char, str) else None
+        name = (record or {}).get("name") or char or "?"
+        d = ImageDraw.Draw(row)
+        badge = (40, 110, 200) if sample_split == "train" else (200, 90, 30)  # the split at a glance
+        d.rectangle([0, 0, 40, 13], fill=badge)
+        d.text((3, 1), sample_split.upper(), fill=(255, 255, 255))
+        d.text((46, 1), str(name), fill=(0, 0, 0))
+        d.text((2, 14), f"{key} {meta.get('framing')} {meta.get('expression')}", fill=(0, 0, 0))
         rows.append(row)
     cols = 4
     w, h = rows[0].size
@@ -95,14 +149,18 @@ def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_heigh
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
-    return out
+    return out, len(rows), refused
 
 
 def _handle_preview(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UserInputError(f"--count {args.count}: must be at least 1")
-    path = contact_sheet(args.shards, args.out, count=args.count, split=args.split)
-    print(f"preview: wrote {path}")
+    if args.thumb_height < 16:
+        raise UserInputError(f"--thumb-height {args.thumb_height}: must be at least 16")
+    path, drawn, refused = contact_sheet(args.shards, args.out, count=args.count, thumb_height=args.thumb_height,
+                                         split=args.split)
+    note = "; refused " + ", ".join(f"{n} x {r}" for r, n in refused.most_common()) if refused else ""
+    print(f"preview: wrote {path} ({drawn} pairs{note})")
     return 0
 
 
@@ -114,9 +172,13 @@ def register(sub, groups) -> None:
                                       "every sample has its five members (ref.png RGBA, std.png RGB, "
                                       "ref_pose.json, std_pose.json, meta.json) and, when the index lists its "
                                       "characters (format version 2), that each sample's character is listed "
-                                      "with its split and standard pose. Exit 1 on any problem.")
+                                      "with its split and standard pose. Exit 1 on damaged data, exit 2 when "
+                                      "SHARDS is not a shard set.")
     v.add_argument("shards", metavar="SHARDS", help="shard folder (holds index.json)")
     v.add_argument("--quick", action="store_true", help="sizes and checksums only, no sample checks")
+    v.add_argument("--decode", action="store_true",
+                   help="also decode every image and check its size against its pose file (slower: "
+                        "about 3 ms per pair); default: chunk CRCs and headers only")
     v.set_defaults(handler=_handle_verify)
     p = shards.add_parser("preview", help="contact sheet of pairs (ref | std) with keypoints drawn",
                           description="Draw a contact sheet PNG: per pair, the non-standard image on a "
@@ -124,5 +186,6 @@ def register(sub, groups) -> None:
     p.add_argument("shards", metavar="SHARDS", help="shard folder (holds index.json)")
     p.add_argument("--out", required=True, metavar="PNG", help="output image")
     p.add_argument("--count", type=int, default=8, help="pairs to draw (default 8)")
-    p.add_argument("--split", choices=["train", "test"], default=None, help="only this split")
+    p.add_argument("--split", choices=["train", "test"], default=None, help="only this split (default: both)")
+    p.add_argument("--thumb-height", type=int, default=256, help="cell height in pixels (default 256)")
     p.set_defaults(handler=_handle_preview)

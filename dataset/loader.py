@@ -32,21 +32,21 @@ maps stay uint8 0..255 and masks 0/1 (4x fewer bytes to write and to send betwee
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import logging
+import os
 import random
-import re
 import tarfile
+import time
 import warnings
 import zlib
 from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field, fields
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 
 import numpy as np
-import pyspng
 import torch
 import torch.utils.data
 from PIL import Image
@@ -61,10 +61,11 @@ from serialgen.dataset.compositing import (
     prepare_reference,
 )
 from serialgen.dataset.posemap import Pose, RegionImage, draw_pose_map, draw_pose_region, parse_pose
-from serialgen.dataset.shards import MEMBERS, read_index
+from serialgen.dataset import tarset
+from serialgen.dataset.shards import MEMBERS, decode_png, png_problem, read_index
 from serialgen.dataset.tarset import INDEX_NAME, index_path
 from serialgen.errors import UserInputError
-from serialgen.imaging import fit_transform, flatten_on_white, has_alpha, letterbox
+from serialgen.imaging import fit_transform, letterbox
 from serialgen.resolution import DEFAULT_RESOLUTION, parse_resolution
 
 __all__ = [
@@ -74,12 +75,10 @@ __all__ = [
     "make_loader",
     "open_dataset",
     "resolve_shards",
-    "decode_png",
     "to_model_range",
 ]
 
 IMAGE_KEYS = ("ref", "ref_pose", "std", "std_pose")
-MAX_PIXELS = 64 * 1024 * 1024  # a member larger than this is rejected before decoding (a PNG bomb)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, zlib.error, KeyError, TypeError, IndexError,
                   Image.DecompressionBombError)
 
@@ -120,6 +119,7 @@ class LoaderConfig:
     background_zoom: float = 1.5
     background_jitter: float = 0.15
     std_cache: int = 8
+    integrity_check: bool = True
     dtype: str = "float32"
     batch_size: int | None = None
     partial_batches: bool = True
@@ -156,63 +156,211 @@ class LoaderConfig:
 # Skips and counts
 # ---------------------------------------------------------------------------------------------
 
+_KEYS_KEPT = 10_000  # distinct keys remembered per (reason, shard): a whole bad shard, bounded
+
+
 @dataclass
 class LoaderStats:
-    """What one reader (a process, or a DataLoader worker) read and skipped, with a few examples."""
+    """What a reader (a process, or a DataLoader worker) read and refused.
+
+    ``skipped[reason]`` counts distinct refused samples (shard, key) per reason; a shard-level
+    problem (missing, unreadable, or cut where no sample was being read) counts once per shard.
+    In resampled mode a reader meets the same bad sample again and again: ``occurrences`` counts
+    those. ``keys[reason][shard]`` lists the refused keys (None for a shard-level problem), and
+    ``examples[reason]`` a few details. Stats of several readers ``merge``; ``to_json`` /
+    ``from_json`` carry a worker's stats to the main process.
+    """
 
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)
+    occurrences: Counter = field(default_factory=Counter)
+    keys: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)
     std_cache_hits: int = 0
     std_cache_misses: int = 0
-    _broken_shards: set = field(default_factory=set, repr=False)
+    on_skip: object = field(default=None, repr=False, compare=False)  # a worker's reporter
 
-    def skip(self, reason: str, detail: str) -> None:
+    def skip(self, reason: str, shard: str, key: str | None, detail: str) -> None:
+        self.occurrences[reason] += 1
+        if self.on_skip is not None:
+            self.on_skip()
+        seen = self.keys.setdefault(reason, {}).setdefault(shard, [])
+        if key in seen or len(seen) >= _KEYS_KEPT:
+            return
+        seen.append(key)
         self.skipped[reason] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < 3:
-            ex.append(detail)
+            ex.append(f"{shard}" + (f":{key}" if key else "") + f": {detail[:160]}")
 
-    def handler(self, exn: Exception) -> bool:
-        """webdataset ``handler=``: count the error and continue with the next member or shard.
+    def merge(self, other: "LoaderStats") -> "LoaderStats":
+        self.samples += other.samples
+        self.std_cache_hits += other.std_cache_hits
+        self.std_cache_misses += other.std_cache_misses
+        for reason, shards in other.keys.items():
+            for shard, keys in shards.items():
+                seen = self.keys.setdefault(reason, {}).setdefault(shard, [])
+                known = set(seen)
+                for k in keys:
+                    if k not in known and len(seen) < _KEYS_KEPT:
+                        seen.append(k)
+                        known.add(k)
+                        self.skipped[reason] += 1
+        self.occurrences.update(other.occurrences)
+        for reason, ex in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(e for e in ex if e not in mine)
+            del mine[3:]
+        return self
 
-        A truncated shard raises twice (the member read, then the tar iterator): counted once.
-        """
-        where = _shard_of(exn)
-        first = str(exn.args[0]).split(" @ ")[0] if getattr(exn, "args", None) else type(exn).__name__
-        if isinstance(exn, FileNotFoundError):
-            self.skip("missing shard", where)
-        elif isinstance(exn, (tarfile.ReadError, EOFError, zlib.error)) or "unexpected end" in str(exn):
-            if where not in self._broken_shards:
-                self._broken_shards.add(where)
-                self.skip("truncated or unreadable shard", f"{where}: {first[:100]}")
-        elif isinstance(exn, ValueError) and "duplicate file name" in str(exn):
-            self.skip("duplicate member in shard", f"{where}: {first[:100]}")
-        else:
-            self.skip(f"read error ({type(exn).__name__})", f"{where}: {first[:100]}")
-        return True
+    def to_json(self) -> dict:
+        return {"samples": self.samples, "skipped": dict(self.skipped), "occurrences": dict(self.occurrences),
+                "keys": self.keys, "examples": self.examples, "std_cache_hits": self.std_cache_hits,
+                "std_cache_misses": self.std_cache_misses}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LoaderStats":
+        return cls(d["samples"], Counter(d["skipped"]), Counter(d["occurrences"]), d["keys"], d["examples"],
+                   d["std_cache_hits"], d["std_cache_misses"])
 
     @property
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
+        """One line: samples read, then per reason the refused samples by shard (a few keys each)."""
         if not self.skipped:
             return f"read {self.samples} samples, skipped none"
-        parts = [f"{n} x {reason} (e.g. {'; '.join(self.examples[reason][:2])})" for reason, n in self.skipped.most_common()]
+        parts = []
+        for reason, n in self.skipped.most_common():
+            shards = sorted(self.keys.get(reason, {}).items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            where = []
+            for shard, keys in shards[:4]:
+                named = [k for k in keys if k]
+                more = f", +{len(named) - 3} more" if len(named) > 3 else ""
+                where.append(f"{shard}" + (f": {', '.join(named[:3])}{more}" if named else ""))
+            if len(shards) > 4:
+                where.append(f"+{len(shards) - 4} more shards")
+            again = self.occurrences[reason] - n
+            parts.append(f"{n} x {reason} ({'; '.join(where)})" + (f" [met {again} more times]" if again > 0 else ""))
         return f"read {self.samples} samples, skipped {self.total_skipped}: " + ", ".join(parts)
 
 
-def _shard_of(exn: Exception) -> str:
-    """The shard an exception from webdataset's tar stages is about (they append url and stream)."""
-    for a in reversed(getattr(exn, "args", ())):
-        if isinstance(a, str) and (a.endswith(".tar") or _is_remote(a) or "/" in a) and " " not in a:
-            return a
-        name = getattr(a, "name", None)
-        if isinstance(name, str):
-            return name
-    m = re.search(r"name='([^']+)'", str(exn))
-    return m.group(1) if m else "?"
+_PASSES = count()  # numbers a worker's passes (its report files)
+
+
+def _read_shards(src, stats: LoaderStats):
+    """The pipeline's tar stage: each shard URL (``{"url": ...}``, from the shard list) opened with
+    webdataset's ``gopen`` (files, ``pipe:``) and read by the format layer's :func:`tarset.read_samples`:
+    samples as webdataset's ``tarfile_to_samples`` gives them (``__key__``, ``__url__``, one entry
+    per member), grouped within one shard only. Refused samples (unsafe names, links, bad keys,
+    repeated members or keys, a cut or damaged tar) are counted by reason, shard and key."""
+    import webdataset as wds
+
+    for item in src:
+        url = item["url"]
+        shard = _shard_label(url)
+        try:
+            stream = wds.gopen(url)
+        except FileNotFoundError as exc:
+            stats.skip("missing shard", shard, None, str(exc)[:100])
+            continue
+        except OSError as exc:
+            stats.skip(tarset.REJECT_UNREADABLE, shard, None, f"{type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        try:
+            for got in tarset.read_samples(stream):
+                if isinstance(got, tarset.Rejected):
+                    stats.skip(got.reason, shard, got.key, got.detail)
+                    continue
+                key, sample = got
+                sample["__key__"], sample["__url__"] = key, url
+                yield sample
+        finally:
+            try:
+                stream.close()
+            except Exception as exc:  # a pipe: command that failed (webdataset raises on its status)
+                stats.skip(tarset.REJECT_UNREADABLE, shard, None, f"{type(exc).__name__}: {str(exc)[:100]}")
+
+
+def _shard_label(url: str) -> str:
+    """A shard's name in counts and logs: its split folder and file name (``train/x.tar``)."""
+    parts = str(url).replace("\\", "/").rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) > 1 else parts[0]
+
+
+class _WorkerReports:
+    """Carries each DataLoader worker's :class:`LoaderStats` to the main process, which logs ONE
+    summary for all of them (``RenderPairDataset.report``).
+
+    The main process makes a private folder; a worker writes its cumulative stats there as one
+    small JSON file per pass (atomically, at most every ``every_s`` seconds while it skips samples,
+    and when its pass ends). Files, not a queue: a worker never blocks on a main process that is
+    busy training, and nothing is lost when a worker ends between two batches. ``collect`` in the
+    main process adds finished passes to its totals (and removes their files) and reads running ones.
+    """
+
+    def __init__(self, every_s: float = 30.0):
+        import tempfile
+        import weakref
+
+        self.folder = tempfile.mkdtemp(prefix="serialgen-loader-")
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._finalizer = weakref.finalize(self, _remove_reports, self.folder, os.getpid())
+
+    def __getstate__(self):
+        return {"folder": self.folder, "every_s": self.every_s}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._finalizer, self._last = None, {}
+
+    def write_every(self, name: str, stats: LoaderStats) -> None:
+        """A running pass's report, at most every ``every_s`` seconds (called on each skip)."""
+        now = time.monotonic()
+        if now - self._last.get(name, -1e9) >= self.every_s:
+            self._last[name] = now
+            self.write(name, stats, final=False)
+
+    def write(self, name: str, stats: LoaderStats, final: bool) -> None:
+        path = os.path.join(self.folder, name + ".json")
+        tmp = path + f".{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"final": final, "stats": stats.to_json()}, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # the folder went away (the main process ended): nobody is left to tell
+
+    def collect(self, done: LoaderStats) -> LoaderStats:
+        """``done`` plus every finished pass (added to ``done``, files removed) and running one."""
+        running = LoaderStats()
+        try:
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(".json"))
+        except OSError:
+            return LoaderStats().merge(done)
+        for n in names:
+            path = os.path.join(self.folder, n)
+            try:
+                with open(path) as f:
+                    report = json.load(f)
+            except (OSError, ValueError):
+                continue
+            stats = LoaderStats.from_json(report["stats"])
+            if report["final"]:
+                done.merge(stats)
+                os.unlink(path)
+            else:
+                running.merge(stats)
+        return LoaderStats().merge(done).merge(running)
+
+
+def _remove_reports(folder: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # a forked worker garbage-collecting its copy must not remove it
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,40 +483,16 @@ def _canonical_pose(path=None, urls: list[str] | None = None, index: dict | None
 # Decoding
 # ---------------------------------------------------------------------------------------------
 
-def _png_header(data: bytes) -> tuple[int, int, int]:
-    """(width, height, colour type) from a PNG's IHDR, read before decoding (bomb check)."""
-    if len(data) < 33 or not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
-        raise ValueError("not a PNG file")
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), data[25]
+class _ChecksumMismatch(ValueError):
+    """A PNG member whose chunk CRCs do not match its bytes: damaged on disk or in transit."""
 
 
-def decode_png(data: bytes, mode: str) -> np.ndarray:
-    """Decode a PNG member to an (H, W, 4) ("RGBA", references) or (H, W, 3) ("RGB", standards)
-    uint8 array.
-
-    libspng (``pyspng``) decodes plain 8-bit RGB/RGBA, about 1.5-2x faster than PIL; anything else
-    (palette, grey, 16-bit) goes through PIL. RGBA from a PNG without alpha is refused (a reference
-    without alpha has no mask); RGB from RGBA is flattened onto white (standards are on white).
-    Raises ValueError/OSError on a broken file.
-    """
-    w, h, colour = _png_header(data)
-    if w * h > MAX_PIXELS:
-        raise ValueError(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS} limit")
-    if data[24] == 8 and colour == (6 if mode == "RGBA" else 2):
-        try:
-            arr = pyspng.load(data)
-        except RuntimeError as exc:  # pyspng reports every decode failure as RuntimeError
-            raise ValueError(str(exc)) from None
-        if arr.shape != (h, w, len(mode)):
-            raise ValueError(f"decoded shape {arr.shape} does not match the header's {w}x{h}")
-        return arr
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    if mode == "RGBA":
-        if not has_alpha(im):
-            raise ValueError(f"reference image has no alpha channel (PNG mode {im.mode})")
-        return np.asarray(im.convert("RGBA"))
-    return np.asarray(flatten_on_white(im))
+def _check_png(data: bytes) -> None:
+    """The loader's damage check of a PNG member (``shards.png_problem``): ``_ChecksumMismatch``
+    for a CRC that fails (the decoder might still return wrong pixels), ValueError for the rest."""
+    why = png_problem(data)
+    if why is not None:
+        raise (_ChecksumMismatch if why.startswith("CRC mismatch") else ValueError)(why)
 
 
 def _u8_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -550,12 +674,17 @@ class RenderPairDataset(torch.utils.data.IterableDataset):
             raise UserInputError(f"shards: {shards} lists no shard")
         self.background_paths = list_background_images(backgrounds)
         self.epoch = 0
-        self.stats = LoaderStats()
+        self.stats = LoaderStats()  # the last in-process pass
+        self._done = LoaderStats()  # finished passes of this process and its workers
+        self._reported = 0
+        self._reports = _WorkerReports()
         self.canonical_pose = (_canonical_pose(cfg.canonical_pose, self.urls, index)
                                if cfg.std_pose == "canonical" else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if torch.utils.data.get_worker_info() is None:
+            self.report()
 
     def readers(self, num_workers: int) -> int:
         """Readers this process group will run: world_size x max(1, num_workers)."""
@@ -615,7 +744,7 @@ class RenderPairDataset(torch.utils.data.IterableDataset):
                 yield from islice(islice(urls, rank, None, world), worker, None, nworkers)
 
             stages = [wds.SimpleShardList(self.urls), shuffle_and_split]
-        stages.append(wds.tarfile_to_samples(handler=stats.handler))
+        stages.append(functools.partial(_read_shards, stats=stats))
         if cfg.shuffle_buffer > 1:
             stages.append(wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_initial,
                                       rng=_seeded(cfg.seed, self.epoch, rank, worker, "samples")))
@@ -632,14 +761,41 @@ class RenderPairDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         stats = self.stats = LoaderStats()
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            try:
+                yield from self.pipeline(stats)
+            finally:
+                self._done.merge(stats)
+                self.report()
+            return
+        rank, _ = self._world()
+        name = f"r{rank}-w{worker.id}-{os.getpid()}-{next(_PASSES)}"
+        stats.on_skip = functools.partial(self._reports.write_every, name, stats)
         try:
             yield from self.pipeline(stats)
         finally:
-            if stats.total_skipped:
-                rank, _ = self._world()
-                worker, _ = self._worker()
-                log.warning("loader rank %d worker %d: %s", rank, worker, stats.summary())
+            self._reports.write(name, stats, final=True)
 
+    def loader_stats(self) -> LoaderStats:
+        """Everything read and refused so far by this dataset in this process and in its DataLoader
+        workers (their passes so far, finished or running), merged."""
+        return self._reports.collect(self._done)
+
+    def report(self) -> LoaderStats:
+        """Log ONE warning summary of the samples refused since the last report, across this process
+        and all its DataLoader workers (``serialgen.dataset.loader`` logger), and return the totals.
+
+        Called when an in-process pass ends, by ``set_epoch`` (the previous epoch's workers are done),
+        at the end of each pass of ``make_loader``'s loader, and when the dataset goes away; the
+        training code may call it at any time (e.g. to log the counts)."""
+        total = self.loader_stats()
+        new = total.total_skipped - self._reported
+        if new > 0:
+            rank, _ = self._world()
+            log.warning("loader (rank %d, all workers): %s", rank, total.summary())
+            self._reported = total.total_skipped
+        return total
 
 class _SampleProcessor:
     """Decode, place and draw one raw sample (the ``map`` stage), plus its collation, which writes
@@ -674,6 +830,8 @@ class _SampleProcessor:
             self.stats.std_cache_hits += 1
             return hit[2], hit[3]
         self.stats.std_cache_misses += 1
+        if self.cfg.integrity_check:
+            _check_png(std_bytes)
         std = Image.fromarray(decode_png(std_bytes, "RGB"))
         # Bilinear: the resample the loader's standards have always had (letterbox's default is bicubic).
         canvas, t = letterbox(std, self.cfg.resolution, resample="bilinear")
@@ -693,10 +851,10 @@ class _SampleProcessor:
 
     def __call__(self, sample: dict):
         key, url = sample.get("__key__"), sample.get("__url__")
-        where = f"{url}:{key}"
+        shard = _shard_label(url)
         missing = [m for m in MEMBERS if m not in sample]
         if missing:
-            self.stats.skip("incomplete sample", f"{where} lacks {', '.join(missing)}")
+            self.stats.skip("incomplete sample", shard, key, f"lacks {', '.join(missing)}")
             return None
         member = "meta.json"
         try:
@@ -706,6 +864,8 @@ class _SampleProcessor:
             member = "ref_pose.json"
             pose = parse_pose(sample["ref_pose.json"])
             member = "ref.png"
+            if self.cfg.integrity_check:
+                _check_png(sample["ref.png"])
             ref = decode_png(sample["ref.png"], "RGBA")
             if pose.size != (ref.shape[1], ref.shape[0]):
                 member = "ref_pose.json"
@@ -716,10 +876,13 @@ class _SampleProcessor:
             background = self.backgrounds.sample_array()
             placed = prepare_reference(ref, pose, self.composite_cfg, self.rng)
         except EmptyReferenceError:
-            self.stats.skip("empty ref.png (fully transparent)", where)
+            self.stats.skip("empty ref.png (fully transparent)", shard, key, "no opaque pixel")
+            return None
+        except _ChecksumMismatch as exc:
+            self.stats.skip(f"checksum mismatch in {member}", shard, key, str(exc))
             return None
         except _DECODE_ERRORS as exc:
-            self.stats.skip(f"corrupt {member}", f"{where}: {type(exc).__name__}: {str(exc)[:100]}")
+            self.stats.skip(f"corrupt {member}", shard, key, f"{type(exc).__name__}: {str(exc)[:100]}")
             return None
         self.stats.samples += 1
         composite = _Composite(placed, background)
@@ -750,11 +913,23 @@ class _SampleProcessor:
 def make_loader(shards, backgrounds=None, config: LoaderConfig | None = None, num_workers: int = 2,
                 **overrides):
     """A torch DataLoader over a RenderPairDataset: batching happens in the workers (``config.batch_size``),
-    the DataLoader itself uses ``batch_size=None``. Checks shards against readers up front."""
+    the DataLoader itself uses ``batch_size=None``. Checks shards against readers up front. When a
+    pass ends, the samples refused by all its workers are logged as one summary."""
     ds = RenderPairDataset(shards, backgrounds, config, **overrides)
     ds.check_readers(num_workers)
     kw = {"prefetch_factor": 2} if num_workers > 0 else {}
-    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+    return _ReportingLoader(ds, batch_size=None, num_workers=num_workers, **kw)
+
+
+class _ReportingLoader(torch.utils.data.DataLoader):
+    """A DataLoader that logs its dataset's one summary of refused samples (all workers) when a pass
+    over it ends or is abandoned."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        finally:
+            self.dataset.report()
 
 
 def open_dataset(spec, *, resolution: tuple[int, int] = DEFAULT_RESOLUTION, seed: int = 0, split: str = "train",

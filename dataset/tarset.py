@@ -47,6 +47,7 @@ __all__ = [
     "PNG_MAGIC",
     "JPEG_MAGIC",
     "TarSetError",
+    "ForeignSetError",
     "TarSetSchema",
     "TarSummary",
     "TarWriter",
@@ -54,6 +55,9 @@ __all__ = [
     "validate_key",
     "index_path",
     "sha256_file",
+    "Rejected",
+    "REJECT_REASONS",
+    "read_samples",
     "iter_samples",
     "scan_shard",
     "read_member",
@@ -71,6 +75,12 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,90}")
 class TarSetError(UserInputError):
     """A tar set that cannot be read: a missing, unreadable or foreign index, or a version this
     code does not read. One line, naming the file."""
+
+
+class ForeignSetError(TarSetError):
+    """The index is whole but not one this reader reads: another format, or a version older or
+    newer than those it knows (the wrong folder, or the wrong serialgen): a usage error, where a
+    :class:`TarSetError` that is not this one means a damaged index."""
 
 
 def validate_key(key: str) -> str:
@@ -239,27 +249,265 @@ def sha256_file(path: str | Path) -> tuple[str, int]:
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    """Member name -> (key, member): the file name split at its first dot, as WebDataset does."""
-    key, _, member = name.rsplit("/", 1)[-1].partition(".")
-    return key, member
+    """Member name -> (key, member) as WebDataset splits it: the key is everything up to the first
+    dot of the file name, directories included (``a/b.c.png`` -> ``a/b``, ``c.png``), so a member
+    named ``../../x.ref.png`` never joins the sample ``x``."""
+    head, sep, base = name.rpartition("/")
+    key, _, member = base.partition(".")
+    return head + sep + key, member
 
 
-def iter_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {member: bytes})`` per sample of one tar, in tar order (consecutive members
-    with the same key form a sample). ``tarfile.TarError`` on a damaged tar."""
-    key, sample = None, {}
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
+# Why a sample (or a shard) is rejected while reading; each is counted under this name.
+REJECT_UNSAFE_NAME = "unsafe member name"  # absolute path or a '..' component
+REJECT_LINK = "link member"  # symlink or hardlink
+REJECT_SPECIAL = "special member"  # directory, FIFO, device, ...: not a regular file
+REJECT_KEY = "invalid key"  # not [A-Za-z0-9_-]{1,90}
+REJECT_DUPLICATE_MEMBER = "duplicate member"  # the same <key>.<member> twice in a sample
+REJECT_DUPLICATE_KEY = "duplicate key in shard"  # a key whose members are not next to each other
+REJECT_TOO_LARGE = "member too large"
+REJECT_TRUNCATED = "truncated shard"  # ends inside a member or a header: the samples before are kept
+REJECT_DAMAGED = "damaged shard"  # a header fails its checksum after whole samples: those are kept
+REJECT_UNREADABLE = "unreadable shard"  # not a tar at all
+REJECT_REASONS = (REJECT_UNSAFE_NAME, REJECT_LINK, REJECT_SPECIAL, REJECT_KEY, REJECT_DUPLICATE_MEMBER,
+                  REJECT_DUPLICATE_KEY, REJECT_TOO_LARGE, REJECT_TRUNCATED, REJECT_DAMAGED, REJECT_UNREADABLE)
+# A member larger than this is skipped unread (a 1000-pair shard's largest member is ~1 MB).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A sample (``key``) or a whole shard (``key`` None) that a reader refused, and why.
+
+    reason: one of ``REJECT_REASONS``; detail: what was found (no shard name: readers add it)."""
+
+    reason: str
+    key: str | None
+    detail: str
+
+
+class _Damaged(Exception):
+    """The tar stream ends or breaks inside a header or a member: ``truncated`` (cut) or not (a
+    damaged header); ``member``: the name of the member whose data was cut (None: in a header)."""
+
+    def __init__(self, message: str, truncated: bool = True, member: str | None = None):
+        super().__init__(message)
+        self.truncated, self.member = truncated, member
+
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+# Header type flags: regular files, links, and the extended headers that describe the next member.
+_REGULAR, _LINKS, _PAX, _PAX_GLOBAL, _GNU_LONG = (b"0", b"\0", b"7"), (b"1", b"2"), b"x", b"g", (b"L", b"K")
+
+
+def _read_exact(f, n: int, what: str, member: str | None = None) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise _Damaged(f"ends inside {what} ({len(data)} of {n} bytes)", member=member)
+    return data
+
+
+def _skip(f, n: int, what: str, member: str | None = None) -> None:
+    while n > 0:
+        n -= len(_read_exact(f, min(n, 1 << 20), what, member))
+
+
+def _octal(field: bytes, what: str) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256: only for sizes past 8 GB; never a member of ours
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise _Damaged(f"{what} field {text[:20]!r} is not octal", truncated=False) from None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise _Damaged("malformed pax header", truncated=False) from None
+        record = data[space + 1:pos + length]
+        if length <= 0 or space < 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise _Damaged("malformed pax header", truncated=False)
+        k, _, v = record[:-1].partition(b"=")
+        out[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _tar_entries(f, max_member_bytes: int):
+    """Yield ``(name, type flag, size, data or None)`` per member of a tar stream, from its 512-byte
+    headers (USTAR, GNU and pax). ``data`` is None for a member that is not a regular file or is
+    larger than ``max_member_bytes`` (skipped unread). Every header's checksum is checked; a stream
+    that ends without the end-of-archive block, or inside a header or a member, raises ``_Damaged``
+    (tarfile would take a bad header or a cut at a member boundary for the end of the archive).
+    """
+    long_name, pax = None, {}
+    first = True
+    while True:
+        header = f.read(_BLOCK)
+        if not header:
+            if first:
+                raise _Damaged("empty file", truncated=False)
+            raise _Damaged("ends at a member boundary without the end-of-archive block")
+        if len(header) != _BLOCK:
+            raise _Damaged(f"ends inside a header ({len(header)} of {_BLOCK} bytes)")
+        if header == _ZERO_BLOCK:
+            if first:
+                raise _Damaged("starts with an empty block: not a tar", truncated=False)
+            return
+        stored = _octal(header[148:156], "checksum")
+        unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+        signed = unsigned - 2 * sum(b for b in header[:148] + header[156:] if b > 127)
+        if stored not in (unsigned, signed):
+            raise _Damaged("header checksum mismatch" if not first else "not a tar (header checksum mismatch)",
+                           truncated=False)
+        first = False
+        kind = header[156:157]
+        size = _octal(header[124:136], "size")
+        name = header[0:100].split(b"\0", 1)[0]
+        if header[257:263] == b"ustar\0":  # POSIX: a path prefix before the name
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        text = name.decode("utf-8", "surrogateescape")
+        padded = -(-size // _BLOCK) * _BLOCK
+        if kind in (_PAX, _PAX_GLOBAL) + _GNU_LONG:
+            if size > 1 << 20:
+                raise _Damaged(f"extended header of {size} bytes", truncated=False)
+            data = _read_exact(f, padded, "an extended header")[:size]
+            if kind == _PAX:
+                pax = _pax_records(data)
+            elif kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            continue  # global pax headers and GNU long link names change nothing we read
+        if long_name is not None:
+            text, long_name = long_name, None
+        if pax:
+            text = pax.get("path", text)
+            if "size" in pax:
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    raise _Damaged("malformed pax size", truncated=False) from None
+                padded = -(-size // _BLOCK) * _BLOCK
+            pax = {}
+        if kind == b"5" and len(text) > 1:
+            text = text.rstrip("/")  # a directory "k.ref.png/" is still a member of sample k
+        what = f"member {text[:100]!r}"
+        if kind in _REGULAR and size <= max_member_bytes:
+            data = _read_exact(f, size, what, text)
+            _skip(f, padded - size, what, text)
+            yield text, kind, size, data
+        else:
+            if kind in _REGULAR or kind not in _LINKS + (b"3", b"4", b"5", b"6"):
+                _skip(f, padded, what, text)  # links, devices, dirs, fifos have no data
+            yield text, kind, size, None
+
+
+def _member_reason(name: str, kind: bytes, size: int, key: str, max_member_bytes: int) -> str | None:
+    """Why a member may not be part of a sample (None: it may)."""
+    if name.startswith("/") or ".." in name.split("/") or "\\" in name:
+        return REJECT_UNSAFE_NAME
+    if kind in _LINKS:
+        return REJECT_LINK
+    if kind not in _REGULAR:
+        return REJECT_SPECIAL
+    if not _KEY_RE.fullmatch(key):
+        return REJECT_KEY
+    if size > max_member_bytes:
+        return REJECT_TOO_LARGE
+    return None
+
+
+def read_samples(fileobj, max_member_bytes: int | None = None) -> Iterator[tuple[str, dict[str, bytes]] | Rejected]:
+    """Read one tar stream (a binary file object, read front to back once) into samples.
+
+    Yields ``(key, {member: bytes})`` per sample and :class:`Rejected` per refused sample, in tar
+    order. Consecutive members with the same key form a sample (keys split as WebDataset does,
+    directories included). A sample is refused whole when one of its members has an unsafe name
+    (absolute, ``..``), is a link or not a regular file, its key is not ``[A-Za-z0-9_-]{1,90}``, it
+    repeats a member, its key appeared earlier in the tar, or a member is over ``max_member_bytes``
+    (never read; default ``MAX_MEMBER_BYTES``). A tar that ends inside a header or a member, or without its end-of-archive block
+    (cut at a member boundary), or whose next header is damaged, yields a ``truncated shard``
+    rejection for the sample it was reading (the whole samples before it were yielded) and stops;
+    one that is not a tar yields ``unreadable shard``. Nothing is written anywhere.
+    """
+    max_member_bytes = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
+    seen: set[str] = set()
+    key, members, why, detail = None, {}, None, ""
+
+    def finish():
+        if key is None:
+            return None
+        if why is not None:
+            return Rejected(why, key, detail)
+        return key, members
+
+    try:
+        for name, kind, size, data in _tar_entries(fileobj, max_member_bytes):
+            k, member = _split_name(name)
+            if k != key:
+                done = finish()
+                if done is not None:
+                    yield done
+                key, members, why, detail = k, {}, None, ""
+                if k in seen:
+                    why, detail = REJECT_DUPLICATE_KEY, f"{k[:100]!r} appears again after other keys"
+                seen.add(k)
+            reason = _member_reason(name, kind, size, k, max_member_bytes)
+            if reason is None and member in members:
+                reason = REJECT_DUPLICATE_MEMBER
+            if reason is not None:
+                if why is None:
+                    why = reason
+                    detail = f"member {name[:120]!r}" + (f" of {size} bytes" if reason == REJECT_TOO_LARGE else "")
                 continue
-            k, member = _split_name(info.name)
-            if k != key and sample:
-                yield key, sample
-                sample = {}
-            key = k
-            sample[member] = tar.extractfile(info).read()
-    if sample:
-        yield key, sample
+            if why is None:
+                members[member] = data
+    except _Damaged as exc:
+        if key is None and not exc.truncated:
+            yield Rejected(REJECT_UNREADABLE, None, str(exc))
+            return
+        if exc.member is not None and _split_name(exc.member)[0] != key:
+            done = finish()  # the cut member starts the next sample: the one before is whole
+            if done is not None:
+                yield done
+            key, why = _split_name(exc.member)[0], None
+        elif why is not None:
+            yield Rejected(why, key, detail)
+        lost = key if why is None else None  # the sample being read when the tar broke: never whole
+        yield Rejected(REJECT_TRUNCATED if exc.truncated else REJECT_DAMAGED, lost,
+                       str(exc) + (f"; sample {lost!r} lost" if lost else ""))
+        return
+    except OSError as exc:  # the file itself could not be read
+        yield Rejected(REJECT_UNREADABLE if key is None else REJECT_TRUNCATED, key,
+                       f"read error ({type(exc).__name__}: {str(exc)[:100]})")
+        return
+    done = finish()
+    if done is not None:
+        yield done
+
+
+def iter_samples(path: str | Path, on_reject: Callable[[Rejected], None] | None = None
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {member: bytes})`` per sample of one tar file, in tar order (:func:`read_samples`).
+
+    A refused sample or a damaged tar goes to ``on_reject`` (and reading goes on after a refused
+    sample); without one it is a :class:`TarSetError` naming the file and the reason."""
+    with open(path, "rb") as f:
+        for item in read_samples(f):
+            if isinstance(item, Rejected):
+                if on_reject is None:
+                    where = f" (sample {item.key!r})" if item.key else ""
+                    raise TarSetError(f"{path}: {item.reason}{where}: {item.detail}")
+                on_reject(item)
+                continue
+            yield item
 
 
 def scan_shard(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -318,9 +566,18 @@ def write_index(root: str | Path, schema: TarSetSchema, fields: dict) -> Path:
     index = {"format": schema.format, "format_version": schema.version,
              "versions": _package_versions(schema.packages), **fields}
     path = root / INDEX_NAME
-    tmp = root / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(index, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    # The old index stays in place until the new one is whole on disk: a crash (or an error) at any
+    # point leaves either the old index or the new one, never none and never half of one.
+    tmp = root / f".{INDEX_NAME}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -344,6 +601,8 @@ def read_index(root: str | Path, schema: TarSetSchema) -> dict:
         raise TarSetError(f"{path}: not a JSON text file; expected {schema.what}") from None
     except json.JSONDecodeError as exc:
         raise TarSetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); expected {schema.what}") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise TarSetError(f"{path}: JSON nested too deeply to be an index; expected {schema.what}") from None
     except OSError as exc:
         raise TarSetError(f"{path}: unreadable ({exc.strerror or exc})") from None
     if not isinstance(index, dict):
@@ -351,11 +610,11 @@ def read_index(root: str | Path, schema: TarSetSchema) -> dict:
     fmt, version = index.get("format"), index.get("format_version")
     readable = _versions_text(schema.readable)
     if fmt != schema.format:
-        raise TarSetError(f"{path}: format {fmt!r}, expected {schema.format!r} {readable}")
+        raise ForeignSetError(f"{path}: format {fmt!r}, expected {schema.format!r} {readable}")
     if version not in schema.readable or isinstance(version, bool):
         newer = isinstance(version, int) and not isinstance(version, bool) and version > max(schema.readable)
         hint = "; written by a newer serialgen: update it to read this set" if newer else ""
-        raise TarSetError(f"{path}: {fmt} format_version {version!r}; this serialgen reads {readable}{hint}")
+        raise ForeignSetError(f"{path}: {fmt} format_version {version!r}; this serialgen reads {readable}{hint}")
     shards = index.get("shards")
     if not isinstance(shards, list):
         raise TarSetError(f"{path}: no 'shards' list")
@@ -424,28 +683,27 @@ def verify(root: str | Path, schema: TarSetSchema, deep: bool = True,
         if not deep:
             continue
         count = 0
-        try:
-            for key, sample in iter_samples(path):
-                count += 1
-                if not _KEY_RE.fullmatch(key):
-                    problems.append(f"{rel}: sample key {key!r} is not [A-Za-z0-9_-]{{1,90}}")
-                if key in seen_keys:
-                    problems.append(f"{rel}: key {key} also in {seen_keys[key]}")
-                seen_keys.setdefault(key, rel)
-                problem = schema.member_problem(key, sample)
-                if problem:
-                    problems.append(f"{rel}: {problem}")
+        rejected: list[Rejected] = []
+        for key, sample in iter_samples(path, on_reject=rejected.append):
+            count += 1
+            if key in seen_keys:
+                problems.append(f"{rel}: key {key} also in {seen_keys[key]}")
+            seen_keys.setdefault(key, rel)
+            problem = schema.member_problem(key, sample)
+            if problem:
+                problems.append(f"{rel}: {problem}")
+                continue
+            if schema.check_sample is not None:
+                found = schema.check_sample(index, entry, key, sample)
+                problems.extend(f"{rel}: {p}" for p in found)
+                if found:
                     continue
-                if schema.check_sample is not None:
-                    found = schema.check_sample(index, entry, key, sample)
-                    problems.extend(f"{rel}: {p}" for p in found)
-                    if found:
-                        continue
-                if on_sample is not None:
-                    on_sample(entry, key, sample)
-        except tarfile.TarError as exc:
-            problems.append(f"{rel}: unreadable tar ({exc})")
-            continue
+            if on_sample is not None:
+                on_sample(entry, key, sample)
+        for r in rejected:
+            problems.append(f"{rel}: {r.reason}" + (f" (sample {r.key[:100]!r})" if r.key else "") + f": {r.detail}")
+        if any(r.reason in (REJECT_TRUNCATED, REJECT_DAMAGED, REJECT_UNREADABLE) for r in rejected):
+            continue  # the count would only repeat it
         report.samples += count
         if count != entry["samples"]:
             problems.append(f"{rel}: {count} samples, index says {entry['samples']}")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from serialgen.dataset import compositing as C
-from serialgen.dataset.loader import decode_png
+from serialgen.dataset.shards import decode_png
 from serialgen.dataset.posemap import parse_pose
 from serialgen.errors import UserInputError
 from test_loader_synth import synth_background, synth_pair

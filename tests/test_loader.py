@@ -14,7 +14,7 @@ from serialgen.assets_manifest.geometry.standard_form import reference_standard_
 from serialgen.cli import main as cli_main
 from serialgen.dataset.loader import LoaderConfig, RenderPairDataset, make_loader, open_dataset, resolve_shards
 from serialgen.dataset.posemap import Pose, draw_pose_map, parse_pose
-from serialgen.dataset.shards import verify
+from serialgen.dataset.shards import iter_shard, verify
 from serialgen.dataset.tarset import TarSetError
 from serialgen.errors import UserInputError
 from serialgen.imaging import fit_transform
@@ -194,7 +194,10 @@ def test_truncated_shard_is_skipped_and_counted(shard_set, tmp_path):
     ds = RenderPairDataset([shards[0], str(cut), shards[2]], bgs, _cfg())
     keys = _keys(ds)
     assert 2 * PER_SHARD < len(keys) < 3 * PER_SHARD  # the whole samples before the cut survive
-    assert ds.stats.skipped["truncated or unreadable shard"] == 1
+    assert dict(ds.stats.skipped) == {"truncated shard": 1}  # one sample lost, where and why
+    [(shard, lost)] = ds.stats.keys["truncated shard"].items()
+    assert shard.endswith("/cut.tar") and len(lost) == 1 and lost[0] not in keys
+    assert lost[0] in [k for k, _ in iter_shard(shards[1])]  # a sample of the shard that was cut
     assert len(keys) == len(set(keys))
 
 

@@ -308,7 +308,10 @@ def test_verify_cli_and_preview_read_through_the_format(tmp_path, capsys):
     assert cli_main(["shards", "preview", str(tmp_path), "--out", str(tmp_path / "sheet.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "format_version 7" in err[0]
-    assert cli_main(["shards", "verify", str(tmp_path)]) == 1
+    # a set of a newer serialgen is not damaged: a usage error (update serialgen), one line, exit 2
+    assert cli_main(["shards", "verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "newer serialgen" in err[0]
 
 
 # -- camera maths (no Blender) -------------------------------------------------------------------
