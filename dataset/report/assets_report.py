@@ -26,6 +26,10 @@ _MAX_BACKGROUNDS = 160  # thumbnails shown; a folder of thousands of photos gets
 _BG_THUMB_H = 72
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _records(root: Path, name: str, kind: str, notes: list[str]) -> list[dict]:
     path = root / f"{name}.jsonl"
     if not path.is_file():
@@ -98,10 +102,13 @@ def _pose_section(page: Page, root: Path) -> str:
     lib = poses.load_pose_library(path)
     counts = lib.counts()
     names = list(lib.motion_names)
-    labels = [n if n in MOTION_NAMES else f"{n} (clip)" for n in names]
+    # the library lists the built-in motion sets first, in MOTION_NAMES order, then imported clips
+    # (docs/poses.md): position and name together tell them apart, as in render_stats
+    builtin = [i < len(MOTION_NAMES) and n == MOTION_NAMES[i] for i, n in enumerate(names)]
+    labels = [n if b else f"{n} (clip)" for n, b in zip(names, builtin)]
     parts = [f'<p class="note">{len(lib.angles):,} poses, at least {float(lib.min_distance):g}° apart '
-             f"(seed {int(lib.seed)}), from {sum(1 for n in names if n in MOTION_NAMES)} motion sets and "
-             f"{sum(1 for n in names if n not in MOTION_NAMES)} imported clips.</p>"]
+             f"(seed {int(lib.seed)}), from {_count(sum(builtin), 'motion set')} and "
+             f"{_count(len(names) - sum(builtin), 'imported clip')}.</p>"]
     src = page.image("poses-per-motion", plots.bars(labels, [counts[n] for n in names], "poses per motion",
                                                     "poses"), "png")
     cover = np.zeros((len(names), _PHASE_BINS), dtype=int)

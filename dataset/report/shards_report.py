@@ -85,8 +85,8 @@ class _ShardSet:
         is_v2 = str(self.run.get("format", "")).startswith("serialgen.render-run/")
         self.run_config = (self.run.get("config") or {}) if is_v2 else self.run
         self.render_report = _read_json(root / "report.json", self.notes) or {}
-        self.shard_entries = list(self.index.get("shards", []))
-        self.standard_entries = list(self.index.get("standard_shards", []))
+        self.shard_entries = list(self.index.get("shards") or [])
+        self.standard_entries = list(self.index.get("standard_shards") or [])
         self.index_characters = self.index.get("characters") or {}
         self.shards_of: dict[str, list[dict]] = {}
         for entry in self.shard_entries:
