@@ -436,28 +436,6 @@ def build_default_backgrounds(out_dir: str | Path, *, n_procedural: int = DEFAUL
     return records
 
 
-def _find_user_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
-    """Image files under ``paths`` (files or folders, recursive, sorted). -> (files, ignored count).
-
-    A path that does not exist is a UserInputError naming it."""
-    files, ignored = [], 0
-    for p in paths:
-        p = Path(p).expanduser()
-        if not p.exists():
-            raise UserInputError(f"--backgrounds {p}: no such file or folder")
-        if p.is_file():
-            cand = [p]
-        else:
-            cand = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
-        for q in cand:
-            if q.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(q.resolve())
-            else:
-                ignored += 1
-    # The same file named twice (a folder and a file in it) is scanned once.
-    return sorted(set(files)), ignored
-
-
 def _user_record(path: Path, sha: str) -> dict:
     return _image_record(f"user-{sha[:12]}", "user", str(path), sha, inspect_image(path))
 
@@ -467,14 +445,26 @@ def _user_error(path: Path, sha: str, exc: Exception) -> dict:
     return mf.reject(rec, "unreadable_image", f"{type(exc).__name__}: {exc}")
 
 
-def scan_user_backgrounds(paths: Iterable[str | Path], previous: Iterable[dict] = (), progress=None) -> tuple[list[dict], dict]:
-    """Scan a user's images incrementally (``manifest.incremental_scan``); duplicates (same bytes)
-    after the first are rejected as ``duplicate``. -> (records, counts)."""
-    files, ignored = _find_user_images(paths)
-    records, counts = mf.incremental_scan(files, [r for r in previous if r.get("kind") == "user"],
-                                          _user_record, on_error=_user_error, progress=progress)
+def scan_user_backgrounds(paths: Iterable[str | Path], previous: Iterable[dict] = (), progress=None,
+                          max_bytes: int | None = mf.DEFAULT_MAX_BYTES) -> tuple[list[dict], dict]:
+    """Scan everything under a user's paths (``manifest.walk_inputs``: every file gets a record;
+    other formats are ``unsupported_format``, files over ``max_bytes`` ``too_large``, broken links,
+    FIFOs ... with their reasons) and read the images incrementally (``manifest.incremental_scan``);
+    duplicates (same bytes) after the first are rejected as ``duplicate``. -> (records, counts)."""
+    for p in paths:
+        if not Path(p).expanduser().exists():
+            raise UserInputError(f"--backgrounds {p}: no such file or folder")
+    entries = mf.walk_inputs(paths, IMAGE_EXTENSIONS, max_bytes, what="background image")
+    files = [e.path for e in entries if e.reason is None]
+    read, counts = mf.incremental_scan(files, [r for r in previous if r.get("kind") == "user" and r.get("sha256")],
+                                       _user_record, on_error=_user_error, progress=progress)
+    by_file = {rec["path"]: rec for rec in read}
+    records = [by_file[str(e.path)] if e.reason is None else mf.entry_record("background", "user", "user", e)
+               for e in entries]
     seen: dict[str, int] = {}
     for rec in records:
+        if not rec.get("sha256"):
+            continue  # not read: its id is the path's hash
         base = f"user-{rec['sha256'][:12]}"
         if rec["reason"] == "duplicate":  # marked by an earlier scan: judge it again below
             rec.update(status="accepted", reason=None, detail="")
@@ -483,22 +473,22 @@ def scan_user_backgrounds(paths: Iterable[str | Path], previous: Iterable[dict] 
         rec["id"] = base if k == 0 else f"{base}-dup{k}"
         if k and rec["status"] == "accepted":
             mf.reject(rec, "duplicate", f"same bytes as {base}")
-    counts["ignored_non_images"] = ignored
+    counts["ignored_non_images"] = sum(1 for e in entries if e.reason == "unsupported_format")
     return records, counts
 
 
 def build_backgrounds(out_dir: str | Path, user_paths: Iterable[str | Path] = (), *,
                       n_procedural: int = DEFAULT_PROCEDURAL_BACKGROUNDS, seed: int = 0,
-                      probe: AssetProbe | None = None,
-                      progress=None, notes: list[str] | None = None) -> tuple[list[dict], dict]:
+                      probe: AssetProbe | None = None, progress=None, notes: list[str] | None = None,
+                      max_bytes: int | None = mf.DEFAULT_MAX_BYTES) -> tuple[list[dict], dict]:
     """Default + user backgrounds; writes ``out_dir/backgrounds.jsonl``. -> (records, counts).
-    ``probe`` decodes the HDRIs (``build_default_backgrounds``)."""
+    ``probe`` decodes the HDRIs (``build_default_backgrounds``); ``max_bytes`` caps a user's image."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = mf.read_previous(out_dir / mf.MANIFEST_FILES["background"], "background")
     records = build_default_backgrounds(out_dir, n_procedural=n_procedural, seed=seed, previous=previous,
                                         probe=probe, progress=progress, notes=notes)
-    user, counts = scan_user_backgrounds(user_paths, previous, progress) if user_paths else ([], {})
+    user, counts = scan_user_backgrounds(user_paths, previous, progress, max_bytes) if user_paths else ([], {})
     mf.write_jsonl(out_dir / mf.MANIFEST_FILES["background"], records + user)
     return records + user, counts
 

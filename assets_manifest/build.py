@@ -31,11 +31,11 @@ __all__ = ["build_assets", "print_summary"]
 
 
 class _Bar:
-    """A tqdm bar on stderr, or nothing when quiet."""
+    """A tqdm bar on stderr, or nothing without progress."""
 
-    def __init__(self, total, desc, quiet):
+    def __init__(self, total, desc, progress):
         self.bar = None
-        if not quiet and total:
+        if progress and total != 0:  # None: a count without a known total
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="it", leave=False, file=sys.stderr, dynamic_ncols=True)
@@ -63,25 +63,41 @@ def _check_paths(flag: str, paths) -> list[Path]:
     return out
 
 
-def _procedural_characters(out: Path, n: int, seed: int, previous: list[dict], quiet: bool) -> list[dict]:
+def _reusable(old: dict | None, desc: dict, f: Path) -> bool:
+    """An earlier record of the same description whose mesh file is still as written."""
+    return bool(old and old["status"] == "accepted" and old.get("generator") == desc and f.is_file()
+                and mf.file_stats(f) == {k: old["stats"].get(k) for k in ("file_size", "mtime_ns")})
+
+
+def _procedural_characters(out: Path, n: int, seed: int, previous: list[dict], progress: bool) -> list[dict]:
     """Records of proc-000000 ... proc-(n-1); unchanged ones (same description, intact mesh file)
     are reused. A character that fails to build is a rejected record, not a stopped build."""
     if n == 0:
         return []
     prev = {r["id"]: r for r in previous if r.get("kind") == "procedural"}
     (out / "meshes").mkdir(parents=True, exist_ok=True)
+    ids = [f"proc-{i:06d}" for i in range(n)]
+    try:
+        stale = any(not _reusable(prev.get(cid), proc.describe_character(cid, seed), out / f"meshes/{cid}.npz")
+                    for cid in ids)
+    except Exception:  # noqa: BLE001 - the loop below records the failure per character
+        stale = True
+    if stale:
+        # Before the characters' bar: a first run on a machine builds anny's cache (announced, own bar).
+        try:
+            proc.anny_model(progress=progress)
+        except Exception:  # noqa: BLE001 - each character below reports it
+            pass
     records, hashes = [], {}
-    bar = _Bar(n, "characters", quiet)
-    for i in range(n):
-        cid = f"proc-{i:06d}"
+    bar = _Bar(n, "characters", progress)
+    for cid in ids:
         rel = f"meshes/{cid}.npz"
         try:
             desc = proc.describe_character(cid, seed)
             old = prev.get(cid)
             f = out / rel
-            if (old and old["status"] == "accepted" and old.get("generator") == desc and f.is_file()
-                    and mf.file_stats(f) == {k: old["stats"].get(k) for k in ("file_size", "mtime_ns")}):
-                rec = old
+            if _reusable(old, desc, f):
+                rec = dict(old, display_name=cid)
             else:
                 mesh = proc.build_mesh_data(desc)
                 proc.save_mesh_data(mesh, f)
@@ -89,10 +105,10 @@ def _procedural_characters(out: Path, n: int, seed: int, previous: list[dict], q
                     "character", cid, "procedural", detail="", path=rel, sha256=mf.sha256_file(f),
                     stats={**proc.mesh_stats(mesh), **mf.file_stats(f)}, generator=desc, mesh_file=rel,
                     mesh_hash=proc.mesh_hash(mesh), expressions=list(desc.get("expressions", ["neutral"])),
-                    face_landmarks=mesh.face_landmarks)
+                    face_landmarks=mesh.face_landmarks, display_name=cid)
         except Exception as exc:  # noqa: BLE001 - one bad character never stops the build
             rec = mf.make_record("character", cid, "procedural", status="rejected", reason="generation_failed",
-                                 detail=f"{cid}: {type(exc).__name__}: {exc}")
+                                 detail=f"{cid}: {type(exc).__name__}: {exc}", display_name=cid)
         if rec["status"] == "accepted":
             h = rec.get("mesh_hash")
             if h in hashes:
@@ -118,11 +134,16 @@ def build_assets(out: str | Path, *, probe: AssetProbe, procedural: int = 0, see
                  backgrounds: Sequence[str | Path] = (), poses: int = pm.DEFAULT_POSES,
                  min_pose_distance: float = pm.DEFAULT_MIN_DISTANCE,
                  procedural_backgrounds: int = bgm.DEFAULT_PROCEDURAL_BACKGROUNDS, hdri: bool = True,
-                 quiet: bool = False) -> dict:
+                 allow_texture_fallback: bool = False, allow_untextured: bool = False,
+                 max_asset_bytes: int | None = mf.DEFAULT_MAX_BYTES, progress: bool = True) -> dict:
     """Build (or update) the asset folder ``out``; returns the summary (also written into report.json,
     plus ``manifests``: the records, and ``out``). ``probe`` reads the character and motion files
-    that need Blender and, unless ``hdri`` is false, decodes the HDRIs. Bad input (a missing path,
-    a bad number, ``out`` naming a file) is a UserInputError naming the command's flag."""
+    (each in a worker process with a timeout) and, unless ``hdri`` is false, decodes the HDRIs.
+    ``allow_texture_fallback``: characters with missing image files are accepted, drawn in a flat
+    colour; ``allow_untextured``: characters whose visible materials are all one untextured colour
+    are accepted; ``max_asset_bytes``: the most a character, motion or background file may weigh
+    with its resources (None: no limit). Bad input (a missing path, a bad number, ``out`` naming a
+    file) is a UserInputError naming the command's flag."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out}: exists and is not a folder")
@@ -133,6 +154,8 @@ def build_assets(out: str | Path, *, probe: AssetProbe, procedural: int = 0, see
         raise UserInputError(f"--poses: must be >= 1, got {poses}")
     if not (0.0 <= min_pose_distance < 90.0):
         raise UserInputError(f"--min-pose-distance: expected degrees in [0, 90), got {min_pose_distance}")
+    if max_asset_bytes is not None and max_asset_bytes < 1:
+        raise UserInputError(f"--max-asset-size: must be at least 1 byte, got {max_asset_bytes}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -143,10 +166,14 @@ def build_assets(out: str | Path, *, probe: AssetProbe, procedural: int = 0, see
     # 1. Characters.
     t0 = time.perf_counter()
     prev_chars = mf.read_previous(out / mf.MANIFEST_FILES["character"], "character")
-    character_records = _procedural_characters(out, procedural, seed, prev_chars, quiet)
+    character_records = _procedural_characters(out, procedural, seed, prev_chars, progress)
     if char_paths:
+        bar = _Bar(None, "character files", progress)
         character_records += scan_characters(char_paths, [r for r in prev_chars if r.get("kind") != "procedural"],
-                                             probe=probe)
+                                             probe=probe, allow_texture_fallback=allow_texture_fallback,
+                                             allow_untextured=allow_untextured, max_bytes=max_asset_bytes,
+                                             progress=bar.step)
+        bar.close()
     mf.write_jsonl(out / mf.MANIFEST_FILES["character"], character_records)
     timings["characters"] = time.perf_counter() - t0
 
@@ -156,10 +183,13 @@ def build_assets(out: str | Path, *, probe: AssetProbe, procedural: int = 0, see
     if motion_paths:
         prev_motions = [r for r in mf.read_previous(out / mf.MANIFEST_FILES["motion"], "motion")
                         if r.get("kind") != "builtin"]
-        motion_records, extra = scan_motions(motion_paths, out, prev_motions, probe=probe)
+        bar = _Bar(None, "motion files", progress)
+        motion_records, extra = scan_motions(motion_paths, out, prev_motions, probe=probe, max_bytes=max_asset_bytes,
+                                             progress=bar.step)
+        bar.close()
     timings["motion_import"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bar = _Bar(poses, "poses", quiet)
+    bar = _Bar(poses, "poses", progress)
     lib = pm.build_pose_library(poses, seed=seed, extra_motions=extra, min_distance=min_pose_distance,
                                 progress=bar.to)
     bar.close()
@@ -174,10 +204,10 @@ def build_assets(out: str | Path, *, probe: AssetProbe, procedural: int = 0, see
     hdri_dir = bgm.bpy_hdri_dir() if hdri else None
     n_default_steps = procedural_backgrounds + (len(list(hdri_dir.glob("*.exr"))) * len(bgm.HDRI_YAWS)
                                                 if hdri_dir else 0)
-    bar = _Bar(n_default_steps, "backgrounds", quiet)
+    bar = _Bar(n_default_steps, "backgrounds", progress)
     background_records, bg_counts = bgm.build_backgrounds(
         out, bg_paths, n_procedural=procedural_backgrounds, seed=seed, probe=probe if hdri else None,
-        progress=bar.step, notes=notes)
+        progress=bar.step, notes=notes, max_bytes=max_asset_bytes)
     bar.close()
     timings["backgrounds"] = time.perf_counter() - t0
 

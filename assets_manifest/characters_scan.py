@@ -5,27 +5,35 @@ Blender one, ``render.asset_build.BlenderProbe``, imports each file in its own w
 timeout, so a crashing or hanging importer costs one asset). The probe reports facts; the decisions
 are made here:
 
-=================== ==========================================================================
-reason              when
-=================== ==========================================================================
-import_failed       the importer failed, the file is truncated/malformed, or the worker crashed
-import_timeout      the worker took longer than its timeout
-unsupported_format  an extension we do not import
-no_armature         no armature in the file
-no_mesh             an armature without any mesh
-unskinned_mesh      meshes exist but none is skinned (weights) or parented to a bone
-not_humanoid        the bone mapper found no humanoid (``bone_maps.MIN_JOINTS`` + layout checks)
-texture_missing     an image texture file does not exist (accepted with ``stats.texture_fallback``
-                    true and a flat colour instead when ``allow_texture_fallback``)
-texture_unreadable  an image texture exists but cannot be decoded
-texture_blank       an image texture is a single flat value or fully transparent
-duplicate           same geometry fingerprint (or near-identical occupancy signature) as an
-                    earlier accepted character; ``detail`` names it
-=================== ==========================================================================
+====================== =======================================================================
+reason                 when
+====================== =======================================================================
+import_failed          the importer failed, the file is truncated/malformed, or the worker crashed
+import_timeout         the worker took longer than its timeout
+unsupported_format     a file of a format we do not import (every file under a folder gets a record)
+broken_link            a dangling symbolic link or a link loop
+not_a_file             a FIFO, socket or device
+resource_outside_asset a glTF image/buffer URI, an FBX/.blend image or library path, or a symbolic
+                       link that leads outside the asset's own folder (the text says nothing about
+                       whether the outside file exists)
+too_large              the file, with its external resources, weighs more than ``max_bytes``
+no_armature            no armature in the file
+no_mesh                an armature without any mesh
+unskinned_mesh         meshes exist but none is skinned (weights) or parented to a bone
+not_humanoid           the bone mapper found no humanoid (``bone_maps.MIN_JOINTS`` + layout checks)
+texture_missing        an image texture file does not exist (accepted with ``texture_fallback``,
+                       a flat colour per missing image, when ``allow_texture_fallback``)
+texture_unreadable     an image texture exists but cannot be decoded
+texture_blank          an image texture is a single flat value or fully transparent
+texture_uniform        every visible material is the same untextured colour (a grey statue);
+                       accepted with ``stats.texture_uniform`` when ``allow_untextured``
+duplicate              same geometry fingerprint (or near-identical occupancy signature) as an
+                       earlier accepted character; ``detail`` names it
+====================== =======================================================================
 
 Accepted records follow contract 2: ``id`` ``char-<sha256[:12]>`` (byte-identical copies get
-``-2``, ``-3`` ...), ``kind`` gltf | vrm | fbx | blend, ``path``, ``sha256``, ``bone_map``,
-``expressions``, ``scale``, and ``stats`` with ``yaw_deg``, ``repairs``, ``height_m``,
+``-2``, ``-3`` ...), ``kind`` gltf | vrm | fbx | blend, ``path``, ``sha256``, ``display_name``,
+``bone_map``, ``expressions``, ``scale``, ``texture_fallback``, and ``stats`` with ``yaw_deg``, ``repairs``, ``height_m``,
 ``fingerprint``, timings and counts (see ``docs/real_assets.md``).
 """
 
@@ -33,20 +41,27 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from .expressions import map_expressions
-from .manifest import file_stats, find_files, incremental_scan, make_record
+from .manifest import DEFAULT_MAX_BYTES, entry_record, file_stats, incremental_scan, make_record, walk_inputs
 from .probe import AssetProbe, ProbeFailure
 
-__all__ = ["CHARACTER_EXTS", "geometry_fingerprint", "record_from_facts", "scan_characters"]
+__all__ = ["CHARACTER_EXTS", "SCAN_VERSION", "display_name", "geometry_fingerprint", "record_from_facts",
+           "scan_characters"]
 
 CHARACTER_EXTS = {".glb": "gltf", ".gltf": "gltf", ".vrm": "vrm", ".fbx": "fbx", ".blend": "blend"}
+# Records decided by older rules are decided again (2: texture_uniform, resource_outside_asset,
+# too_large, display_name, texture fallback colours, the expression families).
+SCAN_VERSION = 2
 NEAR_DUPLICATE_L1 = 0.02
 FINGERPRINT_GRID = (8, 8, 16)
+# Two linear RGB colours closer than this per channel are "the same colour" (texture_uniform).
+UNIFORM_TOLERANCE = 0.01
 
 
 def geometry_fingerprint(verts: np.ndarray) -> dict:
@@ -72,12 +87,39 @@ def geometry_fingerprint(verts: np.ndarray) -> dict:
     return {"hash": digest, "grid": [round(float(g), 5) for g in grid], "n_unique": int(len(uq))}
 
 
+def display_name(path, sha: str) -> str:
+    """What previews, logs and the report show for an imported character: the file's stem and the
+    first 6 hex digits of its sha256 (``Knight-e48437`` for Knight.glb, id ``char-e48437073382``).
+    Characters outside letters, digits, ``.+-`` become ``_`` (a name from a stranger's file goes
+    into HTML and terminals); at most 48 of them."""
+    stem = re.sub(r"[^\w.+-]+", "_", Path(path).stem, flags=re.UNICODE).strip("_")[:48] or "character"
+    return f"{stem}-{sha[:6]}"
+
+
+def _same_colour(a, b) -> bool:
+    return all(abs(float(x) - float(y)) <= UNIFORM_TOLERANCE for x, y in zip(a[:3], b[:3]))
+
+
+def _uniform_colour(materials: list[dict], missing: set[str]) -> list[float] | None:
+    """The one colour every visible material shows when none is textured (a material whose only
+    images are missing counts as its flat fallback colour); None when textured or varied."""
+    colours = []
+    for m in materials:
+        images = m.get("images") or []
+        if m.get("linked") and (not images or any(i not in missing for i in images)):
+            return None  # an image that loads, vertex colours or a procedural texture
+        colours.append(m.get("colour") or [0.8, 0.8, 0.8, 1.0])
+    if colours and all(_same_colour(c, colours[0]) for c in colours):
+        return [round(float(v), 4) for v in colours[0]]
+    return None
+
+
 def record_from_facts(path: Path, sha: str, facts: dict | ProbeFailure, *,
-                      allow_texture_fallback: bool = False) -> dict:
+                      allow_texture_fallback: bool = False, allow_untextured: bool = False) -> dict:
     """Decide a character record from the probe's facts (see the module table)."""
     kind = CHARACTER_EXTS.get(path.suffix.lower(), "unknown")
     rec_id = f"char-{sha[:12]}"
-    base = {"path": str(path), "sha256": sha}
+    base = {"path": str(path), "sha256": sha, "display_name": display_name(path, sha)}
     name = path.name
 
     def rejected(reason, detail, stats=None, **fields):
@@ -85,7 +127,10 @@ def record_from_facts(path: Path, sha: str, facts: dict | ProbeFailure, *,
                            stats=stats or {}, **base, **fields)
 
     if isinstance(facts, ProbeFailure):
-        return rejected(facts.reason or "import_failed", facts.detail or "import failed")
+        detail = facts.detail or "import failed"
+        # Workers name the file themselves; do not say it twice.
+        return rejected(facts.reason or "import_failed", detail[len(name) + 2:] if detail.startswith(f"{name}: ")
+                        else detail)
     stats = {"format": facts.get("format"), "import_s": facts.get("import_s"), "n_objects": facts.get("n_objects"),
              "armatures": facts.get("armatures"), "actions": len(facts.get("actions") or []),
              "meshopt": facts.get("meshopt", False)}
@@ -118,16 +163,33 @@ def record_from_facts(path: Path, sha: str, facts: dict | ProbeFailure, *,
         return rejected("texture_unreadable", "unreadable image texture(s): " + ", ".join(bad["unreadable"]), stats)
     if bad["blank"]:
         return rejected("texture_blank", "blank image texture(s): " + ", ".join(bad["blank"]), stats)
+    fallback = None
     if bad["missing"]:
         if not allow_texture_fallback:
-            return rejected("texture_missing", "missing image texture(s): " + ", ".join(bad["missing"]), stats)
+            return rejected("texture_missing", "missing image texture(s): " + ", ".join(bad["missing"]) +
+                            " (--allow-texture-fallback renders them in a flat colour)", stats)
         stats["texture_fallback"] = True
         stats["missing_textures"] = bad["missing"]
-    expressions = map_expressions(facts.get("shape_keys") or {}, facts.get("vrm_expressions") or [])
-    detail = f"{name}: {mapping.get('detail', '')}" + (" (flat colour for missing textures)" if bad["missing"] else "")
+        fallback = [{"image": t["name"], "material": t.get("material"),
+                     "colour": [round(float(v), 4) for v in (t.get("fallback_colour") or [0.8, 0.8, 0.8, 1.0])],
+                     "source": t.get("fallback_source") or "base_colour"}
+                    for t in textures if t.get("status") == "missing"]
+    materials = facts.get("materials") or []
+    stats["materials"] = len(materials)
+    uniform = _uniform_colour(materials, set(bad["missing"]))
+    if uniform is not None:
+        if not allow_untextured:
+            lost = " (its missing textures drawn flat)" if fallback else ""
+            return rejected("texture_uniform", f"every visible material ({len(materials)}) is the same untextured "
+                            f"colour {uniform[:3]}{lost} (--allow-untextured accepts it)", stats)
+        stats["texture_uniform"] = uniform
+    expressions, families = map_expressions(facts.get("shape_keys") or {}, facts.get("vrm_expressions") or [],
+                                            with_families=True)
+    stats["expression_families"] = families
+    detail = f"{name}: {mapping.get('detail', '')}" + (" (flat colour for missing textures)" if fallback else "")
     return make_record("character", rec_id, kind, detail=detail, stats=stats, **base,
                        bone_map=mapping["bone_map"], expressions=expressions, scale=float(norm.get("scale", 1.0)),
-                       face_landmarks=None)
+                       face_landmarks=None, texture_fallback=fallback)
 
 
 def _fp(rec: dict) -> dict | None:
@@ -170,42 +232,57 @@ def _mark_duplicates(records: list[dict]) -> int:
 
 
 def scan_characters(paths, previous_records=(), *, probe: AssetProbe, workers: int | None = None,
-                    allow_texture_fallback: bool = False, progress=None) -> list[dict]:
-    """Scan character files under ``paths`` -> records (accepted and rejected). Unchanged files reuse
-    their previous record; new or changed files are read by ``probe.inspect_character``, ``workers``
-    files at a time (default 2, fewer on a 1-core machine)."""
-    files = find_files(paths, CHARACTER_EXTS)
-    previous_records = list(previous_records or ())
+                    allow_texture_fallback: bool = False, allow_untextured: bool = False,
+                    max_bytes: int | None = DEFAULT_MAX_BYTES, progress=None) -> list[dict]:
+    """Scan everything under ``paths`` -> records (accepted and rejected): every file gets one
+    (``manifest.walk_inputs``: other formats ``unsupported_format``, links leading out
+    ``resource_outside_asset``, broken links, FIFOs, files over ``max_bytes`` ``too_large``).
+    Unchanged files reuse their previous record when it was decided with the same rules and
+    options (``stats.scan``); new or changed files are read by ``probe.inspect_character``,
+    ``workers`` files at a time (default 2, fewer on a 1-core machine)."""
+    entries = walk_inputs(paths, CHARACTER_EXTS, max_bytes, what="character")
+    files = [e.path for e in entries if e.reason is None]
+    key = {"version": SCAN_VERSION, "allow_texture_fallback": bool(allow_texture_fallback),
+           "allow_untextured": bool(allow_untextured)}
+    previous_records = [r for r in previous_records or () if (r.get("stats") or {}).get("scan") == key
+                        and r.get("reason") != "too_large"]
     by_path = {str(r.get("path")): r for r in previous_records if r.get("path")}
     todo = []
     for f in files:
         prev = by_path.get(str(f))
-        if f.suffix.lower() in CHARACTER_EXTS and (
-                prev is None or any(prev.get("stats", {}).get(k) != v for k, v in file_stats(f).items())):
+        if prev is None or any(prev.get("stats", {}).get(k) != v for k, v in file_stats(f).items()):
             todo.append(f)
     workers = workers or max(1, min(2, os.cpu_count() or 1))
     pool = ThreadPoolExecutor(max_workers=workers)
     # Started before the hashing below so that the probes run while incremental_scan hashes.
-    futures = {str(f): pool.submit(probe.inspect_character, f) for f in todo}
+    futures = {str(f): pool.submit(probe.inspect_character, f, max_bytes=max_bytes) for f in todo}
 
     def process(path: Path, sha: str) -> dict:
-        if path.suffix.lower() not in CHARACTER_EXTS:
-            return make_record("character", f"char-{sha[:12]}", "unknown", status="rejected",
-                               reason="unsupported_format", detail=f"{path.name}: not a character file",
-                               path=str(path), sha256=sha)
         fut = futures.get(str(path))
-        facts = fut.result() if fut is not None else probe.inspect_character(path)
-        return record_from_facts(path, sha, facts, allow_texture_fallback=allow_texture_fallback)
+        facts = fut.result() if fut is not None else probe.inspect_character(path, max_bytes=max_bytes)
+        rec = record_from_facts(path, sha, facts, allow_texture_fallback=allow_texture_fallback,
+                                allow_untextured=allow_untextured)
+        rec["stats"]["scan"] = key
+        return rec
 
     def on_error(path: Path, sha: str, exc: Exception) -> dict:
         return make_record("character", f"char-{sha[:12]}", CHARACTER_EXTS.get(path.suffix.lower(), "unknown"),
                            status="rejected", reason="import_failed", detail=f"{path.name}: {type(exc).__name__}: {exc}",
-                           path=str(path), sha256=sha)
+                           path=str(path), sha256=sha, display_name=display_name(path, sha), stats={"scan": key})
 
     try:
-        records, _counts = incremental_scan(files, previous_records, process, on_error=on_error, progress=progress)
+        read, _counts = incremental_scan(files, previous_records, process, on_error=on_error, progress=progress)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    by_file = {rec["path"]: rec for rec in read}
+    records = []
+    for e in entries:
+        if e.reason is None:
+            records.append(by_file[str(e.path)])
+        else:
+            rec = entry_record("character", "char", "unknown", e)
+            rec["display_name"] = display_name(e.path, rec["id"][5:])
+            records.append(rec)
     # Byte-identical copies share a sha: keep ids unique and deterministic (scan order is sorted).
     seen: dict[str, int] = {}
     for rec in records:

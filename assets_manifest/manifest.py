@@ -10,11 +10,14 @@ stored relative to it (portable folder); a user's own files are stored as absolu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
@@ -24,7 +27,13 @@ __all__ = [
     "MANIFEST_VERSION",
     "REPORT_SCHEMA",
     "MANIFEST_FILES",
+    "DEFAULT_MAX_BYTES",
+    "InputEntry",
+    "walk_inputs",
     "find_files",
+    "entry_record",
+    "parse_size",
+    "format_bytes",
     "make_record",
     "reject",
     "write_jsonl",
@@ -47,6 +56,10 @@ MANIFEST_FILES = {"character": "characters.jsonl", "motion": "motions.jsonl", "b
 # Rejection reasons are snake_case (the ones in use: docs/assets.md).
 _REASON_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+# The default cap on one asset with its resources (``assets build --max-asset-size``): a glTF
+# whose buffer is a 3 GB file was read whole (3.6 GB peak); real characters are a few MB to a few
+# hundred (4K textures).
+DEFAULT_MAX_BYTES = 1 << 30
 _REQUIRED = ("schema", "id", "kind", "status", "reason", "detail", "path", "sha256", "stats")
 
 
@@ -184,23 +197,150 @@ def resolve_record_path(assets_dir: str | Path, path: str) -> Path:
     return Path(assets_dir).resolve() / p
 
 
-def find_files(paths: Iterable, extensions: Iterable[str]) -> list[Path]:
-    """Files whose suffix is in ``extensions`` under ``paths`` (files or folders, recursive): in the
-    order the paths are given, sorted within each folder, each file once. The order decides which of
-    two duplicates a scanner keeps (the first)."""
+@dataclass(frozen=True)
+class InputEntry:
+    """One thing found under an input path. ``reason`` None: a file to read (``path`` resolved);
+    otherwise why it is not read, with ``path`` as found:
+
+    * ``unsupported_format``: a regular file whose extension the scanner does not read;
+    * ``too_large``: a file over the size limit (not read, not even hashed);
+    * ``broken_link``: a symbolic link that leads nowhere (dangling) or in a loop;
+    * ``resource_outside_asset``: a symbolic link leading out of the input folder (judged from where
+      it points, before looking whether that exists: the answer reveals nothing outside);
+    * ``not_a_file``: a FIFO, socket or device (never opened: reading a FIFO blocks forever);
+    * ``unreadable_file``: a file or folder that cannot be stat'ed or listed (permissions).
+    """
+
+    path: Path
+    reason: str | None = None
+    detail: str = ""
+    size: int | None = None
+    mtime_ns: int | None = None
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or os.path.commonpath([path, root]) == root
+
+
+def walk_inputs(paths: Iterable, extensions: Iterable[str], max_bytes: int | None = None,
+                what: str = "supported") -> list[InputEntry]:
+    """Everything under ``paths`` (files or folders, recursive, hidden files included), each once:
+    files with a suffix in ``extensions`` to read, and an entry with a reason for everything else
+    (see :class:`InputEntry`). Order: the paths as given, each folder sorted depth-first; the order
+    decides which of two duplicates a scanner keeps (the first). A path named directly is followed
+    even when it is a link (the user chose it); links found inside a folder are followed only when
+    they stay inside it, and then add nothing (their target is found on its own). ``what`` names the
+    file kind in the ``unsupported_format`` detail."""
     exts = {e.lower() for e in extensions}
-    out: list[Path] = []
+    out: list[InputEntry] = []
     seen: set[Path] = set()
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f.resolve() for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts)
+
+    def regular(path: Path, st) -> None:
+        if path in seen:
+            return
+        seen.add(path)
+        size, mtime = int(st.st_size), int(st.st_mtime_ns)
+        if path.suffix.lower() not in exts:
+            out.append(InputEntry(path, "unsupported_format",
+                                  f"{path.name}: not a {what} file ({path.suffix.lower() or 'no extension'})", size,
+                                  mtime))
+        elif max_bytes is not None and size > max_bytes:
+            out.append(InputEntry(path, "too_large", f"{path.name}: {format_bytes(size)}, over the limit of "
+                                                     f"{format_bytes(max_bytes)}", size, mtime))
         else:
-            found = [p.resolve()] if p.is_file() else []
-        for f in found:
-            if f not in seen:
-                seen.add(f)
-                out.append(f)
+            out.append(InputEntry(path, None, "", size, mtime))
+
+    def special(path: Path, st) -> None:
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        out.append(InputEntry(path, "not_a_file", f"{path.name}: {kind}, not read"))
+
+    def walk(folder: Path, root: str) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            out.append(InputEntry(folder, "unreadable_file", f"{folder.name}: cannot list the folder ({exc.strerror})"))
+            return
+        for e in entries:
+            path = Path(e.path)
+            try:
+                if e.is_symlink():
+                    target = os.path.realpath(path)
+                    if not _inside(target, root):
+                        out.append(InputEntry(path, "resource_outside_asset",
+                                              f"{path.name}: a symbolic link leading outside the input folder"))
+                        continue
+                    try:
+                        st = os.stat(path)
+                    except OSError as exc:
+                        why = "a symbolic link loop" if exc.errno == errno.ELOOP else "a dangling symbolic link"
+                        out.append(InputEntry(path, "broken_link", f"{path.name}: {why}"))
+                        continue
+                    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                        special(path, st)
+                    continue  # a file or folder inside the input folder: found on its own
+                st = e.stat(follow_symlinks=False)
+            except OSError as exc:
+                out.append(InputEntry(path, "unreadable_file", f"{path.name}: cannot stat ({exc.strerror})"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                walk(path, root)
+            elif stat.S_ISREG(st.st_mode):
+                regular(path, st)
+            else:
+                special(path, st)
+
+    for p in map(Path, paths):
+        p = p.expanduser()
+        try:
+            st = os.stat(p)
+        except OSError as exc:
+            out.append(InputEntry(p.absolute(), "unreadable_file", f"{p.name}: cannot stat ({exc.strerror})"))
+            continue
+        real = p.resolve()
+        if stat.S_ISDIR(st.st_mode):
+            walk(real, str(real))
+        elif stat.S_ISREG(st.st_mode):
+            regular(real, st)
+        else:
+            special(real, st)
     return out
+
+
+def find_files(paths: Iterable, extensions: Iterable[str]) -> list[Path]:
+    """The readable files of :func:`walk_inputs` (no size limit)."""
+    return [e.path for e in walk_inputs(paths, extensions) if e.reason is None]
+
+
+def entry_record(schema_kind: str, prefix: str, kind: str, entry: InputEntry) -> dict:
+    """The rejected record of an input entry that is not read (id from the path's hash: nothing
+    was hashed or opened)."""
+    rid = f"{prefix}-{hashlib.sha256(str(entry.path).encode('utf-8', 'surrogateescape')).hexdigest()[:12]}"
+    stats = {} if entry.size is None else {"file_size": entry.size, "mtime_ns": entry.mtime_ns}
+    return make_record(schema_kind, rid, kind, status="rejected", reason=entry.reason, detail=entry.detail,
+                       path=str(entry.path), sha256=None, stats=stats)
+
+
+def parse_size(text: str) -> int:
+    """``"512M"``, ``"1.5G"``, ``"2048"`` (bytes; K, M, G, T are powers of 1024) -> bytes. ValueError
+    with the reason for anything else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"expected a size such as 512M or 2G, got {text!r}")
+    n = float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    if n < 1:
+        raise ValueError(f"must be at least 1 byte, got {text!r}")
+    return int(n)
+
+
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``: sizes in messages."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return f"{n:.1f} GiB"
 
 
 def file_stats(path: str | Path) -> dict:

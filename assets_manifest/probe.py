@@ -1,10 +1,12 @@
-"""What the asset build needs Blender for, as an interface the scanners are given.
+"""What the asset build reads in isolation, as an interface the scanners are given.
 
 The scanners here decide what to accept and what to record; reading a character or motion file, or
-an OpenEXR image, needs Blender, which lives a floor above (``render/``). So the scanners take an
-:class:`AssetProbe` as a parameter instead of starting Blender themselves: the build is called from
-above (``render/asset_build.py`` runs every probe call in its own Blender worker process with a
-timeout), and tests can hand in a fake.
+an OpenEXR image, needs Blender, which lives a floor above (``render/``), and every file from a
+stranger (BVH text included) is read outside the build process, with a timeout, so a file that
+crashes, hangs or exhausts its reader costs one asset. So the scanners take an :class:`AssetProbe`
+as a parameter instead of reading those files themselves: the build is called from above
+(``render/asset_build.py`` runs every probe call in its own worker process with a timeout), and
+tests can hand in a fake.
 
 A probe never raises for a bad file: a file it cannot read is a :class:`ProbeFailure` with a
 machine-readable reason (``import_failed``, ``import_timeout``, ``no_armature`` ...), which the
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from .retarget import RetargetedMotion
 
 __all__ = ["AssetProbe", "ProbeFailure", "ProbeError", "MotionSamples"]
 
@@ -56,12 +60,21 @@ class AssetProbe(Protocol):
     """Reads asset files that need Blender; decides nothing. ``inspect_character`` is called from
     several threads at once (``characters_scan.scan_characters(workers=...)``)."""
 
-    def inspect_character(self, path: Path) -> dict | ProbeFailure:
+    def inspect_character(self, path: Path, max_bytes: int | None = None) -> dict | ProbeFailure:
         """Import one character file and describe it: the facts ``characters_scan.record_from_facts``
-        reads (armature, meshes, bone mapping, normalisation, textures, shape keys, fingerprint ...)."""
+        reads (armature, meshes, bone mapping, normalisation, textures, materials, shape keys,
+        fingerprint ...). Fails with ``resource_outside_asset`` when the file refers to a file outside
+        its own folder and ``too_large`` when it weighs more than ``max_bytes`` with its resources."""
 
-    def sample_motions(self, path: Path, max_fps: float) -> MotionSamples | ProbeFailure:
-        """Sample every action of the file's main armature, at most ``max_fps`` frames per second."""
+    def sample_motions(self, path: Path, max_fps: float, max_bytes: int | None = None) -> MotionSamples | ProbeFailure:
+        """Sample every action of the file's main armature, at most ``max_fps`` frames per second
+        (the same resource checks as ``inspect_character``)."""
+
+    def retarget_bvh(self, path: Path, max_fps: float,
+                     max_bytes: int | None = None) -> tuple[RetargetedMotion, str] | ProbeFailure:
+        """Parse a BVH file and retarget it onto the canonical skeleton
+        (``motions_scan.retarget_bvh``): (motion, up axis), or a failure (``import_failed`` for a
+        malformed file, ``not_humanoid``, ``too_large``, ``import_timeout``)."""
 
     def read_exrs(self, paths: Sequence[Path]) -> list[np.ndarray]:
         """Decode OpenEXR files to float32 (H, W, 3) linear RGB, top row first; :class:`ProbeError`

@@ -2,10 +2,12 @@
 
 ``assets_manifest`` decides what to accept and what to record but never starts Blender; its scanners
 and ``assets_manifest.build.build_assets`` take a probe (``assets_manifest.probe.AssetProbe``).
-:class:`BlenderProbe` is that probe for real files: each character or motion file is imported by
-``python -m serialgen.render.inspect_asset`` and the HDRIs are decoded by
-``python -m serialgen.render.exr_reader``, each a subprocess of its own, so a crashing or hanging
-importer costs one asset (``import_failed`` / ``import_timeout``) and the caller never imports bpy.
+:class:`BlenderProbe` is that probe for real files: each character or Blender motion file is
+imported by ``python -m serialgen.render.inspect_asset``, each BVH file parsed and retargeted by
+``python -m serialgen.assets_manifest.motion_worker`` (no Blender, but a stranger's file all the same)
+and the HDRIs are decoded by ``python -m serialgen.render.exr_reader``, each a subprocess of its
+own, so a crashing, hanging or memory-exhausting reader costs one asset (``import_failed`` /
+``import_timeout``) and the caller never imports bpy.
 
 The worker's last stdout line is one JSON object of facts; motion samples come back in an npz file
 (``inspect_asset --motions``), read here into :class:`~serialgen.assets_manifest.probe.MotionSamples`.
@@ -23,7 +25,9 @@ from typing import Sequence
 
 import numpy as np
 
+from serialgen.assets_manifest.motion_worker import load_motion
 from serialgen.assets_manifest.probe import MotionSamples, ProbeError, ProbeFailure
+from serialgen.assets_manifest.retarget import RetargetedMotion
 
 __all__ = ["BlenderProbe", "IMPORT_TIMEOUT_S"]
 
@@ -32,32 +36,30 @@ EXR_TIMEOUT_S = 300.0
 
 
 class BlenderProbe:
-    """``AssetProbe`` on Blender worker processes; ``timeout`` seconds per character or motion file
-    (default ``SERIALGEN_IMPORT_TIMEOUT``, 120 s)."""
+    """``AssetProbe`` on worker processes; ``timeout`` seconds per character or motion file (default
+    ``SERIALGEN_IMPORT_TIMEOUT``, 120 s), BVH files included (parsed by a Blender-free worker)."""
 
     def __init__(self, timeout: float = IMPORT_TIMEOUT_S, exr_timeout: float = EXR_TIMEOUT_S):
         self.timeout = float(timeout)
         self.exr_timeout = float(exr_timeout)
 
-    def _timed_out(self) -> ProbeFailure:
-        return ProbeFailure("import_timeout", f"import took longer than {self.timeout:.0f} s")
-
-    def inspect_character(self, path: Path) -> dict | ProbeFailure:
-        cmd = [sys.executable, "-m", "serialgen.render.inspect_asset", str(path)]
-        # One thread per worker: two workers run at once on a 2-core machine.
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+    def _run(self, cmd: list[str], env: dict | None = None) -> dict | ProbeFailure:
+        """Run one worker; its last stdout line that is a JSON object, or a failure (timeout, crash,
+        ``ok: false``)."""
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, env=env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, env=env,
+                                  stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            return self._timed_out()
-        lines = [ln for ln in (proc.stdout or "").strip().splitlines() if ln.startswith("{")]
+            return ProbeFailure("import_timeout", f"import took longer than {self.timeout:.0f} s")
         facts = None
-        if lines:
-            try:
-                facts = json.loads(lines[-1])
-            except ValueError:
-                pass
-        if facts is None:
+        for ln in reversed((proc.stdout or "").strip().splitlines()):
+            if ln.startswith("{"):
+                try:
+                    facts = json.loads(ln)
+                except ValueError:
+                    pass
+                break
+        if not isinstance(facts, dict):
             err = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
             return ProbeFailure("import_failed",
                                 f"importer crashed (exit {proc.returncode}): {(err[-1] if err else '')[:300]}")
@@ -65,23 +67,34 @@ class BlenderProbe:
             return ProbeFailure(facts.get("reason") or "import_failed", facts.get("detail") or "import failed")
         return facts
 
-    def sample_motions(self, path: Path, max_fps: float) -> MotionSamples | ProbeFailure:
+    @staticmethod
+    def _limit(max_bytes: int | None) -> list[str]:
+        return [] if max_bytes is None else ["--max-bytes", str(int(max_bytes))]
+
+    def inspect_character(self, path: Path, max_bytes: int | None = None) -> dict | ProbeFailure:
+        cmd = [sys.executable, "-m", "serialgen.render.inspect_asset", str(path), *self._limit(max_bytes)]
+        # One thread per worker: two workers run at once on a 2-core machine.
+        return self._run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def sample_motions(self, path: Path, max_fps: float, max_bytes: int | None = None) -> MotionSamples | ProbeFailure:
         with tempfile.TemporaryDirectory(prefix="serialgen-motion-") as tmp:
             npz = Path(tmp) / "motion.npz"
-            cmd = [sys.executable, "-m", "serialgen.render.inspect_asset", str(path), "--motions", str(npz),
-                   "--max-fps", str(max_fps)]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                return self._timed_out()
-            try:
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-                return ProbeFailure("import_failed", f"importer crashed: {tail[0][:300]}")
-            if not res.get("ok"):
-                return ProbeFailure(res.get("reason", "import_failed"), res.get("detail", ""))
+            res = self._run([sys.executable, "-m", "serialgen.render.inspect_asset", str(path), "--motions", str(npz),
+                             "--max-fps", str(max_fps), *self._limit(max_bytes)])
+            if isinstance(res, ProbeFailure):
+                return res
             return _read_motion_npz(npz)
+
+    def retarget_bvh(self, path: Path, max_fps: float,
+                     max_bytes: int | None = None) -> tuple[RetargetedMotion, str] | ProbeFailure:
+        with tempfile.TemporaryDirectory(prefix="serialgen-bvh-") as tmp:
+            npz = Path(tmp) / "motion.npz"
+            res = self._run([sys.executable, "-m", "serialgen.assets_manifest.motion_worker", str(path), str(npz),
+                             "--max-fps", str(max_fps), *self._limit(max_bytes)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if isinstance(res, ProbeFailure):
+                return res
+            return load_motion(npz), str(res.get("up", "y"))
 
     def read_exrs(self, paths: Sequence[Path]) -> list[np.ndarray]:
         with tempfile.TemporaryDirectory(prefix="serialgen-exr-") as tmp:

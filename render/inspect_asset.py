@@ -8,9 +8,16 @@ hanging importer costs one asset and the build process never imports bpy. The la
 is always one JSON object: ``{"ok": true, ...facts}`` or ``{"ok": false, "reason", "detail"}``.
 Decisions (accept/reject) are made by the scanners in ``assets_manifest`` from these facts.
 
+Before importing, a file over ``--max-bytes`` (with a glTF's external resources) is ``too_large``
+and a glTF image/buffer URI leading out of the file's folder is ``resource_outside_asset``; after
+the import (FBX, .blend), so is any external file the data refers to outside that folder (texture
+paths, libraries), judged from the path alone. Nothing outside is ever read or described.
+
 Character facts: import time, armature count, the normalised rest bones (Z up, metres, facing -Y),
 the bone mapping, meshes (skinned / bone-parented / unskinned), height and scale, textures (missing,
-unreadable or blank), shape keys, VRM expressions, a geometry fingerprint, action names.
+unreadable or blank; a missing one with the flat colour to show instead), the visible materials
+(textured or the flat colour they show), shape keys, VRM expressions, a geometry fingerprint, action
+names.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import stat
 import sys
 import time
 import traceback
@@ -27,7 +37,8 @@ import numpy as np
 
 from serialgen.assets_manifest.bone_maps import map_skeleton
 from serialgen.assets_manifest.characters_scan import geometry_fingerprint
-from serialgen.assets_manifest.gltf_probe import probe_gltf
+from serialgen.assets_manifest.gltf_probe import probe_gltf, resolve_uri
+from serialgen.assets_manifest.manifest import format_bytes
 from serialgen.render import importers as imp
 from serialgen.render.bpy_utils import import_bpy, reset_scene
 
@@ -93,21 +104,152 @@ def _textures(meshes) -> list[dict]:
     return out
 
 
-def inspect_character(path: str) -> dict:
-    """Import, map, normalise and describe one character file."""
+def _fail(reason: str, detail: str) -> dict:
+    return {"ok": False, "reason": reason, "detail": detail}
+
+
+def _resource_check(p: Path, max_bytes: int | None) -> dict | None:
+    """Before anything is imported: the file's size, and for glTF/VRM every image/buffer URI inside
+    the file's folder and the total size (``gltf_probe.probe_gltf``). A failure dict, or None."""
+    kind = imp.format_of(p)
+    if kind in ("gltf", "vrm"):
+        probe = probe_gltf(p, max_bytes)
+        return None if probe["ok"] else _fail(probe["reason"], probe["detail"])
+    size = p.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        return _fail("too_large", f"{p.name}: {format_bytes(size)}, over the limit of {format_bytes(max_bytes)}")
+    return None
+
+
+def _external_files_check(p: Path, max_bytes: int | None) -> dict | None:
+    """After an import: every external file the data refers to (FBX texture paths, a .blend's
+    images, libraries, caches ...) must lie inside the asset's folder, judged from the path alone
+    before it is looked at, and the whole must stay under ``max_bytes``. A failure dict, or None."""
+    bpy = import_bpy()
+    root = os.path.realpath(p.parent)
+    paths = sorted({f for f in bpy.utils.blend_paths(absolute=True, packed=True) if f})
+    for f in paths:
+        real = os.path.realpath(f)
+        if os.path.commonpath([real, root]) != root:
+            # The path as the file wrote it (no resolved target: that could tell what exists outside).
+            return _fail("resource_outside_asset", f"{p.name}: refers to {Path(f).name!r} outside the asset's folder")
+    total = p.stat().st_size
+    for f in paths:
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue  # missing: the texture check reports it
+        if not stat.S_ISREG(st.st_mode):
+            return _fail("import_failed", f"{p.name}: refers to {Path(f).name!r}, which is not a regular file")
+        total += st.st_size
+    if max_bytes is not None and total > max_bytes:
+        return _fail("too_large", f"{p.name}: {format_bytes(total)} with its {len(paths)} external file(s), over "
+                                  f"the limit of {format_bytes(max_bytes)}")
+    return None
+
+
+def _upstream(socket) -> list:
+    """Every node that feeds ``socket`` (through any chain of links)."""
+    seen, stack, out = set(), [link.from_node for link in socket.links], []
+    while stack:
+        node = stack.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        out.append(node)
+        for inp in node.inputs:
+            stack.extend(link.from_node for link in inp.links)
+    return out
+
+
+def _materials(meshes, gltf_materials: list[dict]) -> list[dict]:
+    """The materials the meshes show (on at least one face): name, whether the base colour is fed
+    by anything (``linked``), the images feeding it, and the flat colour it shows without them
+    (linear RGBA: the glTF ``baseColorFactor``, else the BSDF's Base Color / viewport colour)."""
+    gltf = {m["name"]: m for m in gltf_materials}
+    used: dict[str, object] = {}
+    bare = False
+    for ob in meshes:
+        n = len(ob.data.polygons)
+        if n == 0:
+            continue
+        idx = np.empty(n, dtype=np.int32)
+        ob.data.polygons.foreach_get("material_index", idx)
+        slots = ob.material_slots
+        for k in np.unique(idx).tolist():
+            mat = slots[k].material if 0 <= k < len(slots) else None
+            if mat is None:
+                bare = True
+            else:
+                used.setdefault(mat.name, mat)
+    out = []
+    for name, mat in used.items():
+        colour = list(mat.diffuse_color)
+        linked, images = False, []
+        bsdf = next((nd for nd in mat.node_tree.nodes if nd.type == "BSDF_PRINCIPLED"), None) if mat.node_tree else None
+        if bsdf is not None:
+            sock = bsdf.inputs["Base Color"]
+            colour = list(sock.default_value)
+            linked = sock.is_linked
+            images = [nd.image.name for nd in _upstream(sock) if nd.type == "TEX_IMAGE" and nd.image is not None]
+        elif mat.node_tree is not None:
+            feeds = [nd for nd in mat.node_tree.nodes if nd.type in ("TEX_IMAGE", "ATTRIBUTE", "VERTEX_COLOR")]
+            linked = bool(feeds)
+            images = [nd.image.name for nd in feeds if nd.type == "TEX_IMAGE" and nd.image is not None]
+        g = gltf.get(re.sub(r"\.\d{3}$", "", name))
+        if g is not None:
+            colour = list(g["base_colour"])
+        out.append({"name": name, "linked": bool(linked), "images": images,
+                    "colour": [round(float(v), 4) for v in colour]})
+    if bare:  # faces without a material render in Blender's default grey
+        out.append({"name": None, "linked": False, "images": [], "colour": [0.8, 0.8, 0.8, 1.0]})
+    return out
+
+
+def _fallback_colours(textures: list[dict], materials: list[dict], gltf_materials: list[dict], probe) -> None:
+    """Give every missing texture the colour to show instead (in place): its material's flat base
+    colour (see :func:`_materials`). A missing image has no pixels, so its mean is not known."""
+    by_image = {}
+    for m in materials:
+        for img in m["images"]:
+            by_image.setdefault(img, m)
+    images = (probe or {}).get("images") or []
+    for t in textures:
+        if t.get("status") != "missing":
+            continue
+        m = by_image.get(t["name"])
+        if m is None and t.get("uri") is not None:
+            # A glTF image Blender dropped: the material whose base colour texture shows it.
+            index = next((i["index"] for i in images if i.get("uri") == t["uri"]), None)
+            g = next((g for g in gltf_materials if index is not None and g["base_colour_image"] == index), None)
+            if g is not None:
+                m = {"name": g["name"], "colour": g["base_colour"]}
+        t["material"] = t.get("material") or (m or {}).get("name")
+        t["fallback_colour"] = [round(float(v), 4) for v in (m or {}).get("colour", [0.8, 0.8, 0.8, 1.0])]
+        t["fallback_source"] = "base_colour" if m is not None else "default_grey"
+
+
+def inspect_character(path: str, max_bytes: int | None = None) -> dict:
+    """Import, map, normalise and describe one character file; first the checks that need no
+    import (size, where a glTF's resources are), then, after the import, where every external file
+    the data refers to is."""
     bpy = import_bpy()
     reset_scene()
     p = Path(path)
     kind = imp.format_of(p)
-    probe = probe_gltf(p) if kind in ("gltf", "vrm") else None
-    if probe is not None and probe.get("ok") and probe["missing_images"]:
-        # Blender's importer silently drops missing images; report them from the JSON.
-        missing_json = list(probe["missing_images"])
-    else:
-        missing_json = []
+    failed = _resource_check(p, max_bytes)
+    if failed is not None:
+        return failed
+    probe = probe_gltf(p, max_bytes) if kind in ("gltf", "vrm") else None
+    gltf_materials = (probe or {}).get("materials") or []
+    # Blender's importer silently drops missing images; report them from the JSON.
+    missing_json = list(probe["missing_images"]) if probe is not None else []
     t0 = time.perf_counter()
     objects = imp.import_objects(p)
     t_import = time.perf_counter() - t0
+    failed = _external_files_check(p, max_bytes)
+    if failed is not None:
+        return failed
     bpy.context.view_layer.update()
     col = imp.collect_character(objects)
     arm = col["armature"]
@@ -141,9 +283,15 @@ def inspect_character(path: str) -> dict:
             if names:
                 shape_keys[ob.name] = names
     textures = _textures(meshes)
+    known = {os.path.realpath(bpy.path.abspath(t["filepath"])) for t in textures if t.get("filepath")}
     for uri in missing_json:
-        textures.append({"name": uri, "status": "missing", "source": "FILE", "packed": False, "filepath": uri})
-    facts.update(
+        f = resolve_uri(p.parent, uri)
+        if f is not None and str(f) not in known:  # an image Blender's importer dropped
+            textures.append({"name": uri, "uri": uri, "status": "missing", "source": "FILE", "packed": False,
+                             "filepath": uri})
+    materials = _materials(meshes, gltf_materials)
+    _fallback_colours(textures, materials, gltf_materials, probe)
+    facts.update(materials=materials,
         armature=True, n_bones=len(bones), bones=bones, mapping=mapping.to_json(),
         meshes=[{"name": o.name, "vertices": len(o.data.vertices)} for o in meshes],
         n_vertices=int(len(verts)), skinned=col["skinned"], bone_parented=col["bone_parented"],
@@ -155,13 +303,21 @@ def inspect_character(path: str) -> dict:
     return facts
 
 
-def sample_motions(path: str, out_npz: str, max_fps: float = 30.0) -> dict:
-    """Sample every action of the file's main armature: world rotations and joint positions per frame."""
+def sample_motions(path: str, out_npz: str, max_fps: float = 30.0, max_bytes: int | None = None) -> dict:
+    """Sample every action of the file's main armature: world rotations and joint positions per
+    frame (after the same size and resource checks as a character)."""
     bpy = import_bpy()
     reset_scene()
+    p = Path(path)
+    failed = _resource_check(p, max_bytes)
+    if failed is not None:
+        return failed
     t0 = time.perf_counter()
-    objects = imp.import_objects(path)
+    objects = imp.import_objects(p)
     t_import = time.perf_counter() - t0
+    failed = _external_files_check(p, max_bytes)
+    if failed is not None:
+        return failed
     arms = [o for o in objects if o.type == "ARMATURE"]
     if not arms:
         return {"ok": False, "reason": "no_armature", "detail": "no armature in the file"}
@@ -244,12 +400,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the JSON here")
     ap.add_argument("--motions", default=None, metavar="NPZ", help="sample the file's animation clips into NPZ")
     ap.add_argument("--max-fps", type=float, default=30.0)
+    ap.add_argument("--max-bytes", type=int, default=None, help="size limit of the file with its resources")
     args = ap.parse_args(argv)
     try:
         if args.motions:
-            res = sample_motions(args.file, args.motions, args.max_fps)
+            res = sample_motions(args.file, args.motions, args.max_fps, args.max_bytes)
         else:
-            res = inspect_character(args.file)
+            res = inspect_character(args.file, args.max_bytes)
     except Exception as e:  # noqa: BLE001 - the worker reports, the scanner decides
         if isinstance(e, imp.ImportFailed):
             res = {"ok": False, "reason": e.reason, "detail": str(e)}

@@ -24,7 +24,7 @@ from serialgen.assets_manifest.probe import MotionSamples, ProbeError, ProbeFail
 from serialgen.cli import main
 
 N_POSES = 40
-SMALL = ["--poses", str(N_POSES), "--procedural-backgrounds", "2", "--quiet"]
+SMALL = ["--poses", str(N_POSES), "--procedural-backgrounds", "2", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,9 @@ def _character_facts(verts: np.ndarray) -> dict:
             "armature": True, "n_bones": len(_BONES), "bones": _BONES, "mapping": map_skeleton(_BONES).to_json(),
             "meshes": [{"name": "Body", "vertices": len(verts)}], "n_vertices": len(verts), "skinned": ["Body"],
             "bone_parented": {}, "unskinned": [], "normalise": {"scale": 1.0, "yaw_deg": 0.0, "height_m": 1.75},
-            "textures": [], "shape_keys": {"Body": ["Smile"]}, "fingerprint": geometry_fingerprint(verts)}
+            "textures": [{"name": "skin.png", "status": "ok", "size": [512, 512]}],
+            "materials": [{"name": "Skin", "linked": True, "images": ["skin.png"], "colour": [1, 1, 1, 1]}],
+            "shape_keys": {"Body": ["Smile"]}, "fingerprint": geometry_fingerprint(verts)}
 
 
 def _walk_samples(frames: int = 12) -> MotionSamples:
@@ -155,7 +157,7 @@ class FakeProbe:
         rng = np.random.default_rng(0)
         self.body = rng.uniform([-0.3, -0.2, 0.0], [0.3, 0.2, 1.75], (500, 3))
 
-    def inspect_character(self, path):
+    def inspect_character(self, path, max_bytes=None):
         self.calls.append(("character", path.name))
         if path.stem == "hangs":
             return ProbeFailure("import_timeout", "import took longer than 120 s")
@@ -166,7 +168,7 @@ class FakeProbe:
                     "armature": False, "meshes": ["Statue"], "n_vertices": 8}
         return _character_facts(self.body)
 
-    def sample_motions(self, path, max_fps):
+    def sample_motions(self, path, max_fps, max_bytes=None):
         self.calls.append(("motions", path.name))
         if path.stem == "still":
             return MotionSamples(bones=_BONES, rest_rot=np.tile(np.eye(3), (len(_BONES), 1, 1)), clips=[], rot=[],
@@ -190,7 +192,7 @@ def test_build_decides_from_what_the_probe_reports(tmp_path):
         (src / "moves" / name).write_bytes(name.encode())
     probe = FakeProbe()
     summary = build_assets(tmp_path / "out", probe=probe, characters=[src / "chars"], motions=[src / "moves"],
-                           poses=20, procedural_backgrounds=1, quiet=True)
+                           poses=20, procedural_backgrounds=1, progress=False)
 
     by = {Path(r["path"]).name: r for r in summary["manifests"]["characters"]}
     assert by["hero.glb"]["status"] == "accepted" and by["hero.glb"]["bone_map"]["l_hand"] == "l_hand"

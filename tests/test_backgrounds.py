@@ -38,7 +38,8 @@ def user_dir(tmp_path):
 def test_user_folder_scan_and_reasons(user_dir):
     recs, counts = bg.scan_user_backgrounds([user_dir])
     by_name = {r["path"].split("/")[-1]: r for r in recs}
-    assert counts["ignored_non_images"] == 1 and len(recs) == 8
+    assert counts["ignored_non_images"] == 1 and len(recs) == 9  # every file gets a record
+    assert by_name["notes.txt"]["reason"] == "unsupported_format" and by_name["notes.txt"]["sha256"] is None
     for name in ("ok2.webp", "copy.png", "same.JPG"):
         assert by_name[name]["status"] == "accepted" and by_name[name]["reason"] is None
     # Byte-identical files: the first in sorted path order (nested/same.JPG) is kept.

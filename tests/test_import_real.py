@@ -27,8 +27,11 @@ from serialgen.render.asset_build import BlenderProbe
 pytestmark = pytest.mark.blender
 K = {n: i for i, n in enumerate(sk.KEYPOINT_NAMES)}
 
-ACCEPTED = ["CesiumMan.glb", "RiggedFigure.glb", "Knight.glb", "Mage.glb", "Mannequin_Medium.glb",
-            "Male_Casual.fbx", "Female_Dress.fbx", "RobotExpressive.glb", "cryptovoxels.vrm"]
+ACCEPTED = ["CesiumMan.glb", "Knight.glb", "Mage.glb", "Mannequin_Medium.glb",
+            "Male_Casual.fbx", "Female_Dress.fbx", "RobotExpressive.glb"]
+# One flat untextured colour on every visible material (grey RiggedFigure, white cryptovoxels): accepted
+# only with allow_untextured.
+UNTEXTURED = ["RiggedFigure.glb", "cryptovoxels.vrm"]
 
 _BPY_FIXTURES = r"""
 import sys, bpy
@@ -140,7 +143,10 @@ def scanned(shared_assets, tmp_path_factory):
     (missing / "knight_texture.png").unlink()
     records = scan_characters([chars, made], probe=BlenderProbe())
     by = {Path(r["path"]).name: r for r in records}
-    return {"records": records, "by": by, "made": made, "marker": marker, "missing": missing}
+    untextured = scan_characters([chars / "khronos/RiggedFigure.glb", chars / "vrm/cryptovoxels.vrm"],
+                                 probe=BlenderProbe(), allow_untextured=True)
+    return {"records": records, "by": by, "made": made, "marker": marker, "missing": missing,
+            "untextured": untextured}
 
 
 def test_real_characters_accepted_or_rejected_as_documented(scanned):
@@ -152,15 +158,24 @@ def test_real_characters_accepted_or_rejected_as_documented(scanned):
         assert r["id"].startswith("char-") and r["sha256"].startswith(r["id"][5:17])
         assert 0.4 < r["stats"]["height_m"] < 3.0, name
     assert by["RiggedSimple.glb"]["reason"] == "not_humanoid"
+    for name in UNTEXTURED:  # statues of one colour
+        assert by[name]["reason"] == "texture_uniform" and "--allow-untextured" in by[name]["detail"], name
+    assert by["Knight.glb"]["display_name"] == "Knight-e48437" and by["Knight.glb"]["id"] == "char-e48437073382"
+    assert by["License.txt"]["reason"] == "unsupported_format"  # every file under the folder has a record
     # player.glb has one bone per limb: no elbows, knees, hands or feet (bone_maps.MIN_JOINTS).
     assert by["player.glb"]["reason"] == "not_humanoid" and "l_lower_arm" in by["player.glb"]["detail"]
     robot = by["RobotExpressive.glb"]
     assert {"angry", "surprised", "sad"} <= set(robot["expressions"])
     assert {b[1] for b in robot["expressions"]["angry"]} == {"Angry"}
+    assert robot["stats"]["expression_families"] == {"angry": ["plain"], "surprised": ["plain"], "sad": ["plain"]}
     assert robot["stats"]["bone_parented_meshes"] > 0 and robot["stats"]["repairs"]["reparent"]
     assert by["Male_Casual.fbx"]["stats"]["alpha_fixed"] > 0 and by["Male_Casual.fbx"]["scale"] < 0.5
-    assert by["cryptovoxels.vrm"]["stats"]["mapping_method"] == "vrm"
-    assert abs(by["cryptovoxels.vrm"]["stats"]["yaw_deg"]) == 180.0
+    untextured = {Path(r["path"]).name: r for r in scanned["untextured"]}
+    assert all(untextured[name]["status"] == "accepted" for name in UNTEXTURED)
+    assert untextured["cryptovoxels.vrm"]["stats"]["mapping_method"] == "vrm"
+    assert abs(untextured["cryptovoxels.vrm"]["stats"]["yaw_deg"]) == 180.0
+    assert untextured["cryptovoxels.vrm"]["stats"]["texture_uniform"][:3] == [1.0, 1.0, 1.0]
+    assert untextured["RiggedFigure.glb"]["stats"]["texture_uniform"][:3] == [0.8, 0.8, 0.8]
 
 
 def test_made_files_get_machine_readable_reasons(scanned):
@@ -183,11 +198,19 @@ def test_made_files_get_machine_readable_reasons(scanned):
 
 
 def test_rescan_reuses_and_texture_fallback_is_opt_in(scanned):
-    recs = scanned["records"]
+    recs = [r for r in scanned["records"] if r["sha256"]]
     again = scan_characters([Path(r["path"]) for r in recs], recs, probe=BlenderProbe())
     assert [(r["id"], r["status"], r["reason"]) for r in again] == [(r["id"], r["status"], r["reason"]) for r in recs]
+    # Knight's one material loses its only texture: drawn flat, it is a statue of one colour.
     fb = scan_characters([scanned["missing"]], probe=BlenderProbe(), allow_texture_fallback=True)
-    assert fb[0]["status"] == "accepted" and fb[0]["stats"]["texture_fallback"] is True
+    assert next(r for r in fb if r["path"].endswith(".gltf"))["reason"] == "texture_uniform"
+    fb = scan_characters([scanned["missing"]], probe=BlenderProbe(), allow_texture_fallback=True,
+                         allow_untextured=True)
+    rec = next(r for r in fb if r["path"].endswith(".gltf"))
+    assert rec["status"] == "accepted" and rec["stats"]["texture_fallback"] is True
+    # The colour to draw instead: the material's base colour (Knight's glTF factor is white).
+    assert rec["texture_fallback"] == [{"image": "knight_texture", "material": "knight",
+                                        "colour": [1.0, 1.0, 1.0, 1.0], "source": "base_colour"}]
 
 
 def _arm_elevations(rig):

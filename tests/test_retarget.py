@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 
+from serialgen.assets_manifest import motion_worker
 from serialgen.assets_manifest import skeleton as sk
 from serialgen.assets_manifest.bvh import BvhError, parse_bvh, read_bvh
 from serialgen.assets_manifest.motions_scan import retarget_bvh, scan_motions
+from serialgen.assets_manifest.probe import ProbeFailure
 from serialgen.assets_manifest.retarget import decompose_joint
 
 K = {n: i for i, n in enumerate(sk.KEYPOINT_NAMES)}
 
 
 class _BvhOnly:
-    """BVH is read without Blender: a probe call would be a bug."""
+    """Reads BVH files in this process with the worker's own code (``motion_worker.run``): the
+    scanner's decisions without a subprocess per file (tests/hostile/test_assets_inputs.py runs the
+    real worker). BVH never needs Blender: a Blender-file call would be a bug."""
 
-    def sample_motions(self, path, max_fps):
+    def retarget_bvh(self, path, max_fps, max_bytes=None):
+        with tempfile.TemporaryDirectory() as tmp:
+            res = motion_worker.run(str(path), f"{tmp}/m.npz", max_fps, max_bytes)
+            if not res["ok"]:
+                return ProbeFailure(res["reason"], res["detail"])
+            return motion_worker.load_motion(f"{tmp}/m.npz"), res["up"]
+
+    def sample_motions(self, path, max_fps, max_bytes=None):
         raise AssertionError(f"the probe was asked for {path}")
 
 
