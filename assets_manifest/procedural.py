@@ -21,7 +21,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,20 +352,112 @@ class CharacterMesh:
 
 _MODEL = None
 _MODEL_LOCK = threading.Lock()
+# What anny keeps reading from its cache: the compacted model (69 MB). Building it also writes the
+# parsed MakeHuman data (561 MB) and the full model (234 MB), which nothing here reads again.
+_KEPT_CACHE = "build_compact_model_data_"
 
 
-def anny_model():
-    """The process-wide anny model (facial actions on). First construction on a machine builds
-    anny's cache in ~/.cache/anny (about a minute), later ones take ~0.3 s."""
+def anny_model(progress: bool = False):
+    """The process-wide anny model (facial actions on); later calls return the same object.
+
+    The first construction on a machine builds anny's cache (~76 CPU-seconds, 1.8 GB peak: mostly
+    parsing MakeHuman's blend shape files). That is announced on stderr in one line, with a stage
+    bar (elapsed time ticking) when ``progress``, and only the compacted model that anny reads
+    again is kept in ``~/.cache/anny`` (69 MB instead of 864 MB): the build runs in a scratch folder
+    inside the cache folder where the files already there are linked in. Later constructions load
+    the kept file (~0.3 s)."""
     global _MODEL
     with _MODEL_LOCK:
         if _MODEL is None:
-            import anny  # torch enters only here
-
-            # Plain torch skinning: we only read anny's rest model, and this keeps NVIDIA Warp (its
-            # default skinning backend, with CUDA probing and kernel compiles) out of the process.
-            _MODEL = anny.Anny(facial_actions="all", skinning_method="lbs")
+            _MODEL = _build_anny(progress)
         return _MODEL
+
+
+class _CacheBuildProgress(logging.Handler):
+    """Turns anny's log lines during a cache build into one announcement and a stage bar."""
+
+    STAGES = (("load_data_", "parsing MakeHuman data"), ("build_model_data_", "building the full model"),
+              (_KEPT_CACHE, "compacting blend shapes"))
+
+    def __init__(self, progress: bool, cache_dir: Path):
+        super().__init__(logging.INFO)
+        self.progress, self.cache_dir = progress, cache_dir
+        self.bar, self.t0, self.saved = None, None, []
+        self._stop = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("No cached model data found") and self.t0 is None:
+            self.t0 = time.perf_counter()
+            print(f"anny: first run on this machine: building its model cache in {self.cache_dir} "
+                  f"(about a minute of CPU, once)", file=sys.stderr, flush=True)
+            if self.progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=len(self.STAGES), desc="anny cache", file=sys.stderr, dynamic_ncols=True,
+                                bar_format="{desc}: {n}/{total} |{bar}| {postfix} [{elapsed}]")
+                self.bar.set_postfix_str(self.STAGES[0][1])
+                # anny's data parsing is one long call: refresh the elapsed time meanwhile.
+                threading.Thread(target=self._tick, daemon=True).start()
+        elif msg.startswith("Saved built model data to cache at "):
+            name = Path(msg.rsplit(" ", 1)[-1]).name
+            self.saved.append(name)
+            if self.bar is not None:
+                self.bar.update(1)
+                nxt = [text for prefix, text in self.STAGES if not any(s.startswith(prefix) for s in self.saved)]
+                self.bar.set_postfix_str(nxt[0] if nxt else "done")
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.bar is not None:
+                self.bar.refresh()
+
+    def finish(self) -> None:
+        self._stop.set()
+        if self.bar is not None:
+            self.bar.close()
+        if self.t0 is not None:
+            print(f"anny: model cache built in {time.perf_counter() - self.t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def _build_anny(progress: bool):
+    import anny  # torch enters only here
+    from anny.models.model_data import CURRENT_DATA_VERSION
+    from anny.paths import get_anny_cache_path, set_anny_cache_path
+
+    real = Path(get_anny_cache_path()) / f"v{CURRENT_DATA_VERSION}"
+    real.mkdir(parents=True, exist_ok=True)
+    for stale in real.parent.glob(".build-*"):  # left by a killed build (its pid is gone)
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=real.parent))
+    work = scratch / real.name
+    work.mkdir()
+    for f in real.glob("*.safetensors"):
+        (work / f.name).symlink_to(f)
+    watcher = _CacheBuildProgress(progress, real.parent)
+    log = logging.getLogger("anny")
+    level, propagate = log.level, log.propagate
+    log.addHandler(watcher)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # our announcement replaces anny's INFO lines
+    set_anny_cache_path(scratch)
+    try:
+        # Plain torch skinning: we only read anny's rest model, and this keeps NVIDIA Warp (its
+        # default skinning backend, with CUDA probing and kernel compiles) out of the process.
+        model = anny.Anny(facial_actions="all", skinning_method="lbs")
+        for f in work.iterdir():
+            if f.name.startswith(_KEPT_CACHE) and not f.is_symlink():
+                os.replace(f, real / f.name)
+    finally:
+        set_anny_cache_path(real.parent)
+        log.removeHandler(watcher)
+        log.setLevel(level)
+        log.propagate = propagate
+        watcher.finish()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return model
 
 
 def _anny_rest(model, phenotype: dict, facial: list[dict[str, float]]):

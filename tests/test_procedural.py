@@ -230,3 +230,33 @@ def test_spine_rotation_is_spread_over_unmapped_segments():
     assert np.allclose(ra.fractional_rotation(r, 1.0), r, atol=1e-9)
     half = ra.fractional_rotation(r, 0.5)
     assert np.allclose(half @ half, r, atol=1e-9)
+
+
+_FIRST_RUN = """
+import sys, time
+from serialgen.assets_manifest import procedural as pr
+t0 = time.perf_counter()
+pr.anny_model(progress=True)
+print(f"{time.perf_counter() - t0:.2f}")
+"""
+
+
+@pytest.mark.slow
+def test_first_run_announces_the_anny_cache_build_and_keeps_only_what_is_read_again(tmp_path):
+    """A cold anny cache (a fresh machine): one announcement line, a stage bar, and only the compacted
+    model kept; the next process loads it without a word. ~76 CPU-seconds (the real cold build)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ANNY_CACHE_DIR=str(tmp_path / "anny"))
+    first = subprocess.run([sys.executable, "-c", _FIRST_RUN], capture_output=True, text=True, env=env, timeout=1800)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "anny: first run on this machine: building its model cache" in first.stderr
+    assert "anny cache: 3/3" in first.stderr and "anny: model cache built in" in first.stderr
+    kept = sorted(p.name for p in (tmp_path / "anny").rglob("*") if p.is_file())
+    assert len(kept) == 1 and kept[0].startswith("build_compact_model_data_"), kept
+    assert not list((tmp_path / "anny").glob(".build-*"))
+    again = subprocess.run([sys.executable, "-c", _FIRST_RUN], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "anny" not in again.stderr, again.stderr[-2000:]
+    assert float(again.stdout.split()[-1]) < float(first.stdout.split()[-1]) / 5
