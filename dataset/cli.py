@@ -130,17 +130,34 @@ def _handle_preview(args) -> int:
 # bench
 # ---------------------------------------------------------------------------------------------
 
-def _raw_members(urls: list[str], limit: int) -> list[tuple[bytes, bytes]]:
-    """(ref.png, std.png) bytes of the first ``limit`` complete samples, read with stock webdataset."""
-    import webdataset as wds
+def _raw_members(ds, limit: int) -> list[tuple[bytes, bytes]]:
+    """(ref.png, std.png) bytes of the first ``limit`` usable pairs of the dataset's shards: a
+    format 3 pair's std.png from its character's standard tar (the join the loader does)."""
+    from serialgen.dataset import shards, tarset
 
-    out = []
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.ignore_and_continue))
-    for s in pipe:
-        if "ref.png" in s and "std.png" in s:
-            out.append((s["ref.png"], s["std.png"]))
-            if len(out) >= limit:
-                break
+    out, standards = [], {}
+    for url in ds.urls:
+        try:
+            with open(url, "rb") as f:
+                for got in tarset.read_samples(f):
+                    if isinstance(got, tarset.Rejected) or "ref.png" not in got[1]:
+                        continue
+                    sample = got[1]
+                    std = sample.get("std.png")
+                    if std is None:
+                        char = json.loads(sample["meta.json"]).get("character")
+                        if char not in standards:
+                            try:
+                                standards[char] = shards.read_standard(ds.standard_paths[char], char)["std.png"]
+                            except (KeyError, tarset.TarSetError, TypeError):
+                                standards[char] = None
+                        std = standards[char]
+                    if std is not None:
+                        out.append((sample["ref.png"], std))
+                    if len(out) >= limit:
+                        return out
+        except (OSError, ValueError):
+            continue
     return out
 
 
@@ -167,7 +184,7 @@ def bench(args) -> dict:
     torch.set_num_threads(1)
     batch = args.batch_size or None
     ds = _dataset(args, resampled=True, batch_size=batch, dtype=args.dtype)
-    members = _raw_members(ds.urls, 256)
+    members = _raw_members(ds, 256)
     if not members:
         raise UserInputError(f"{args.shards}: no sample with ref.png and std.png")
 

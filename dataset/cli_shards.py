@@ -63,6 +63,10 @@ def _draw(image, pose: dict, scale: float):
             d.ellipse([x - r, y - r, x + r, y + r], fill=_COLOURS[i % len(_COLOURS)], outline=(0, 0, 0))
 
 
+class _Refused(Exception):
+    """A pair the preview cannot draw (its reason is the message)."""
+
+
 def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_height: int = 256,
                   split: str | None = None) -> tuple[Path, int, Counter]:
     """Draw ``count`` pairs (ref on a grey checkerboard | std), keypoints drawn, as one PNG; each
@@ -72,38 +76,63 @@ def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_heigh
     tar) or whose images fail their CRCs or do not decode is not drawn but counted."""
     from PIL import Image, ImageDraw
 
-    from serialgen.dataset.shards import MEMBERS, decode_png, png_problem, read_index
-    from serialgen.dataset.tarset import iter_samples
+    from serialgen.dataset.shards import (MEMBERS, MEMBERS_V2, decode_png, png_problem, read_index, read_standard,
+                                          standard_paths)
+    from serialgen.dataset.tarset import TarSetError, iter_samples
 
     index = read_index(root)
     characters = index.get("characters") or {}
+    members = MEMBERS if index["format_version"] >= 3 else MEMBERS_V2
+    paths = standard_paths(root, index)
+    standards: dict = {}  # character -> (std.png bytes, std_pose.json bytes), or the reason it has none
+
+    def standard_of(character) -> tuple[bytes, bytes]:
+        if character not in standards:
+            if character not in paths:
+                standards[character] = "missing standard"
+            else:
+                try:
+                    std = read_standard(paths[character], character)
+                    standards[character] = (std["std.png"], std["std_pose.json"])
+                except TarSetError:
+                    standards[character] = "corrupt standard"
+        got = standards[character]
+        if isinstance(got, str):
+            raise _Refused(got)
+        return got
+
     refused: Counter = Counter()
     cells = []
     for entry in index["shards"]:
         if split and entry["split"] != split:
             continue
         for key, sample in iter_samples(Path(root) / entry["path"], on_reject=lambda r: refused.update([r.reason])):
-            missing = [m for m in MEMBERS if m not in sample]
-            if missing:
+            if any(m not in sample for m in members):
                 refused["incomplete sample"] += 1
                 continue
-            member = "ref.png"
+            member = "meta.json"
             try:
-                for member in ("ref.png", "std.png"):
-                    why = png_problem(sample[member])
+                meta = json.loads(sample["meta.json"])
+                if not isinstance(meta, dict):
+                    raise ValueError("meta.json is not an object")
+                std_png, std_pose = ((sample["std.png"], sample["std_pose.json"]) if "std.png" in sample
+                                     else standard_of(meta.get("character")))
+                for member, data in (("ref.png", sample["ref.png"]), ("std.png", std_png)):
+                    why = png_problem(data)
                     if why:
                         raise ValueError(why)
                 member = "ref.png"
                 ref = Image.fromarray(decode_png(sample["ref.png"], "RGBA"), "RGBA")
                 member = "std.png"
-                std = Image.fromarray(decode_png(sample["std.png"], "RGB"), "RGB")
-                member = "meta.json"
-                meta = json.loads(sample["meta.json"])
+                std = Image.fromarray(decode_png(std_png, "RGB"), "RGB")
                 member = "ref_pose.json/std_pose.json"
-                poses = json.loads(sample["ref_pose.json"]), json.loads(sample["std_pose.json"])
-                if not isinstance(meta, dict) or not all(isinstance(p, dict) and "keypoints" in p for p in poses):
-                    raise ValueError("not the expected JSON objects")
-            except (ValueError, OSError, EOFError) as exc:
+                poses = json.loads(sample["ref_pose.json"]), json.loads(std_pose)
+                if not all(isinstance(p, dict) and "keypoints" in p for p in poses):
+                    raise ValueError("not pose objects")
+            except _Refused as exc:
+                refused[str(exc)] += 1
+                continue
+            except (ValueError, OSError, EOFError, RecursionError):
                 refused[f"corrupt {member}"] += 1
                 continue
             cells.append((key, entry["split"], ref, std, meta, poses))

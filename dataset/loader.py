@@ -62,8 +62,9 @@ from serialgen.dataset.compositing import (
 )
 from serialgen.dataset.posemap import Pose, RegionImage, draw_pose_map, draw_pose_region, parse_pose
 from serialgen.dataset import tarset
-from serialgen.dataset.shards import MEMBERS, decode_png, png_problem, read_index
-from serialgen.dataset.tarset import INDEX_NAME, index_path
+from serialgen.dataset.shards import (MEMBERS, STANDARD_DIR, character_key, decode_png, png_problem, read_index,
+                                      read_standard, standard_paths)
+from serialgen.dataset.tarset import INDEX_NAME, TarSetError, index_path
 from serialgen.errors import UserInputError
 from serialgen.imaging import fit_transform, letterbox
 from serialgen.resolution import DEFAULT_RESOLUTION, parse_resolution
@@ -95,10 +96,16 @@ class LoaderConfig:
     epoch, every sample exactly once across all ranks and workers. epoch_length: in resampled mode,
     samples (or batches when batched) per reader per epoch (``with_epoch``); None = endless.
     shuffle_buffer / shuffle_initial: sample shuffle buffer (raw, undecoded samples, ~250 KB each).
-    std_pose: "canonical" (one map for every sample) or "per_character" (from each std_pose.json).
+    std_pose: "per_character" (the default: each character's own standard keypoints, the map that
+    agrees with its standard image; from the index's ``characters``, else the sample's
+    std_pose.json) or "canonical" (one map, the reference figure's, for every sample).
+    canonical_share: with "per_character", the probability that a sample gets the canonical map
+    instead (what inference on real photos has: no per-character standard skeleton there).
     canonical_pose: a std_pose.json-format file with the canonical standard keypoints; None takes
-    the index's ``standard_pose`` if any, else the first sample of the first shard (read once in the
-    main process so every rank and worker agrees). rank / world_size: None = from torch.distributed
+    the index's ``standard_pose`` if any, else the reference figure at the size of the first
+    sample's std_pose.json (read once in the main process so every rank and worker agrees).
+    integrity_check: check every PNG member's chunk CRCs before decoding (damaged members that
+    would still decode are skipped and counted). rank / world_size: None = from torch.distributed
     or the RANK / WORLD_SIZE environment (as webdataset does).
     """
 
@@ -109,7 +116,8 @@ class LoaderConfig:
     shuffle_buffer: int = 500
     shuffle_initial: int = 100
     seed: int = 0
-    std_pose: str = "canonical"
+    std_pose: str = "per_character"
+    canonical_share: float = 0.0
     canonical_pose: str | None = None
     scale_range: tuple[float, float] = (0.8, 1.1)
     max_crop: float = 0.1
@@ -132,6 +140,8 @@ class LoaderConfig:
         self.scale_range = tuple(float(v) for v in self.scale_range)
         if self.std_pose not in ("canonical", "per_character"):
             raise UserInputError(f"std_pose={self.std_pose!r}: expected 'canonical' or 'per_character'")
+        if not 0.0 <= float(self.canonical_share) <= 1.0:
+            raise UserInputError(f"canonical_share={self.canonical_share}: expected a probability in [0, 1]")
         if self.dtype not in ("float32", "uint8"):
             raise UserInputError(f"dtype={self.dtype!r}: expected 'float32' or 'uint8'")
         if self.batch_size is not None and self.batch_size < 1:
@@ -382,24 +392,24 @@ def resolve_shards(spec, split: str = "train") -> list[str]:
     return _resolve(spec, split)[0]
 
 
-def _resolve(spec, split: str) -> tuple[list[str], dict | None]:
-    """(shard paths, the shard set's index when SHARDS names one; see ``resolve_shards``)."""
+def _resolve(spec, split: str) -> tuple[list[str], dict | None, Path | None]:
+    """(shard paths, the shard set's index and its folder when SHARDS names one; see ``resolve_shards``)."""
     import braceexpand
 
     if isinstance(spec, (list, tuple)):
         out = []
         for s in spec:
             out += _resolve(str(s), split)[0]
-        return out, None
+        return out, None, None
     spec = str(spec)
     if _is_remote(spec):
-        return list(braceexpand.braceexpand(spec)), None
+        return list(braceexpand.braceexpand(spec)), None, None
     if "{" in spec:
         paths = list(braceexpand.braceexpand(spec))
         for p in paths:
             if not Path(p).is_file():
                 raise UserInputError(f"shard not found: {p} (from the pattern {spec})")
-        return paths, None
+        return paths, None, None
     path = Path(spec)
     if path.is_dir():
         if (path / INDEX_NAME).is_file():
@@ -408,15 +418,15 @@ def _resolve(spec, split: str) -> tuple[list[str], dict | None]:
         tars = sorted(sub.glob("*.tar")) if sub.is_dir() else sorted(path.glob("*.tar"))
         if not tars:
             raise UserInputError(f"shards: no .tar files in {sub if sub.is_dir() else path} (and no index.json)")
-        return [str(p) for p in tars], None
+        return [str(p) for p in tars], None, None
     if path.is_file():
         if path.suffix == ".json":
             return _shards_from_index(path, split)
-        return [str(path)], None
+        return [str(path)], None, None
     raise UserInputError(f"shard not found: {path}")
 
 
-def _shards_from_index(root: Path, split: str) -> tuple[list[str], dict]:
+def _shards_from_index(root: Path, split: str) -> tuple[list[str], dict, Path]:
     """The shards of ``split`` listed in a shard set's index (read and checked by the format layer)."""
     index = read_index(root)
     index_file = index_path(root)
@@ -430,7 +440,7 @@ def _shards_from_index(root: Path, split: str) -> tuple[list[str], dict]:
         if not full.is_file():
             raise UserInputError(f"shard not found: {full} (listed in {index_file})")
         out.append(str(full))
-    return out, index
+    return out, index, index_file.parent
 
 
 def _first_member(url: str, member: str) -> bytes | None:
@@ -482,6 +492,10 @@ def _canonical_pose(path=None, urls: list[str] | None = None, index: dict | None
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
+
+class _StandardMissing(Exception):
+    """A format 3 pair whose character's standard cannot be read: (reason, detail)."""
+
 
 class _ChecksumMismatch(ValueError):
     """A PNG member whose chunk CRCs do not match its bytes: damaged on disk or in transit."""
@@ -669,7 +683,7 @@ class RenderPairDataset(torch.utils.data.IterableDataset):
         if overrides:
             cfg = LoaderConfig(**{**asdict(cfg), **overrides})
         self.config = cfg
-        self.urls, index = _resolve(shards, cfg.split)
+        self.urls, index, root = _resolve(shards, cfg.split)
         if not self.urls:
             raise UserInputError(f"shards: {shards} lists no shard")
         self.background_paths = list_background_images(backgrounds)
@@ -678,8 +692,12 @@ class RenderPairDataset(torch.utils.data.IterableDataset):
         self._done = LoaderStats()  # finished passes of this process and its workers
         self._reported = 0
         self._reports = _WorkerReports()
-        self.canonical_pose = (_canonical_pose(cfg.canonical_pose, self.urls, index)
-                               if cfg.std_pose == "canonical" else None)
+        # Read here, in the main process, so every rank and worker joins the same standards.
+        self.standard_paths = {c: str(p) for c, p in standard_paths(root, index).items()} if index else {}
+        characters = (index or {}).get("characters") or {}
+        self.character_poses = {c: r["standard_pose"] for c, r in characters.items()}
+        need_canonical = cfg.std_pose == "canonical" or cfg.canonical_share > 0
+        self.canonical_pose = _canonical_pose(cfg.canonical_pose, self.urls, index) if need_canonical else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -808,46 +826,101 @@ class _SampleProcessor:
         self.backgrounds = BackgroundPool(ds.background_paths, cfg.resolution, rng, cfg.background_pool,
                                           cfg.background_refresh, cfg.background_zoom, cfg.background_jitter)
         self.std_cache: OrderedDict = OrderedDict()
+        self.std_failures: dict = {}  # character -> (reason, detail): standards that cannot be read
+        self.standard_paths, self.character_poses = ds.standard_paths, ds.character_poses
         self.canonical_map = None
         if ds.canonical_pose is not None:
             p = ds.canonical_pose
             t = fit_transform(p.size, cfg.resolution)
             self.canonical_map = _Cached(draw_pose_map(p.transformed(*t, cfg.resolution), cfg.resolution), "std_pose", cfg.dtype)
 
-    def _standard(self, sample: dict, meta: dict) -> tuple[_Cached, _Cached]:
-        """(std, std_pose), decoded once per character (LRU cache of ``cfg.std_cache`` entries).
+    def _standard(self, sample: dict, meta: dict, url: str) -> tuple[_Cached, _Cached]:
+        """(std, the character's own std_pose map), decoded once per character (LRU cache of
+        ``cfg.std_cache`` entries). Raises ``_StandardMissing`` (counted by the caller) for a format 3
+        pair whose standard tar is missing or damaged, and the decode errors for a damaged standard.
 
-        Shards hold one character's poses, so most samples reuse the decoded standard; a hit is
-        confirmed by comparing the stored bytes (a character re-rendered differently still decodes).
+        Format 3: the standard is read from the character's standard tar (the index's
+        ``standard_shards``, else ``standard/<character key>.tar`` beside the shard) on a miss; a
+        standard that cannot be read is remembered, so its pairs do not read it again. Formats 1 and
+        2: each pair carries ``std.png``; a hit is confirmed by comparing the stored bytes (a
+        character re-rendered differently still decodes). Shards hold one character's pairs, so the
+        hit rate is ~98-100 %. The pose map comes from the index's ``characters[id].standard_pose``,
+        else the sample's ``std_pose.json``.
         """
-        std_bytes = sample["std.png"]
-        pose_bytes = sample["std_pose.json"] if self.canonical_map is None else b""
-        key = meta.get("character", meta.get("character_id"))
-        key = key if isinstance(key, (str, int)) else zlib.crc32(std_bytes)
-        hit = self.std_cache.get(key)
-        if hit is not None and hit[0] == std_bytes and hit[1] == pose_bytes:
-            self.std_cache.move_to_end(key)
+        char = meta.get("character", meta.get("character_id"))
+        carried = sample.get("std.png")
+        if not isinstance(char, (str, int)):
+            if carried is None:
+                raise _StandardMissing("missing standard", "meta.json names no character")
+            char = zlib.crc32(carried)
+        pose_bytes = sample["std_pose.json"]
+        hit = self.std_cache.get(char)
+        # A hit needs the pair's std_pose.json (and, formats 1-2, its std.png) to be the bytes the entry
+        # was made from: a pair whose copy differs (damaged) is checked again, not passed on.
+        if hit is not None and hit[1] == pose_bytes and (carried is None or hit[0] == carried):
+            self.std_cache.move_to_end(char)
             self.stats.std_cache_hits += 1
             return hit[2], hit[3]
         self.stats.std_cache_misses += 1
-        if self.cfg.integrity_check:
-            _check_png(std_bytes)
+        own = parse_pose(pose_bytes)  # the pair's copy is checked even when the index's is drawn
+        if carried is None:
+            std_bytes = self._standard_tar(char, url)
+        else:
+            std_bytes = carried
+            if self.cfg.integrity_check:
+                _check_png(std_bytes)
         std = Image.fromarray(decode_png(std_bytes, "RGB"))
         # Bilinear: the resample the loader's standards have always had (letterbox's default is bicubic).
         canvas, t = letterbox(std, self.cfg.resolution, resample="bilinear")
-        if self.canonical_map is not None:
-            std_pose = self.canonical_map
-        else:
-            pose = parse_pose(pose_bytes)
-            if pose.size != std.size:
-                raise ValueError(f"std_pose.json is for {pose.size}, std.png is {std.size}")
-            std_pose = _Cached(draw_pose_map(pose.transformed(*t, self.cfg.resolution), self.cfg.resolution), "std_pose",
-                               self.cfg.dtype)
-        entry = (std_bytes, pose_bytes, _Cached(np.asarray(canvas), "std", self.cfg.dtype), std_pose)
-        self.std_cache[key] = entry
+        listed = self.character_poses.get(char)
+        pose = parse_pose(listed) if listed is not None else own
+        if pose.size != std.size:
+            raise ValueError(f"std_pose.json is for {pose.size}, std.png is {std.size}")
+        std_pose = _Cached(draw_pose_map(pose.transformed(*t, self.cfg.resolution), self.cfg.resolution), "std_pose",
+                           self.cfg.dtype)
+        entry = (carried, pose_bytes, _Cached(np.asarray(canvas), "std", self.cfg.dtype), std_pose)
+        self.std_cache[char] = entry
         if len(self.std_cache) > self.cfg.std_cache:
             self.std_cache.popitem(last=False)
         return entry[2], entry[3]
+
+    def _standard_tar(self, char: str, url: str) -> bytes:
+        """std.png of a format 3 character, from its standard tar."""
+        failed = self.std_failures.get(char)
+        if failed is not None:
+            raise _StandardMissing(*failed)
+        path = self.standard_paths.get(char)
+        if path is None and not _is_remote(url):
+            path = str(Path(url).parent / STANDARD_DIR / f"{character_key(char)}.tar")
+        try:
+            if path is None:
+                raise _StandardMissing("missing standard", f"no standard known for {char} (a remote shard)")
+            if not Path(path).is_file():
+                raise _StandardMissing("missing standard", f"{_shard_label(path)} not found")
+            try:
+                data = read_standard(path, char)["std.png"]
+            except TarSetError as exc:
+                raise _StandardMissing("corrupt standard", str(exc)) from None
+            if self.cfg.integrity_check:
+                why = png_problem(data)
+                if why is not None:
+                    raise _StandardMissing("checksum mismatch in the standard" if why.startswith("CRC mismatch")
+                                           else "corrupt standard", f"{_shard_label(path)}: std.png: {why}")
+            return data
+        except _StandardMissing as exc:
+            self.std_failures[char] = exc.args  # every pair of the character: counted, not read again
+            raise
+
+    def _std_pose(self, own: _Cached) -> _Cached:
+        """The standard pose map of a sample: the character's own (``std_pose="per_character"``,
+        the default) or, with probability ``canonical_share`` (or always, ``"canonical"``), the
+        canonical map of the reference figure (what inference on real photos has)."""
+        if self.canonical_map is None:
+            return own
+        share = 1.0 if self.cfg.std_pose == "canonical" else self.cfg.canonical_share
+        if share >= 1.0 or self.rng.random() < share:
+            return self.canonical_map
+        return own
 
     def __call__(self, sample: dict):
         key, url = sample.get("__key__"), sample.get("__url__")
@@ -871,12 +944,16 @@ class _SampleProcessor:
                 member = "ref_pose.json"
                 raise ValueError(f"ref_pose.json is for {pose.size}, ref.png is {ref.shape[1]}x{ref.shape[0]}")
             member = "std.png/std_pose.json"
-            std, std_pose = self._standard(sample, meta)
+            std, own_pose = self._standard(sample, meta, url)
+            std_pose = self._std_pose(own_pose)
             member = "ref.png"
             background = self.backgrounds.sample_array()
             placed = prepare_reference(ref, pose, self.composite_cfg, self.rng)
         except EmptyReferenceError:
             self.stats.skip("empty ref.png (fully transparent)", shard, key, "no opaque pixel")
+            return None
+        except _StandardMissing as exc:
+            self.stats.skip(exc.args[0], shard, key, exc.args[1])
             return None
         except _ChecksumMismatch as exc:
             self.stats.skip(f"checksum mismatch in {member}", shard, key, str(exc))

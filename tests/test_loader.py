@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -173,7 +174,8 @@ def test_corrupt_members_are_skipped_counted_and_summarised(shard_set, tmp_path,
             return b"\x89PNG\r\n\x1a\n" + b"\0" * 40  # garbage after the signature
         return data
 
-    bad = tmp_path / "bad.tar"
+    bad = tmp_path / "train" / "bad.tar"  # beside a copy of the set's standards (format 3: joined)
+    shutil.copytree(root / "train" / "standard", tmp_path / "train" / "standard")
     _rewrite(Path(src), bad, edit)
     ds = RenderPairDataset([str(bad)], bgs, _cfg(std_pose="per_character"))
     with caplog.at_level(logging.WARNING, logger="serialgen.dataset.loader"):
@@ -188,7 +190,8 @@ def test_corrupt_members_are_skipped_counted_and_summarised(shard_set, tmp_path,
 def test_truncated_shard_is_skipped_and_counted(shard_set, tmp_path):
     root, bgs = shard_set
     shards = resolve_shards(root)
-    cut = tmp_path / "cut.tar"
+    cut = tmp_path / "train" / "cut.tar"  # beside a copy of the set's standards (format 3: joined)
+    shutil.copytree(root / "train" / "standard", tmp_path / "train" / "standard")
     data = Path(shards[1]).read_bytes()
     cut.write_bytes(data[: int(len(data) * 0.6)])
     ds = RenderPairDataset([shards[0], str(cut), shards[2]], bgs, _cfg())
@@ -196,7 +199,7 @@ def test_truncated_shard_is_skipped_and_counted(shard_set, tmp_path):
     assert 2 * PER_SHARD < len(keys) < 3 * PER_SHARD  # the whole samples before the cut survive
     assert dict(ds.stats.skipped) == {"truncated shard": 1}  # one sample lost, where and why
     [(shard, lost)] = ds.stats.keys["truncated shard"].items()
-    assert shard.endswith("/cut.tar") and len(lost) == 1 and lost[0] not in keys
+    assert shard == "train/cut.tar" and len(lost) == 1 and lost[0] not in keys
     assert lost[0] in [k for k, _ in iter_shard(shards[1])]  # a sample of the shard that was cut
     assert len(keys) == len(set(keys))
 
@@ -252,14 +255,15 @@ def _pose_map(pose: dict | Pose, resolution) -> np.ndarray:
 
 
 def test_the_canonical_pose_map_is_the_index_standard_pose(tmp_path):
-    """Format version 2: the loader draws the index's standard_pose (what render used, at the render
-    resolution), fitted to the output; a version 1 index falls back to the geometry; a foreign or
-    newer index is a one-line error naming it."""
+    """``std_pose="canonical"``: the loader draws the index's standard_pose (what render used, at the
+    render resolution), fitted to the output; a version 1 index falls back to the geometry; a foreign
+    or newer index is a one-line error naming it."""
     known = {"width": 64, "height": 96, "names": ["nose", "neck", "r_shoulder", "l_shoulder", "r_hip", "l_hip"],
              "keypoints": [[32, 12, 1], [32, 22, 1], [22, 24, 1], [42, 24, 1], [26, 50, 1], [38, 50, 1]],
              "defined": [1] * 6}
-    write_synthetic_shards(tmp_path, n_shards=1, per_shard=2, size=SIZE, standard_pose=known, with_characters=True)
-    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8"))))
+    write_synthetic_shards(tmp_path, n_shards=1, per_shard=2, size=SIZE, standard_pose=known, with_characters=True,
+                           version=2)
+    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8", std_pose="canonical"))))
     expected = _pose_map(known, SIZE)
     assert expected.any() and np.array_equal(s["std_pose"].numpy(), expected)
     assert verify(tmp_path) == []
@@ -269,21 +273,80 @@ def test_the_canonical_pose_map_is_the_index_standard_pose(tmp_path):
     index["format_version"] = 1
     del index["standard_pose"], index["characters"]
     (tmp_path / "index.json").write_text(json.dumps(index))
-    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8"))))
+    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8", std_pose="canonical"))))
     uv, vis = reference_standard_keypoints(*SIZE)
     geometry = _pose_map(Pose(uv, vis, SIZE, np.zeros((0, 2), np.float32)), SIZE)
     assert np.array_equal(s["std_pose"].numpy(), geometry) and not np.array_equal(geometry, expected)
 
     # canonical_pose=PATH (e.g. saved with a checkpoint) wins over both.
     (tmp_path / "pose.json").write_text(json.dumps(known))
-    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8", canonical_pose=str(tmp_path / "pose.json")))))
+    s = next(iter(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8", std_pose="canonical",
+                                                         canonical_pose=str(tmp_path / "pose.json")))))
     assert np.array_equal(s["std_pose"].numpy(), expected)
 
-    index["format_version"] = 3
+    index["format_version"] = 4
     (tmp_path / "index.json").write_text(json.dumps(index))
-    with pytest.raises(TarSetError, match=r"index.json: serialgen.shards format_version 3; this serialgen reads "
-                                          r"versions 1, 2; written by a newer serialgen"):
+    with pytest.raises(TarSetError, match=r"index.json: serialgen.shards format_version 4; this serialgen reads "
+                                          r"versions 1, 2, 3; written by a newer serialgen"):
         RenderPairDataset(tmp_path, None, _cfg())
+
+
+def test_the_default_standard_pose_map_is_the_characters_own(tmp_path):
+    """Issue 13.3: by default each sample's standard pose map is its character's own standard
+    keypoints (the index's ``characters[id].standard_pose``, else the sample's std_pose.json): the map
+    that agrees with its standard image; ``canonical_share`` gives that share of samples the
+    canonical map instead."""
+    known = {"width": 64, "height": 96, "names": ["nose", "neck"], "keypoints": [[32, 12, 1], [32, 22, 1]]}
+    write_synthetic_shards(tmp_path, n_shards=2, per_shard=5, size=SIZE, standard_pose=known)
+    index = json.loads((tmp_path / "index.json").read_text())
+    own = {c: _pose_map(r["standard_pose"], SIZE) for c, r in index["characters"].items()}
+    canonical = _pose_map(known, SIZE)
+    samples = list(RenderPairDataset(tmp_path, None, _cfg(dtype="uint8")))
+    assert len(samples) == 10 and LoaderConfig().std_pose == "per_character"
+    for s in samples:
+        assert np.array_equal(s["std_pose"].numpy(), own[s["meta"]["character"]])
+        assert not np.array_equal(s["std_pose"].numpy(), canonical)
+    # the index's pose wins over the pair's own std_pose.json (they agree in a verified set)
+    first = next(iter(index["characters"]))
+    index["characters"][first]["standard_pose"]["keypoints"][0][0] += 8
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    moved = _pose_map(index["characters"][first]["standard_pose"], SIZE)
+    s = [s for s in RenderPairDataset(tmp_path, None, _cfg(dtype="uint8")) if s["meta"]["character"] == first][0]
+    assert np.array_equal(s["std_pose"].numpy(), moved)
+    # canonical_share: about that share of samples get the canonical map, the rest their own
+    ds = RenderPairDataset(tmp_path, None, _cfg(dtype="uint8", resampled=True, canonical_share=0.3, seed=3))
+    it = iter(ds)
+    hits = sum(np.array_equal(next(it)["std_pose"].numpy(), canonical) for _ in range(200))
+    assert 35 <= hits <= 85, hits
+    with pytest.raises(UserInputError, match="canonical_share=1.5"):
+        LoaderConfig(canonical_share=1.5)
+
+
+def test_format_3_pairs_join_their_characters_standard(tmp_path):
+    """A format 3 pair carries no std.png: the loader reads its character's standard tar once (the
+    index's standard_shards, or standard/<character>.tar beside a shard given alone) and yields
+    exactly what a format 2 set of the same renders yields; a missing or damaged standard is
+    counted, not a crash."""
+    v3, v2 = tmp_path / "v3", tmp_path / "v2"
+    write_synthetic_shards(v3, n_shards=2, per_shard=4, size=SIZE)
+    write_synthetic_shards(v2, n_shards=2, per_shard=4, size=SIZE, version=2, with_characters=True)
+    a = list(RenderPairDataset(v3, None, _cfg(dtype="uint8")))
+    b = list(RenderPairDataset(v2, None, _cfg(dtype="uint8")))
+    assert [s["__key__"] for s in a] == [s["__key__"] for s in b] and len(a) == 8
+    for x, y in zip(a, b):
+        for k in ("ref", "ref_mask", "ref_pose", "std", "std_pose"):
+            assert torch.equal(x[k], y[k]), k
+    ds = RenderPairDataset(str(v3 / "train" / "shard-000001.tar"), None, _cfg(dtype="uint8"))  # no index
+    assert len(list(ds)) == 4 and ds.stats.std_cache_misses == 1
+    # the standard of character 0 gone, that of character 1 damaged
+    index = json.loads((v3 / "index.json").read_text())
+    paths = {e["character"]: v3 / e["path"] for e in index["standard_shards"]}
+    paths["synth0000"].unlink()
+    paths["synth0001"].write_bytes(paths["synth0001"].read_bytes()[:700])
+    ds = RenderPairDataset(v3, None, _cfg(dtype="uint8"))
+    assert list(ds) == []
+    assert dict(ds.stats.skipped) == {"missing standard": 4, "corrupt standard": 4}
+    assert ds.stats.std_cache_misses == 8  # each failed read once, then remembered (the misses count lookups)
 
 
 @pytest.mark.blender

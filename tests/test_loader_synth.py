@@ -5,8 +5,9 @@ orthographic camera turned about the vertical axis, and drawn with PIL as thick 
 between keypoints: every visible keypoint therefore lies on the figure by construction, which the
 loader tests rely on. The standard image is the same character (same colours) in the rest A-pose,
 front view, on white, with the nose at a fixed place. Members and layout follow the shard format
-(``ref.png`` RGBA, ``std.png`` RGB, ``ref_pose.json``, ``std_pose.json``, ``meta.json``; shard sets
-``train/*.tar``, ``test/*.tar`` and ``index.json``).
+(``synth_pair``: ``ref.png`` RGBA, ``std.png`` RGB, ``ref_pose.json``, ``std_pose.json``,
+``meta.json``; ``write_synthetic_shards``: format 3 sets, ``train/*.tar``, ``test/*.tar``, the
+standards in ``<split>/standard/*.tar`` and ``index.json``, or format 2 sets).
 
 This module also tests the generator itself (the premise every loader test stands on).
 """
@@ -152,24 +153,28 @@ def synth_pair(character: int, pose: int, size=(512, 768), std_size=None, hands:
 def write_synthetic_shards(root: Path, n_shards: int = 4, per_shard: int = 6, split: str = "train",
                            size=(512, 768), std_size=None, characters_per_shard: int = 1,
                            first_character: int = 0, texture: float = 0.0, standard_pose: dict | None = None,
-                           with_characters: bool = False) -> list[Path]:
+                           with_characters: bool = False, version: int = 3) -> list[Path]:
     """Write ``root/<split>/shard-NNNNNN.tar`` and ``root/index.json`` with the project's own shard
     writer (``serialgen.dataset.shards``: the render farm's format); return the shard paths.
 
-    Keys are ``c<character>_p<pose>`` (no dots), unique across the whole set. Calling it again for
-    another split keeps the shards (and characters) already listed in the index. ``standard_pose``
-    and ``with_characters`` fill the index's version 2 fields (``characters`` from the samples'
-    own std_pose.json).
+    ``version`` 3 (the default, what render writes): pairs without ``std.png``, each character's
+    standard once in ``<split>/standard/<character>.tar``, the index lists them and every character.
+    ``version`` 2: every pair carries ``std.png``; ``with_characters`` fills the index's
+    ``characters`` (from the samples' own std_pose.json). Keys are ``c<character>_p<pose>`` (no
+    dots), unique across the whole set. Calling it again for another split keeps the shards,
+    standards and characters already listed in the index. ``standard_pose`` fills the index's
+    canonical standard pose.
     """
     from serialgen.dataset import shards as fmt
 
     root = Path(root)
-    summaries, characters = [], {}
+    summaries, characters, standards = [], {}, []
     if (root / fmt.INDEX_NAME).is_file():
         old = fmt.read_index(root)
         summaries = [fmt.ShardSummary(**{k: e[k] for k in ("path", "split", "samples", "bytes", "sha256")})
                      for e in old["shards"] if e["split"] != split]
         characters = {c: r for c, r in (old["characters"] or {}).items() if r["split"] != split}
+        standards = [fmt.StandardSummary.from_json(e) for e in old["standard_shards"] or [] if e["split"] != split]
     paths = []
     for s in range(n_shards):
         rel = f"{split}/shard-{s:06d}.tar"
@@ -179,12 +184,22 @@ def write_synthetic_shards(root: Path, n_shards: int = 4, per_shard: int = 6, sp
                 pose = s * per_shard + i
                 key = f"c{character:04d}_p{pose:05d}"
                 sample = synth_pair(character, pose, size=size, std_size=std_size, texture=texture, key=key, split=split)
+                cid = f"synth{character:04d}"
+                std_pose = json.loads(sample["std_pose.json"])
+                if version >= 3:
+                    std_png = sample.pop("std.png")
+                    if cid not in characters:
+                        standards.append(fmt.write_standard(root, split, cid, std_png, std_pose, {"synthetic": True}))
                 w.write(key, sample)
-                characters[f"synth{character:04d}"] = {"split": split, "standard_pose": json.loads(sample["std_pose.json"])}
+                characters[cid] = {"split": split, "standard_pose": std_pose}
             summaries.append(w.close())
         paths.append(root / rel)
-    fmt.write_index(root, summaries, config={"synthetic": True}, failures=[], standard_pose=standard_pose,
-                    characters=characters if with_characters else None)
+    if version >= 3:
+        fmt.write_index(root, summaries, config={"synthetic": True}, failures=[], standard_pose=standard_pose,
+                        characters=characters, standards=standards)
+    else:
+        fmt.write_index(root, summaries, config={"synthetic": True}, failures=[], standard_pose=standard_pose,
+                        characters=characters if with_characters else None)
     return paths
 
 

@@ -27,16 +27,25 @@ def _std_pose(character):
     return {"width": 6, "height": 8, "names": ["nose", "neck"], "keypoints": [[x, 2.0, 1], [3.0, 4.0, 1]]}
 
 
-def _members(key, seed=0):
+def _standard(character):
+    """A character's standard (format 3: stored once): RGB image, its pose, its meta."""
+    rng = np.random.default_rng(sum(map(ord, character)))
+    return S.encode_png(rng.integers(0, 255, (8, 6, 3), dtype=np.uint8)), _std_pose(character), {"camera": {"f": 1}}
+
+
+def _members(key, seed=0, version=3):
+    """A pair's members: format 3 (no std.png) or, for versions 1 and 2, with the standard image."""
     rng = np.random.default_rng(seed)
     character = key.split("_p")[0]
-    return {
+    members = {
         "ref.png": S.encode_png(rng.integers(0, 255, (8, 6, 4), dtype=np.uint8)),
-        "std.png": S.encode_png(rng.integers(0, 255, (8, 6, 3), dtype=np.uint8)),
         "ref_pose.json": S.json_bytes(_pose()),
         "std_pose.json": S.json_bytes(_std_pose(character)),
         "meta.json": S.json_bytes({"schema": S.SAMPLE_SCHEMA, "key": key, "character": character}),
     }
+    if version < 3:
+        members["std.png"] = _standard(character)[0]
+    return members
 
 
 CHARACTERS = ("proc-000001", "proc-000002", "proc-000003")
@@ -44,20 +53,24 @@ STANDARD_POSE = {"width": 6, "height": 8, "names": ["nose", "neck"], "keypoints"
                  "defined": [1, 1]}
 
 
-def _write_set(root, characters=CHARACTERS, per=3, v2=False):
-    summaries = []
+def _write_set(root, characters=CHARACTERS, per=3, version=3):
+    """A set of ``version``: 3 (standards stored once), 2 (pairs with std.png, characters in the
+    index) or 1 (as 2, then the index made what a version 1 writer wrote)."""
+    summaries, standards = [], []
     for c in characters:
         split = S.split_of(c)
+        if version == 3:
+            standards.append(S.write_standard(root, split, c, *_standard(c)))
         with S.ShardWriter(root, f"{split}/{c}-p000000-{per:06d}.tar", split) as w:
             for p in range(per):
                 key = S.sample_key(c, p, 0)
-                w.write(key, _members(key, p))
+                w.write(key, _members(key, p, version))
             summaries.append(w.close())
-    extra = {}
-    if v2:
-        extra = {"standard_pose": STANDARD_POSE,
-                 "characters": {c: {"split": S.split_of(c), "standard_pose": _std_pose(c)} for c in characters}}
-    S.write_index(root, summaries, {"seed": 0}, [], **extra)
+    extra = {"standard_pose": STANDARD_POSE,
+             "characters": {c: {"split": S.split_of(c), "standard_pose": _std_pose(c)} for c in characters}}
+    S.write_index(root, summaries, {"seed": 0}, [], **extra, **({"standards": standards} if version == 3 else {}))
+    if version == 1:
+        _edit_index(root, _as_v1)
     return summaries
 
 
@@ -101,7 +114,13 @@ def test_writer_is_byte_deterministic_and_atomic(tmp_path):
     with tarfile.open(tmp_path / "a" / a[0].path) as tar:
         infos = tar.getmembers()
     assert all(i.mtime == 0 and i.uid == 0 and i.uname == "" for i in infos)
-    assert [i.name.split(".", 1)[1] for i in infos[:5]] == list(S.MEMBERS)
+    assert [i.name.split(".", 1)[1] for i in infos[:4]] == list(S.MEMBERS)
+    # the standards too: one tar per character, the same bytes from the same inputs
+    index_a, index_b = S.read_index(tmp_path / "a"), S.read_index(tmp_path / "b")
+    assert index_a["standard_shards"] == index_b["standard_shards"] and len(index_a["standard_shards"]) == 3
+    for e in index_a["standard_shards"]:
+        assert (tmp_path / "a" / e["path"]).read_bytes() == (tmp_path / "b" / e["path"]).read_bytes()
+        assert e["path"] == f"{e['split']}/standard/{e['character']}.tar"
 
 
 def test_aborted_writer_leaves_nothing(tmp_path):
@@ -132,21 +151,24 @@ def test_verify_catches_missing_extra_and_incomplete(tmp_path):
     problems = S.verify(tmp_path)
     assert any("missing" in p for p in problems)
     assert any("stray" in p and "not in the index" in p for p in problems)
-    # A sample without its std.png: the index matches the bytes, the sample check does not.
+    # A sample without its ref_pose.json: the index matches the bytes, the sample check does not.
     import tarfile
 
     bad = tmp_path / "train" / "bad.tar"
     with tarfile.open(bad, "w") as tar:
         for name, data in _members("bad_p00000_v0").items():
-            if name == "std.png":
+            if name == "ref_pose.json":
                 continue
             info = tarfile.TarInfo(f"bad_p00000_v0.{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     entry = S.summarize_shard(tmp_path, "train/bad.tar", "train")
-    S.write_index(tmp_path, summaries[1:] + [entry], {}, [])
+    index = S.read_index(tmp_path)
+    standards = [S.StandardSummary.from_json(e) for e in index["standard_shards"]]
+    S.write_index(tmp_path, summaries[1:] + [entry], {}, [], characters=index["characters"], standards=standards[1:])
     problems = S.verify(tmp_path)
     assert any("bad_p00000_v0 has members" in p for p in problems)
+    assert any(f"{standards[0].path}: standard not in the index" in p for p in problems)
     assert not (tmp_path / "nothing").exists() and "index.json: not found; expected a shard set written by " \
         "`serialgen render`" in S.verify(tmp_path / "nothing")[0]
 
@@ -158,14 +180,16 @@ def test_stock_webdataset_reads_every_member(tmp_path):
     samples = list(ds)
     assert len(samples) == 9
     s = samples[0]
-    assert set(S.MEMBERS) <= set(s)
+    assert set(S.MEMBERS) == {k for k in s if not k.startswith("__")}  # every sample the same members
     assert s["ref.png"].shape == (8, 6, 3)  # decoded (rgb8 drops alpha)
     raw = next(iter(wds.WebDataset(urls[:1], shardshuffle=False)))
     from PIL import Image
 
     assert Image.open(io.BytesIO(raw["ref.png"])).mode == "RGBA"
-    assert Image.open(io.BytesIO(raw["std.png"])).mode == "RGB"
     assert json.loads(raw["ref_pose.json"])["keypoints"][0] == [1.0, 2.0, 1]
+    standards = {s["__key__"]: s for s in wds.WebDataset(sorted(str(p) for p in tmp_path.glob("*/standard/*.tar")),
+                                                          shardshuffle=False)}
+    assert Image.open(io.BytesIO(standards[raw["__key__"].split("_p")[0]]["std.png"])).mode == "RGB"
 
 
 @pytest.mark.ray
@@ -181,7 +205,7 @@ def test_ray_data_reads_the_shards(tmp_path):
         ray.shutdown()
     assert len(rows) == 9
     row = rows[0]
-    assert {"ref.png", "std.png", "ref_pose.json", "std_pose.json", "meta.json"} <= set(row)
+    assert set(S.MEMBERS) <= set(row) and "std.png" not in row
     meta = row["meta.json"]  # Ray decodes .json members itself
     meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
     assert meta["key"] == row["__key__"]
@@ -191,12 +215,21 @@ def test_ray_data_reads_the_shards(tmp_path):
 # -- the tar-set layer and index versions -----------------------------------------------------------
 
 
-def test_round_trip_members_random_access_and_index_v2(tmp_path):
-    summaries = _write_set(tmp_path, v2=True)
+def test_round_trip_members_random_access_and_index_v3(tmp_path):
+    summaries = _write_set(tmp_path)
     index = S.read_index(tmp_path)
-    assert index["format"] == "serialgen.shards" and index["format_version"] == S.SHARD_FORMAT_VERSION == 2
-    assert index["standard_pose"] == STANDARD_POSE
-    assert index["characters"] == {c: {"split": S.split_of(c), "standard_pose": _std_pose(c)} for c in CHARACTERS}
+    assert index["format"] == "serialgen.shards" and index["format_version"] == S.SHARD_FORMAT_VERSION == 3
+    assert index["standard_pose"] == STANDARD_POSE and index["members"] == list(S.MEMBERS)
+    assert index["characters"] == {c: {"split": S.split_of(c), "standard_pose": _std_pose(c),
+                                       "standard": S.standard_relpath(S.split_of(c), c)} for c in CHARACTERS}
+    # each character's standard, stored once, read back as written
+    paths = S.standard_paths(tmp_path, index)
+    for c in CHARACTERS:
+        std = S.read_standard(paths[c], c)
+        png, pose, meta = _standard(c)
+        assert std["std.png"] == png and json.loads(std["std_pose.json"]) == pose
+        assert json.loads(std["meta.json"]) == {**meta, "schema": S.STANDARD_SCHEMA, "key": c, "character": c,
+                                                "split": S.split_of(c)}
     assert index["samples"] == 9 and [e["path"] for e in index["shards"]] == sorted(s.path for s in summaries)
     assert S.verify(tmp_path) == []
     # What was written is what is read, by the sequential reader and by random access.
@@ -211,27 +244,52 @@ def test_round_trip_members_random_access_and_index_v2(tmp_path):
     assert T.sha256_file(path) == (summaries[0].sha256, summaries[0].bytes)
 
 
-def test_a_version_1_set_still_loads_and_verifies(tmp_path):
-    _write_set(tmp_path)
-    _edit_index(tmp_path, _as_v1)
-    index = S.read_index(tmp_path)
+def test_version_1_and_2_sets_still_load_and_verify(tmp_path):
+    _write_set(tmp_path / "v1", version=1)
+    index = S.read_index(tmp_path / "v1")
     assert index["format_version"] == 1 and index["standard_pose"] is None and index["characters"] is None
-    assert S.verify(tmp_path) == []
+    assert index["standard_shards"] is None and S.standard_paths(tmp_path / "v1", index) == {}
+    assert S.verify(tmp_path / "v1") == [] and S.verify(tmp_path / "v1", decode=True) == []
+    _write_set(tmp_path / "v2", version=2)
+    index = S.read_index(tmp_path / "v2")
+    assert index["format_version"] == 2 and index["members"] == list(S.MEMBERS_V2)
+    assert index["standard_shards"] is None and index["characters"]["proc-000001"]["standard_pose"]
+    assert S.verify(tmp_path / "v2") == [] and S.verify(tmp_path / "v2", decode=True) == []
+    # a version 2 set is read as one: its pairs must carry std.png
+    split = S.split_of("proc-000001")
+    with S.ShardWriter(tmp_path / "v2", f"{split}/proc-000001-p000000-000003.tar", split) as w:
+        for p in range(3):
+            key = S.sample_key("proc-000001", p, 0)
+            w.write(key, _members(key, p, version=3))
+        summary = w.close()
+    index = S.read_index(tmp_path / "v2")
+    entry = next(e for e in index["shards"] if e["path"] == summary.path)
+    entry.update(bytes=summary.bytes, sha256=summary.sha256)
+    (tmp_path / "v2" / S.INDEX_NAME).write_text(json.dumps(index))
+    assert any("has members" in p and "std.png" in p for p in S.verify(tmp_path / "v2"))
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (lambda ix: ix.update(format="serialgen.pairs"), "format 'serialgen.pairs', expected 'serialgen.shards' versions 1, 2"),
-    (lambda ix: ix.update(format_version=3), "format_version 3; this serialgen reads versions 1, 2; written by a newer"),
-    (lambda ix: ix.update(format_version="2"), "format_version '2'; this serialgen reads versions 1, 2"),
-    (lambda ix: ix.update(format_version=0), "format_version 0; this serialgen reads versions 1, 2"),
+    (lambda ix: ix.update(format="serialgen.pairs"), "format 'serialgen.pairs', expected 'serialgen.shards' versions 1, 2, 3"),
+    (lambda ix: ix.update(format_version=4), "format_version 4; this serialgen reads versions 1, 2, 3; written by a newer"),
+    (lambda ix: ix.update(format_version="2"), "format_version '2'; this serialgen reads versions 1, 2, 3"),
+    (lambda ix: ix.update(format_version=0), "format_version 0; this serialgen reads versions 1, 2, 3"),
     (lambda ix: ix["shards"][0].pop("sha256"), "shards[0] is not {path, samples, bytes, sha256}"),
     (lambda ix: ix["shards"][0].update(path="../elsewhere.tar"), "is not a relative path inside the set"),
     (lambda ix: ix["shards"][0].update(split="val"), "has split 'val'"),
     (lambda ix: ix.update(standard_pose={"width": 6}), "standard_pose has no positive integer width and height"),
     (lambda ix: ix["characters"]["proc-000001"].update(split="dev"), "characters 'proc-000001' has no split"),
-], ids=["foreign", "newer", "string", "older", "entry", "escape", "split", "pose", "characters"])
+    (lambda ix: ix.pop("standard_shards"), "format_version 3 without a 'standard_shards' list"),
+    (lambda ix: ix["standard_shards"][0].update(path="train/standard/../../x.tar"), "is not a relative path"),
+    (lambda ix: ix["standard_shards"][0].update(path=ix["standard_shards"][0]["split"] + "/standard/other.tar"),
+     "standard/other.tar' is not '"),
+    (lambda ix: ix["characters"]["proc-000001"].update(standard="test/standard/proc-000009.tar"),
+     "is not the standard of a listed character"),
+    (lambda ix: ix["characters"]["proc-000001"].update(name=7), "'proc-000001': name is int, not a string"),
+], ids=["foreign", "newer", "string", "older", "entry", "escape", "split", "pose", "characters", "no-standards",
+        "standard-escape", "standard-path", "standard-join", "name"])
 def test_a_foreign_newer_or_malformed_index_is_one_line_naming_the_file(tmp_path, edit, expected):
-    _write_set(tmp_path, v2=True)
+    _write_set(tmp_path)
     _edit_index(tmp_path, edit)
     with pytest.raises(T.TarSetError) as exc:
         S.read_index(tmp_path)
@@ -257,7 +315,7 @@ def test_unreadable_indexes_are_tarset_errors(tmp_path):
 
 
 def test_verify_checks_characters_against_the_samples(tmp_path):
-    _write_set(tmp_path, v2=True)
+    _write_set(tmp_path, version=2)
     moved = CHARACTERS[0]
     other = "test" if S.split_of(moved) == "train" else "train"
 
@@ -274,7 +332,7 @@ def test_verify_checks_characters_against_the_samples(tmp_path):
     assert any(f"character '{CHARACTERS[2]}' is not in the index's characters" in p for p in problems)
     assert S.verify(tmp_path, deep=False) == []  # sizes and checksums only
 
-    _write_set(tmp_path / "b", v2=True)
+    _write_set(tmp_path / "b", version=2)
     _edit_index(tmp_path / "b", lambda ix: ix["characters"].update(
         {"proc-000009": {"split": "train", "standard_pose": _std_pose("proc-000009")}}))
     assert S.verify(tmp_path / "b") == [
@@ -289,10 +347,19 @@ def test_writer_refuses_bad_samples(tmp_path):
         with pytest.raises(ValueError, match="duplicate sample key 'x_p00000_v0'"):
             w.write("x_p00000_v0", _members("x_p00000_v0"))
         partial = _members("x_p00001_v0")
-        del partial["std.png"]
+        del partial["ref_pose.json"]
         with pytest.raises(ValueError, match=r"sample x_p00001_v0 has members .*, expected \['ref.png'"):
             w.write("x_p00001_v0", partial)
+        with pytest.raises(ValueError, match=r"has members .*std.png.*, expected \['ref.png', 'ref_pose.json'"):
+            w.write("x_p00001_v0", _members("x_p00001_v0", version=2))  # one member set per tar
         assert w.close().samples == 1
+    png, pose, meta = _standard("x")
+    with pytest.raises(ValueError, match="not an intact RGB PNG"):
+        S.write_standard(tmp_path, "train", "x", _members("x_p00000_v0")["ref.png"], pose, meta)
+    with pytest.raises(ValueError, match="disagrees"):
+        S.write_standard(tmp_path, "train", "x", png, pose, {**meta, "character": "y"})
+    with pytest.raises(ValueError, match="standards need characters"):
+        S.write_index(tmp_path, [], {}, [], standards=[S.write_standard(tmp_path, "train", "x", png, pose, meta)])
     with pytest.raises(ValueError, match="characters 'a' has no split"):
         S.write_index(tmp_path, [], {}, [], characters={"a": {"split": "dev", "standard_pose": _pose()}})
 
@@ -300,7 +367,7 @@ def test_writer_refuses_bad_samples(tmp_path):
 def test_verify_cli_and_preview_read_through_the_format(tmp_path, capsys):
     from serialgen.cli import main as cli_main
 
-    _write_set(tmp_path, v2=True)
+    _write_set(tmp_path)
     assert cli_main(["shards", "verify", str(tmp_path)]) == 0
     assert "verify: OK, 3 shards, 9 pairs" in capsys.readouterr().out
     assert cli_main(["shards", "preview", str(tmp_path), "--out", str(tmp_path / "sheet.png"), "--count", "2"]) == 0

@@ -12,6 +12,7 @@ whole samples around the bad one are kept, and nothing is ever written outside (
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -108,7 +109,8 @@ MEMBER_CASES = [
     ("symlink", evil("lnk", tarfile.SYMTYPE, linkname="/etc/passwd"), tarfile.USTAR_FORMAT, T.REJECT_LINK, "lnk"),
     ("symlink_outside", evil("lnk", tarfile.SYMTYPE, linkname="../../../../outside.png"), tarfile.USTAR_FORMAT,
      T.REJECT_LINK, "lnk"),
-    ("hardlink", evil("hard", tarfile.LNKTYPE, member="std.png", linkname="good_a.std.png"), tarfile.USTAR_FORMAT,
+    ("hardlink", evil("hard", tarfile.LNKTYPE, member="ref_pose.json", linkname="good_a.ref_pose.json"),
+     tarfile.USTAR_FORMAT,
      T.REJECT_LINK, "hard"),
     ("fifo", evil("fifo", tarfile.FIFOTYPE), tarfile.USTAR_FORMAT, T.REJECT_SPECIAL, "fifo"),
     ("char_device", evil("dev", tarfile.CHRTYPE, devmajor=1, devminor=3), tarfile.USTAR_FORMAT, T.REJECT_SPECIAL, "dev"),
@@ -123,13 +125,21 @@ MEMBER_CASES = [
 
 
 def write_set(root: Path, data: bytes, name: str = "hostile.tar") -> Path:
-    """A one-shard set whose index lists ``data`` with its true size and sha256 (as if it had
-    been written so: the readers must not trust a shard because its checksum matches)."""
+    """A format 3 set of one pair shard (``data``) and the standards of characters 1 and 2, whose
+    index lists the shard with its true size and sha256 (as if it had been written so: the readers
+    must not trust a shard because its checksum matches)."""
     path = root / "train" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     sha, size = T.sha256_file(path)
-    S.write_index(root, [S.ShardSummary(f"train/{name}", "train", 2, size, sha)], {"synthetic": True}, [])
+    standards, characters = [], {}
+    for c in (1, 2):
+        m = synth_pair(c, 0, size=SIZE)
+        pose = json.loads(m["std_pose.json"])
+        standards.append(S.write_standard(root, "train", f"synth{c:04d}", m["std.png"], pose, {}))
+        characters[f"synth{c:04d}"] = {"split": "train", "standard_pose": pose}
+    S.write_index(root, [S.ShardSummary(f"train/{name}", "train", 2, size, sha)], {"synthetic": True}, [],
+                  characters=characters, standards=standards)
     return path
 
 
@@ -267,8 +277,6 @@ def test_a_truncated_shard_in_the_bench_is_one_truncated_shard_not_hundreds_of_d
     write_set(root, mid_member(good_shard()))
     assert cli_main(["data", "bench", str(root), "--json", "--seconds", "0.3", "--warmup", "0.1",
                      "--resolution", "64x96", "--batch-size", "2"]) == 0
-    import json
-
     result = json.loads(capsys.readouterr().out)
     assert result["skipped"] == {T.REJECT_TRUNCATED: 1}
     assert result["skipped_where"] == {T.REJECT_TRUNCATED: {"train/hostile.tar": ["s2"]}}
