@@ -37,12 +37,30 @@ def _handle_render(args: argparse.Namespace) -> int:
         retry_quarantined=args.retry_quarantined,
         max_characters_per_worker=args.max_characters_per_worker, rss_cap_mb=args.rss_cap_mb,
         limit_characters=args.limit_characters, record_timings=args.record_timings,
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, repair=args.repair, progress=not args.no_progress)
     summary = run_farm(config)
     print(format_summary(summary), flush=True)
     if summary["status"] == "interrupted":
         return 130
     return 1 if summary["failed_characters"] and not summary["pairs"] else 0
+
+
+_EPILOG = """\
+defaults: 12 pairs per character, 512x768, Workbench (fast on CPU), 1 worker, seed 0, 20% of the
+characters in the test split: a quick look at a new asset folder. The paper renders every library
+pose per character (--poses-per-character 3817) at 512x768.
+
+`make shards` runs `serialgen assets build --procedural 8` and then
+  serialgen render --poses-per-character 12 --resolution 256x384 --workers 2
+into data/shards (8 x 12 = 96 pairs, about a minute on 2 cores), then `serialgen shards verify`.
+Override its Makefile variables: make shards CHARACTERS=100 PER_CHAR=50 RESOLUTION=512x768 WORKERS=4
+(also SHARDS_DIR, ASSETS_DIR, POSES).
+
+re-runs: the same command renders only what is missing. Every shard it keeps is checked first
+against journal.jsonl (size and the tar's member list, from the headers); a shard that fails is
+rendered again. --repair also compares every kept shard's sha256 (reads every byte). An --out
+rendered with other settings or another rendering version is refused unless --overwrite.
+"""
 
 
 def register(sub, groups) -> None:
@@ -52,7 +70,8 @@ def register(sub, groups) -> None:
                     "K non-standard images (library poses, random views, framings, expressions, lighting), "
                     "written as train/test WebDataset shards plus index.json. Workers that crash or hang are "
                     "replaced and their jobs retried; a character failing --max-attempts times is quarantined. "
-                    "Re-running the same command renders only missing shards; Ctrl-C stops cleanly.")
+                    "Re-running the same command renders only missing or damaged shards; Ctrl-C stops cleanly.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--assets", required=True, metavar="DIR", help="folder from `serialgen assets build`")
     p.add_argument("--out", required=True, metavar="SHARDS", help="output folder for the shards")
     p.add_argument("--poses-per-character", type=int, default=12, metavar="K",
@@ -89,9 +108,15 @@ def register(sub, groups) -> None:
     p.add_argument("--max-characters-per-worker", type=int, default=50,
                    help="recycle a worker process after this many characters (default 50)")
     p.add_argument("--rss-cap-mb", type=float, default=6000.0, help="recycle a worker past this RSS (default 6000)")
-    p.add_argument("--limit-characters", type=int, default=None, metavar="N", help="render only the first N characters")
+    p.add_argument("--limit-characters", type=int, default=None, metavar="N",
+                   help="render only the first N characters, by id (N >= 1; default: all)")
     p.add_argument("--record-timings", action="store_true",
                    help="store per-stage timings in every meta.json (makes the shards non-reproducible)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of another run in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds (shards of other settings or another rendering version) "
+                        "and render everything again")
+    p.add_argument("--repair", action="store_true",
+                   help="also check the content (sha256) of every shard a re-run keeps, and render again "
+                        "those that differ from the journal (reads every byte; default: size and member list)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is still printed)")
     p.set_defaults(handler=_handle_render)

@@ -181,14 +181,21 @@ def test_sigkill_of_a_worker_mid_job_loses_and_duplicates_nothing(assets, refere
 
 def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, capsys):
     meshes, poses = built
-    # Every character slow (0.5 s a sample) and one pair per shard: 12 jobs, ~7 s at least.
-    records = [_record(c, fault="slow:0.5") for c in CHARS]
+    # One pair per shard (12 jobs, one worker, in character order); the last character's jobs hang
+    # after their sample (fault injection), so the run cannot finish before the interrupt arrives,
+    # however fast or slow the machine: SIGINT goes out once the first 8 shards are whole and the
+    # 9th job is stuck.
+    records = [_record(c, **({"fault": "hang"} if c == CHARS[-1] else {})) for c in CHARS]
     assets = _write_assets(tmp_path / "assets", meshes, poses, records)
     out = tmp_path / "shards"
     args = _args(assets, out, 1, "--poses-per-shard", "1")
     proc = _spawn(args)
     try:
-        _wait_for(lambda: len(_tars(out)) >= 3, 90, "three finished shards")
+        def stuck():
+            logs = list((out / "logs").rglob(f"{CHARS[-1]}-*.log")) if (out / "logs").is_dir() else []
+            return any("sample 1/1" in p.read_text() for p in logs) and len(_tars(out)) >= 8
+
+        _wait_for(stuck, 120, f"a job of {CHARS[-1]} stuck after its sample")
         os.kill(proc.pid, signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -199,13 +206,13 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     assert not (out / "index.json").exists()
     assert _hidden(out) == []  # no half-written shard, not even a hidden one
     done = _tars(out)
-    assert 3 <= len(done) < len(CHARS) * PER_CHAR
+    assert len(done) == 2 * PER_CHAR  # the first two characters' shards; none of the stuck one's
     assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
     pids = _log_pids(out)
     assert pids and _wait_for(lambda: not any(_alive(p) for p in pids), 15, "the workers to exit")
     mtimes = {rel: (out / rel).stat().st_mtime_ns for rel in done}
 
-    # The same command again (without the slow fault): renders only the missing shards.
+    # The same command again (without fault injection): renders only the missing shards.
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete" and report["shards_kept"] == len(done)
@@ -221,7 +228,7 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     for entry in index["shards"]:
         for _key, sample in iter_shard(out / entry["path"]):
             char = json.loads(sample["meta.json"])["character"]
-            assert index["characters"][char] == {"split": entry["split"],
+            assert index["characters"][char] == {"split": entry["split"], "name": char,  # procedural: its id
                                                  "standard_pose": json.loads(sample["std_pose.json"])}
 
     # And once more: a finished run renders nothing and says so.

@@ -25,7 +25,7 @@ def _assets(root, variants=("adult", "child"), extra=()):
 @pytest.mark.blender
 @pytest.mark.ray
 @pytest.mark.slow
-def test_render_end_to_end_with_ray(tmp_path, capsys):
+def test_render_end_to_end_with_ray(tmp_path, capfd):
     import webdataset as wds
 
     bad = {"id": "mannequin-broken", "kind": "mannequin", "variant": "missing", "status": "accepted"}
@@ -35,8 +35,19 @@ def test_render_end_to_end_with_ray(tmp_path, capsys):
     args = ["render", "--assets", str(assets), "--out", str(out), "--poses-per-character", "3",
             "--resolution", "128x192", "--workers", "1", "--no-progress"]
     assert main(args) == 0
-    printed = capsys.readouterr().out
-    assert "6 pairs" in printed and "failures: 1 characters" in printed
+    printed = capfd.readouterr()
+    assert "6 pairs" in printed.out and "failures: 1 characters" in printed.out
+    # Ray's token notice and the GL driver's EGL lines go to the logs, not the terminal.
+    assert "Token authentication" not in printed.err and "EGL Error" not in printed.err, printed.err
+    assert "Token authentication" in (out / "logs" / "ray-driver.log").read_text()
+    # run.json: what the report needs and the shard folder lacked (code fingerprint, rejections).
+    from serialgen.render.farm.pool import code_fingerprint
+    from serialgen.render.job import RENDERING_VERSION
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["code_fingerprint"] == code_fingerprint() and run["rendering_version"] == RENDERING_VERSION
+    assert run["assets"]["rejected_by_reason"] == {"not_humanoid": 1}
+    assert [r["id"] for r in run["assets"]["rejected"]] == ["char-000000000000"]
 
     index = json.loads((out / "index.json").read_text())
     assert index["samples"] == 6 and len(index["shards"]) == 2
@@ -61,9 +72,9 @@ def test_render_end_to_end_with_ray(tmp_path, capsys):
 
     # Same command again: a finished run renders nothing, says so, and writes nothing.
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    capsys.readouterr()
+    capfd.readouterr()
     assert main(args) == 0
-    assert "nothing to render" in capsys.readouterr().out
+    assert "nothing to render" in capfd.readouterr().out
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     # A flipped byte in one shard makes verify fail, naming the shard.
@@ -72,7 +83,7 @@ def test_render_end_to_end_with_ray(tmp_path, capsys):
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     assert main(["shards", "verify", str(out)]) == 1
-    assert index["shards"][0]["path"] in capsys.readouterr().err
+    assert index["shards"][0]["path"] in capfd.readouterr().err
 
 
 def _check_index_v2(out, index: dict, characters: set, width: int, height: int) -> None:
@@ -91,13 +102,14 @@ def _check_index_v2(out, index: dict, characters: set, width: int, height: int) 
             meta = json.loads(sample["meta.json"])
             listed = index["characters"][meta["character"]]
             assert listed["split"] == meta["split"] == entry["split"]
+            assert listed["name"] == meta["character"]  # no display_name in these records: the id
             assert listed["standard_pose"] == json.loads(sample["std_pose.json"]), key
             seen.add(meta["character"])
     assert seen == characters
 
 
 @pytest.mark.blender
-def test_index_characters_and_standard_pose_survive_a_resume(tmp_path):
+def test_index_characters_and_standard_pose_survive_a_resume(tmp_path, capfd):
     """Without Ray (--workers 0): the index's characters come from the jobs, from the journal when
     a run resumes, and from the shards themselves when the journal does not know them."""
     from serialgen.dataset import shards
@@ -109,6 +121,7 @@ def test_index_characters_and_standard_pose_survive_a_resume(tmp_path):
     config = FarmConfig(assets=str(assets), out=str(out), settings=RenderSettings(width=64, height=96, threads=1),
                         per_character=2, poses_per_shard=1, workers=0, progress=False)
     assert run_farm(config)["status"] == "complete"
+    assert "EGL Error" not in capfd.readouterr().err  # in-process too, Blender's output goes to the logs
     index = shards.read_index(out)
     _check_index_v2(out, index, {"mannequin-adult", "mannequin-child"}, 64, 96)
     # A run that lost one shard and its index resumes from the journal: one pair rendered again.
@@ -154,7 +167,8 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):
     assert main(base + ["--address", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--address 127.0.0.1:{port}: no Ray cluster answers there" in err[0]
-    for bad in (["--max-attempts", "0"], ["--job-timeout", "-1"], ["--workers", "0", "--gpus-per-worker", "1"]):
+    for bad in (["--max-attempts", "0"], ["--job-timeout", "-1"], ["--workers", "0", "--gpus-per-worker", "1"],
+                ["--limit-characters", "0"], ["--limit-characters", "-3"]):
         assert main(base + bad) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not out.exists()  # nothing was started or written
@@ -239,43 +253,174 @@ def test_cycles_device_selection_from_device_lists():
         select_cycles_devices(devices, [], pci)
 
 
-def test_journal_resume_trusts_sizes_and_skips_torn_lines(tmp_path):
+def _run_record(**config) -> dict:
+    from serialgen.render.farm.journal import RUN_FORMAT
+
+    return {"format": RUN_FORMAT, "config": {"seed": 0, "rendering_version": 1, **config}, "rendering_version": 1}
+
+
+def _small_shard(out, rel, keys, pose=None):
     from serialgen.dataset import shards
+
+    pose = pose or {"width": 8, "height": 8, "names": ["nose"], "keypoints": [[1, 1.5, 1]], "defined": [1]}
+    with shards.ShardWriter(out, rel, rel.split("/")[0]) as w:
+        for key in keys:
+            w.write(key, {**{m: b"x" for m in shards.MEMBERS}, "std_pose.json": shards.json_bytes(pose)})
+        return w.close()
+
+
+def test_journal_resume_checks_every_kept_shard_and_skips_torn_lines(tmp_path):
+    """A re-run keeps a journalled shard whose size and member list match the journal, and one the
+    journal does not know when it holds exactly its job's samples; anything else is damaged (to be
+    rendered again), never fatal. Quarantines, failed samples and standard poses survive."""
     from serialgen.render.farm import journal as farm_journal
+    from serialgen.render.farm.journal import PlannedShard
 
     out = tmp_path / "out"
-    cfg = {"seed": 0}
-    planned = {"train/a.tar": "train", "train/b.tar": "train", "train/c.tar": "train"}
-    farm_journal.prepare_out(out, cfg, planned, overwrite=False, retry_quarantined=False)
+    run = _run_record()
+    plan = {f"train/{n}.tar": PlannedShard("train", n, (f"{n}_p00000_v0", f"{n}_p00001_v0"))
+            for n in ("a", "b", "c", "d", "e")}
+    farm_journal.prepare_out(out, run, plan, overwrite=False, retry_quarantined=False)
     journal = farm_journal.Journal(out)
+    poses = {n: {"width": 8, "height": 8, "names": ["nose"], "keypoints": [[i, 1.5, 1]], "defined": [1]}
+             for i, n in enumerate("abcde")}
     summaries = {}
-    poses = {name: {"width": 8, "height": 8, "names": ["nose"], "keypoints": [[i, 1.5, 1]], "defined": [1]}
-             for i, name in enumerate("ab")}
-    for name in ("a", "b"):
-        with shards.ShardWriter(out, f"train/{name}.tar", "train") as w:
-            w.write(f"k{name}", {**{m: b"x" for m in shards.MEMBERS},
-                                 "std_pose.json": shards.json_bytes(poses[name])})
-            summaries[name] = w.close()
-    lost = {"character": "a", "key": "a_p00001_v0", "error": "RuntimeError: boom"}
-    journal.shard(summaries["a"], [lost], "a", poses["a"])  # b finished on disk but the driver died before journalling it
+    for n in "abde":
+        keys = plan[f"train/{n}.tar"].keys
+        summaries[n] = _small_shard(out, f"train/{n}.tar", keys[:1] if n == "e" else keys, poses[n])
+    members = {n: farm_journal.member_digest(out / f"train/{n}.tar") for n in "abd"}
+    lost = {"character": "a", "key": "a_p00002_v0", "error": "RuntimeError: boom"}
+    plan["train/a.tar"] = PlannedShard("train", "a", plan["train/a.tar"].keys + ("a_p00002_v0",))
+    journal.shard(summaries["a"], [lost], "a", poses["a"], members["a"])
+    journal.shard(summaries["d"], [], "d", poses["d"], members["d"])
+    # b finished on disk but the driver died before journalling it; e was cut short (1 of 2 samples)
     journal.quarantine("c", "failed 3 times")
     journal.close()
     with open(out / farm_journal.JOURNAL_NAME, "a") as f:
         f.write('{"kind": "shard", "path": "train/z.t')  # torn line
     (out / "train" / ".c.tar.tmp").write_bytes(b"half")
-    resume = farm_journal.prepare_out(out, cfg, planned, overwrite=False, retry_quarantined=False)
+    d = out / "train" / "d.tar"
+    d.write_bytes(d.read_bytes()[:-2048])  # cut inside its end-of-archive blocks: same members, other size
+
+    resume = farm_journal.prepare_out(out, run, plan, overwrite=False, retry_quarantined=False)
     assert set(resume.keep) == {"train/a.tar", "train/b.tar"} and resume.read_from_disk == 1
     assert resume.keep["train/b.tar"].sha256 == summaries["b"].sha256
+    assert set(resume.damaged) == {"train/d.tar", "train/e.tar"}
+    assert "the journal says" in resume.damaged["train/d.tar"] and "1 missing" in resume.damaged["train/e.tar"]
+    assert not d.exists() and not (out / "train" / "e.tar").exists()  # deleted: rendered again
     assert resume.sample_failures == [lost]  # a kept shard's failed samples still reach the index
-    assert resume.standard_poses == {f"train/{n}.tar": p for n, p in poses.items()}  # a: journal, b: its shard
+    assert resume.standard_poses == {f"train/{n}.tar": poses[n] for n in "ab"}  # a: journal, b: its shard
     assert resume.quarantined == {"c": "failed 3 times"}
     assert not (out / "train" / ".c.tar.tmp").exists()
-    assert farm_journal.prepare_out(out, cfg, planned, False, retry_quarantined=True).quarantined == {}
-    # Another configuration into the same folder is refused, in one line.
-    from serialgen.errors import UserInputError
+    # b, adopted from disk, is journalled now: the next re-run checks it from the headers.
+    state = farm_journal.Journal(out).read()
+    assert state.lines["train/b.tar"]["members_sha256"] == farm_journal.member_digest(out / "train/b.tar")[1]
+    again = farm_journal.inspect_out(out, run, plan, overwrite=False, retry_quarantined=True)
+    assert again.quarantined == {} and again.read_from_disk == 0 and set(again.keep) == set(resume.keep)
 
-    with pytest.raises(UserInputError, match="shards of another run"):
-        farm_journal.prepare_out(out, {"seed": 1}, planned, overwrite=False, retry_quarantined=False)
+
+def test_a_rerun_with_other_settings_or_rendering_version_is_refused_naming_the_difference(tmp_path):
+    from serialgen.errors import UserInputError
+    from serialgen.render.farm import journal as farm_journal
+    from serialgen.render.farm.journal import PlannedShard
+
+    out = tmp_path / "out"
+    plan = {"train/a.tar": PlannedShard("train", "a", ("a_p00000_v0",))}
+    run = _run_record(settings={"width": 128, "engine": "workbench"})
+    farm_journal.prepare_out(out, run, plan, overwrite=False, retry_quarantined=False)
+    _small_shard(out, "train/a.tar", plan["train/a.tar"].keys)
+    other = _run_record(seed=1, settings={"width": 256, "engine": "workbench"})
+    with pytest.raises(UserInputError) as err:
+        farm_journal.inspect_out(out, other, plan, overwrite=False, retry_quarantined=False)
+    assert "seed: 0 -> 1" in str(err.value) and "settings.width: 128 -> 256" in str(err.value)
+    assert "\n" not in str(err.value)
+    newer = {**run, "config": {**run["config"], "rendering_version": 2}, "rendering_version": 2}
+    with pytest.raises(UserInputError, match="rendered with rendering version 1, this code renders version 2"):
+        farm_journal.inspect_out(out, newer, plan, overwrite=False, retry_quarantined=False)
+    # A run.json of the first format (the bare config, before rendering versions were recorded).
+    (out / farm_journal.RUN_NAME).write_text(json.dumps({k: v for k, v in run["config"].items()
+                                                        if k != "rendering_version"}))
+    assert farm_journal.read_run(out)["rendering_version"] is None
+    with pytest.raises(UserInputError, match="rendering version older than run.json records, this code renders version 2"):
+        farm_journal.inspect_out(out, newer, plan, overwrite=False, retry_quarantined=False)
+    # --overwrite: everything goes, the new record is written.
+    resume = farm_journal.prepare_out(out, newer, plan, overwrite=True, retry_quarantined=False)
+    assert resume.fresh and not (out / "train" / "a.tar").exists()
+    assert farm_journal.read_run(out)["rendering_version"] == 2
+
+
+def test_recorded_splits_win_over_the_split_rule(tmp_path):
+    from serialgen.render.farm import journal as farm_journal
+    from serialgen.render.farm.driver import assign_splits
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / farm_journal.RUN_NAME).write_text(json.dumps({**_run_record(), "splits": {"a": "test", "b": "train"}}))
+    with open(out / farm_journal.JOURNAL_NAME, "w") as f:
+        f.write(json.dumps({"kind": "header", "format": farm_journal.JOURNAL_FORMAT}) + "\n")
+        f.write(json.dumps({"kind": "shard", "path": "train/c.tar", "split": "train", "samples": 1, "bytes": 1,
+                            "sha256": "0", "character": "c"}) + "\n")
+    recorded = farm_journal.recorded_splits(out)
+    assert recorded == {"a": "test", "b": "train", "c": "train"}
+    ids = ["a", "b", "c"] + [f"new{i}" for i in range(20)]
+    splits = assign_splits(ids, 0.2, recorded)
+    assert {c: splits[c] for c in "abc"} == recorded
+    assert set(splits) == set(ids) and set(splits.values()) <= {"train", "test"}
+
+
+def test_a_job_result_missing_planned_samples_lists_them_as_failures(tmp_path):
+    """A job's shard holds exactly its planned samples, or the missing ones are failures."""
+    from serialgen.dataset import shards
+    from serialgen.render.farm.driver import _Driver
+    from serialgen.render.farm.journal import Journal, PlannedShard, Resume
+    from serialgen.render.farm.report import Progress
+    from serialgen.render.farm.schedule import JobBook
+    from serialgen.render.job import RenderJob
+
+    keys = ("a_p00000_v0", "a_p00001_v0", "a_p00002_v0")
+    job = RenderJob({"id": "a"}, "", str(tmp_path), "train/a.tar", "train", 0, 3, 3, 0, "")
+    book = JobBook([job])
+    assert book.next(None) is job
+    driver = _Driver(book, Journal(tmp_path), Progress(3, 1, 0, enabled=False),
+                     {job.shard: PlannedShard("train", "a", keys)}, Resume(), {"a": "A"})
+    summary = shards.ShardSummary(job.shard, "train", 1, 10, "0" * 64, [keys[0]])
+    failed = {"character": "a", "key": keys[1], "error": "RuntimeError: x"}
+    driver.job_result("w0", job, {"status": "ok", "shard": summary.to_json(with_keys=True), "pairs": 1,
+                                  "failures": [failed], "standard_pose": None, "timings_s": {}}, 1.0)
+    assert [f["key"] for f in driver.sample_failures] == [keys[1], keys[2]]
+    assert "missing from the shard" in driver.sample_failures[1]["error"]
+    line = Journal(tmp_path).read().lines[job.shard]
+    assert line["samples"] + len(line["failures"]) == len(keys)
+    # A shard with a sample its job does not plan fails the job (and is retried).
+    job2 = RenderJob({"id": "b"}, "", str(tmp_path), "train/b.tar", "train", 0, 1, 1, 0, "")
+    book2 = JobBook([job2], max_attempts=2)
+    book2.next(None)
+    driver2 = _Driver(book2, Journal(tmp_path), Progress(1, 1, 0, enabled=False),
+                      {job2.shard: PlannedShard("train", "b", ("b_p00000_v0",))}, Resume(), {})
+    other = shards.ShardSummary(job2.shard, "train", 1, 10, "0" * 64, ["b_p00009_v0"])
+    driver2.job_result("w0", job2, {"status": "ok", "shard": other.to_json(with_keys=True), "pairs": 1,
+                                    "failures": [], "standard_pose": None, "timings_s": {}}, 1.0)
+    assert book2.failures[0].kind == "error" and "does not plan" in book2.failures[0].error
+    assert job2.shard not in driver2.summaries
+
+
+def test_progress_moves_per_pair_and_takes_back_a_failed_attempt(capfd):
+    from serialgen.render.farm.report import Progress
+
+    progress = Progress(6, 2, 0, enabled=True)
+    progress.job_progress("a", 1)
+    progress.job_progress("a", 2)
+    assert progress.bar.n == 2 and progress.shards_done == 0  # before any shard finished
+    progress.job_progress("a", 1)  # a late, older report changes nothing
+    assert progress.bar.n == 2
+    progress.job_failed("a")  # the attempt died: its pairs will be rendered again
+    assert progress.bar.n == 0
+    progress.job_progress("a", 3)
+    progress.job_done("a", 3)
+    progress.job_done("b", 3)  # a job that never reported moves the bar by its plan
+    assert progress.bar.n == 6 and progress.shards_done == 2
+    progress.close()
+    assert "6/6" in capfd.readouterr().err
 
 
 def test_code_fingerprint_follows_every_file_that_decides_the_bytes(tmp_path):

@@ -1,43 +1,92 @@
-"""What a run folder already holds: the run's configuration, its journal, and resume decisions.
+"""What a run folder already holds: the run's record, its journal, and what a re-run keeps.
 
 Files the farm keeps next to the shards (the shard format itself is ``docs/shard_format.md``):
 
-* ``run.json``: the configuration that fixes the bytes (``FarmConfig.render_config``). A re-run with
-  the same configuration resumes; another configuration is refused unless ``--overwrite``.
-* ``journal.jsonl`` (format ``serialgen.render-journal/1``, its first line): one line per finished
-  shard (path, split, samples, bytes, sha256, the failed samples of its job, its character and that
-  character's standard pose, the std_pose.json its samples carry) and per quarantined character
-  (id, reason), appended by the driver (one writer) and fsynced as each job ends. The standard pose
-  is there so a resumed run can write the index's ``characters`` without reading shards. A resumed run trusts a journal line whose shard exists with the journalled size, so resuming
-  costs one ``stat`` per shard instead of re-reading terabytes; a complete ``*.tar`` the journal does
-  not know (the driver died between the worker's rename and the journal line) is summarised from
-  disk, and its standard pose read from its first sample (so is a shard whose journal line has
-  none: a journal written before the standard pose was journalled). A torn last line (driver
-  killed mid-write) is ignored.
-* ``index.json`` (written last) marks a finished run: a re-run of a finished run renders nothing.
+* ``run.json`` (format ``serialgen.render-run/2``): ``config``, the settings that fix the bytes
+  (``FarmConfig.render_config``, the rendering version included); ``rendering_version``; the
+  ``code_fingerprint`` of the code that rendered it; ``splits``, every planned character's split (a
+  re-run keeps them: a recorded split always wins); ``assets``, the asset folder's accepted /
+  rejected counts by reason and the rejected characters (what the dataset report shows, so it
+  needs nothing but the shard folder). A re-run with the same config resumes; another config, or
+  another rendering version, is refused in one line naming what differs, unless ``--overwrite``.
+  A format 1 ``run.json`` (the bare config of older runs, which predates rendering versions) is
+  read too, and refused as another rendering version.
+* ``journal.jsonl`` (format ``serialgen.render-journal/2``, its first line; format 1 is read too):
+  one line per finished shard, appended by the driver (one writer) and fsynced as each job ends:
+  path, split, samples, bytes, sha256, ``members`` and ``members_sha256`` (the count and a digest of
+  the tar's member list: names, sizes and types, from the headers), the failed samples of its job,
+  its character, that character's standard pose (the std_pose.json its samples carry, so a resumed
+  run writes the index's ``characters`` without reading shards) and the shard's ``stats`` (the
+  render-time histograms, ``dataset/render_stats.py``); and one line per quarantined character
+  (id, reason). A torn last line (driver killed mid-write) is ignored.
+* ``index.json`` (written last, through a temporary name) marks a finished run. A re-run replaces it
+  only once the new one is written.
+* ``stats.json``: the merged histograms of every shard (written with the index).
 * ``report.json``, ``logs/``: observability, never read back.
+
+**What a re-run keeps** (:func:`inspect_out`): every planned shard on disk is checked before it is
+kept. A shard the journal knows: its size, then its member list from the tar headers (a 512-byte
+read per member, no data read) against the journal's digest, and its samples plus its job's failed
+samples against the plan; with ``repair`` also its sha256 (a full read). A shard the journal does
+not know (the driver died between the worker's rename and the journal line) is read whole: it must
+read without damage and hold exactly the samples its job plans. Anything else is **damaged**: it is
+deleted and rendered again, and the report lists it with the reason. Reading a damaged shard never
+raises.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from serialgen.dataset import shards
+from serialgen.dataset import shards, tarset
+from serialgen.dataset.render_stats import STATS_NAME
 from serialgen.errors import UserInputError
 
-__all__ = ["RUN_NAME", "JOURNAL_NAME", "JOURNAL_FORMAT", "REPORT_FORMAT", "REPORT_NAME", "LOGS_NAME", "Journal",
-           "JournalState", "Resume", "prepare_out", "finished_run", "standard_pose_on_disk"]
+__all__ = ["RUN_NAME", "RUN_FORMAT", "JOURNAL_NAME", "JOURNAL_FORMAT", "REPORT_FORMAT", "REPORT_NAME", "LOGS_NAME",
+           "PlannedShard", "Journal", "JournalState", "Resume", "member_digest", "read_run", "recorded_splits",
+           "config_diff", "inspect_out", "prepare_out", "standard_pose_on_disk"]
 
 RUN_NAME = "run.json"
+RUN_FORMAT = "serialgen.render-run/2"
 JOURNAL_NAME = "journal.jsonl"
 REPORT_NAME = "report.json"
 LOGS_NAME = "logs"
-JOURNAL_FORMAT = "serialgen.render-journal/1"  # first line of journal.jsonl: {"kind": "header", "format": ...}
+JOURNAL_FORMAT = "serialgen.render-journal/2"  # first line of journal.jsonl: {"kind": "header", "format": ...}
+_JOURNAL_READABLE = ("serialgen.render-journal/1", JOURNAL_FORMAT)
 REPORT_FORMAT = "serialgen.render-report/1"  # report.json's "format"
+_CHECK_THREADS = 16  # header checks are I/O-bound: on shared storage, latency, not CPU
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """What a job of the plan writes: its shard's split, character and sample keys (in order)."""
+
+    split: str
+    character: str
+    keys: tuple[str, ...]
+
+
+def member_digest(path: str | Path, keys: set | None = None) -> tuple[int, str]:
+    """(members, sha256 hex) of a tar's member list: each member's name, size and type, in order,
+    from its 512-byte headers only (``tarfile`` seeks over the data). ``keys``: a set to add each
+    member's sample key to. ``tarfile.TarError``, ``OSError`` or ``EOFError`` for a tar whose
+    headers cannot be read."""
+    h, n = hashlib.sha256(), 0
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            h.update(info.name.encode("utf-8", "surrogateescape") + b"\0"
+                     + f"{info.size}\0".encode() + info.type + b"\n")
+            n += 1
+            if keys is not None:
+                keys.add(info.name.rpartition("/")[2].partition(".")[0])
+    return n, h.hexdigest()
 
 
 class JournalState(NamedTuple):
@@ -45,8 +94,7 @@ class JournalState(NamedTuple):
 
     done: dict[str, shards.ShardSummary]  # shard path -> summary
     quarantined: dict[str, str]  # character -> reason
-    sample_failures: dict[str, list[dict]]  # shard path -> failed samples of its job
-    standard_poses: dict[str, dict]  # shard path -> its character's standard pose (when journalled)
+    lines: dict[str, dict]  # shard path -> its whole journal line (members, failures, pose, stats, ...)
 
 
 class Journal:
@@ -57,49 +105,56 @@ class Journal:
         self._f = None
 
     def read(self) -> JournalState:
-        done: dict[str, shards.ShardSummary] = {}
-        quarantined: dict[str, str] = {}
-        sample_failures: dict[str, list[dict]] = {}
-        standard_poses: dict[str, dict] = {}
-        state = JournalState(done, quarantined, sample_failures, standard_poses)
+        state = JournalState({}, {}, {})
         if not self.path.is_file():
             return state
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn line from a killed driver
-            if rec.get("kind") == "header" and rec.get("format") != JOURNAL_FORMAT:
+            if not isinstance(rec, dict):
+                continue
+            if rec.get("kind") == "header" and rec.get("format") not in _JOURNAL_READABLE:
                 raise UserInputError(f"{self.path}: journal format {rec.get('format')!r}, expected {JOURNAL_FORMAT!r}; "
                                      "use a new folder or --overwrite")
-            if rec.get("kind") == "shard":
-                done[rec["path"]] = shards.ShardSummary(rec["path"], rec["split"], rec["samples"],
-                                                        rec["bytes"], rec["sha256"])
-                sample_failures[rec["path"]] = rec.get("failures", [])
-                if rec.get("standard_pose") is not None:
-                    standard_poses[rec["path"]] = rec["standard_pose"]
-                else:
-                    standard_poses.pop(rec["path"], None)
-            elif rec.get("kind") == "quarantine":
-                quarantined[rec["character"]] = rec["reason"]
+            try:
+                if rec.get("kind") == "shard":
+                    state.done[rec["path"]] = shards.ShardSummary(rec["path"], rec["split"], int(rec["samples"]),
+                                                                  int(rec["bytes"]), str(rec["sha256"]))
+                    state.lines[rec["path"]] = rec
+                elif rec.get("kind") == "quarantine":
+                    state.quarantined[rec["character"]] = rec["reason"]
+            except (KeyError, TypeError, ValueError):
+                continue  # a line this code cannot use: its shard is checked like an unknown one
         return state
 
     def _append(self, rec: dict) -> None:
         if self._f is None:
-            new = not self.path.is_file() or self.path.stat().st_size == 0
+            size = self.path.stat().st_size if self.path.is_file() else 0
+            torn = False
+            if size:  # a driver killed mid-line leaves no newline: start on a line of our own
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    torn = f.read(1) != b"\n"
             self._f = open(self.path, "a")
-            if new:
+            if torn:
+                self._f.write("\n")
+            if not size:
                 self._f.write(json.dumps({"kind": "header", "format": JOURNAL_FORMAT}) + "\n")
         self._f.write(json.dumps(rec, sort_keys=True) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
     def shard(self, summary: shards.ShardSummary, failures: list[dict] = (), character: str | None = None,
-              standard_pose: dict | None = None) -> None:
-        """A finished shard, with the samples of its job that failed (they go into the index), its
-        character and that character's standard pose (the index's ``characters``)."""
+              standard_pose: dict | None = None, members: tuple[int, str] | None = None,
+              stats: dict | None = None) -> None:
+        """A finished shard: its summary, the samples of its job that failed (they go into the
+        index), its character and that character's standard pose (the index's ``characters``), its
+        member list digest (``member_digest``: what a re-run checks) and its render-time stats."""
         self._append({"kind": "shard", **summary.to_json(), "failures": list(failures), "character": character,
-                      "standard_pose": standard_pose})
+                      "standard_pose": standard_pose, "members": members[0] if members else None,
+                      "members_sha256": members[1] if members else None, "stats": stats})
 
     def quarantine(self, character: str, reason: str) -> None:
         self._append({"kind": "quarantine", "character": character, "reason": reason})
@@ -110,107 +165,257 @@ class Journal:
             self._f = None
 
 
+# -- run.json ---------------------------------------------------------------------------------------
+
+def read_run(out: str | Path) -> dict | None:
+    """The run record of ``out`` in format 2 (a format 1 file, the bare config, is converted), or
+    None when there is none or it is not readable JSON."""
+    path = Path(out) / RUN_NAME
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    if rec.get("format") != RUN_FORMAT:  # format 1: the render config itself
+        rec = {"format": RUN_FORMAT, "config": rec}
+    config = rec.get("config") if isinstance(rec.get("config"), dict) else {}
+    config.setdefault("rendering_version", rec.get("rendering_version"))  # None: from before it was recorded
+    rec["config"] = config
+    rec.setdefault("rendering_version", config["rendering_version"])
+    return rec
+
+
+def recorded_splits(out: str | Path) -> dict[str, str]:
+    """{character: split} that ``out`` already records: run.json's ``splits``, the index's
+    ``characters`` and the journal's shard lines (later sources win; they agree unless edited)."""
+    out = Path(out)
+    found: dict[str, str] = {}
+    run = read_run(out)
+    if run and isinstance(run.get("splits"), dict):
+        found.update({c: s for c, s in run["splits"].items() if s in shards.SPLITS})
+    try:
+        characters = shards.read_index(out).get("characters") or {}
+        found.update({c: r["split"] for c, r in characters.items()})
+    except (OSError, ValueError):  # no index, or a damaged one: the other sources still count
+        pass
+    try:
+        state = Journal(out).read()
+    except UserInputError:
+        return found
+    for rel, line in state.lines.items():
+        if isinstance(line.get("character"), str) and line.get("split") in shards.SPLITS:
+            found[line["character"]] = line["split"]
+    return found
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``name: old -> new`` for every setting that differs (nested settings as ``a.b``)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "(none)"), new.get(key, "(none)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {json.dumps(a) if not isinstance(a, str) else a} -> "
+                       f"{json.dumps(b) if not isinstance(b, str) else b}")
+    return out
+
+
+# -- what a re-run keeps ----------------------------------------------------------------------------
+
 @dataclass
 class Resume:
-    """What to keep from earlier runs in this folder."""
+    """What to keep from earlier runs in this folder (``inspect_out``), and what was damaged."""
 
     keep: dict[str, shards.ShardSummary] = field(default_factory=dict)  # shard path -> summary
     quarantined: dict[str, str] = field(default_factory=dict)  # character -> reason
-    read_from_disk: int = 0  # complete shards the journal did not know (summarised by reading them)
+    read_from_disk: int = 0  # complete shards the journal did not know (read whole and checked)
     sample_failures: list[dict] = field(default_factory=list)  # failed samples of the kept shards' jobs
     standard_poses: dict[str, dict] = field(default_factory=dict)  # kept shard path -> its standard pose
+    stats: dict[str, dict] = field(default_factory=dict)  # kept shard path -> its render-time stats
+    damaged: dict[str, str] = field(default_factory=dict)  # shard path -> why it is rendered again
+    adopted: dict[str, dict] = field(default_factory=dict)  # shard path -> journal fields of one read from disk
+    existing: list[str] = field(default_factory=list)  # every *.tar in the folder
+    fresh: bool = False  # overwrite / another run: everything in the folder goes
 
 
 def _existing_tars(out: Path) -> list[str]:
     return sorted(f"{p.parent.name}/{p.name}" for s in shards.SPLITS for p in (out / s).glob("*.tar"))
 
 
-def finished_run(out: str | Path, render_config: dict, planned: set[str]) -> dict | None:
-    """The index of a finished run of this configuration whose shards are all in place, else None.
+def _check_journalled(out: Path, rel: str, plan: PlannedShard, line: dict, summary: shards.ShardSummary,
+                      repair: bool) -> str | None:
+    """Why a shard the journal knows cannot be kept (None: keep it). Cheap unless ``repair``."""
+    path = out / rel
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot stat ({exc.strerror})"
+    if size != summary.bytes:
+        return f"{size} bytes, the journal says {summary.bytes}"
+    failed = {f.get("key") for f in line.get("failures") or [] if isinstance(f, dict)}
+    if summary.samples + len(failed) != len(plan.keys):
+        return (f"the journal records {summary.samples} samples and {len(failed)} failed ones, "
+                f"the job plans {len(plan.keys)}")
+    keys: set[str] = set()
+    try:
+        members = member_digest(path, keys)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return f"unreadable tar headers ({type(exc).__name__}: {str(exc)[:100]})"
+    if line.get("members_sha256") is not None:
+        if list(members) != [line.get("members"), line.get("members_sha256")]:
+            return f"its member list ({members[0]} members) differs from the journal's ({line.get('members')})"
+    elif len(keys) != summary.samples or (keys and members[0] % len(keys)):  # a format 1 line: no digest
+        return f"{len(keys)} samples in {members[0]} tar members, the journal says {summary.samples} samples"
+    if repair:
+        try:
+            sha, _ = tarset.sha256_file(path)
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+        if sha != summary.sha256:
+            return "its sha256 differs from the journal's (content damaged)"
+    return None
 
-    Checks (no shard is read): ``run.json`` equals ``render_config``; ``index.json`` loads; every
-    indexed shard exists with its indexed size and is one of the planned shards. Bytes are checked
-    by ``serialgen shards verify``, not here.
+
+def _read_unjournalled(out: Path, rel: str, plan: PlannedShard) -> tuple[shards.ShardSummary | None, dict | None, str | None]:
+    """(summary, standard pose, None) of a whole shard the journal does not know that reads without
+    a rejection (the format layer's reader: truncation, damaged headers, ...) and holds exactly its
+    job's samples, in order (the writer checked each sample's members); else (None, None, why not)."""
+    path = out / rel
+    try:
+        sha, size = tarset.sha256_file(path)
+        keys, pose = [], None
+        for key, sample in shards.iter_shard(path):
+            if pose is None:
+                pose = json.loads(sample["std_pose.json"])
+            keys.append(key)
+    except Exception as exc:  # any damage: tarfile, the format layer, JSON, I/O; never fatal here
+        text = str(exc).replace(f"{path}: ", "")
+        return None, None, f"unreadable ({type(exc).__name__}: {text[:160]})"
+    if tuple(keys) != plan.keys:
+        missing = len(set(plan.keys) - set(keys))
+        return None, None, f"holds {len(keys)} samples, its job plans {len(plan.keys)} ({missing} missing)"
+    return shards.ShardSummary(rel, plan.split, len(keys), size, sha), pose, None
+
+
+def inspect_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overwrite: bool,
+                retry_quarantined: bool, repair: bool = False) -> Resume:
+    """Decide, without changing anything, what of ``out`` this run keeps (module docstring).
+
+    ``run``: this run's record (``config``, ``rendering_version``, ...). Refuses
+    (``UserInputError``, one line) a folder whose shards were rendered with another rendering
+    version or other settings (naming what differs), or that holds shards this plan does not
+    produce, unless ``overwrite``.
     """
     out = Path(out)
-    run_path = out / RUN_NAME
-    try:
-        if json.loads(run_path.read_text()) != render_config:
-            return None
-        index = shards.read_index(out)
-    except (OSError, ValueError):
-        return None
-    for entry in index.get("shards", []):
-        path = out / entry["path"]
-        if entry["path"] not in planned or not path.is_file() or path.stat().st_size != entry["bytes"]:
-            return None
-    return index
-
-
-def prepare_out(out: str | Path, render_config: dict, planned: dict[str, str], overwrite: bool,
-                retry_quarantined: bool) -> Resume:
-    """Check ``out`` against this run and clean it for rendering; returns what to keep.
-
-    ``planned``: {shard path: split} of every job of the plan. Refuses (``UserInputError``) a folder
-    with shards of another configuration, or shards this plan does not produce, unless ``overwrite``
-    (which deletes them, the journal and the logs).
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_path = out / RUN_NAME
-    existing = _existing_tars(out)
-    try:
-        previous = json.loads(run_path.read_text()) if run_path.is_file() else None
-    except json.JSONDecodeError:
-        previous = None
-    same_run = previous == render_config
-    stray = [p for p in existing if p not in planned]
-    if existing and not overwrite and (not same_run or stray):
-        example = stray[0] if stray else existing[0]
-        raise UserInputError(
-            f"--out: {out} holds {len(existing)} shards of another run (e.g. {example}); "
-            "use a new folder or --overwrite")
-    (out / shards.INDEX_NAME).unlink(missing_ok=True)  # the index marks a finished run: not any more
-    journal = Journal(out)
+    existing = _existing_tars(out) if out.is_dir() else []
+    previous = read_run(out)
+    resume = Resume(existing=existing)
+    if existing and not overwrite:
+        if previous is None:
+            raise UserInputError(f"--out: {out} holds {len(existing)} shards (e.g. {existing[0]}) but no readable "
+                                 f"{RUN_NAME}; use a new folder or --overwrite")
+        if previous["rendering_version"] != run["rendering_version"]:
+            old = previous["rendering_version"]
+            old = f"rendering version {old}" if old is not None else "a rendering version older than run.json records"
+            raise UserInputError(f"--out: {out} was rendered with {old}, this code renders version "
+                                 f"{run['rendering_version']}; use a new folder, or --overwrite to render it again")
+        diff = config_diff(previous["config"], run["config"])
+        if diff:
+            more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
+            raise UserInputError(f"--out: {out} holds {len(existing)} shards rendered with other settings "
+                                 f"({'; '.join(diff[:3])}{more}); use a new folder or --overwrite")
+        stray = [p for p in existing if p not in plan]
+        if stray:
+            raise UserInputError(f"--out: {out} holds {len(stray)} shards this run does not plan (e.g. {stray[0]}: "
+                                 "characters removed from the asset folder?); use a new folder or --overwrite")
+    same_run = previous is not None and previous["config"] == run["config"]
     if overwrite or not same_run:
-        for rel in existing:
-            (out / rel).unlink()
-        existing = []
-        journal.path.unlink(missing_ok=True)
-        (out / REPORT_NAME).unlink(missing_ok=True)
+        resume.fresh = True
+        return resume
+    state = Journal(out).read()
+    resume.quarantined = {} if retry_quarantined else dict(state.quarantined)
+    on_disk = set(existing)
+    known = [rel for rel in plan if rel in on_disk and rel in state.done]
+    with ThreadPoolExecutor(min(_CHECK_THREADS, max(1, len(known)))) as pool:
+        verdicts = dict(zip(known, pool.map(
+            lambda rel: _check_journalled(out, rel, plan[rel], state.lines[rel], state.done[rel], repair), known)))
+    for rel, planned in plan.items():
+        if rel not in on_disk:
+            continue
+        if rel in state.done:
+            why = verdicts[rel]
+            if why is None:
+                line = state.lines[rel]
+                resume.keep[rel] = state.done[rel]
+                resume.sample_failures.extend(f for f in line.get("failures") or [] if isinstance(f, dict))
+                pose = line.get("standard_pose")
+                if pose is None:  # a journal line from before the pose was journalled
+                    pose = standard_pose_on_disk(out / rel)
+                if pose is not None:
+                    resume.standard_poses[rel] = pose
+                if isinstance(line.get("stats"), dict):
+                    resume.stats[rel] = line["stats"]
+                continue
+        else:
+            summary, pose, why = _read_unjournalled(out, rel, planned)
+            if why is None:
+                resume.keep[rel] = summary
+                resume.read_from_disk += 1
+                if pose is not None:
+                    resume.standard_poses[rel] = pose
+                try:
+                    members = member_digest(out / rel)
+                except (tarfile.TarError, OSError, EOFError):
+                    members = None
+                resume.adopted[rel] = {"character": planned.character, "standard_pose": pose, "members": members}
+                continue
+        resume.damaged[rel] = why
+    return resume
+
+
+def prepare_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overwrite: bool, retry_quarantined: bool,
+                repair: bool = False, resume: Resume | None = None) -> Resume:
+    """Make ``out`` ready for rendering (after :func:`inspect_out`, whose result may be passed):
+    write ``run.json``; delete damaged shards and temporaries of interrupted runs; journal the
+    shards adopted from disk; with a fresh start (``--overwrite`` or another run) delete every
+    shard, the index, the journal, the report and the logs. A kept ``index.json`` stays until the
+    new one replaces it."""
+    out = Path(out)
+    if resume is None:
+        resume = inspect_out(out, run, plan, overwrite, retry_quarantined, repair)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out)
+    if resume.fresh:
+        for rel in resume.existing:
+            (out / rel).unlink(missing_ok=True)
+        for name in (shards.INDEX_NAME, JOURNAL_NAME, REPORT_NAME, STATS_NAME):
+            (out / name).unlink(missing_ok=True)
         logs = out / LOGS_NAME
         if logs.is_dir():
             for p in sorted(logs.rglob("*.log")):
                 p.unlink()
+    for rel in resume.damaged:
+        (out / rel).unlink(missing_ok=True)
     for s in shards.SPLITS:  # temporaries of an interrupted run: never whole
         for tmp in (out / s).glob(".*.tmp"):
-            tmp.unlink()
-    run_path.write_text(json.dumps(render_config, indent=1, sort_keys=True) + "\n")
-    state = journal.read()
-    resume = Resume(quarantined={} if retry_quarantined else state.quarantined)
-    on_disk = set(existing)
-    for rel, split in planned.items():
-        if rel not in on_disk:
-            continue
-        summary = state.done.get(rel)
-        trusted = summary is not None and (out / rel).stat().st_size == summary.bytes
-        if trusted:
-            resume.keep[rel] = summary
-            resume.sample_failures.extend(state.sample_failures.get(rel, []))
-        else:
-            resume.keep[rel] = shards.summarize_shard(out, rel, split)
-            resume.read_from_disk += 1
-        pose = state.standard_poses.get(rel) if trusted else None
-        if pose is None:
-            pose = standard_pose_on_disk(out / rel)
-        if pose is not None:
-            resume.standard_poses[rel] = pose
+            tmp.unlink(missing_ok=True)
+    tmp = out / f".{RUN_NAME}.tmp"
+    tmp.write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, out / RUN_NAME)
+    for rel, info in sorted(resume.adopted.items()):  # so that the next re-run checks them cheaply
+        journal.shard(resume.keep[rel], [], info["character"], info["standard_pose"], info["members"])
+    journal.close()
     return resume
 
 
 def standard_pose_on_disk(path: Path) -> dict | None:
     """The std_pose.json of a shard's first sample (every sample of a shard carries its character's
-    one standard pose), or None for a shard without samples."""
-    for _key, sample in shards.iter_shard(path):
-        return json.loads(sample["std_pose.json"])
+    one standard pose), or None for a shard without samples or one that cannot be read."""
+    try:
+        for _key, sample in shards.iter_shard(path):
+            return json.loads(sample["std_pose.json"])
+    except Exception:  # a damaged shard: the caller re-renders or falls back; never fatal here
+        return None
     return None

@@ -16,23 +16,29 @@ Only small dicts travel through Ray (job in, summary out); shards go straight to
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from serialgen.errors import SerialgenError
+from serialgen.ray_local import init_ray
 from serialgen.render.farm import faults
+from serialgen.render.farm.journal import member_digest
+from serialgen.render.farm.report import display_name
 from serialgen.render.farm.schedule import JobBook
 from serialgen.render.job import BlenderWorker, RenderJob
 from serialgen.render.scene import RenderSettings
 
-__all__ = ["CODE_FILES", "CODE_DISTRIBUTIONS", "log_path", "code_files", "code_fingerprint", "check_reachable", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
+__all__ = ["CODE_FILES", "CODE_DISTRIBUTIONS", "log_path", "code_files", "code_fingerprint", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
 
-WAIT_WARNING_S = 60.0  # a worker not started after this long gets a note on the progress bar
+WAIT_WARNING_S = 60.0
+PROGRESS_EVERY_S = 0.25  # a worker reports its job's progress at most this often  # a worker not started after this long gets a note on the progress bar
 _THREAD_VARS = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # The code that decides a sample's bytes: (package, glob under its folder). Rendering (render/**),
 # the assets and their geometry (assets_manifest/**), flatten-on-white of the standard image
@@ -84,31 +90,6 @@ def code_fingerprint(roots: dict[str, Path] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """One-line error for a ``host:port`` nobody listens on: ``ray.init`` would retry it for many
-    minutes, deaf to Ctrl-C. Other forms ("auto", "ray://...") are left to Ray."""
-    host, sep, port = address.rpartition(":")
-    if not sep or "://" in address or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise SerialgenError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
-                             "start one with `ray start --head` or give the head's host:port") from None
-
-
-def _token_auth_for(address: str) -> None:
-    """Ray 2.60 clusters use token authentication by default, but ``ray.init(address=host:port)``
-    does not pick up an existing token by itself (``address="auto"`` does), and then times out.
-    With a token at hand and no explicit ``RAY_AUTH_MODE``, ask for token mode (a cluster without
-    authentication accepts it too; checked with Ray 2.60)."""
-    if os.environ.get("RAY_AUTH_MODE") is not None or address == "auto":
-        return
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def _log_progress(written: int, total: int) -> bool:
     """Which samples get a progress line: the first two, every 25th, the last (a line per sample
     would be thousands of small appends per second to shared storage on a big cluster)."""
@@ -141,10 +122,18 @@ def _redirect_fds(log, capture_stderr: bool):
 
 
 class FarmWorker:
-    """One Blender worker process (the Ray actor body; also used in-process by ``LocalPool``)."""
+    """One Blender worker process (the Ray actor body; also used in-process by ``LocalPool``).
+
+    ``progress``: where the worker reports how many samples of the running job it has written (at
+    most every :data:`PROGRESS_EVERY_S` seconds, and at the job's last sample): a Ray actor handle
+    with a ``report(job, attempt, written)`` method (``RayPool``), or such a callable
+    (``LocalPool``), or None. ``log_dir``: Blender's and the GL driver's output while the worker
+    starts (``EGL Error`` lines, ...) goes to ``log_dir/workers/<slot>.log`` instead of the terminal.
+    """
 
     def __init__(self, settings: RenderSettings, slot: str, max_characters: int, rss_cap_mb: float,
-                 record_timings: bool, threads: int, use_gpus: bool = False, capture_stderr: bool = True):
+                 record_timings: bool, threads: int, use_gpus: bool = False, capture_stderr: bool = True,
+                 progress=None, log_dir: str | None = None):
         # Thread counts first: Mesa's llvmpipe reads LP_NUM_THREADS when Blender makes its EGL
         # context, so a worker must not inherit "all cores" from the node.
         if threads:
@@ -156,7 +145,16 @@ class FarmWorker:
         self.gpu_ids: list[str] = []
         self.device = "cpu"
         self.code = code_fingerprint()
-        self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
+        self._report = progress.report.remote if hasattr(progress, "report") else progress
+        self._last_report = 0.0
+        self._attempt = 0
+        if log_dir is not None:
+            start_log = Path(log_dir) / "workers" / f"{slot}.log"
+            start_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(start_log, "a", buffering=1) as log, _redirect_fds(log, capture_stderr=True):
+                self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
+        else:
+            self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
         if use_gpus:
             import ray
 
@@ -173,9 +171,15 @@ class FarmWorker:
         self.worker.after_sample = self._after_sample
 
     def _after_sample(self, job: RenderJob, key: str, written: int) -> None:
-        if self._log is not None and _log_progress(written, job.stop - job.start):
-            self._log.write(f"sample {written}/{job.stop - job.start} {key}\n")
+        total = job.stop - job.start
+        if self._log is not None and _log_progress(written, total):
+            self._log.write(f"sample {written}/{total} {key}\n")
             self._log.flush()
+        if self._report is not None:
+            now = time.monotonic()
+            if written == total or now - self._last_report >= PROGRESS_EVERY_S:
+                self._last_report = now
+                self._report(job.name, self._attempt, written)
         self._inject(job.character, written)
 
     def info(self) -> dict:
@@ -192,8 +196,10 @@ class FarmWorker:
         path = log_path(job)
         path.parent.mkdir(parents=True, exist_ok=True)
         info = self.info()
+        self._attempt, self._last_report = attempt, time.monotonic()
         with open(path, "a", buffering=1) as log:
-            log.write(f"== attempt {attempt} worker {info['slot']} pid {info['pid']} host {info['host']} "
+            log.write(f"== attempt {attempt} of {job.name} ({display_name(job.character)}) worker {info['slot']} "
+                      f"pid {info['pid']} host {info['host']} "
                       f"threads {info['threads']} gpus {info['gpu_ids']} device {info['device']} "
                       f"start {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
             self._log = log
@@ -210,6 +216,12 @@ class FarmWorker:
             for f in result["failures"]:
                 if f.get("key"):
                     log.write(f"   sample {f['key']} failed: {f['error']}\n")
+        if result["status"] == "ok":
+            # The member list as written, from the headers: what a re-run checks the shard against.
+            try:
+                result["members"] = member_digest(Path(job.out_dir) / job.shard)
+            except (tarfile.TarError, OSError, EOFError):
+                result["members"] = None
         result["cpu_s"] = round(time.process_time() - cpu0, 4)
         result["recycle"] = self.worker.should_recycle()
         result["pid"] = os.getpid()
@@ -228,11 +240,15 @@ class LocalPool:
     """
 
     def __init__(self, settings: RenderSettings, max_characters: int, rss_cap_mb: float, record_timings: bool,
-                 threads: int):
+                 threads: int, log_dir: str | None = None):
         self.args = (settings, "local-0", max_characters, rss_cap_mb, record_timings, threads)
+        self.log_dir = log_dir
 
     def run_all(self, book: JobBook, sink) -> None:
-        worker = FarmWorker(*self.args, use_gpus=False, capture_stderr=False)
+        # Blender's output goes to the logs as on Ray (the progress bar draws on its own copy of
+        # the terminal); progress comes straight from the worker.
+        worker = FarmWorker(*self.args, use_gpus=False, capture_stderr=True, progress=sink.job_progress,
+                            log_dir=self.log_dir)
         sink.worker_started("local-0", worker.info())
         last = None
         try:
@@ -264,6 +280,57 @@ def classify_ray_error(exc: BaseException) -> tuple[str, str]:
     return "error", f"{name}: {first}"
 
 
+class _RayLogging:
+    """While a pool lives, what Ray's Python logger says on the driver (the token authentication
+    notice, connection warnings) goes to ``path`` (``OUT/logs/ray-driver.log``), not to the terminal
+    where it would tear the progress bar. ``ray.init(configure_logging=False)`` removes the "ray"
+    logger's handlers first thing, and records without a handler go to ``sys.stderr`` as it is at
+    that moment; so ``starting()`` points ``sys.stderr`` at the file while Ray starts, and
+    ``started()`` then gives the logger a handler for the rest of the run. ``path`` None: nothing
+    changes."""
+
+    def __init__(self, path: Path | None):
+        self.logger = logging.getLogger("ray")
+        self.file = None
+        self.handler = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", buffering=1)
+
+    def starting(self):
+        return contextlib.redirect_stderr(self.file) if self.file is not None else contextlib.nullcontext()
+
+    def started(self) -> None:
+        if self.file is not None and self.handler is None:
+            self.handler = logging.StreamHandler(self.file)
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self.logger.addHandler(self.handler)
+
+    def restore(self) -> None:
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+            self.handler = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _ProgressBoard:
+    """Ray actor: the latest sample count each running job attempt reported (``report``), handed to
+    the driver and forgotten (``take``)."""
+
+    def __init__(self):
+        self.counts: dict[tuple[str, int], int] = {}
+
+    def report(self, job: str, attempt: int, written: int) -> None:
+        key = (job, attempt)
+        self.counts[key] = max(written, self.counts.get(key, 0))
+
+    def take(self) -> dict[tuple[str, int], int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
 @dataclass
 class _Slot:
     name: str
@@ -293,7 +360,8 @@ class RayPool:
 
     def __init__(self, settings: RenderSettings, workers: int, cpus_per_worker: float, gpus_per_worker: float,
                  threads: int, max_characters: int, rss_cap_mb: float, record_timings: bool,
-                 address: str | None = None, job_timeout: float = 0.0, max_start_failures: int = 0):
+                 address: str | None = None, job_timeout: float = 0.0, max_start_failures: int = 0,
+                 report_progress: bool = False, log_dir: str | None = None):
         import ray
 
         self.ray = ray
@@ -302,25 +370,20 @@ class RayPool:
         self.job_timeout = job_timeout
         self.max_start_failures = max_start_failures or 3 * workers + 2
         self.code = code_fingerprint()
-        self.started_ray = False
-        if not ray.is_initialized():
-            kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            if address:
-                check_reachable(address)
-                _token_auth_for(address)
-                try:
-                    ray.init(address=address, **kwargs)
-                except ConnectionError as exc:
-                    raise SerialgenError(f"--address {address}: cannot connect to the Ray cluster ({exc}); is it "
-                                         "running (`ray status`), and is its auth token here (~/.ray/auth_token "
-                                         "or RAY_AUTH_TOKEN)?") from None
-            else:
-                cpus = cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
-                gpus = None
-                if gpus_per_worker:  # a local cluster sees the node's GPUs; ask for what we need
-                    gpus = max(1, math.ceil(workers * gpus_per_worker))
-                ray.init(num_cpus=max(math.ceil(workers * cpus), 1), num_gpus=gpus, **kwargs)
-            self.started_ray = True
+        self._ray_logging = _RayLogging(Path(log_dir) / "ray-driver.log" if log_dir else None)
+        kwargs = dict(log_to_driver=False, configure_logging=False)
+        if not address:
+            cpus = cpus_per_worker or max(1, (os.cpu_count() or 1) // workers)
+            kwargs["num_cpus"] = max(math.ceil(workers * cpus), 1)
+            if gpus_per_worker:  # a local cluster sees the node's GPUs; ask for what we need
+                kwargs["num_gpus"] = max(1, math.ceil(workers * gpus_per_worker))
+        try:
+            with self._ray_logging.starting():
+                self.started_ray = init_ray(address, **kwargs)
+        except BaseException:
+            self._ray_logging.restore()
+            raise
+        self._ray_logging.started()
         self.cpus_per_worker = cpus_per_worker or self._auto_cpus(workers)
         # Render threads = reserved CPUs (at least 1), unless --threads says otherwise.
         self.threads = threads or max(1, int(self.cpus_per_worker))
@@ -330,6 +393,10 @@ class RayPool:
         if gpus_per_worker:
             opts["num_gpus"] = gpus_per_worker
         self.actor_cls = ray.remote(**opts)(FarmWorker)
+        self.log_dir = log_dir
+        # Per-pair progress for the bar: workers tell a small actor (no CPU reserved), the driver
+        # asks it twice a second. Only with a bar: it costs one more process.
+        self.progress = ray.remote(num_cpus=0, max_restarts=0)(_ProgressBoard).remote() if report_progress else None
 
     def _auto_cpus(self, workers: int) -> float:
         """CPUs per worker when not given: the cluster's CPUs shared by the workers, at most one
@@ -345,7 +412,7 @@ class RayPool:
         slot.generation += 1
         slot.actor = self.actor_cls.remote(
             self.settings, f"{slot.name}.{slot.generation}", *self.actor_args,
-            use_gpus=bool(self.gpus_per_worker), capture_stderr=True)
+            use_gpus=bool(self.gpus_per_worker), capture_stderr=True, progress=self.progress, log_dir=self.log_dir)
         slot.ready_ref = slot.actor.info.remote()
         slot.busy, slot.last_character, slot.pid = False, None, None
         slot.starting_since, slot.warned = time.monotonic(), False
@@ -358,14 +425,31 @@ class RayPool:
                 pass
         slot.actor, slot.ready_ref, slot.busy = None, None, False
 
+    def _poll_progress(self, sink) -> None:
+        try:
+            counts = self.ray.get(self.progress.take.remote(), timeout=10)
+        except self.ray.exceptions.RayError:  # the bar is a convenience: without the board it moves per job
+            self._kill_progress()
+            return
+        for (job, attempt), written in counts.items():
+            sink.job_progress(job, attempt, written)
+
+    def _kill_progress(self) -> None:
+        try:
+            self.ray.kill(self.progress, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.progress = None
+
     def run_all(self, book: JobBook, sink) -> None:
         """Run every job of ``book``; report through ``sink`` (``worker_started``, ``worker_event``,
-        ``job_result``, ``job_failed``). ``KeyboardInterrupt`` propagates after the actors are killed."""
+        ``job_progress``, ``job_result``, ``job_failed``). ``KeyboardInterrupt`` propagates after the actors are killed."""
         ray = self.ray
         slots = [_Slot(f"w{i}") for i in range(self.workers)]
         running: dict[object, _Running] = {}
         starting: dict[object, _Slot] = {}
         start_failures = 0  # in a row
+        last_poll = time.monotonic()
         for slot in slots:
             self._start(slot)
             starting[slot.ready_ref] = slot
@@ -393,6 +477,9 @@ class RayPool:
                             starting[slot.ready_ref] = slot
                 refs = list(running) + list(starting)
                 done, _ = ray.wait(refs, num_returns=1, timeout=0.5)
+                if self.progress is not None and time.monotonic() - last_poll >= 0.5:
+                    last_poll = time.monotonic()
+                    self._poll_progress(sink)
                 for ref in done:
                     if ref in starting:
                         slot = starting.pop(ref)
@@ -468,5 +555,8 @@ class RayPool:
         finally:
             for slot in slots:
                 self._kill(slot)
+            if self.progress is not None:
+                self._kill_progress()
             if self.started_ray:
                 ray.shutdown()
+            self._ray_logging.restore()

@@ -1,7 +1,8 @@
 """What a render run tells its user: the progress bar, per-worker statistics, the printed report.
 
-* Progress bar (tqdm, on stderr): pairs done / to do, pairs/s, elapsed and ETA (tqdm's own), and a
-  postfix with shards done / planned, failed attempts (retries) and quarantined characters.
+* Progress bar (tqdm, on stderr): pairs done / to do (advancing per pair as workers report their
+  jobs' progress), pairs/s, elapsed and ETA (tqdm's own), and a postfix with shards done / planned,
+  failed attempts (retries) and quarantined characters.
 * ``WorkerStats``: per worker slot (``w0``, ``w1``, ...; a slot keeps its name across replacement
   processes ``w0.1``, ``w0.2``): jobs, pairs, busy seconds, CPU seconds (all threads of the
   process: the cost of a pair independent of other load), pairs/s while busy, processes started,
@@ -12,23 +13,42 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-__all__ = ["Progress", "WorkerStats", "format_summary", "worker_table"]
+__all__ = ["display_name", "Progress", "WorkerStats", "format_summary", "worker_table"]
+
+
+def display_name(record: dict) -> str:
+    """What people read for a character: its ``display_name`` (e.g. ``Knight-e48437`` for the file
+    Knight.glb), else its id (procedural characters)."""
+    name = record.get("display_name")
+    return name if isinstance(name, str) and name else str(record.get("id"))
 
 
 class Progress:
-    """The tqdm bar of a run (or nothing with ``enabled=False``)."""
+    """The tqdm bar of a run (or nothing with ``enabled=False``).
+
+    It advances per pair: workers report how many samples of their job they have written
+    (``job_progress``, at most a few times a second), so the bar moves while a 1,000-pair job runs,
+    not once per finished shard. The bar draws on its own copy of the terminal's stderr, so it keeps
+    drawing while a job's output (Blender's, EGL's) is redirected into the job's log.
+    """
 
     def __init__(self, pairs: int, shards_planned: int, shards_done: int, enabled: bool = True):
         self.shards_planned, self.shards_done = shards_planned, shards_done
         self.retries = 0
         self.quarantined = 0
+        self.enabled = enabled
         self.bar = None
+        self._file = None
+        self._partial: dict[str, int] = {}  # job in flight -> pairs it has reported
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=pairs, unit="pair", desc="render", file=sys.stderr, dynamic_ncols=True,
+            sys.stderr.flush()
+            self._file = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+            self.bar = tqdm(total=pairs, unit="pair", desc="render", file=self._file, dynamic_ncols=True,
                             smoothing=0.1)
             self._postfix()
 
@@ -37,12 +57,25 @@ class Progress:
             self.bar.set_postfix_str(f"shards {self.shards_done}/{self.shards_planned}, retries {self.retries}, "
                                      f"quarantined {self.quarantined}", refresh=True)
 
-    def job_done(self, pairs: int, planned_pairs: int) -> None:
+    def job_progress(self, job: str, written: int) -> None:
+        """The job in flight has written ``written`` pairs so far."""
+        if self.bar is not None:
+            step = written - self._partial.get(job, 0)
+            if step > 0:
+                self._partial[job] = written
+                self.bar.update(step)
+
+    def job_done(self, job: str, planned_pairs: int) -> None:
         self.shards_done += 1
         if self.bar is not None:
             # A job that lost samples still moves the bar by its plan, so the ETA stays honest.
-            self.bar.update(planned_pairs)
+            self.bar.update(planned_pairs - self._partial.pop(job, 0))
             self._postfix()
+
+    def job_failed(self, job: str) -> None:
+        """An attempt failed: the pairs it reported will be rendered again."""
+        if self.bar is not None and self._partial.get(job):
+            self.bar.update(-self._partial.pop(job))
 
     def failed(self, quarantined_pairs: int = 0, quarantined: bool = False, jobs_dropped: int = 0) -> None:
         self.retries += 1
@@ -56,11 +89,13 @@ class Progress:
 
     def note(self, text: str) -> None:
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=self._file)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self._file.close()
+            self.bar = None
 
 
 class WorkerStats:
@@ -133,6 +168,11 @@ def format_summary(summary: dict) -> str:
         + (f" ({summary['shards_kept']} kept from before)" if summary["shards_kept"] else "")
         + f", {mb:.1f} MB ({per_pair:.0f} KB/pair) -> {summary['out']}",
     ]
+    damaged = summary.get("damaged") or {}
+    if damaged:
+        lines.append(f"damaged shards rendered again: {len(damaged)}")
+        for rel, why in list(damaged.items())[:5]:
+            lines.append(f"  {rel}: {why}")
     if summary.get("stage_seconds"):
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in summary["stage_seconds"].items() if k != "job")
         lines.append(f"time by stage (all workers): {stages}")
@@ -150,7 +190,8 @@ def format_summary(summary: dict) -> str:
     if quarantined:
         lines.append(f"quarantined characters: {len(quarantined)}")
         for char, q in sorted(quarantined.items()):
-            lines.append(f"  {char}: {q['reason']}")
+            name = q.get("name") or char
+            lines.append(f"  {name if name == char else f'{name} ({char})'}: {q['reason']}")
     failed = summary["failed_characters"]
     lines.append(f"failures: {len(failed)} characters, {summary['failed_samples']} samples")
     for f in [f for f in summary["failures"] if f.get("key")][:5]:
