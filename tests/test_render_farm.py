@@ -273,26 +273,35 @@ def test_journal_resume_checks_every_kept_shard_and_skips_torn_lines(tmp_path):
     """A re-run keeps a journalled shard whose size and member list match the journal, and one the
     journal does not know when it holds exactly its job's samples; anything else is damaged (to be
     rendered again), never fatal. Quarantines, failed samples and standard poses survive."""
+    import numpy as np
+
+    from serialgen.dataset import shards
     from serialgen.render.farm import journal as farm_journal
     from serialgen.render.farm.journal import PlannedShard
 
     out = tmp_path / "out"
     run = _run_record()
     plan = {f"train/{n}.tar": PlannedShard("train", n, (f"{n}_p00000_v0", f"{n}_p00001_v0"))
-            for n in ("a", "b", "c", "d", "e")}
+            for n in ("a", "b", "c", "d", "e", "f")}
     farm_journal.prepare_out(out, run, plan, overwrite=False, retry_quarantined=False)
     journal = farm_journal.Journal(out)
     poses = {n: {"width": 8, "height": 8, "names": ["nose"], "keypoints": [[i, 1.5, 1]], "defined": [1]}
-             for i, n in enumerate("abcde")}
-    summaries = {}
-    for n in "abde":
+             for i, n in enumerate("abcdef")}
+    summaries, standards = {}, {}
+    for n in "abdef":
         keys = plan[f"train/{n}.tar"].keys
         summaries[n] = _small_shard(out, f"train/{n}.tar", keys[:1] if n == "e" else keys, poses[n])
-    members = {n: farm_journal.member_digest(out / f"train/{n}.tar") for n in "abd"}
+        # format 3: the job whose range starts at 0 also writes the character's standard tar
+        standards[n] = shards.write_standard(out, "train", n, shards.encode_png(np.zeros((8, 8, 3), np.uint8)),
+                                             poses[n], {})
+    members = {n: farm_journal.member_digest(out / f"train/{n}.tar") for n in "abdf"}
     lost = {"character": "a", "key": "a_p00002_v0", "error": "RuntimeError: boom"}
     plan["train/a.tar"] = PlannedShard("train", "a", plan["train/a.tar"].keys + ("a_p00002_v0",))
-    journal.shard(summaries["a"], [lost], "a", poses["a"], members["a"])
+    journal.shard(summaries["a"], [lost], "a", poses["a"], members["a"], standard=standards["a"],
+                  standard_members=farm_journal.member_digest(out / standards["a"].path))
     journal.shard(summaries["d"], [], "d", poses["d"], members["d"])
+    journal.shard(summaries["f"], [], "f", poses["f"], members["f"], standard=standards["f"])
+    (out / standards["f"].path).unlink()  # f's pairs are whole, its standard is gone: f's job runs again
     # b finished on disk but the driver died before journalling it; e was cut short (1 of 2 samples)
     journal.quarantine("c", "failed 3 times")
     journal.close()
@@ -305,8 +314,10 @@ def test_journal_resume_checks_every_kept_shard_and_skips_torn_lines(tmp_path):
     resume = farm_journal.prepare_out(out, run, plan, overwrite=False, retry_quarantined=False)
     assert set(resume.keep) == {"train/a.tar", "train/b.tar"} and resume.read_from_disk == 1
     assert resume.keep["train/b.tar"].sha256 == summaries["b"].sha256
-    assert set(resume.damaged) == {"train/d.tar", "train/e.tar"}
+    assert set(resume.damaged) == {"train/d.tar", "train/e.tar", "train/f.tar"}
     assert "the journal says" in resume.damaged["train/d.tar"] and "1 missing" in resume.damaged["train/e.tar"]
+    assert "standard tar" in resume.damaged["train/f.tar"]
+    assert resume.standards == {"a": standards["a"], "b": standards["b"]}  # a: journal, b: read from disk
     assert not d.exists() and not (out / "train" / "e.tar").exists()  # deleted: rendered again
     assert resume.sample_failures == [lost]  # a kept shard's failed samples still reach the index
     assert resume.standard_poses == {f"train/{n}.tar": poses[n] for n in "ab"}  # a: journal, b: its shard
@@ -351,7 +362,7 @@ def test_a_rerun_with_other_settings_or_rendering_version_is_refused_naming_the_
 
 def test_recorded_splits_win_over_the_split_rule(tmp_path):
     from serialgen.render.farm import journal as farm_journal
-    from serialgen.render.farm.driver import assign_splits
+    from serialgen.dataset.shards import assign_splits
 
     out = tmp_path / "out"
     out.mkdir()
@@ -459,3 +470,19 @@ def test_code_fingerprint_follows_every_file_that_decides_the_bytes(tmp_path):
         now = code_fingerprint(roots)
         assert now not in seen, f"editing {package}/{rel} left the fingerprint unchanged"
         seen.add(now)
+
+
+def test_stats_json_merges_every_shards_histograms_or_is_left_out():
+    from serialgen.dataset.render_stats import Histograms
+    from serialgen.render.farm.driver import merged_stats
+
+    a, b = Histograms(), Histograms()
+    a.add({"framing": "head", "azimuth": 10.0})
+    b.add({"framing": "full_body", "azimuth": 200.0})
+    b.add({"framing": "head", "azimuth": 30.0})
+    stats = {"train/a.tar": a.to_json(), "test/b.tar": b.to_json()}
+    merged = Histograms.from_json(merged_stats(["train/a.tar", "test/b.tar"], stats))
+    assert merged.samples == 3 and merged.categorical["framing"]["counts"] == {"full_body": 1, "head": 2}
+    assert merged_stats(["test/b.tar", "train/a.tar"], stats) == merged.to_json()  # order does not matter
+    # A shard rendered without stats (older code): no stats.json; the report samples the shards.
+    assert merged_stats(["train/a.tar", "train/old.tar"], stats) is None

@@ -31,10 +31,10 @@ import numpy as np
 
 from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
 from serialgen.dataset import shards
-from serialgen.errors import UserInputError
+from serialgen.errors import SerialgenError, UserInputError
 from serialgen.dataset.render_stats import STATS_NAME, Histograms
 from serialgen.render.farm.journal import (LOGS_NAME, REPORT_FORMAT, REPORT_NAME, RUN_FORMAT, Journal, PlannedShard,
-                                           Resume, inspect_out, prepare_out, recorded_splits)
+                                           Resume, inspect_out, prepare_out, recorded_splits, remove_temporaries)
 from serialgen.ray_local import check_reachable
 from serialgen.render.farm.pool import LocalPool, RayPool, code_fingerprint, log_path
 from serialgen.render.farm.report import Progress, WorkerStats, display_name
@@ -43,7 +43,7 @@ from serialgen.render.job import RENDERING_VERSION, RenderJob, character_samples
 from serialgen.render.keypoints import pose_record
 from serialgen.render.scene import RenderSettings
 
-__all__ = ["FarmConfig", "load_characters", "assets_summary", "assign_splits", "plan_jobs",
+__all__ = ["FarmConfig", "load_characters", "assets_summary", "plan_jobs",
            "planned_shards", "run_farm", "canonical_standard_pose", "characters_of", "merged_stats"]
 
 
@@ -142,19 +142,13 @@ def _pose_count(poses_path: Path) -> int:
     return n
 
 
-def assign_splits(ids: list[str], test_fraction: float, recorded: dict[str, str]) -> dict[str, str]:
-    """Each character's split: the one ``recorded`` for it (a folder's recorded split always
-    wins), else the split rule of the shard format."""
-    return {c: recorded.get(c) or shards.split_of(c, test_fraction) for c in ids}
-
-
 def plan_jobs(config: FarmConfig, characters: list[dict], splits: dict[str, str] | None = None) -> list[RenderJob]:
     """One job per (character, range of at most ``poses_per_shard`` samples), in character order.
-    ``splits``: {character: split} (default: :func:`assign_splits` with nothing recorded)."""
+    ``splits``: {character: split} (default: ``shards.assign_splits`` with nothing recorded)."""
     assets = Path(config.assets).resolve()
     poses_path = assets / "poses.npz"
     if splits is None:
-        splits = assign_splits([r["id"] for r in characters], config.test_fraction, {})
+        splits = shards.assign_splits([r["id"] for r in characters], config.test_fraction, {})
     jobs = []
     for rec in characters:
         split = splits[rec["id"]]
@@ -177,7 +171,7 @@ def planned_shards(jobs: list[RenderJob], n_poses: int) -> dict[str, PlannedShar
         if char not in samples:
             samples[char] = character_samples(char, n_poses, job.per_character, job.run_seed)
         keys = tuple(shards.sample_key(char, p, v) for p, v in samples[char][job.start:job.stop])
-        plans[job.shard] = PlannedShard(job.split, char, keys)
+        plans[job.shard] = PlannedShard(job.split, char, keys, job.start == 0)
     return plans
 
 
@@ -227,6 +221,7 @@ class _Driver:
         self.summaries: dict[str, shards.ShardSummary] = dict(resume.keep)  # shard path -> summary
         self.standard_poses = dict(resume.standard_poses)  # shard path -> its character's standard pose
         self.stats = dict(resume.stats)  # shard path -> its render-time histograms (to_json form)
+        self.standards = dict(resume.standards)  # character -> its standard tar (format 3)
         self.workers = WorkerStats()
         self.sample_failures: list[dict] = []
         self.stage_totals: dict[str, float] = {}
@@ -290,9 +285,13 @@ class _Driver:
         self.standard_poses[summary.path] = result["standard_pose"]
         if isinstance(result.get("stats"), dict):
             self.stats[summary.path] = result["stats"]
+        standard = None
+        if result.get("standard") is not None:  # format 3: the job whose range starts at 0 wrote it
+            standard = shards.StandardSummary.from_json(result["standard"])
+            self.standards[standard.character] = standard
         failed_samples = [f for f in result.get("failures", []) if f.get("key")]
         self.journal.shard(summary, failed_samples, job.character["id"], result["standard_pose"],
-                           result.get("members"), result.get("stats"))
+                           result.get("members"), result.get("stats"), standard, result.get("standard_members"))
         self.book.succeeded(job, seconds, result.get("pairs", 0))
         self.pairs_rendered += result.get("pairs", 0)
         self.sample_failures.extend(failed_samples)
@@ -381,15 +380,6 @@ def _nothing_to_do(config: FarmConfig, out: Path, t0: float) -> dict:
             "failed_characters": sorted(quarantined), "failures": index.get("failures", []), "damaged": {}}
 
 
-def _remove_temporaries(out: Path) -> int:
-    n = 0
-    for s in shards.SPLITS:
-        for tmp in (out / s).glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-            n += 1
-    return n
-
-
 def _write_json(path: Path, doc: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, allow_nan=False) + "\n")
@@ -415,7 +405,7 @@ def run_farm(config: FarmConfig) -> dict:
         config = replace(config, settings=settings)
     out = Path(config.out)
     ids = [r["id"] for r in characters]
-    splits = assign_splits(ids, config.test_fraction, {} if config.overwrite else recorded_splits(out))
+    splits = shards.assign_splits(ids, config.test_fraction, {} if config.overwrite else recorded_splits(out))
     jobs = plan_jobs(config, characters, splits)
     plan = planned_shards(jobs, n_poses)
     names = {r["id"]: display_name(r) for r in characters}
@@ -466,7 +456,7 @@ def run_farm(config: FarmConfig) -> dict:
         journal.close()
     # The pool is shut down (its workers are gone): temporaries of crashed, killed, quarantined or
     # interrupted jobs are never whole, so none may stay (a re-run would remove them anyway).
-    _remove_temporaries(out)
+    remove_temporaries(out)
 
     quarantined = {c: {"reason": r, "from_earlier_run": True} for c, r in resume.quarantined.items()}
     quarantined.update(book.quarantined)
@@ -484,9 +474,16 @@ def run_farm(config: FarmConfig) -> dict:
             _write_json(out / STATS_NAME, stats)
         else:
             (out / STATS_NAME).unlink(missing_ok=True)
+        characters = characters_of(jobs, driver.summaries, driver.standard_poses)
+        # Format 3 (each character's standard image in its own tar) when the jobs wrote standards.
+        standards = [driver.standards[c] for c in sorted(characters) if c in driver.standards]
+        if standards and len(standards) != len(characters):
+            missing = sorted(set(characters) - set(driver.standards))
+            raise SerialgenError(f"--out: {out} mixes pairs with and without a standard tar (e.g. {missing[0]}): "
+                                 "rendered by two versions of serialgen; render it again with --overwrite")
         shards.write_index(out, shard_list, index_config, failures,
                            standard_pose=canonical_standard_pose(settings.width, settings.height),
-                           characters=characters_of(jobs, driver.summaries, driver.standard_poses))
+                           characters=characters, standards=standards or None)
     wall = time.perf_counter() - t0
     summary = {
         "format": REPORT_FORMAT,

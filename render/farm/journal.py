@@ -51,7 +51,7 @@ from serialgen.errors import UserInputError
 
 __all__ = ["RUN_NAME", "RUN_FORMAT", "JOURNAL_NAME", "JOURNAL_FORMAT", "REPORT_FORMAT", "REPORT_NAME", "LOGS_NAME",
            "PlannedShard", "Journal", "JournalState", "Resume", "member_digest", "read_run", "recorded_splits",
-           "config_diff", "inspect_out", "prepare_out", "standard_pose_on_disk"]
+           "config_diff", "inspect_out", "prepare_out", "remove_temporaries", "standard_pose_on_disk"]
 
 RUN_NAME = "run.json"
 RUN_FORMAT = "serialgen.render-run/2"
@@ -71,6 +71,7 @@ class PlannedShard:
     split: str
     character: str
     keys: tuple[str, ...]
+    first: bool = True  # its range starts at 0: in format 3 its job also writes the character's standard tar
 
 
 def member_digest(path: str | Path, keys: set | None = None) -> tuple[int, str]:
@@ -148,13 +149,17 @@ class Journal:
 
     def shard(self, summary: shards.ShardSummary, failures: list[dict] = (), character: str | None = None,
               standard_pose: dict | None = None, members: tuple[int, str] | None = None,
-              stats: dict | None = None) -> None:
+              stats: dict | None = None, standard: shards.StandardSummary | None = None,
+              standard_members: tuple[int, str] | None = None) -> None:
         """A finished shard: its summary, the samples of its job that failed (they go into the
         index), its character and that character's standard pose (the index's ``characters``), its
-        member list digest (``member_digest``: what a re-run checks) and its render-time stats."""
+        member list digest (``member_digest``: what a re-run checks), its render-time stats, and
+        the character's standard tar when its job wrote one (format 3) with that tar's digest."""
         self._append({"kind": "shard", **summary.to_json(), "failures": list(failures), "character": character,
                       "standard_pose": standard_pose, "members": members[0] if members else None,
-                      "members_sha256": members[1] if members else None, "stats": stats})
+                      "members_sha256": members[1] if members else None, "stats": stats,
+                      "standard": standard.to_json() if standard is not None else None,
+                      "standard_members": list(standard_members) if standard_members else None})
 
     def quarantine(self, character: str, reason: str) -> None:
         self._append({"kind": "quarantine", "character": character, "reason": reason})
@@ -234,14 +239,49 @@ class Resume:
     sample_failures: list[dict] = field(default_factory=list)  # failed samples of the kept shards' jobs
     standard_poses: dict[str, dict] = field(default_factory=dict)  # kept shard path -> its standard pose
     stats: dict[str, dict] = field(default_factory=dict)  # kept shard path -> its render-time stats
+    standards: dict[str, shards.StandardSummary] = field(default_factory=dict)  # character -> its kept standard tar
     damaged: dict[str, str] = field(default_factory=dict)  # shard path -> why it is rendered again
     adopted: dict[str, dict] = field(default_factory=dict)  # shard path -> journal fields of one read from disk
-    existing: list[str] = field(default_factory=list)  # every *.tar in the folder
+    existing: list[str] = field(default_factory=list)  # every pair *.tar in the folder
+    existing_standards: list[str] = field(default_factory=list)  # every <split>/standard/*.tar
     fresh: bool = False  # overwrite / another run: everything in the folder goes
 
 
-def _existing_tars(out: Path) -> list[str]:
-    return sorted(f"{p.parent.name}/{p.name}" for s in shards.SPLITS for p in (out / s).glob("*.tar"))
+def _existing_tars(out: Path, sub: str = "") -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for s in shards.SPLITS for p in (out / s / sub).glob("*.tar"))
+
+
+def _check_standard(out: Path, std: dict, members, repair: bool) -> tuple[shards.StandardSummary | None, str | None]:
+    """(its summary, None) when the standard tar a journal line records is in place, else (None, why)."""
+    try:
+        summary = shards.StandardSummary.from_json(std)
+        path = out / summary.path
+        size = path.stat().st_size
+    except (KeyError, TypeError, OSError) as exc:
+        return None, f"its character's standard tar is missing or unknown ({type(exc).__name__})"
+    if size != summary.bytes:
+        return None, f"its character's standard tar {summary.path} has {size} bytes, the journal says {summary.bytes}"
+    try:
+        found = member_digest(path)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        return None, f"its character's standard tar {summary.path} has unreadable headers ({type(exc).__name__})"
+    if members is not None and list(found) != list(members):
+        return None, f"its character's standard tar {summary.path}: member list differs from the journal's"
+    if repair and tarset.sha256_file(path)[0] != summary.sha256:
+        return None, f"its character's standard tar {summary.path}: sha256 differs from the journal's"
+    return summary, None
+
+
+def _standard_on_disk(out: Path, plan: PlannedShard) -> tuple[shards.StandardSummary | None, str | None]:
+    """(summary, None) of the character's standard tar read whole and checked, else (None, why)."""
+    rel = shards.standard_relpath(plan.split, plan.character)
+    try:
+        shards.read_standard(out / rel, plan.character)
+        sha, size = tarset.sha256_file(out / rel)
+    except Exception as exc:  # missing or damaged: the job that writes it runs again; never fatal here
+        text = str(exc).replace(f"{out / rel}: ", "")
+        return None, f"its character's standard tar {rel}: {type(exc).__name__}: {text[:120]}"
+    return shards.StandardSummary(rel, plan.split, plan.character, size, sha), None
 
 
 def _check_journalled(out: Path, rel: str, plan: PlannedShard, line: dict, summary: shards.ShardSummary,
@@ -278,25 +318,28 @@ def _check_journalled(out: Path, rel: str, plan: PlannedShard, line: dict, summa
     return None
 
 
-def _read_unjournalled(out: Path, rel: str, plan: PlannedShard) -> tuple[shards.ShardSummary | None, dict | None, str | None]:
-    """(summary, standard pose, None) of a whole shard the journal does not know that reads without
-    a rejection (the format layer's reader: truncation, damaged headers, ...) and holds exactly its
-    job's samples, in order (the writer checked each sample's members); else (None, None, why not)."""
+def _read_unjournalled(out: Path, rel: str, plan: PlannedShard) -> tuple[shards.ShardSummary | None, dict | None,
+                                                                         bool, str | None]:
+    """(summary, standard pose, pairs without std.png, None) of a whole shard the journal does not
+    know that reads without a rejection (the format layer's reader: truncation, damaged headers,
+    ...) and holds exactly its job's samples, in order (the writer checked each sample's members);
+    else (None, None, False, why not). Pairs without std.png (format 3) need their standard tar."""
     path = out / rel
     try:
         sha, size = tarset.sha256_file(path)
-        keys, pose = [], None
+        keys, pose, carries_standard = [], None, False
         for key, sample in shards.iter_shard(path):
             if pose is None:
                 pose = json.loads(sample["std_pose.json"])
+                carries_standard = "std.png" in sample  # formats 1-2: every pair carries it
             keys.append(key)
     except Exception as exc:  # any damage: tarfile, the format layer, JSON, I/O; never fatal here
         text = str(exc).replace(f"{path}: ", "")
-        return None, None, f"unreadable ({type(exc).__name__}: {text[:160]})"
+        return None, None, False, f"unreadable ({type(exc).__name__}: {text[:160]})"
     if tuple(keys) != plan.keys:
         missing = len(set(plan.keys) - set(keys))
-        return None, None, f"holds {len(keys)} samples, its job plans {len(plan.keys)} ({missing} missing)"
-    return shards.ShardSummary(rel, plan.split, len(keys), size, sha), pose, None
+        return None, None, False, f"holds {len(keys)} samples, its job plans {len(plan.keys)} ({missing} missing)"
+    return shards.ShardSummary(rel, plan.split, len(keys), size, sha), pose, bool(keys) and not carries_standard, None
 
 
 def inspect_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overwrite: bool,
@@ -311,7 +354,8 @@ def inspect_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overw
     out = Path(out)
     existing = _existing_tars(out) if out.is_dir() else []
     previous = read_run(out)
-    resume = Resume(existing=existing)
+    resume = Resume(existing=existing,
+                    existing_standards=_existing_tars(out, shards.STANDARD_DIR) if out.is_dir() else [])
     if existing and not overwrite:
         if previous is None:
             raise UserInputError(f"--out: {out} holds {len(existing)} shards (e.g. {existing[0]}) but no readable "
@@ -346,8 +390,13 @@ def inspect_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overw
             continue
         if rel in state.done:
             why = verdicts[rel]
+            line = state.lines[rel]
+            standard = None
+            if why is None and line.get("standard") is not None:
+                standard, why = _check_standard(out, line["standard"], line.get("standard_members"), repair)
             if why is None:
-                line = state.lines[rel]
+                if standard is not None:
+                    resume.standards[standard.character] = standard
                 resume.keep[rel] = state.done[rel]
                 resume.sample_failures.extend(f for f in line.get("failures") or [] if isinstance(f, dict))
                 pose = line.get("standard_pose")
@@ -359,8 +408,16 @@ def inspect_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overw
                     resume.stats[rel] = line["stats"]
                 continue
         else:
-            summary, pose, why = _read_unjournalled(out, rel, planned)
+            summary, pose, needs_standard, why = _read_unjournalled(out, rel, planned)
+            standard = standard_members = None
+            if why is None and needs_standard:  # format 3 pairs: their standard tar must be whole
+                if planned.first:
+                    standard, why = _standard_on_disk(out, planned)
+                    if standard is not None:
+                        standard_members = member_digest(out / standard.path)
             if why is None:
+                if standard is not None:
+                    resume.standards[standard.character] = standard
                 resume.keep[rel] = summary
                 resume.read_from_disk += 1
                 if pose is not None:
@@ -369,7 +426,8 @@ def inspect_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overw
                     members = member_digest(out / rel)
                 except (tarfile.TarError, OSError, EOFError):
                     members = None
-                resume.adopted[rel] = {"character": planned.character, "standard_pose": pose, "members": members}
+                resume.adopted[rel] = {"character": planned.character, "standard_pose": pose, "members": members,
+                                       "standard": standard, "standard_members": standard_members}
                 continue
         resume.damaged[rel] = why
     return resume
@@ -388,7 +446,7 @@ def prepare_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overw
     out.mkdir(parents=True, exist_ok=True)
     journal = Journal(out)
     if resume.fresh:
-        for rel in resume.existing:
+        for rel in resume.existing + resume.existing_standards:
             (out / rel).unlink(missing_ok=True)
         for name in (shards.INDEX_NAME, JOURNAL_NAME, REPORT_NAME, STATS_NAME):
             (out / name).unlink(missing_ok=True)
@@ -398,16 +456,27 @@ def prepare_out(out: str | Path, run: dict, plan: dict[str, PlannedShard], overw
                 p.unlink()
     for rel in resume.damaged:
         (out / rel).unlink(missing_ok=True)
-    for s in shards.SPLITS:  # temporaries of an interrupted run: never whole
-        for tmp in (out / s).glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+    remove_temporaries(out)
     tmp = out / f".{RUN_NAME}.tmp"
     tmp.write_text(json.dumps(run, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, out / RUN_NAME)
     for rel, info in sorted(resume.adopted.items()):  # so that the next re-run checks them cheaply
-        journal.shard(resume.keep[rel], [], info["character"], info["standard_pose"], info["members"])
+        journal.shard(resume.keep[rel], [], info["character"], info["standard_pose"], info["members"],
+                      standard=info["standard"], standard_members=info["standard_members"])
     journal.close()
     return resume
+
+
+def remove_temporaries(out: Path) -> int:
+    """Delete the hidden temporaries (``.<name>.tmp``) of shards and standard tars: never whole
+    (an interrupted, crashed or killed job's). Returns how many."""
+    n = 0
+    for s in shards.SPLITS:
+        for folder in (out / s, out / s / shards.STANDARD_DIR):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+                n += 1
+    return n
 
 
 def standard_pose_on_disk(path: Path) -> dict | None:

@@ -220,8 +220,10 @@ class FarmWorker:
             # The member list as written, from the headers: what a re-run checks the shard against.
             try:
                 result["members"] = member_digest(Path(job.out_dir) / job.shard)
+                if result.get("standard") is not None:
+                    result["standard_members"] = member_digest(Path(job.out_dir) / result["standard"]["path"])
             except (tarfile.TarError, OSError, EOFError):
-                result["members"] = None
+                result["members"] = result["standard_members"] = None
         result["cpu_s"] = round(time.process_time() - cpu0, 4)
         result["recycle"] = self.worker.should_recycle()
         result["pid"] = os.getpid()
