@@ -10,7 +10,7 @@ from pathlib import Path
 
 from serialgen.errors import UserInputError
 
-__all__ = ["register"]
+__all__ = ["register", "contact_sheet", "display_name", "SPLIT_COLOURS"]
 
 # OpenPose-ish limb colours by keypoint index; a point is drawn only when visible.
 _COLOURS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
@@ -61,6 +61,16 @@ def _draw(image, pose: dict, scale: float):
         if v:
             x, y = x * scale, y * scale
             d.ellipse([x - r, y - r, x + r, y + r], fill=_COLOURS[i % len(_COLOURS)], outline=(0, 0, 0))
+
+
+SPLIT_COLOURS = {"train": (40, 110, 200), "test": (200, 90, 30)}  # the badge of each split in a preview
+
+
+def display_name(character, characters: dict) -> str:
+    """What previews and logs call a character: its display name from the index
+    (``characters[id]["name"]``, e.g. ``Knight-e48437``), else its id."""
+    record = characters.get(character) if isinstance(character, str) else None
+    return str((record or {}).get("name") or character or "?")
 
 
 class _Refused(Exception):
@@ -160,12 +170,9 @@ def contact_sheet(root: str | Path, out: str | Path, count: int = 8, thumb_heigh
         row = Image.new("RGB", (2 * size[0] + 4, thumb_height + 28), "white")
         row.paste(left, (0, 28))
         row.paste(right, (size[0] + 4, 28))
-        char = meta.get("character")
-        record = characters.get(char) if isinstance(char, str) else None
-        name = (record or {}).get("name") or char or "?"
+        name = display_name(meta.get("character"), characters)
         d = ImageDraw.Draw(row)
-        badge = (40, 110, 200) if sample_split == "train" else (200, 90, 30)  # the split at a glance
-        d.rectangle([0, 0, 40, 13], fill=badge)
+        d.rectangle([0, 0, 40, 13], fill=SPLIT_COLOURS.get(sample_split, (90, 90, 90)))  # the split at a glance
         d.text((3, 1), sample_split.upper(), fill=(255, 255, 255))
         d.text((46, 1), str(name), fill=(0, 0, 0))
         d.text((2, 14), f"{key} {meta.get('framing')} {meta.get('expression')}", fill=(0, 0, 0))

@@ -5,8 +5,10 @@ Also the camera maths the renderer relies on."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,6 +194,52 @@ def test_stock_webdataset_reads_every_member(tmp_path):
     assert Image.open(io.BytesIO(standards[raw["__key__"].split("_p")[0]]["std.png"])).mode == "RGB"
 
 
+def _docs_reading_example() -> str:
+    """The stock-webdataset example of docs/shard_format.md ("Reading"), as written there."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "shard_format.md").read_text()
+    block = text.split("## Reading", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "wds.WebDataset" in block and 'decode("pilrgba")' in block
+    return block
+
+
+def test_the_documented_webdataset_join_reads_rgba_references_and_their_standards(tmp_path):
+    """Issue 16.5: stock webdataset's ``.decode("pil")`` drops ref.png's alpha (the mask); the
+    documented reading (``"pilrgba"`` for the pairs, the standards joined by character) keeps it."""
+    _write_set(tmp_path)
+    train = [c for c in CHARACTERS if S.split_of(c) == "train"]
+    scope = {}
+    exec(_docs_reading_example().replace('SHARDS = "data/shards"', f"SHARDS = {str(tmp_path)!r}"), scope)
+    ref, mask, standard, pose = scope["reference"], scope["mask"], scope["standard"], scope["standard_pose"]
+    assert ref.mode == "RGBA" and mask.mode == "L" and standard.mode == "RGB"
+    character = scope["s"]["meta.json"]["character"]
+    assert character in train and pose == _std_pose(character)
+    key = scope["s"]["__key__"]
+    assert np.array_equal(np.asarray(ref), S.decode_png(_members(key, int(key.split("_p")[1][:5]))["ref.png"], "RGBA"))
+    assert np.array_equal(np.asarray(standard), S.decode_png(_standard(character)[0], "RGB"))
+    # the trap the docs warn about: "pil" converts to RGB, the mask is gone
+    urls = sorted(str(p) for p in tmp_path.glob("train/*.tar"))
+    assert next(iter(wds.WebDataset(urls, shardshuffle=False).decode("pil")))["ref.png"].mode == "RGB"
+
+
+@pytest.mark.slow  # importing datasets and building its cache: ~3.5 s
+def test_hugging_face_datasets_reads_the_pair_shards_with_rgba_references(tmp_path):
+    """Issue 16.5: ``datasets.load_dataset("webdataset", data_files=...)`` reads a format 3 set (its
+    builder needs every sample to have the same members: the pairs do, the standards are apart)."""
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets (test extra) is not installed")
+    _write_set(tmp_path, characters=("proc-000001", "proc-000002", "proc-000005", "proc-000006"))
+    kw = dict(split="train", cache_dir=str(tmp_path / "hf-cache"))
+    files = sorted(str(p) for p in tmp_path.glob("*/*.tar"))
+    pairs = datasets.load_dataset("webdataset", data_files={"train": files}, **kw)
+    assert pairs.num_rows == 12 and set(S.MEMBERS) <= set(pairs.column_names)
+    row = pairs[0]
+    assert row["ref.png"].mode == "RGBA" and row["meta.json"]["key"] == row["__key__"]
+    standards = datasets.load_dataset("webdataset", data_files={"train": sorted(str(p) for p in
+                                                                                tmp_path.glob("*/standard/*.tar"))}, **kw)
+    by_character = {r["meta.json"]["character"]: r for r in standards}
+    std = by_character[row["meta.json"]["character"]]
+    assert std["std.png"].mode == "RGB" and std["std_pose.json"]["keypoints"] == row["std_pose.json"]["keypoints"]
+
+
 @pytest.mark.ray
 def test_ray_data_reads_the_shards(tmp_path):
     import ray
@@ -199,8 +247,8 @@ def test_ray_data_reads_the_shards(tmp_path):
     summaries = _write_set(tmp_path)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        ds = ray.data.read_webdataset([str(tmp_path / s.path) for s in summaries], decoder=False)
-        rows = ds.take_all()
+        rows = ray.data.read_webdataset([str(tmp_path / s.path) for s in summaries], decoder=False).take_all()
+        decoded = ray.data.read_webdataset([str(tmp_path / summaries[0].path)]).take(1)[0]
     finally:
         ray.shutdown()
     assert len(rows) == 9
@@ -210,6 +258,7 @@ def test_ray_data_reads_the_shards(tmp_path):
     meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
     assert meta["key"] == row["__key__"]
     assert sorted(r["__key__"] for r in rows) == sorted(k for s in summaries for k in s.keys)
+    assert decoded["ref.png"].shape == (8, 6, 4)  # Ray's own decode keeps the alpha
 
 
 # -- the tar-set layer and index versions -----------------------------------------------------------
@@ -379,6 +428,53 @@ def test_verify_cli_and_preview_read_through_the_format(tmp_path, capsys):
     assert cli_main(["shards", "verify", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "newer serialgen" in err[0]
+
+
+def test_assign_splits_follows_the_fraction_and_keeps_recorded_splits():
+    ids = [f"char-{i:02d}" for i in range(14)]
+    splits = S.assign_splits(ids, 0.2, {})
+    assert sorted(splits) == ids and list(splits.values()).count("test") == 3  # round(0.2 * 14)
+    assert S.assign_splits(list(reversed(ids)), 0.2, {}) == splits  # the order of ids does not matter
+    # the new ones by hash rank: the lowest hashes are test
+    rank = sorted(ids, key=lambda i: hashlib.sha256(f"serialgen-split/{i}".encode()).digest())
+    assert {i for i, v in splits.items() if v == "test"} == set(rank[:3])
+    # tiny sets: at least one test and one train character from two on; one character is train
+    assert list(S.assign_splits(ids[:2], 0.2, {}).values()).count("test") == 1
+    assert list(S.assign_splits(ids[:2], 0.9, {}).values()).count("train") == 1
+    assert S.assign_splits(ids[:1], 0.2, {}) == {ids[0]: "train"}
+    assert set(S.assign_splits(ids, 0.0, {}).values()) == {"train"}
+    assert S.assign_splits([], 0.2, {}) == {}
+    # recorded splits always win; new characters fill the rest of the test count
+    recorded = {i: "train" for i in rank[:3]}  # e.g. a folder rendered with another fraction
+    again = S.assign_splits(ids, 0.2, recorded)
+    assert all(again[i] == "train" for i in rank[:3]) and list(again.values()).count("test") == 3
+    grown = S.assign_splits(ids + ["char-new-1", "char-new-2"], 0.2, splits)
+    assert all(grown[i] == splits[i] for i in ids)  # a re-run with more characters moves no one
+    too_many = S.assign_splits(ids, 0.1, {i: "test" for i in ids[:5]})
+    assert list(too_many.values()).count("test") == 5  # recorded test characters are never moved
+    with pytest.raises(ValueError, match="not train or test"):
+        S.assign_splits(ids, 0.2, {ids[0]: "val"})
+    with pytest.raises(ValueError, match="outside"):
+        S.assign_splits(ids, 1.5, {})
+
+
+def test_preview_marks_each_pair_split_and_shows_the_display_name(tmp_path):
+    from PIL import Image
+
+    from serialgen.dataset.cli_shards import SPLIT_COLOURS, contact_sheet, display_name
+
+    _write_set(tmp_path)
+    _edit_index(tmp_path, lambda ix: ix["characters"]["proc-000001"].update(name="Knight-e48437"))
+    index = S.read_index(tmp_path)
+    assert display_name("proc-000001", index["characters"]) == "Knight-e48437"
+    assert display_name("proc-000002", index["characters"]) == "proc-000002"  # no name: the id
+    assert display_name("proc-000002", {}) == "proc-000002"
+    for split in S.SPLITS:
+        if not any(e["split"] == split for e in index["shards"]):
+            continue
+        path, drawn, refused = contact_sheet(tmp_path, tmp_path / f"{split}.png", count=1, thumb_height=32, split=split)
+        assert drawn == 1 and not refused
+        assert Image.open(path).convert("RGB").getpixel((2, 2)) == SPLIT_COLOURS[split]
 
 
 # -- camera maths (no Blender) -------------------------------------------------------------------
