@@ -89,6 +89,7 @@ class _ShardSet:
         self.standard_entries = list(self.index.get("standard_shards") or [])
         self.index_characters = self.index.get("characters") or {}
         self.shards_of: dict[str, list[dict]] = {}
+        self._tables: dict[Path, list] = {}
         for entry in self.shard_entries:
             try:
                 key = _first_key(root / entry["path"])
@@ -101,6 +102,12 @@ class _ShardSet:
                 self.shards_of.setdefault(m["character"], []).append(entry)
         self.assets_records, self.assets_summary, self.assets_source = self._asset_records(assets)
         self.stats, self.stats_source = self._stats(sample)
+
+    def table(self, path: Path) -> list:
+        """:func:`tarset.scan_shard` of a shard, read once (sampling and the cards both need it)."""
+        if path not in self._tables:
+            self._tables[path] = tarset.scan_shard(path)
+        return self._tables[path]
 
     # -- the asset folder's view of the characters (file names, rejections) --------------------
     def _asset_records(self, assets: Path | None):
@@ -154,7 +161,7 @@ class _ShardSet:
             quota = budget // len(entries) + (1 if i < budget % len(entries) else 0)
             path = self.root / entry["path"]
             try:
-                table_ = tarset.scan_shard(path)
+                table_ = self.table(path)
                 if len(table_) > quota:  # evenly spaced through the shard
                     table_ = [table_[int((k + 0.5) * len(table_) / quota)] for k in range(quota)]
                 for members in _read_sample_members(path, table_, ("meta.json", "ref_pose.json")):
@@ -355,7 +362,7 @@ def _cards(page: Page, s: _ShardSet, characters: list[dict], max_characters: int
         if ch["shards"]:
             path = s.root / ch["shards"][0]["path"]
             try:
-                entries = tarset.scan_shard(path)
+                entries = s.table(path)
                 std = s.standard_png(ch, entries)
                 if std:
                     src = page.pil(f"{n:04d}-std", _thumb(std, _STD_THUMB_H))
