@@ -43,9 +43,10 @@ def _meta(character: str, split: str, key: str, i: int) -> dict:
 
 
 def write_set(root: Path, characters: dict[str, tuple[str, int]], *, failures=(), index_names=None,
-              shard_size: int | None = None) -> Path:
-    """A render-pair set: ``{id: (split, pairs)}``, one shard per character (or per ``shard_size``)."""
-    summaries, chars = [], {}
+              shard_size: int | None = None, version: int = 3) -> Path:
+    """A render-pair set: ``{id: (split, pairs)}``, one shard per character (or per ``shard_size``).
+    Format 3 stores each standard image once in its own tar; format 2 repeats it in every pair."""
+    summaries, chars, standards = [], {}, []
     for cid, (split, n) in characters.items():
         size = shard_size or max(n, 1)
         for start in range(0, n, size):
@@ -53,17 +54,23 @@ def write_set(root: Path, characters: dict[str, tuple[str, int]], *, failures=()
             with shards.ShardWriter(root, rel, split) as w:
                 for i in range(start, min(n, start + size)):
                     key = shards.sample_key(cid, i, 0)
-                    w.write(key, {"ref.png": _png(32, 48, True, 40 + 20 * i), "std.png": _png(32, 48, False, 200),
-                                  "ref_pose.json": shards.json_bytes(_pose(i % 7)),
-                                  "std_pose.json": shards.json_bytes(_pose(6)),
-                                  "meta.json": shards.json_bytes(_meta(cid, split, key, i))})
+                    members = {"ref.png": _png(32, 48, True, 40 + 20 * i),
+                               "ref_pose.json": shards.json_bytes(_pose(i % 7)),
+                               "std_pose.json": shards.json_bytes(_pose(6)),
+                               "meta.json": shards.json_bytes(_meta(cid, split, key, i))}
+                    if version == 2:
+                        members["std.png"] = _png(32, 48, False, 200)
+                    w.write(key, members)
                 summaries.append(w.close())
+        if version == 3:
+            standards.append(shards.write_standard(root, split, cid, _png(32, 48, False, 200), _pose(6), {}))
         chars[cid] = {"split": split, "standard_pose": _pose(6)}
         if index_names and cid in index_names:
             chars[cid]["name"] = index_names[cid]
     shards.write_index(root, summaries, {"per_character": 3, "settings": {"engine": "workbench", "width": 32,
                                                                             "height": 48}},
-                       list(failures), standard_pose=_pose(6), characters=chars)
+                       list(failures), standard_pose=_pose(6), characters=chars,
+                       standards=standards if version == 3 else None)
     return root
 
 
@@ -150,6 +157,14 @@ def test_asset_rejections_recorded_at_render_time_need_no_asset_folder(tmp_path)
     assert 'data-status="rejected"' in html and "0123456789abcdef" in html and "seed" in html
 
 
+def test_a_format_2_set_shows_the_standard_its_pairs_carry(tmp_path):
+    root = write_set(tmp_path / "s", {"c1": ("train", 2)}, version=2)
+    page = build_shards_report(root, tmp_path / "out")
+    html = page.read_text()
+    assert "serialgen.shards version 2" in html and 'alt="standard image"' in html
+    assert "0 B</td><td class=\"n\">" in html  # no standard tar bytes in a format 2 set
+
+
 def test_a_bare_set_says_what_is_not_recorded(tmp_path):
     root = write_set(tmp_path / "s", {"c1": ("train", 2)})
     html = build_shards_report(root, tmp_path / "out").read_text()
@@ -228,7 +243,13 @@ def asset_folder(tmp_path_factory) -> Path:
         manifest.make_record("motion", "builtin-walk", "builtin"),
         manifest.reject(manifest.make_record("motion", "bvh-bad", "bvh", path="/in/bad.bvh"),
                         "no_motion", "bad.bvh: no frames")])
-    poses.save_pose_library(poses.build_pose_library(60, seed=0), root / "poses.npz")
+    # a small hand-made library (building one takes a second): walk covers every phase bin, run and
+    # an imported clip do not
+    phase = np.array([k / 10 + 0.05 for k in range(10)] + [0.1, 0.5, 0.9] + [0.0, 0.2, 0.4, 0.6], dtype=np.float32)
+    index = np.array([0] * 10 + [1] * 3 + [2] * 4)
+    n, joints = len(phase), len(poses.PoseLibrary(np.zeros((0, 0, 3)), None, None, None, []).joint_names)
+    poses.save_pose_library(poses.PoseLibrary(np.zeros((n, joints, 3), np.float32), np.zeros((n, 3), np.float32),
+                                              index, phase, ["walk", "run", "mocap/take_01"]), root / "poses.npz")
     return root
 
 
@@ -236,7 +257,8 @@ def test_asset_page_counts_rejections_and_pose_coverage(asset_folder, tmp_path):
     page = build_assets_report(asset_folder, tmp_path / "out")
     html = page.read_text()
     assert "Statue.glb" in html and "no_armature" in html and "image_too_small" in html and "bad.bvh" in html
-    assert "60 poses" in html and "from 18 motion sets and 0 imported clips" in html
+    assert "17 poses" in html and "from 2 motion sets and 1 imported clip." in html
+    assert "phase bins without a pose: run, mocap/take_01 (clip)" in html
     assert HOSTILE not in html
     srcs = _srcs(html)
     assert len(srcs) == 3 + 3  # poses per motion, phase coverage, pose sheet; 3 background thumbnails
