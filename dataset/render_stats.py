@@ -63,8 +63,8 @@ NUMERIC_FIELDS: dict[str, _Bins] = {
     "azimuth": _Bins(0.0, 360.0, 24, "deg", "camera azimuth"),
     "elevation": _Bins(-90.0, 90.0, 36, "deg", "camera elevation"),
     "focal_mm": _Bins(10.0, 210.0, 40, "mm", "focal length (36 mm sensor)"),
-    # Mean luminance of the foreground (alpha-weighted) in [0, 1]: 0 black, 1 white.
-    "fg_luminance": _Bins(0.0, 1.0, 20, "", "exposure: foreground luminance"),
+    # The render's exposure measure: median luminance of the foreground in [0, 1] (0 black, 1 white).
+    "fg_luminance": _Bins(0.0, 1.0, 20, "", "exposure: foreground median luminance"),
     # Share of the defined keypoints that are visible (in frame and not occluded).
     "keypoint_visibility": _Bins(0.0, 1.0, 20, "", "keypoint visibility fraction"),
 }
