@@ -394,9 +394,9 @@ class _CacheBuildProgress(logging.Handler):
             if self.progress:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=len(self.STAGES), desc="anny cache", file=sys.stderr, dynamic_ncols=True,
-                                bar_format="{desc}: {n}/{total} |{bar}| {postfix} [{elapsed}]")
-                self.bar.set_postfix_str(self.STAGES[0][1])
+                self.bar = tqdm(total=len(self.STAGES), file=sys.stderr, dynamic_ncols=True,
+                                bar_format="{desc} {n}/{total} |{bar}| [{elapsed}]")
+                self.bar.set_description_str(f"anny cache: {self.STAGES[0][1]}")
                 # anny's data parsing is one long call: refresh the elapsed time meanwhile.
                 threading.Thread(target=self._tick, daemon=True).start()
         elif msg.startswith("Saved built model data to cache at "):
@@ -405,7 +405,7 @@ class _CacheBuildProgress(logging.Handler):
             if self.bar is not None:
                 self.bar.update(1)
                 nxt = [text for prefix, text in self.STAGES if not any(s.startswith(prefix) for s in self.saved)]
-                self.bar.set_postfix_str(nxt[0] if nxt else "done")
+                self.bar.set_description_str(f"anny cache: {nxt[0] if nxt else 'done'}")
 
     def _tick(self) -> None:
         while not self._stop.wait(1.0):

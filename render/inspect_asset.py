@@ -42,7 +42,7 @@ from serialgen.assets_manifest.manifest import format_bytes
 from serialgen.render import importers as imp
 from serialgen.render.bpy_utils import import_bpy, reset_scene
 
-__all__ = ["inspect_character", "sample_motions", "main"]
+__all__ = ["inspect_character", "sample_motions", "external_files_check", "main"]
 
 
 def _image_status(img) -> dict:
@@ -121,10 +121,12 @@ def _resource_check(p: Path, max_bytes: int | None) -> dict | None:
     return None
 
 
-def _external_files_check(p: Path, max_bytes: int | None) -> dict | None:
-    """After an import: every external file the data refers to (FBX texture paths, a .blend's
-    images, libraries, caches ...) must lie inside the asset's folder, judged from the path alone
-    before it is looked at, and the whole must stay under ``max_bytes``. A failure dict, or None."""
+def external_files_check(p: Path, max_bytes: int | None = None) -> dict | None:
+    """After an import of ``p``: every external file the loaded data refers to (FBX texture paths, a
+    .blend's images, libraries, caches ...) must lie inside ``p``'s folder, judged from the path
+    alone before it is looked at, and the whole must stay under ``max_bytes``. A failure dict
+    (``{"ok": False, "reason", "detail"}``), or None. The render path's loader can call it after its
+    own import of an FBX/.blend file that changed since the scan."""
     bpy = import_bpy()
     root = os.path.realpath(p.parent)
     paths = sorted({f for f in bpy.utils.blend_paths(absolute=True, packed=True) if f})
@@ -247,7 +249,7 @@ def inspect_character(path: str, max_bytes: int | None = None) -> dict:
     t0 = time.perf_counter()
     objects = imp.import_objects(p)
     t_import = time.perf_counter() - t0
-    failed = _external_files_check(p, max_bytes)
+    failed = external_files_check(p, max_bytes)
     if failed is not None:
         return failed
     bpy.context.view_layer.update()
@@ -315,7 +317,7 @@ def sample_motions(path: str, out_npz: str, max_fps: float = 30.0, max_bytes: in
     t0 = time.perf_counter()
     objects = imp.import_objects(p)
     t_import = time.perf_counter() - t0
-    failed = _external_files_check(p, max_bytes)
+    failed = external_files_check(p, max_bytes)
     if failed is not None:
         return failed
     arms = [o for o in objects if o.type == "ARMATURE"]

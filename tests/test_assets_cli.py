@@ -113,6 +113,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert len(_one_line_error(capsys, ["assets", "build", "--out", str(f)], "not a folder")) == 1
     assert len(_one_line_error(capsys, ["assets", "poses-preview", str(tmp_path), "--out", "x.png"],
                                "pose library not found")) == 1
+    _one_line_error(capsys, ["assets", "poses-preview", str(tmp_path), "--out", "x.png", "--per-motion", "0"],
+                    "--per-motion")
+    _one_line_error(capsys, ["assets", "build", "--out", out, "--seed", "abc"], "--seed")
+    _one_line_error(capsys, ["assets", "build"], "--out")
+    # Renamed flags stop with what to use (one line, exit 2).
+    assert len(_one_line_error(capsys, ["assets", "build", "--out", out, "--quiet"],
+                               "--quiet was renamed: use --no-progress")) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,7 +253,8 @@ def test_first_run_announces_the_anny_cache_build_and_keeps_only_what_is_read_ag
     first = subprocess.run([sys.executable, "-c", _FIRST_RUN], capture_output=True, text=True, env=env, timeout=1800)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "anny: first run on this machine: building its model cache" in first.stderr
-    assert "anny cache: 3/3" in first.stderr and "anny: model cache built in" in first.stderr
+    assert "anny cache: parsing MakeHuman data 0/3" in first.stderr and "anny cache: done 3/3" in first.stderr
+    assert "anny: model cache built in" in first.stderr
     kept = sorted(p.name for p in (tmp_path / "anny").rglob("*") if p.is_file())
     assert len(kept) == 1 and kept[0].startswith("build_compact_model_data_"), kept
     assert not list((tmp_path / "anny").glob(".build-*"))
