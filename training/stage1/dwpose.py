@@ -8,7 +8,7 @@ instead of cv2): the highest-scoring person box (class 0, score > 0.3 after NMS 
 1.25, warped to the pose input, and the 133 COCO-WholeBody keypoints are decoded and mapped onto our
 canonical 66 keypoints (OpenPose-18 body with the neck as the shoulders' mean, 6 foot points, 2x21
 hand points) plus the 68 face points, then drawn by the loader's renderer (`dataset/posemap.py`) so
-the map matches the training pose maps. Keypoints with score <= 0.3 are not drawn (DWPose's threshold).
+the map matches the training pose maps (the face points are not drawn: the training maps have none). Keypoints with score <= 0.3 are not drawn (DWPose's threshold).
 
 Optional: `pip install onnxruntime` (the `faces` extra). No weights are bundled or downloaded.
 """
@@ -139,4 +139,7 @@ class DWPoseOnnx:
         scores = np.minimum(simcc_x[0].max(-1), simcc_y[0].max(-1))
         keypoints = locs / np.array([self.pose_w, self.pose_h]) * scale + center - scale / 2
         pose = wholebody_to_canonical(keypoints, scores, (w, h))
+        # Drawn without the 68 face points: the training maps (rendered keypoints, the estimator's
+        # annotations) have none, and Stage I must see at inference the kind of map it trained on.
+        pose.face = np.zeros((0, 2), np.float32)
         return torch.from_numpy(draw_pose_map(pose, (w, h)).astype(np.float32) / 255.0).permute(2, 0, 1)
