@@ -24,9 +24,11 @@ _REGISTRARS = [
     ("serialgen.render.cli", "register"),
     ("serialgen.dataset.cli_shards", "register"),
     ("serialgen.dataset.cli", "register"),
+    ("serialgen.dataset.cli_estimate", "register"),
     ("serialgen.dataset.report.cli", "register"),
     ("serialgen.training.stage1.cli", "register"),
     ("serialgen.training.stage2.cli", "register"),
+    ("serialgen.training.stage2.cli_pairs", "register"),
 ]
 
 # Command groups shared by several parts: `serialgen <group> <command>`.

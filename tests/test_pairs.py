@@ -1,14 +1,12 @@
-"""Stage II pair shards (the ``serialgen.pairs`` schema of the tar-set layer): format round trip,
-verification, and pair building on (real, local) Ray Data (``ray`` tier)."""
+"""Stage II pair shards (the ``serialgen.pairs`` schema of the tar-set layer): format round trip and
+verification. Pair building is tested in tests/test_build_pairs.py."""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
-from pathlib import Path
 
-import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -23,7 +21,6 @@ from serialgen.dataset.pairs import (
     write_index,
 )
 from serialgen.dataset.tarset import TarSetError, read_member, scan_shard
-from serialgen.errors import UserInputError
 
 
 def _img(w: int, h: int, colour: tuple[int, int, int]) -> Image.Image:
@@ -115,107 +112,3 @@ def _png() -> bytes:
     buf = io.BytesIO()
     _img(4, 4, (9, 9, 9)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def local_ray():  # only the ray-tier tests below use it
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture()
-def corpus(tmp_path) -> Path:
-    root = tmp_path / "corpus"
-    for who, colour in [("alice", (200, 30, 30)), ("bob", (30, 30, 200))]:
-        (root / who).mkdir(parents=True)
-        for i in range(3):
-            _img(60 + 10 * i, 90, colour).save(root / who / f"{i}.jpg", quality=90)
-            (root / who / f"{i}.txt").write_text(f"{who} photo {i}\n")
-    rgba = Image.new("RGBA", (40, 60), (0, 0, 0, 0))
-    rgba.paste((0, 200, 0, 255), (10, 10, 30, 50))
-    rgba.save(root / "solo.png")
-    (root / "solo.json").write_text(json.dumps({"caption": "a solo shot", "identity": "carol"}))
-    (root / "broken.jpg").write_bytes(b"not an image")
-    return root
-
-
-@pytest.mark.ray
-def test_build_pairs_on_ray_and_resume(local_ray, corpus, tmp_path):
-    from serialgen.training.stage2.build_pairs import build_pairs
-
-    out = tmp_path / "pairs"
-    report = build_pairs(corpus, out, standardizer="identity", samples_per_shard=3, batch_size=2, progress=False)
-    assert report["inputs"] == 8 and report["shards"] == 3 and report["shards_built"] == 3
-    assert report["pairs"] == 7 and report["skipped"] == 1 and report["skip_reasons"] == {"unreadable image": 1}
-    assert verify_pairs(out)["ok"]
-
-    pairs = {s.meta["source"]: s for s in iter_pairs(out)}
-    assert sorted(pairs) == ["alice/0.jpg", "alice/1.jpg", "alice/2.jpg", "bob/0.jpg", "bob/1.jpg", "bob/2.jpg", "solo.png"]
-    a0 = pairs["alice/0.jpg"]
-    assert a0.caption == "alice photo 0" and a0.meta["identity"] == "alice"
-    assert a0.target == (corpus / "alice" / "0.jpg").read_bytes()  # JPEG targets are stored byte for byte
-    assert a0.image("std_ref").size == (512, 768) and "identity" in a0.meta["standardizer"]
-    # alt_ref: the next image of the same identity (cyclic), absent for a single-image identity
-    assert a0.meta["alt_source"] == "alice/1.jpg" and a0.alt_ref == (corpus / "alice" / "1.jpg").read_bytes()
-    assert pairs["bob/2.jpg"].meta["alt_source"] == "bob/0.jpg"
-    solo = pairs["solo.png"]
-    assert solo.caption == "a solo shot" and solo.meta["identity"] == "carol" and solo.alt_ref is None
-    assert solo.image("target").getpixel((0, 0))[0] > 240  # transparent background composited on white
-
-    # resume: a lost shard is rebuilt identically, complete shards are kept untouched
-    before = {p.name: p.read_bytes() for p in out.glob("pairs-*.tar")}
-    kept_mtime = (out / "pairs-000000.tar").stat().st_mtime_ns
-    (out / "pairs-000001.tar").unlink()
-    (out / "pairs-000002.json").unlink()  # a shard without its sidecar is not complete either
-    again = build_pairs(corpus, out, standardizer="identity", samples_per_shard=3, batch_size=2, progress=False)
-    assert again["shards_built"] == 2 and again["shards_kept"] == 1 and again["pairs"] == 7
-    assert {p.name: p.read_bytes() for p in out.glob("pairs-*.tar")} == before
-    assert (out / "pairs-000000.tar").stat().st_mtime_ns == kept_mtime
-    nothing = build_pairs(corpus, out, standardizer="identity", samples_per_shard=3, batch_size=2, progress=False)
-    assert nothing["shards_built"] == 0 and nothing["pairs"] == 7
-
-    # a different corpus into the same folder is refused, not mixed
-    _img(10, 10, (1, 1, 1)).save(corpus / "zed.jpg")
-    with pytest.raises(UserInputError, match="different input list"):
-        build_pairs(corpus, out, standardizer="identity", samples_per_shard=3, progress=False)
-
-
-@pytest.mark.ray
-def test_build_pairs_from_webdataset_shards(local_ray, tmp_path):
-    from serialgen.training.stage2.build_pairs import build_pairs, discover_inputs
-
-    tar_path = tmp_path / "laion-000.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for i in range(3):
-            buf = io.BytesIO()
-            _img(30, 45, (10 * i, 100, 100)).save(buf, format="JPEG")
-            for ext, data in [("jpg", buf.getvalue()), ("txt", f"caption {i}".encode()),
-                              ("json", json.dumps({"identity": "same"}).encode())]:
-                info = tarfile.TarInfo(f"s{i}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    items = discover_inputs(tmp_path)
-    assert [it.source for it in items] == ["laion-000.tar#s0", "laion-000.tar#s1", "laion-000.tar#s2"]
-    assert [it.alt for it in items] == [1, 2, 0]
-    report = build_pairs(tar_path, tmp_path / "pairs", standardizer="identity", samples_per_shard=10, progress=False)
-    assert report["pairs"] == 3
-    caps = [s.caption for s in iter_pairs(tmp_path / "pairs")]
-    assert caps == ["caption 0", "caption 1", "caption 2"]
-
-
-def test_bad_inputs_are_one_line_errors(tmp_path):
-    from serialgen.training.stage2.build_pairs import build_pairs, load_standardizer
-
-    with pytest.raises(UserInputError, match="--input: .*nowhere not found"):
-        build_pairs(tmp_path / "nowhere", tmp_path / "out")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserInputError, match="holds no images"):
-        build_pairs(tmp_path / "empty", tmp_path / "out")
-    with pytest.raises(UserInputError, match="--checkpoint: .*Stage I checkpoint folder"):
-        load_standardizer(str(tmp_path / "no-ckpt"))
-    with pytest.raises(TarSetError, match="index.json: not found; expected a pair set written by `serialgen standardize`"):
-        read_index(tmp_path)
-    np.testing.assert_array_equal(np.asarray(load_standardizer("identity")([_img(20, 20, (5, 5, 5))])[0])[0, 0], [255, 255, 255])

@@ -1,17 +1,17 @@
 """Stage I commands: `serialgen train stage1`, `serialgen standardize`, `serialgen eval standardization`.
 
-Stage II extends `standardize` with `--pairs` (pair building, :mod:`serialgen.training.stage2.cli`).
+Pair building for Stage II (Stage I over real pictures) is its own command, `serialgen pairs build`
+(:mod:`serialgen.training.stage2.cli_pairs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from serialgen.errors import UserInputError
-from serialgen.resolution import add_resolution_argument
+from serialgen.resolution import add_renamed_flags, add_resolution_argument
 from serialgen.training.common.config import positive_int
 from serialgen.training.stage1.config import INFERENCE_DTYPES
 
@@ -89,7 +89,12 @@ def _standardize(args: argparse.Namespace) -> int:
     from serialgen.training.common.run_log import to_uint8_image
     from serialgen.training.stage1.data import batch_to_device, open_stage1_dataset
     from serialgen.training.stage1.pipeline import StandardizePipeline, inference_dtype
-    from serialgen.training.stage1.reference_inputs import BlankPose, WhiteBackgroundMask, list_images, load_reference
+    from serialgen.training.stage1.reference_inputs import (
+        ReferencePreparer,
+        list_images,
+        load_reference,
+        reference_options,
+    )
 
     device = _device(args.device)
     pipe = StandardizePipeline.from_checkpoint(args.checkpoint, device=device, dtype=inference_dtype(args.dtype, device),
@@ -113,15 +118,11 @@ def _standardize(args: argparse.Namespace) -> int:
         samples = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
         items = ((s.get("__key__") or f"sample-{i:06d}", batch_to_device(s, "cpu")) for i, s in enumerate(samples))
     else:
-        pose = _pose_estimator(args) or BlankPose()
-        if isinstance(pose, BlankPose):
-            print("serialgen: no pose estimator given (--dwpose-det/--dwpose-pose): using a blank reference pose map",
-                  file=sys.stderr)
-        mask = WhiteBackgroundMask(args.white_threshold)
+        prepare = ReferencePreparer(**reference_options(args))  # the person estimator by default (--mask/--pose)
         pictures = list_images(args.input)
         if single_file and len(pictures) > 1:
             raise UserInputError(f"--out {out}: {args.input} holds {len(pictures)} images; pass a folder")
-        items = ((p.stem, load_reference(p, resolution, pose=pose, mask=mask)) for p in pictures)
+        items = ((p.stem, prepare(p, resolution)) for p in pictures)
     (out.parent if single_file else out).mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     written = 0
@@ -151,16 +152,6 @@ def _standardize(args: argparse.Namespace) -> int:
     flush()
     print(f"standardized {written} image(s) -> {out}")
     return 0
-
-
-def _pose_estimator(args: argparse.Namespace):
-    if not (args.dwpose_det or args.dwpose_pose):
-        return None
-    if not (args.dwpose_det and args.dwpose_pose):
-        raise UserInputError("--dwpose-det and --dwpose-pose go together (yolox_l.onnx and dw-ll_ucoco_384.onnx)")
-    from serialgen.training.stage1.dwpose import DWPoseOnnx
-
-    return DWPoseOnnx(args.dwpose_det, args.dwpose_pose)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -247,12 +238,12 @@ def register(sub, groups) -> None:
                             help="model input size (default: the checkpoint config's data.resolution)")
     p.add_argument("--std-pose", help="target pose map image (default: pictures get the reference figure's canonical "
                    "map stored in the checkpoint; shard samples their character's own)")
-    p.add_argument("--dwpose-det", help="DWPose detector ONNX (yolox_l.onnx), local path; needs onnxruntime")
-    p.add_argument("--dwpose-pose", help="DWPose pose ONNX (dw-ll_ucoco_384.onnx), local path")
+    from serialgen.training.stage1.reference_inputs import add_reference_arguments
+
+    add_reference_arguments(p)  # --mask, --pose, --white-threshold, --dwpose-det, --dwpose-pose
+    add_renamed_flags(p, {"--pairs": "serialgen pairs build (pair building is its own command)"})
     p.add_argument("--backgrounds", help="shard input: background images to composite the references onto "
                    "(default: procedural colour fields)")
-    p.add_argument("--white-threshold", type=float, default=0.94,
-                   help="pictures without alpha: pixels whose every channel is at least this (0-1) are background (default 0.94)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     p.set_defaults(handler=_standardize)

@@ -1,10 +1,6 @@
-"""Stage II commands: `serialgen train stage2`, `serialgen generate`, `serialgen eval personalization`,
-and the pair-building mode of `serialgen standardize`.
+"""Stage II commands: `serialgen train stage2`, `serialgen generate`, `serialgen eval personalization`.
 
-`serialgen standardize` is Stage I's command (:mod:`serialgen.training.stage1.cli`, registered first):
-building Stage II pairs is running Stage I over real pictures, so ``--pairs`` and the pair options are
-added to its parser, and ``--pairs`` runs :func:`serialgen.training.stage2.build_pairs.run_build_pairs`
-while everything else goes to Stage I's handler. Stage I knows nothing of Stage II.
+Pair building (Stage I over real pictures) is `serialgen pairs build`: :mod:`serialgen.training.stage2.cli_pairs`.
 """
 
 from __future__ import annotations
@@ -113,22 +109,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extend_standardize(sub) -> None:
-    from serialgen.training.stage2.build_pairs import add_pair_arguments, run_build_pairs
-
-    p = sub.choices["standardize"]
-    stage1_handler = p.get_default("handler")
-    add_pair_arguments(p)
-
-    def handler(args: argparse.Namespace) -> int:
-        return run_build_pairs(args) if args.pairs else stage1_handler(args)
-
-    p.set_defaults(handler=handler)
-
-
 def register(sub, groups) -> None:
-    """Add `train stage2`, `eval personalization`, the top-level `generate`, and `standardize --pairs`."""
-    _extend_standardize(sub)
+    """Add `train stage2`, `eval personalization` and the top-level `generate`."""
     p = groups["train"].add_parser(
         "stage2", help="train the Stage II IP-Adapter (SDXL) on pair shards",
         description="Train (or resume, when --output-dir holds checkpoints) IP-Adapter Full on a frozen SDXL. "
