@@ -47,5 +47,11 @@ shards: $(STAMP)
 	$(VENV)/bin/serialgen shards verify $(SHARDS_DIR)
 	$(VENV)/bin/serialgen report $(SHARDS_DIR) --assets $(ASSETS_DIR)
 
+# The person estimator's own venv (MediaPipe 0.10.21: its models ship in its wheel; its pins clash
+# with ours, so it is not in .venv). Once per machine, about a minute and ~1 GB from PyPI.
+ESTIMATOR_VENV ?= $(HOME)/.cache/serialgen/estimator-mediapipe-0.10.21
+estimator: $(STAMP)
+	$(VENV)/bin/serialgen estimator setup --venv $(ESTIMATOR_VENV)
+
 clean:
 	rm -rf $(VENV) data build *.egg-info
