@@ -202,8 +202,12 @@ def test_a_damaged_shard_is_a_note_not_a_failure(tmp_path):
     root = write_set(tmp_path / "s", {"c1": ("train", 3), "c2": ("train", 2)})
     bad = root / "train" / "c2-p000000-000002.tar"
     bad.write_bytes(b"\0garbage" * 10)
+    (root / "train" / "standard" / "c1.tar").write_bytes(b"")
     html = build_shards_report(root, tmp_path / "out").read_text()
     assert "train/c2-p000000-000002.tar: " in html and "From all 3 samples" not in html
+    assert "c1: standard image left out (" in html and "standard/c1.tar" in html
+    assert "train/c2-p000000-000002.tar: unreadable" in html and "its character is shown without pictures" in html
+    assert html.count('alt="reference') == 3  # c1's references still shown
 
 
 def test_rerun_replaces_the_report_and_a_foreign_folder_is_refused(tmp_path):

@@ -34,6 +34,7 @@ __all__ = ["build_shards_report"]
 _KEY_RE = re.compile(r"^(?P<character>[A-Za-z0-9_-]+)_p\d+_v\d+$")
 _REF_THUMB_H = 128
 _STD_THUMB_H = 160
+_MAX_NOTES = 200  # a set with thousands of damaged shards gets a count, not a wall of lines
 _STATUS_ORDER = {"quarantined": 0, "failures": 1, "rejected": 2, "ok": 3}
 
 
@@ -218,10 +219,7 @@ class _ShardSet:
     def standard_png(self, ch: dict, first_shard_table) -> bytes | None:
         """The character's standard image: its standard tar (format 3) or, before, any sample's std.png."""
         if ch["standard"]:
-            path = self.root / ch["standard"]
-            for _key, members in tarset.iter_samples(path):
-                return members.get("std.png")
-            return None
+            return shards.read_standard(self.root / ch["standard"], ch["id"])["std.png"]
         if first_shard_table:
             path = self.root / ch["shards"][0]["path"]
             _key, offsets = first_shard_table[0]
@@ -361,18 +359,25 @@ def _cards(page: Page, s: _ShardSet, characters: list[dict], max_characters: int
         strip = []
         if ch["shards"]:
             path = s.root / ch["shards"][0]["path"]
+            entries = []
             try:
                 entries = s.table(path)
+            except (OSError, tarfile.TarError, ValueError) as exc:
+                s.notes.append(f"{ch['shards'][0]['path']}: pictures left out ({type(exc).__name__}: {exc})")
+            try:
                 std = s.standard_png(ch, entries)
                 if std:
                     src = page.pil(f"{n:04d}-std", _thumb(std, _STD_THUMB_H))
                     strip.append(f'<img class="std" src="{src}" alt="standard image" title="standard image">')
+            except (OSError, tarfile.TarError, ValueError) as exc:
+                s.notes.append(f"{ch['name']}: standard image left out ({exc})")
+            try:
                 for k, members in enumerate(_read_sample_members(path, entries[:per_card], ("ref.png",))):
                     if "ref.png" in members:
                         src = page.pil(f"{n:04d}-ref{k}", _thumb(members["ref.png"], _REF_THUMB_H))
                         strip.append(f'<img src="{src}" alt="reference {k + 1}">')
             except (OSError, tarfile.TarError, ValueError) as exc:
-                s.notes.append(f"{ch['shards'][0]['path']}: pictures left out ({type(exc).__name__}: {exc})")
+                s.notes.append(f"{ch['shards'][0]['path']}: references left out ({type(exc).__name__}: {exc})")
         reasons = []
         if ch["status"] == "rejected":
             reasons.append(f"rejected by the asset build: {rec.get('reason')}: {rec.get('detail', '')}")
@@ -419,5 +424,7 @@ def build_shards_report(root: str | Path, out: str | Path, *, assets: str | Path
     page.section("Failures, quarantine, rejections", _failures_section(s, characters), "failures")
     page.section("Characters", _cards(page, s, characters, max_characters, pairs_per_character), "characters")
     if s.notes:
-        page.section("Notes", "<ul>" + "".join(f'<li class="warn">{esc(n)}</li>' for n in s.notes) + "</ul>", "notes")
+        more = f'<li class="note">and {len(s.notes) - _MAX_NOTES:,} more</li>' if len(s.notes) > _MAX_NOTES else ""
+        page.section("Notes", "<ul>" + "".join(f'<li class="warn">{esc(n)}</li>' for n in s.notes[:_MAX_NOTES])
+                     + more + "</ul>", "notes")
     return page.write()
