@@ -32,6 +32,7 @@ __all__ = [
     "load_stage1_config",
     "check_model_paths",
     "check_training_data",
+    "parse_synthetic_spec",
 ]
 
 
@@ -151,6 +152,16 @@ class Stage1Config:
             raise UserInputError(f"{self.source}: model.pretrained_model is required unless model.tiny is true")
 
 
+def parse_synthetic_spec(spec: str) -> int | None:
+    """``synthetic:N`` -> N (the toy data set of :mod:`serialgen.training.stage1.data`); anything else -> None."""
+    if not spec.startswith("synthetic:"):
+        return None
+    try:
+        return int(spec.split(":", 1)[1])
+    except ValueError:
+        raise UserInputError(f"{spec!r}: expected synthetic:N with N an integer") from None
+
+
 def check_training_data(config: Stage1Config) -> None:
     """One-line errors for training data the run cannot or should not use, before any heavy import.
 
@@ -162,7 +173,11 @@ def check_training_data(config: Stage1Config) -> None:
     if not d.train_shards:
         raise UserInputError(f"{config.source}: no training data: set data.train_shards or pass --train-shards "
                              "(shards, or synthetic:N)")
-    if d.train_shards.startswith("synthetic:") or d.backgrounds or d.procedural_backgrounds:
+    for spec in (d.train_shards, d.val_shards):
+        count = parse_synthetic_spec(spec or "")
+        if count is not None and count < 1:
+            raise UserInputError(f"{config.source}: {spec}: the synthetic data set needs at least 1 sample")
+    if parse_synthetic_spec(d.train_shards) is not None or d.backgrounds or d.procedural_backgrounds:
         return
     raise UserInputError(f"{config.source}: data.backgrounds is not set: references would be composited onto procedural "
                          "colour fields; pass --backgrounds DIR (images, or an assets folder), or "

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from serialgen.errors import UserInputError
+from serialgen.training.stage1.config import parse_synthetic_spec
 
 __all__ = [
     "SyntheticStandardizationDataset",
@@ -159,16 +160,6 @@ def canonical_pose_map(resolution: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(draw_pose_map(pose, (width, height))).permute(2, 0, 1).float().div(255.0)
 
 
-def _parse_synthetic_spec(spec: str) -> int | None:
-    """`synthetic:N` -> N; anything else -> None."""
-    if not spec.startswith("synthetic:"):
-        return None
-    try:
-        return int(spec.split(":", 1)[1])
-    except ValueError:
-        raise UserInputError(f"{spec!r}: expected synthetic:N with N an integer") from None
-
-
 def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, split: str = "train",
                         infinite: bool = False, backgrounds: str | None = None, epoch_length: int | None = None,
                         canonical_share: float = 0.0) -> Dataset:
@@ -180,7 +171,7 @@ def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, sp
     (convert with :func:`batch_to_device`). The synthetic data has no split (train and test are
     different seeds) and its toy figure has no canonical pose.
     """
-    count = _parse_synthetic_spec(spec)
+    count = parse_synthetic_spec(spec)
     if count is not None:
         return SyntheticStandardizationDataset(count, resolution, seed=seed if split == "train" else seed + 7919)
     from serialgen.dataset.loader import open_dataset
