@@ -18,7 +18,7 @@ PER_CHAR    ?= 12
 RESOLUTION  ?= 256x384
 WORKERS     ?= 2
 
-.PHONY: test test-fast shards install clean bench
+.PHONY: test test-fast shards install clean bench gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ shards: $(STAMP)
 ESTIMATOR_VENV ?= $(HOME)/.cache/serialgen/estimator-mediapipe-0.10.21
 estimator: $(STAMP)
 	$(VENV)/bin/serialgen estimator setup --venv $(ESTIMATOR_VENV)
+
+## GPU readiness on a lent GPU machine (docs/stage1.md): paper-size Stage I/II steps and Stage I inference,
+## from source, no install; needs no venv (the machine's python3 with torch); diffusers from a carried .whl/
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --json gpu-check.json $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) data build *.egg-info
