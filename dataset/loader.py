@@ -6,28 +6,30 @@ A stock WebDataset pipeline (``webdataset.DataPipeline`` of ``SimpleShardList`` 
 clear error instead of a hang, seeds that make every run reproducible, and a count of every skipped
 sample or shard (a warning summary when a reader finishes; never a crash on bad data).
 
-Per sample (``batch_size=None``) or per batch (a leading ``B`` dimension):
+Per sample (``batch_size=None``) or per batch (a leading ``B`` dimension), by default
+(``dtype="uint8"``, the fast path training uses: 4x fewer bytes written and sent between processes,
+converted on the device by ``to_model_range``):
 
 =================  ==========================  ===========================================================
 key                shape, dtype                meaning
 =================  ==========================  ===========================================================
-``ref``            (3, H, W) float32 [-1, 1]   the reference composited onto a random background
-``ref_mask``       (1, H, W) float32 {0, 1}    1 = background (from alpha >= 128, transformed with ``ref``)
-``ref_pose``       (3, H, W) float32 [0, 1]    OpenPose/DWPose map of the reference keypoints
-``std``            (3, H, W) float32 [-1, 1]   the standard image (fit into H x W, padded white)
-``std_pose``       (3, H, W) float32 [0, 1]    the canonical standard-pose map (or per character)
+``ref``            (3, H, W) uint8 0..255      the reference composited onto a random background
+``ref_mask``       (1, H, W) uint8 {0, 1}      1 = background (from alpha >= 128, transformed with ``ref``)
+``ref_pose``       (3, H, W) uint8 0..255      OpenPose/DWPose map of the reference keypoints
+``std``            (3, H, W) uint8 0..255      the standard image (fit into H x W, padded white)
+``std_pose``       (3, H, W) uint8 0..255      the character's standard-pose map (or the canonical one)
 ``ref_keypoints``  (66, 3) float32             [x, y, visible] in output pixels, ``KEYPOINT_NAMES`` order
 ``meta``           dict                        ``meta.json`` as stored
 ``__key__``        str                         the sample key; ``__url__`` the shard
 =================  ==========================  ===========================================================
 
-Images (the VAE's inputs) are ``x / 127.5 - 1``; pose maps are conditioning images in [0, 1]
-(``x / 255``, as ControlNet and Animate Anyone's pose guider take them). Single samples are
-contiguous; batches (``batch_size=B``: collated inside the workers) are (B, C, H, W) in
-``torch.channels_last`` memory (the HWC bytes as decoded: no transpose copy on the CPU; call
-``.contiguous()`` on the device if a consumer needs it). With ``dtype="uint8"`` images and pose
-maps stay uint8 0..255 and masks 0/1 (4x fewer bytes to write and to send between processes);
-``to_model_range`` converts a sample or batch on any device.
+``to_model_range`` (on any device) gives the model's ranges: images (the VAE's inputs)
+``x / 127.5 - 1`` in [-1, 1], pose maps conditioning images ``x / 255`` in [0, 1] (as ControlNet and
+Animate Anyone's pose guider take them), masks float {0, 1}; ``dtype="float32"`` does that in the
+worker instead (4x the bytes: for tools, not training). Single samples are contiguous; batches
+(``batch_size=B``: collated inside the workers) are (B, C, H, W) in ``torch.channels_last`` memory
+(the HWC bytes as decoded: no transpose copy on the CPU; call ``.contiguous()`` on the device if a
+consumer needs it).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import torch.utils.data
 from PIL import Image
 
 from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
+from serialgen.dataset.annotations import ANNOTATION_DIR, AnnotationReader, EstimateMixer
 from serialgen.dataset.compositing import (
     BackgroundPool,
     CompositeConfig,
@@ -105,7 +108,10 @@ class LoaderConfig:
     the index's ``standard_pose`` if any, else the reference figure at the size of the first
     sample's std_pose.json (read once in the main process so every rank and worker agrees).
     integrity_check: check every PNG member's chunk CRCs before decoding (damaged members that
-    would still decode are skipped and counted). rank / world_size: None = from torch.distributed
+    would still decode are skipped and counted). estimated_share: the probability that a sample's
+    reference mask and pose map are the person estimator's instead of the exact ones (train as you
+    infer; from ``annotations``, default ``<shard set>/annotations``, written by `serialgen shards
+    annotate`; docs/estimator.md). rank / world_size: None = from torch.distributed
     or the RANK / WORLD_SIZE environment (as webdataset does).
     """
 
@@ -128,7 +134,9 @@ class LoaderConfig:
     background_jitter: float = 0.15
     std_cache: int = 8
     integrity_check: bool = True
-    dtype: str = "float32"
+    estimated_share: float = 0.0
+    annotations: str | None = None
+    dtype: str = "uint8"
     batch_size: int | None = None
     partial_batches: bool = True
     rank: int | None = None
@@ -142,6 +150,8 @@ class LoaderConfig:
             raise UserInputError(f"std_pose={self.std_pose!r}: expected 'canonical' or 'per_character'")
         if not 0.0 <= float(self.canonical_share) <= 1.0:
             raise UserInputError(f"canonical_share={self.canonical_share}: expected a probability in [0, 1]")
+        if not 0.0 <= float(self.estimated_share) <= 1.0:
+            raise UserInputError(f"estimated_share={self.estimated_share}: expected a probability in [0, 1]")
         if self.dtype not in ("float32", "uint8"):
             raise UserInputError(f"dtype={self.dtype!r}: expected 'float32' or 'uint8'")
         if self.batch_size is not None and self.batch_size < 1:
@@ -684,6 +694,10 @@ class RenderPairDataset(torch.utils.data.IterableDataset):
             cfg = LoaderConfig(**{**asdict(cfg), **overrides})
         self.config = cfg
         self.urls, index, root = _resolve(shards, cfg.split)
+        self.annotations = None
+        if cfg.estimated_share > 0:  # checked here, in the main process: a missing set is one line
+            self.annotations = cfg.annotations or str(Path(root or ".") / ANNOTATION_DIR)
+            AnnotationReader(self.annotations)
         if not self.urls:
             raise UserInputError(f"shards: {shards} lists no shard")
         self.background_paths = list_background_images(backgrounds)
@@ -828,6 +842,7 @@ class _SampleProcessor:
         self.std_cache: OrderedDict = OrderedDict()
         self.std_failures: dict = {}  # character -> (reason, detail): standards that cannot be read
         self.standard_paths, self.character_poses = ds.standard_paths, ds.character_poses
+        self.estimates = EstimateMixer(ds.annotations, cfg.estimated_share, cfg.resolution) if ds.annotations else None
         self.canonical_map = None
         if ds.canonical_pose is not None:
             p = ds.canonical_pose
@@ -963,9 +978,12 @@ class _SampleProcessor:
             return None
         self.stats.samples += 1
         composite = _Composite(placed, background)
+        ref_mask, ref_pose = composite, draw_pose_region(placed.pose, self.cfg.resolution)
+        if self.estimates is not None:  # the estimator's mask and pose, placed like the render
+            ref_mask, ref_pose = self.estimates.apply(url, key, placed, self.rng) or (ref_mask, ref_pose)
         return {
             "__key__": key, "__url__": url, "meta": meta,
-            "ref": composite, "ref_mask": composite, "ref_pose": draw_pose_region(placed.pose, self.cfg.resolution),
+            "ref": composite, "ref_mask": ref_mask, "ref_pose": ref_pose,
             "std": std, "std_pose": std_pose, "ref_keypoints": placed.pose.as_array(),
         }
 

@@ -252,3 +252,52 @@ def test_no_person_annotation_gives_the_no_estimate_inputs(tmp_path):
     record = json.loads(tarset.read_member(tmp_path / "train" / "shard-a.tar",
                                            *dict(tarset.scan_shard(tmp_path / "train" / "shard-a.tar"))["k1"]["est_pose.json"]))
     assert record["person"] is False
+
+
+def test_loader_mixes_in_the_estimates_placed_like_the_render(tmp_path):
+    """LoaderConfig.estimated_share: 0 yields exactly what it yielded before (no extra draw); 1 gives
+    every annotated sample the estimator's mask and pose, on the composite's own placement."""
+    from test_loader_synth import write_synthetic_shards
+
+    from serialgen.dataset.loader import LoaderConfig, RenderPairDataset
+    from serialgen.errors import UserInputError
+
+    size = (64, 96)
+    (shard,) = write_synthetic_shards(tmp_path, n_shards=1, per_shard=3, size=size)
+    keys = [k for k, _ in tarset.iter_samples(shard)]
+    out = tmp_path / annotations.ANNOTATION_DIR
+    fg = np.zeros((96, 64), bool)
+    fg[20:80, 16:48] = True  # the "estimated" person: a box
+    pose = Pose(np.zeros((66, 2), np.float32), np.zeros(66, bool), size, np.zeros((0, 2), np.float32))
+    pose.xy[0], pose.visible[0] = (32.0, 30.0), True
+    with tarset.TarWriter(out / "train" / shard.name, annotations.SCHEMA) as w:
+        for i, key in enumerate(keys):
+            est = PersonEstimate(size, i != 1, fg.astype(np.uint8) * 255 if i != 1 else None, pose,
+                                 np.zeros(66, np.float32), 0.9, 1, (16, 20, 48, 80))
+            w.write(key, {"est_mask.png": annotations._encode_mask(est.foreground()),
+                          "est_pose.json": annotations.tarset_json(est.pose_record("t"))})
+        summary = w.close()
+    tarset.write_index(out, annotations.SCHEMA, {"shards": [{"path": f"train/{shard.name}", "split": "train",
+                                                              "samples": 3, "bytes": summary.bytes,
+                                                              "sha256": summary.sha256}]})
+
+    def samples(**kw):
+        cfg = LoaderConfig(resolution=size, shuffle_buffer=0, seed=5, dtype="uint8", **kw)
+        return {s["__key__"]: s for s in RenderPairDataset(tmp_path, None, cfg)}
+
+    exact, before, mixed = samples(), samples(estimated_share=0.0), samples(estimated_share=1.0)
+    for key in keys:
+        for k in ("ref", "ref_mask", "ref_pose"):
+            assert torch.equal(exact[key][k], before[key][k])
+    # the first sample's composite and exact keypoints are untouched (later ones differ: one more draw each)
+    assert torch.equal(exact[keys[0]]["ref"], mixed[keys[0]]["ref"])
+    assert torch.equal(exact[keys[0]]["ref_keypoints"], mixed[keys[0]]["ref_keypoints"])
+    found, nobody = mixed[keys[0]], mixed[keys[1]]
+    assert not torch.equal(found["ref_mask"], exact[keys[0]]["ref_mask"])
+    assert found["ref_mask"].float().mean() > 0.3 and (found["ref_mask"] == 0).any()
+    assert nobody["ref_mask"].sum() == 0 and nobody["ref_pose"].sum() == 0  # the "no estimate" inputs
+    with pytest.raises(UserInputError, match=r"estimated_share=2: expected a probability in \[0, 1\]"):
+        LoaderConfig(estimated_share=2)
+    with pytest.raises(tarset.TarSetError, match="elsewhere/index.json: not found; expected an annotation set"):
+        RenderPairDataset(tmp_path, None, LoaderConfig(resolution=size, estimated_share=0.5,
+                                                       annotations=str(tmp_path / "elsewhere")))
