@@ -114,9 +114,23 @@ def _uniform_colour(materials: list[dict], missing: set[str]) -> list[float] | N
     return None
 
 
+def _resources_changed(rec: dict) -> bool:
+    """Whether an external file the record's character read (``stats.resources``) changed since."""
+    for r in (rec.get("stats") or {}).get("resources") or []:
+        try:
+            now = file_stats(r["path"])
+        except (OSError, KeyError, TypeError):
+            now = {"file_size": None, "mtime_ns": None}
+        if now != {"file_size": r.get("file_size"), "mtime_ns": r.get("mtime_ns")}:
+            return True
+    return False
+
+
 def record_from_facts(path: Path, sha: str, facts: dict | ProbeFailure, *,
-                      allow_texture_fallback: bool = False, allow_untextured: bool = False) -> dict:
-    """Decide a character record from the probe's facts (see the module table)."""
+                      allow_texture_fallback: bool = False, allow_untextured: bool = False,
+                      previous: dict | None = None) -> dict:
+    """Decide a character record from the probe's facts (see the module table). ``previous``: the
+    file's record of an earlier scan; its texture means give a missing image's fallback colour."""
     kind = CHARACTER_EXTS.get(path.suffix.lower(), "unknown")
     rec_id = f"char-{sha[:12]}"
     base = {"path": str(path), "sha256": sha, "display_name": display_name(path, sha)}
@@ -156,8 +170,9 @@ def record_from_facts(path: Path, sha: str, facts: dict | ProbeFailure, *,
     if not mapping.get("accepted"):
         return rejected(mapping.get("reason") or "not_humanoid", mapping.get("detail") or "not a humanoid", stats,
                         bone_map=mapping.get("bone_map") or {})
+    stats["resources"] = facts.get("resources") or []
     textures = facts.get("textures") or []
-    stats["textures"] = [{k: t.get(k) for k in ("name", "status", "size")} for t in textures]
+    stats["textures"] = [{k: t[k] for k in ("name", "status", "size", "mean_linear") if k in t} for t in textures]
     bad = {s: [t["name"] for t in textures if t.get("status") == s] for s in ("missing", "unreadable", "blank")}
     if bad["unreadable"]:
         return rejected("texture_unreadable", "unreadable image texture(s): " + ", ".join(bad["unreadable"]), stats)
@@ -170,10 +185,18 @@ def record_from_facts(path: Path, sha: str, facts: dict | ProbeFailure, *,
                             " (--allow-texture-fallback renders them in a flat colour)", stats)
         stats["texture_fallback"] = True
         stats["missing_textures"] = bad["missing"]
-        fallback = [{"image": t["name"], "material": t.get("material"),
-                     "colour": [round(float(v), 4) for v in (t.get("fallback_colour") or [0.8, 0.8, 0.8, 1.0])],
-                     "source": t.get("fallback_source") or "base_colour"}
-                    for t in textures if t.get("status") == "missing"]
+        # The mean of a missing image is known when an earlier scan read it.
+        known = {t["name"]: t["mean_linear"] for t in ((previous or {}).get("stats") or {}).get("textures") or []
+                 if isinstance(t, dict) and t.get("status") == "ok" and t.get("mean_linear")}
+        fallback = []
+        for t in textures:
+            if t.get("status") != "missing":
+                continue
+            mean = known.get(t["name"])
+            colour = mean if mean is not None else (t.get("fallback_colour") or [0.8, 0.8, 0.8, 1.0])
+            fallback.append({"image": t["name"], "material": t.get("material"),
+                             "colour": [round(float(v), 4) for v in colour],
+                             "source": "image_mean" if mean is not None else t.get("fallback_source") or "base_colour"})
     materials = facts.get("materials") or []
     stats["materials"] = len(materials)
     uniform = _uniform_colour(materials, set(bad["missing"]))
@@ -238,15 +261,18 @@ def scan_characters(paths, previous_records=(), *, probe: AssetProbe, workers: i
     (``manifest.walk_inputs``: other formats ``unsupported_format``, links leading out
     ``resource_outside_asset``, broken links, FIFOs, files over ``max_bytes`` ``too_large``).
     Unchanged files reuse their previous record when it was decided with the same rules and
-    options (``stats.scan``); new or changed files are read by ``probe.inspect_character``,
+    options (``stats.scan``) and the external files it read are unchanged (``stats.resources``); new or changed files are read by ``probe.inspect_character``,
     ``workers`` files at a time (default 2, fewer on a 1-core machine)."""
     entries = walk_inputs(paths, CHARACTER_EXTS, max_bytes, what="character")
     files = [e.path for e in entries if e.reason is None]
     key = {"version": SCAN_VERSION, "allow_texture_fallback": bool(allow_texture_fallback),
            "allow_untextured": bool(allow_untextured)}
-    previous_records = [r for r in previous_records or () if (r.get("stats") or {}).get("scan") == key
-                        and r.get("reason") != "too_large"]
-    by_path = {str(r.get("path")): r for r in previous_records if r.get("path")}
+    earlier = {str(r.get("path")): r for r in previous_records or () if r.get("path")}
+    # Reused only when decided by the same rules and options, and when no external file it read
+    # (textures, buffers) changed since: a texture deleted or swapped for a link is judged again.
+    previous_records = [r for r in earlier.values() if (r.get("stats") or {}).get("scan") == key
+                        and r.get("reason") != "too_large" and not _resources_changed(r)]
+    by_path = {str(r.get("path")): r for r in previous_records}
     todo = []
     for f in files:
         prev = by_path.get(str(f))
@@ -261,7 +287,7 @@ def scan_characters(paths, previous_records=(), *, probe: AssetProbe, workers: i
         fut = futures.get(str(path))
         facts = fut.result() if fut is not None else probe.inspect_character(path, max_bytes=max_bytes)
         rec = record_from_facts(path, sha, facts, allow_texture_fallback=allow_texture_fallback,
-                                allow_untextured=allow_untextured)
+                                allow_untextured=allow_untextured, previous=earlier.get(str(path)))
         rec["stats"]["scan"] = key
         return rec
 

@@ -257,6 +257,7 @@ def probe_gltf(path, max_bytes: int | None = None) -> dict:
             "skins": len(_items(doc, "skins")), "meshes": len(_items(doc, "meshes")),
             "animations": animations, "images": images, "missing_images": missing_images,
             "missing_buffers": missing_buffers, "resource_bytes": total, "vrm": _vrm(doc),
+            "external_files": sorted({str(f) for _w, _k, _u, f in resolved}),
             "materials": _material_colours(doc),
         }
     except GltfError as e:

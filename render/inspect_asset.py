@@ -73,6 +73,12 @@ def _image_status(img) -> dict:
         info["size"] = [int(w), int(h)]
         info["std"] = float(px[:, :3].std())
         info["mean"] = [round(float(v), 4) for v in px.mean(axis=0)]
+        # Byte images hold sRGB-encoded values; a flat stand-in for this image (should its file go
+        # missing later) is a Base Color, which is linear.
+        lin = px[:, :3] if img.is_float or img.colorspace_settings.name != "sRGB" else np.where(
+            px[:, :3] <= 0.04045, px[:, :3] / 12.92, ((px[:, :3] + 0.055) / 1.055) ** 2.4)
+        alpha = px[:, 3] if px.shape[1] == 4 else np.ones(len(px), dtype=np.float32)
+        info["mean_linear"] = [round(float(v), 4) for v in [*lin.mean(axis=0), alpha.mean()]]
         blank = float(np.ptp(px[:, :3], axis=0).max()) < 1e-3
         if px.shape[1] == 4 and float(px[:, 3].max()) < 1e-3:
             blank = True
@@ -119,6 +125,23 @@ def _resource_check(p: Path, max_bytes: int | None) -> dict | None:
     if max_bytes is not None and size > max_bytes:
         return _fail("too_large", f"{p.name}: {format_bytes(size)}, over the limit of {format_bytes(max_bytes)}")
     return None
+
+
+def _resources(p: Path, probe: dict | None) -> list[dict]:
+    """The external files the character reads (all inside its folder by now), with the size and
+    mtime the scanner's re-scans compare: a changed, deleted or swapped texture is noticed even when
+    the character file itself did not change."""
+    bpy = import_bpy()
+    files = {os.path.realpath(f) for f in bpy.utils.blend_paths(absolute=True, packed=True) if f}
+    files.update((probe or {}).get("external_files") or [])  # glTF buffers too (Blender lists images only)
+    out = []
+    for f in sorted(files):
+        try:
+            st = os.stat(f)
+            out.append({"path": f, "file_size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)})
+        except OSError:
+            out.append({"path": f, "file_size": None, "mtime_ns": None})
+    return out
 
 
 def external_files_check(p: Path, max_bytes: int | None = None) -> dict | None:
@@ -293,7 +316,7 @@ def inspect_character(path: str, max_bytes: int | None = None) -> dict:
                              "filepath": uri})
     materials = _materials(meshes, gltf_materials)
     _fallback_colours(textures, materials, gltf_materials, probe)
-    facts.update(materials=materials,
+    facts.update(materials=materials, resources=_resources(p, probe),
         armature=True, n_bones=len(bones), bones=bones, mapping=mapping.to_json(),
         meshes=[{"name": o.name, "vertices": len(o.data.vertices)} for o in meshes],
         n_vertices=int(len(verts)), skinned=col["skinned"], bone_parented=col["bone_parented"],

@@ -459,3 +459,42 @@ def test_worker_rejects_a_gltf_whose_resources_are_too_large(tmp_path):
     gltf = _gltf(folder, buffers=["big.bin"])
     res = BlenderProbe().inspect_character(gltf, max_bytes=GiB)
     assert isinstance(res, ProbeFailure) and res.reason == "too_large"
+
+
+def _knight_with_external_texture(knight: Path, folder: Path) -> Path:
+    from serialgen.assets_manifest.gltf_probe import read_gltf_json
+
+    folder.mkdir(parents=True)
+    doc, binary = read_gltf_json(knight)
+    img = doc["images"][0]
+    view = doc["bufferViews"][img.pop("bufferView")]
+    (folder / "skin.png").write_bytes(binary[view.get("byteOffset", 0): view.get("byteOffset", 0) + view["byteLength"]])
+    img.pop("mimeType", None)
+    img["uri"] = "skin.png"
+    (folder / "knight.bin").write_bytes(binary)
+    doc["buffers"][0]["uri"] = "knight.bin"
+    (folder / "knight.gltf").write_text(json.dumps(doc))
+    return folder / "knight.gltf"
+
+
+@pytest.mark.blender
+def test_a_rescan_notices_a_texture_deleted_or_swapped_for_a_link_out(shared_assets, tmp_path):
+    """The character file is unchanged, its texture is not: the earlier record is not reused. A
+    deleted texture falls back to the mean colour the earlier scan measured; a texture swapped for a
+    link leading out is resource_outside_asset."""
+    gltf = _knight_with_external_texture(shared_assets / "characters/kaykit/Knight.glb", tmp_path / "chars")
+    opts = dict(probe=BlenderProbe(), allow_texture_fallback=True, allow_untextured=True)
+    first = [r for r in scan_characters([gltf], **opts)]
+    assert first[0]["status"] == "accepted" and first[0]["texture_fallback"] is None
+    assert {r["path"] for r in first[0]["stats"]["resources"]} == {str(gltf.parent / "skin.png"),
+                                                                   str(gltf.parent / "knight.bin")}
+    assert scan_characters([gltf], first, **opts) == first  # nothing changed: reused
+    mean = next(t["mean_linear"] for t in first[0]["stats"]["textures"] if t["status"] == "ok")
+    (gltf.parent / "skin.png").unlink()
+    second = scan_characters([gltf], first, **opts)
+    assert second[0]["stats"]["texture_fallback"] is True
+    assert second[0]["texture_fallback"][0]["colour"] == mean and second[0]["texture_fallback"][0]["source"] == "image_mean"
+    (tmp_path / "private.png").write_bytes(b"\x89PNG not yours")
+    (gltf.parent / "skin.png").symlink_to(tmp_path / "private.png")
+    third = scan_characters([gltf], second, **opts)
+    assert third[0]["reason"] == "resource_outside_asset"
