@@ -1,23 +1,30 @@
-"""Render farm benchmark: the same jobs in one plain process, on Ray with 1 worker and with 2 workers,
-and the cost of a no-op re-run, all in one run (numbers to stdout as JSON, and ``--json``).
+"""Render farm benchmark: the same jobs in one plain process and on Ray with 1 worker x 1 thread,
+1 worker x 2 threads and 2 workers x 1 thread, and the cost of a no-op re-run, all in one run
+(numbers to stdout as JSON, and ``--json``).
 
 Configurations (same characters, pairs, resolution, engine; each into a fresh folder):
 
-* ``plain``: ``--workers 0`` (no Ray; the CLI process renders), 2 render threads;
-* ``ray1``: 1 Ray worker x 2 threads (``num_cpus=2``, ``LP_NUM_THREADS=2``, Blender ``threads=2``);
-* ``ray2``: 2 Ray workers x 1 thread each (``num_cpus=1``, ``LP_NUM_THREADS=1``, ``threads=1``);
+* ``plain``: ``--workers 0`` (no Ray; this process renders), 2 render threads;
+* ``ray1x1``: 1 Ray worker x 1 thread (``num_cpus=1``, llvmpipe in the calling thread, Blender
+  ``threads=1``): the base of the scaling ratio;
+* ``ray1x2``: 1 Ray worker x 2 threads (``LP_NUM_THREADS=2``, Blender ``threads=2``);
+* ``ray2x1``: 2 Ray workers x 1 thread each;
 
-run in the order plain, ray1, ray2, ray2, ray1, plain (``--repeats 2``) so that drift from other load
-on a shared machine cancels in the means. Reported per configuration: wall seconds of ``run_farm``
-(includes Ray start, worker start, character loads), pairs/s on the wall clock, pairs/s inside
-the jobs (pairs / summed job seconds x workers), and CPU seconds per pair (all threads of the worker
-processes: the cost of a pair, little affected by other load on a shared machine). Then ``ray2 / ray1`` and ``ray1 / plain`` ratios,
-the no-op re-run of a finished folder (``run_farm`` in-process, and the whole ``serialgen render``
-command in a fresh interpreter), Ray's fixed costs per run (cluster start, first worker actor ready,
-shutdown, against making the worker in-process), and the 1-minute load average before and after.
+run in the order plain, ray1x1, ray1x2, ray2x1, then backwards (``--repeats 2``), so that drift
+from other load on a shared machine cancels in the means. Reported per configuration: wall
+seconds of ``run_farm`` (includes Ray start, worker start, character loads, Ray shutdown), pairs/s
+on the wall clock, pairs/s inside the jobs (pairs / summed job seconds x workers), CPU seconds per
+pair of the worker processes (all their threads) and of everything (the workers, this driver
+process and Ray's own processes: GCS, raylet, agents, dashboard API server, monitors; sampled
+every 0.2 s), which other load barely distorts. Then the scaling ratio ``ray2x1 / ray1x1`` (wall,
+inside jobs, and an idle-box estimate: the serial part of a run, as measured, plus the busiest
+worker's CPU seconds, i.e. what the wall would be if each process had a core of its own),
+``ray1x2 / ray1x1``, Ray against the plain process, the no-op re-run of a finished folder, Ray's
+fixed costs per run (cluster start, first worker ready, shutdown, against making the worker
+in-process), and the 1-minute load average before and after.
 
-    .venv/bin/python benchmarks/farm.py [--assets DIR] [--characters 4] [--per-character 8] \
-        [--resolution 512x768] [--repeats 2] [--json out.json]
+    .venv/bin/python benchmarks/farm.py [--assets DIR] [--characters 4] [--per-character 48] \
+        [--resolution 512x768] [--repeats 2] [--configs plain,ray1x1,ray1x2,ray2x1] [--json out.json]
 
 Without ``--assets``, ``--characters`` procedural characters are built into a scratch folder first
 (~4 s each, not timed).
@@ -32,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,7 +63,46 @@ def _build_assets(root: Path, n: int) -> Path:
     return root
 
 
-CONFIGS = {"plain": (0, 2), "ray1": (1, 2), "ray2": (2, 1)}  # name -> (workers, threads per worker)
+CONFIGS = {"plain": (0, 2), "ray1x1": (1, 1), "ray1x2": (1, 2), "ray2x1": (2, 1)}  # name -> (workers, threads)
+
+
+class _CpuMeter:
+    """CPU seconds of this process and every process under it (Ray's daemons, the worker actors),
+    sampled every 0.2 s in a thread (processes that end keep their last sample)."""
+
+    def __init__(self):
+        import psutil
+
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.seen: dict[int, tuple[str, float]] = {}
+        self.base = self._own()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _own(self) -> float:
+        t = self.me.cpu_times()
+        return t.user + t.system
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            for p in self.me.children(recursive=True):
+                try:
+                    t = p.cpu_times()
+                    self.seen[p.pid] = (p.name(), t.user + t.system)
+                except self.psutil.Error:
+                    pass
+            self.stop.wait(0.2)
+
+    def finish(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        by: dict[str, float] = {"driver": self._own() - self.base}
+        for name, cpu in self.seen.values():
+            key = "workers" if name.startswith("ray::FarmWorker") else "ray"
+            by[key] = by.get(key, 0.0) + cpu
+        return by
 
 
 def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
@@ -66,17 +113,24 @@ def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
                         settings=RenderSettings(width=args.width, height=args.height, threads=threads),
                         workers=workers, cpus_per_worker=threads, limit_characters=args.characters,
                         progress=False)
+    meter = _CpuMeter()
     t = time.perf_counter()
     s = run_farm(config)
     wall = time.perf_counter() - t
+    cpu = meter.finish()
+    pairs = max(s["pairs_rendered"], 1)
     busy = sum(w["busy_s"] for w in s["per_worker"].values())
-    cpu = sum(w["cpu_s"] for w in s["per_worker"].values())
+    worker_cpu = [w["cpu_s"] for w in s["per_worker"].values()]
     index = json.loads((out / "index.json").read_text())
-    return {"wall_s": wall, "shards": {e["path"]: e["sha256"] for e in index["shards"]}, "pairs": s["pairs_rendered"], "busy_s": busy,
-            "in_job_pairs_per_s": s["pairs_rendered"] / busy * max(workers, 1) if busy else None,
+    # The serial part of the run: everything but the jobs (Ray start, worker start, shutdown, the
+    # driver's planning and index), taken as the wall minus the busiest worker's busy time.
+    serial = wall - max(w["busy_s"] for w in s["per_worker"].values())
+    return {"wall_s": wall, "shards": {e["path"]: e["sha256"] for e in index["shards"]}, "pairs": s["pairs_rendered"],
+            "busy_s": busy, "in_job_pairs_per_s": s["pairs_rendered"] / busy * max(workers, 1) if busy else None,
             "bytes_per_pair": s["bytes"] / max(s["pairs"], 1), "failures": len(s["failures"]),
-            "job_overhead_s": s["job_overhead_s_mean"], "cpu_s_per_pair": cpu / max(s["pairs_rendered"], 1),
-            "stage_seconds": s["stage_seconds"]}
+            "job_overhead_s": s["job_overhead_s_mean"], "cpu_s_per_pair": sum(worker_cpu) / pairs,
+            "cpu_s_per_pair_all": sum(cpu.values()) / pairs, "cpu_s_by_part": cpu,
+            "serial_s": serial, "idle_estimate_s": serial + max(worker_cpu), "stage_seconds": s["stage_seconds"]}
 
 
 def _ray_fixed_costs() -> dict:
@@ -84,12 +138,13 @@ def _ray_fixed_costs() -> dict:
     (until it answers), shut down; against making the same worker in this process."""
     import ray
 
+    from serialgen.ray_local import init_ray
     from serialgen.render.farm.pool import FarmWorker
     from serialgen.render.scene import RenderSettings
 
     settings = RenderSettings(width=64, height=96, threads=1)
     t = time.perf_counter()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(None, num_cpus=1, log_to_driver=False, configure_logging=False)
     init_s = time.perf_counter() - t
     actor_cls = ray.remote(num_cpus=1, max_restarts=0)(FarmWorker)
     t = time.perf_counter()
@@ -112,46 +167,55 @@ def _ray_fixed_costs() -> dict:
             "fixed_overhead_s": round(init_s + actor_s + shutdown_s - local_s, 2)}
 
 
+def _mean(rs: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in rs)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--assets", type=Path, default=None)
     p.add_argument("--characters", type=int, default=4)
-    p.add_argument("--per-character", type=int, default=8)
+    p.add_argument("--per-character", type=int, default=48)
     add_resolution_argument(p)
-    p.add_argument("--repeats", type=int, default=2, help="ABC then CBA blocks (default 2 = one of each)")
+    p.add_argument("--repeats", type=int, default=2, help="forward then backward blocks (default 2 = one of each)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"which of {','.join(CONFIGS)} (default all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.width, args.height = args.resolution
+    order = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in order if c not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {unknown}; choose from {list(CONFIGS)}")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="serialgen-bench-farm-") as tmp:
         scratch = Path(tmp)
         assets = args.assets or _build_assets(scratch / "assets", args.characters)
-        runs: dict[str, list[dict]] = {k: [] for k in CONFIGS}
-        order = list(CONFIGS)
+        runs: dict[str, list[dict]] = {k: [] for k in order}
         last_out = None
         for r in range(args.repeats):
             for name in (order if r % 2 == 0 else order[::-1]):
                 workers, threads = CONFIGS[name]
                 out = scratch / f"{name}-{r}"
                 runs[name].append(_run(assets, out, workers, threads, args))
-                print(f"{name} #{r}: {runs[name][-1]['wall_s']:.1f} s", file=sys.stderr)
-                if name == "ray2":
-                    last_out = out
+                print(f"{name} #{r}: {runs[name][-1]['wall_s']:.1f} s, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+                if workers:
+                    last_out = (out, workers, threads)
         fixed = _ray_fixed_costs()
         # No-op re-run of a finished folder: in-process and as the whole command.
         from serialgen.render.farm.driver import FarmConfig, run_farm
         from serialgen.render.scene import RenderSettings
 
-        cfg = FarmConfig(assets=str(assets), out=str(last_out), per_character=args.per_character,
-                         settings=RenderSettings(width=args.width, height=args.height, threads=1), workers=2,
-                         limit_characters=args.characters, progress=False)
+        out, workers, threads = last_out or (scratch / f"{order[-1]}-0", 0, 2)
+        cfg = FarmConfig(assets=str(assets), out=str(out), per_character=args.per_character,
+                         settings=RenderSettings(width=args.width, height=args.height, threads=threads), workers=workers,
+                         cpus_per_worker=threads, limit_characters=args.characters, progress=False)
         t = time.perf_counter()
         noop = run_farm(cfg)
         noop_s = time.perf_counter() - t
         cmd = [sys.executable, "-c", "import sys; from serialgen.cli import main; sys.exit(main(sys.argv[1:]))",
-               "render", "--assets", str(assets), "--out", str(last_out), "--poses-per-character",
-               str(args.per_character), "--resolution", format_resolution(args.resolution), "--workers", "2",
-               "--limit-characters", str(args.characters)]
+               "render", "--assets", str(assets), "--out", str(out), "--poses-per-character",
+               str(args.per_character), "--resolution", format_resolution(args.resolution), "--workers", str(workers),
+               "--threads", str(threads), "--limit-characters", str(args.characters)]
         t = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         noop_cli_s = time.perf_counter() - t
@@ -161,25 +225,42 @@ def main(argv=None) -> int:
               "cpus": os.cpu_count(), "configs": {}}
     for name, rs in runs.items():
         workers, threads = CONFIGS[name]
-        wall = statistics.fmean(r["wall_s"] for r in rs)
         pairs = rs[0]["pairs"]
         result["configs"][name] = {
             "workers": workers, "threads_per_worker": threads, "wall_s": [round(r["wall_s"], 2) for r in rs],
-            "pairs_per_s_wall": round(pairs / wall, 3),
-            "pairs_per_s_in_jobs": round(statistics.fmean(r["in_job_pairs_per_s"] for r in rs), 3),
+            "pairs_per_s_wall": round(pairs / _mean(rs, "wall_s"), 3),
+            "pairs_per_s_in_jobs": round(_mean(rs, "in_job_pairs_per_s"), 3),
             "bytes_per_pair": round(rs[0]["bytes_per_pair"]), "failures": sum(r["failures"] for r in rs),
-            "job_overhead_ms": round(1e3 * statistics.fmean(r["job_overhead_s"] for r in rs), 2),
-            "cpu_s_per_pair": round(statistics.fmean(r["cpu_s_per_pair"] for r in rs), 3)}
+            "job_overhead_ms": round(1e3 * _mean(rs, "job_overhead_s"), 2),
+            "cpu_s_per_pair": round(_mean(rs, "cpu_s_per_pair"), 3),
+            "cpu_s_per_pair_all_processes": round(_mean(rs, "cpu_s_per_pair_all"), 3),
+            "cpu_s_by_part": {k: round(statistics.fmean(r["cpu_s_by_part"].get(k, 0.0) for r in rs), 2)
+                              for k in sorted({k for r in rs for k in r["cpu_s_by_part"]})},
+            "serial_s": round(_mean(rs, "serial_s"), 2),
+            "idle_box_estimate_s": round(_mean(rs, "idle_estimate_s"), 2),
+            "stage_seconds": rs[-1]["stage_seconds"]}
     c = result["configs"]
     digests = {f"{name}#{i}": r["shards"] for name, rs in runs.items() for i, r in enumerate(rs)}
     first = next(iter(digests.values()))
     result["same_shard_bytes_in_all_runs"] = all(d == first for d in digests.values())
     if not result["same_shard_bytes_in_all_runs"]:
         result["shard_sha256_by_run"] = {n: {k: v[:12] for k, v in d.items()} for n, d in digests.items()}
-    result["ratio_ray2_over_ray1_wall"] = round(c["ray2"]["pairs_per_s_wall"] / c["ray1"]["pairs_per_s_wall"], 3)
-    result["ratio_ray2_over_ray1_in_jobs"] = round(c["ray2"]["pairs_per_s_in_jobs"] / c["ray1"]["pairs_per_s_in_jobs"], 3)
-    result["ray1_over_plain_wall_time"] = round(statistics.fmean(c["ray1"]["wall_s"]) / statistics.fmean(c["plain"]["wall_s"]), 3)
-    result["ray_overhead_s_per_run"] = round(statistics.fmean(c["ray1"]["wall_s"]) - statistics.fmean(c["plain"]["wall_s"]), 2)
+
+    def ratio(a: str, b: str, key: str, inverse: bool = False):
+        if a not in c or b not in c:
+            return None
+        x, y = c[a][key], c[b][key]
+        return round((y / x) if inverse else (x / y), 3)
+
+    result["scaling_ray2x1_over_ray1x1"] = {
+        "wall": ratio("ray2x1", "ray1x1", "pairs_per_s_wall"),
+        "in_jobs": ratio("ray2x1", "ray1x1", "pairs_per_s_in_jobs"),
+        "idle_box_estimate": ratio("ray2x1", "ray1x1", "idle_box_estimate_s", inverse=True)}
+    result["ray1x2_over_ray1x1_wall"] = ratio("ray1x2", "ray1x1", "pairs_per_s_wall")
+    result["ray2x1_over_ray1x2_wall"] = ratio("ray2x1", "ray1x2", "pairs_per_s_wall")
+    result["ray2x1_over_plain_wall"] = ratio("ray2x1", "plain", "pairs_per_s_wall")
+    if "ray1x2" in c and "plain" in c:  # same threads, with and without Ray: what Ray itself costs
+        result["ray_overhead_s_per_run"] = round(statistics.fmean(c["ray1x2"]["wall_s"]) - statistics.fmean(c["plain"]["wall_s"]), 2)
     result["ray_fixed_costs"] = fixed
     result["noop_rerun"] = {"run_farm_s": round(noop_s, 3), "status": noop["status"],
                             "cli_process_s": round(noop_cli_s, 2), "cli_rc": done.returncode,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from serialgen.render.scene import MIN_SIDE
+from serialgen.render.scene import MIN_SIDE, STANDARD_SUPERSAMPLE, RenderSettings
 from serialgen.resolution import add_resolution_argument
 
 __all__ = ["register"]
+
+_DEFAULTS = RenderSettings()  # the command's defaults are the renderer's own
 
 
 def _handle_render(args: argparse.Namespace) -> int:
@@ -77,8 +79,8 @@ def register(sub, groups) -> None:
     p.add_argument("--poses-per-character", type=int, default=12, metavar="K",
                    help="non-standard images per character (default 12; the paper: every library pose)")
     add_resolution_argument(p, help="image size", min_side=MIN_SIDE)
-    p.add_argument("--engine", default="workbench", choices=["workbench", "eevee", "cycles"],
-                   help="render engine (default workbench: fast on CPU)")
+    p.add_argument("--engine", default=_DEFAULTS.engine, choices=["workbench", "eevee", "cycles"],
+                   help=f"render engine (default {_DEFAULTS.engine}: fast on CPU)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="Blender worker processes (Ray actors; default 1; 0 = in this process, no Ray)")
     p.add_argument("--address", default=None, metavar="A", help="join this Ray cluster (default: start a local one)")
@@ -86,11 +88,16 @@ def register(sub, groups) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of characters in the test split (default 0.2)")
     p.add_argument("--poses-per-shard", type=int, default=1000,
                    help="at most this many pairs per shard; a character with more is split (default 1000)")
-    p.add_argument("--samples", type=int, default=16, help="cycles/eevee samples per pixel (default 16)")
-    p.add_argument("--supersample", type=int, default=2, choices=[1, 2, 3, 4],
-                   help="workbench anti-aliasing: render k x k larger and average (default 2)")
+    p.add_argument("--samples", type=int, default=_DEFAULTS.cycles_samples,
+                   help=f"cycles/eevee samples per pixel (default {_DEFAULTS.cycles_samples})")
+    p.add_argument("--supersample", type=int, default=_DEFAULTS.supersample, choices=[1, 2, 3, 4],
+                   help="workbench anti-aliasing of the pairs' images: 1 renders at the size and filters "
+                        "with the 2x2 kernel, k > 1 renders k x k larger and averages (docs/rendering.md; "
+                        f"default {_DEFAULTS.supersample}; the standard image always uses at least "
+                        f"{STANDARD_SUPERSAMPLE})")
     p.add_argument("--denoise", action="store_true", help="cycles: run the denoiser (slow on CPU)")
-    p.add_argument("--cycles-device", default="CPU", choices=["CPU", "GPU"], help="cycles device (default CPU)")
+    p.add_argument("--cycles-device", default=_DEFAULTS.cycles_device, choices=["CPU", "GPU"],
+                   help=f"cycles device (default {_DEFAULTS.cycles_device})")
     p.add_argument("--threads", type=int, default=0, help="render threads per worker (default: CPUs / workers)")
     p.add_argument("--cpus-per-worker", type=float, default=0,
                    help="Ray CPUs reserved per worker; also its render threads unless --threads "

@@ -486,3 +486,18 @@ def test_stats_json_merges_every_shards_histograms_or_is_left_out():
     assert merged_stats(["test/b.tar", "train/a.tar"], stats) == merged.to_json()  # order does not matter
     # A shard rendered without stats (older code): no stats.json; the report samples the shards.
     assert merged_stats(["train/a.tar", "train/old.tar"], stats) is None
+
+
+def test_render_command_defaults_are_the_renderers_own():
+    """`serialgen render` with no rendering flags renders with RenderSettings() (a folder made by
+    run_farm with the defaults is the same run as the command's, not "other settings")."""
+    from dataclasses import replace
+
+    from serialgen.cli import build_parser
+    from serialgen.render.scene import RenderSettings
+
+    args = build_parser().parse_args(["render", "--assets", "a", "--out", "o"])
+    ours = RenderSettings(engine=args.engine, width=args.resolution[0], height=args.resolution[1], threads=0,
+                          cycles_samples=args.samples, cycles_denoise=args.denoise, cycles_device=args.cycles_device,
+                          eevee_samples=args.samples, supersample=args.supersample)
+    assert ours == replace(RenderSettings(), threads=0)

@@ -37,9 +37,9 @@ from serialgen.render.scene import RenderSettings
 
 __all__ = ["CODE_FILES", "CODE_DISTRIBUTIONS", "log_path", "code_files", "code_fingerprint", "FarmWorker", "LocalPool", "RayPool", "classify_ray_error"]
 
-WAIT_WARNING_S = 60.0
-PROGRESS_EVERY_S = 0.25  # a worker reports its job's progress at most this often  # a worker not started after this long gets a note on the progress bar
-_THREAD_VARS = ("LP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+WAIT_WARNING_S = 60.0  # a worker not started after this long gets a note on the progress bar
+PROGRESS_EVERY_S = 0.25  # a worker reports its job's progress at most this often
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # The code that decides a sample's bytes: (package, glob under its folder). Rendering (render/**),
 # the assets and their geometry (assets_manifest/**), flatten-on-white of the standard image
 # (serialgen/imaging.py) and the shard writer (dataset/tarset.py, dataset/shards.py).
@@ -135,10 +135,13 @@ class FarmWorker:
                  record_timings: bool, threads: int, use_gpus: bool = False, capture_stderr: bool = True,
                  progress=None, log_dir: str | None = None):
         # Thread counts first: Mesa's llvmpipe reads LP_NUM_THREADS when Blender makes its EGL
-        # context, so a worker must not inherit "all cores" from the node.
+        # context, so a worker must not inherit "all cores" from the node. One thread means one:
+        # LP_NUM_THREADS=1 would still rasterise on a second thread while the first one waits for
+        # it (a hand-off per draw), 0 rasterises in the calling thread (docs/scaling.md).
         if threads:
             for var in _THREAD_VARS:
                 os.environ[var] = str(threads)
+            os.environ["LP_NUM_THREADS"] = str(threads if threads > 1 else 0)
         self.slot = slot
         self.threads = threads
         self.capture_stderr = capture_stderr
