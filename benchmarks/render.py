@@ -8,8 +8,11 @@ Modes (all in one process unless noted; numbers go to stdout as a table and to `
   camera, light, settings), two bare loops on that frame: ``bpy.ops.render.render()`` alone, and
   render + save with Blender's PNG writer (what a plain render loop that keeps its images does).
   Interleaving cancels drift from other load on a shared machine. Reports pipeline/bare per image
-  and per pair (the standard image amortised over ``--per-character``), and PNG levels 0/1/3/6 of
-  our encoder on a real frame.
+  (wall and process CPU time, Blender's render threads included) and per pair (the standard image
+  amortised over ``--per-character``), rendering/2's render stage on the same state (2x2
+  supersample, dithered TGA, Pillow reduce) and its bare 2x render, the anti-aliasing quality (PSNR
+  of the pipeline's frame against that 2x2 supersampled frame), the load average, and PNG levels
+  0/1/3/6 of our encoder on a real frame.
 * ``farm``: ``serialgen render`` end to end (Ray, ``--workers``) on an asset folder; pairs/s, bytes
   per pair, time by stage.
 * ``rss``: load, render and unload ``--characters`` characters in one worker (cycling through the
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -54,14 +58,32 @@ def _poses_path(assets: Path | None, scratch: Path) -> Path:
     return save_pose_library(build_pose_library(200, seed=0), scratch / "poses.npz")
 
 
-def bench_stages(args, scratch: Path) -> dict:
-    from serialgen.dataset import shards
-    from serialgen.render.job import BlenderWorker, RenderJob, character_samples
-    from serialgen.render.scene import RenderSettings, time_bare_render
+def _psnr(a, b) -> float:
+    """PSNR (dB) of two uint8 RGBA frames on premultiplied alpha (colour where the figure is)."""
+    import numpy as np
 
-    settings = RenderSettings(engine=args.engine, width=args.width, height=args.height, threads=args.threads)
+    def pm(x):
+        f = x.astype(np.float64)
+        return np.concatenate([f[..., :3] * f[..., 3:] / 255.0, f[..., 3:]], -1)
+
+    mse = float(np.mean((pm(a) - pm(b)) ** 2))
+    return 99.0 if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
+
+
+def bench_stages(args, scratch: Path) -> dict:
+    import numpy as np
+
+    from serialgen.dataset import shards
+    from serialgen.render.bpy_utils import import_bpy
+    from serialgen.render.job import BlenderWorker, RenderJob, character_samples
+    from serialgen.render.scene import RenderSettings, render_rgba, set_render_scale, time_bare_render
+
+    bpy = import_bpy()
+    settings = RenderSettings(engine=args.engine, width=args.width, height=args.height, threads=args.threads,
+                              supersample=args.supersample)
     worker = BlenderWorker(settings)
-    record = _characters(args.assets, 1)[0]
+    record = _characters(args.assets, 1)[0] if args.character is None else next(
+        r for r in _characters(args.assets, 10**6) if r["id"] == args.character)
     poses = _poses_path(args.assets, scratch)
     job = RenderJob(record, str(args.assets or ""), str(scratch), "train/bench.tar", "train", 0, args.images,
                     args.images, 0, str(poses))
@@ -74,28 +96,52 @@ def bench_stages(args, scratch: Path) -> dict:
     std_s = time.perf_counter() - t
     plan = character_samples(loaded.char_id, len(library.angles), args.images + 2, 0)
     writer = shards.ShardWriter(scratch, "train/bench.tar", "train")
-    rows, bare, bare_write = [], [], []
+    rows, cpu, bare, bare_cpu, bare_write, old, old_bare, quality = [], [], [], [], [], [], [], []
     still = str(scratch / "bare.png")
+    scene = worker.scene
     for i, (pose_id, view) in enumerate(plan):
-        key, members, timings = worker._render_sample(job, loaded, library, pose_id, view)
+        c0 = time.process_time()
+        key, members, timings, _row = worker._render_sample(job, loaded, library, pose_id, view)
         t = time.perf_counter()
         writer.write(key, members)
         timings["write"] = time.perf_counter() - t
-        # Bare: the same scene state rendered again with nothing around it.
-        b, bw = time_bare_render(worker.scene, still)
+        c1 = time.process_time()
+        # Bare, interleaved: the same scene state rendered again with nothing around it, at the
+        # size the pipeline renders (its own render call, nothing before or after).
+        b, bw = time_bare_render(scene, still)
+        c2 = time.process_time()
+        bpy.ops.render.render()
+        c3 = time.process_time()
+        # rendering/2's render stage on the same state: 2x2 supersample with Blender's dither, TGA,
+        # Pillow read and reduce; and its bare 2x render. Its frame is the AA reference.
+        k = set_render_scale(scene, settings, standard=True)
+        scene.render.dither_intensity = 1.0
+        t = time.perf_counter()
+        reference = render_rgba(scene, k)
+        old_s = time.perf_counter() - t
+        scene.render.dither_intensity = 0.0
+        t = time.perf_counter()
+        bpy.ops.render.render()
+        old_bare_s = time.perf_counter() - t
+        frame = worker._render(scene)  # the pipeline's frame before the light's gain (deterministic)
         if i >= 2:  # the first frames warm caches (shaders, BVH): not steady state
             rows.append(timings)
+            cpu.append(c1 - c0)
             bare.append(b)
+            bare_cpu.append(c3 - c2)
             bare_write.append(bw)
+            old.append(old_s)
+            old_bare.append(old_bare_s)
+            quality.append(_psnr(frame, reference))
     summary = writer.close()
     stages = ("pose", "render", "keypoints", "encode", "write")
     mean = {s: statistics.fmean(r[s] for r in rows) for s in stages}
     per_image = sum(mean.values())
     bare_mean = statistics.fmean(bare)
     per_pair = per_image + std_s / args.per_character
+    old_per_image = per_image - mean["render"] + statistics.fmean(old)
     # PNG levels on a real frame.
-
-    frame = worker._render(worker.scene)
+    frame = worker._render(scene)
     png = {}
     for level in (0, 1, 3, 6):
         t = time.perf_counter()
@@ -105,16 +151,24 @@ def bench_stages(args, scratch: Path) -> dict:
     worker.unload()
     return {
         "mode": "stages", "engine": args.engine, "resolution": [args.width, args.height], "threads": args.threads,
-        "character": record["id"], "images": len(rows),
+        "supersample": args.supersample, "character": record["id"], "images": len(rows),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "load_s": round(load_s, 3), "standard_image_s": round(std_s, 3),
         "stage_ms": {s: round(v * 1e3, 2) for s, v in mean.items()},
         "pipeline_ms_per_image": round(per_image * 1e3, 2),
+        "pipeline_cpu_ms_per_image": round(statistics.fmean(cpu) * 1e3, 2),
         "bare_render_ms": round(bare_mean * 1e3, 2),
+        "bare_render_cpu_ms": round(statistics.fmean(bare_cpu) * 1e3, 2),
         "bare_render_save_png_ms": round(statistics.fmean(bare_write) * 1e3, 2),
         "pipeline_over_bare_render": round(per_image / bare_mean, 3),
+        "pipeline_over_bare_render_cpu": round(statistics.fmean(cpu) / statistics.fmean(bare_cpu), 3),
         "pipeline_over_bare_render_save": round(per_image / statistics.fmean(bare_write), 3),
         "per_pair_ms_with_std_amortised": round(per_pair * 1e3, 2),
-        "per_pair_over_bare_render_save": round(per_pair / statistics.fmean(bare_write), 3),
+        "rendering2_render_stage_ms": round(statistics.fmean(old) * 1e3, 2),
+        "rendering2_bare_2x_render_ms": round(statistics.fmean(old_bare) * 1e3, 2),
+        "rendering2_pipeline_ms_per_image": round(old_per_image * 1e3, 2),
+        "rendering2_pipeline_over_its_bare_2x": round(old_per_image / statistics.fmean(old_bare), 3),
+        "psnr_vs_2x2_supersample_db": {"mean": round(statistics.fmean(quality), 2), "min": round(min(quality), 2)},
         "bytes_per_pair": round(summary.bytes / max(summary.samples, 1)),
         "png_levels": png,
     }
@@ -185,6 +239,9 @@ def main(argv=None) -> int:
     p.add_argument("--characters", type=int, default=50, help="rss: characters to cycle; farm: characters used")
     p.add_argument("--per-character-rss", type=int, default=1, help="rss: non-standard images per character")
     p.add_argument("--workers", type=int, default=1, help="farm: Ray workers")
+    p.add_argument("--supersample", type=int, default=1, choices=[1, 2, 3, 4],
+                   help="stages: workbench anti-aliasing of non-standard images (default 1: 1x + the 2x2 kernel)")
+    p.add_argument("--character", default=None, help="stages: character id (default: the first)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
     args.width, args.height = args.resolution

@@ -34,6 +34,7 @@ from serialgen.assets_manifest.geometry import camera as cam_mod
 from serialgen.assets_manifest.geometry import standard_form as std_mod
 from serialgen.assets_manifest.geometry.head import head_geometry_of
 from serialgen.dataset import shards
+from serialgen.dataset.render_stats import Histograms, sample_row
 from serialgen.imaging import flatten_on_white
 from serialgen.render import lighting as light_mod
 from serialgen.render import scene as scene_mod
@@ -143,7 +144,6 @@ class BlenderWorker:
         self.record_timings = record_timings
         self.scene = scene_mod.new_scene()
         scene_mod.configure_render(self.scene, settings)
-        self._render = lambda scene: scene_mod.render_rgba(scene, settings.scale)
         self._loaded: _Loaded | None = None
         self._pose_libs: dict[str, object] = {}
         self.characters_done = 0
@@ -189,6 +189,12 @@ class BlenderWorker:
 
     # -- rendering ----------------------------------------------------------------------------------
 
+    def _render(self, scene, standard: bool = False) -> np.ndarray:
+        """Render ``scene`` as uint8 RGBA at the output size: the standard image supersampled, the
+        others at 1x with the numpy anti-aliasing (``scene.render_rgba``; eevee/cycles sample themselves)."""
+        k = scene_mod.set_render_scale(scene, self.settings, standard)
+        return scene_mod.render_rgba(scene, k, antialiased=self.settings.engine != "workbench")
+
     def _keypoints(self, loaded: _Loaded, camera, skel):
         depsgraph = import_bpy().context.evaluated_depsgraph_get()
         height = float(loaded.std_meta.get("character_height_m", 1.7))
@@ -214,7 +220,7 @@ class BlenderWorker:
             light_mod.apply_lighting(self.scene, light_mod.STANDARD_LIGHTING, s.engine)
         loaded.std_meta["character_height_m"] = float(hi[2] - lo[2])
         with _stage(timings, "render"):
-            rgba = self._render(self.scene)
+            rgba = self._render(self.scene, standard=True)
         with _stage(timings, "keypoints"):
             kps, defined = self._keypoints(loaded, camera, skel)
         with _stage(timings, "encode"):
@@ -261,8 +267,33 @@ class BlenderWorker:
             return np.concatenate([head, kps3d[idx]])
         return mesh_points if mesh_points is not None else rig.evaluated_vertices()
 
+    def _exposed_render(self, seed: int, lighting: light_mod.LightingSpec):
+        """Render a non-standard image under ``lighting`` with the exposure floor (``lighting.py``):
+        a frame darker than ``REDRAW_BELOW`` is rendered again under a light drawn from
+        ``(seed, "relight", n)``; one under ``EXPOSURE_FLOOR`` gets the exposure gain. Workbench has
+        no lamps, so the light's intensity and colour temperature are a gain on its frame; both gains
+        go through one lookup table. Returns (RGBA, the light used, the ``exposure`` meta record)."""
+        s = self.settings
+        redraws = 0
+        while True:
+            rgba = self._render(self.scene)
+            gain = light_mod.rgb_gain(lighting) if s.engine == "workbench" else np.ones(3)
+            lum = light_mod.fg_luminance(rgba, gain)
+            if lum is None or lum >= light_mod.REDRAW_BELOW or redraws == light_mod.MAX_REDRAWS:
+                break
+            redraws += 1
+            lighting = light_mod.sample_lighting(np.random.default_rng(derive_seed(seed, "relight", redraws)))
+            light_mod.apply_lighting(self.scene, lighting, s.engine)
+        extra = light_mod.exposure_gain(lum)
+        if extra != 1.0 or s.engine == "workbench":
+            rgba = light_mod.apply_gain(rgba, gain * extra)
+        final = light_mod.fg_luminance(rgba)
+        record = {"gain": round(float(extra), 4), "redraws": redraws,
+                  "fg_luminance": None if final is None else round(final, 4)}
+        return rgba, lighting, record
+
     def _render_sample(self, job: RenderJob, loaded: _Loaded, library, pose_id: int, view_index: int):
-        """Render one pair; returns (key, members, timings)."""
+        """Render one pair; returns (key, members, timings, its ``render_stats.sample_row``)."""
         s = self.settings
         rig = loaded.rig
         key = shards.sample_key(loaded.char_id, pose_id, view_index)
@@ -283,12 +314,10 @@ class BlenderWorker:
             apply_camera(self.scene.camera, camera)
             light_mod.apply_lighting(self.scene, lighting, s.engine)
         with _stage(timings, "render"):
-            rgba = self._render(self.scene)
+            rgba, lighting, exposure = self._exposed_render(seed, lighting)
         with _stage(timings, "keypoints"):
             kps, defined = self._keypoints(loaded, camera, skel)
         with _stage(timings, "encode"):
-            if s.engine == "workbench":  # no lamps: intensity and colour temperature as a gain
-                rgba = light_mod.apply_gain(rgba, light_mod.rgb_gain(lighting))
             motion_index = int(library.motion_index[pose_id])
             meta = {
                 "schema": shards.SAMPLE_SCHEMA,
@@ -306,6 +335,8 @@ class BlenderWorker:
                 "view": cam_mod.view_to_json(view),
                 "camera": camera.to_json(),
                 "lighting": lighting.to_json(),
+                "exposure": exposure,
+                "fg_luminance": exposure["fg_luminance"],
                 "std": {k: v for k, v in loaded.std_meta.items() if k != "timings_s"},
                 "seed": seed,
                 "run_seed": job.run_seed,
@@ -313,30 +344,45 @@ class BlenderWorker:
                 "resolution": [s.width, s.height],
                 "timings_s": None,
             }
-            members = {
+            ref_pose = pose_record(kps, defined, s.width, s.height)
+            members = {  # shard format 3: the standard image lives in the character's standard tar
                 "ref.png": shards.encode_png(rgba),
-                "std.png": loaded.std_png,
-                "ref_pose.json": shards.json_bytes(pose_record(kps, defined, s.width, s.height)),
+                "ref_pose.json": shards.json_bytes(ref_pose),
                 "std_pose.json": loaded.std_pose_json,
             }
         if self.record_timings:
             meta["timings_s"] = {k: round(v, 6) for k, v in timings.items()}
         members["meta.json"] = shards.json_bytes(meta)
-        return key, members, timings
+        return key, members, timings, sample_row(meta, ref_pose)
+
+    def _write_standard(self, job: RenderJob, loaded: _Loaded) -> dict:
+        """Write the character's standard tar (``<split>/standard/<key>.tar``, shard format 3) and
+        return its summary. Deterministic, so a retried job rewrites the same bytes."""
+        s = self.settings
+        meta = {k: v for k, v in loaded.std_meta.items() if k != "timings_s"}
+        meta.update({"character_kind": job.character.get("kind"), "engine": s.engine,
+                     "resolution": [s.width, s.height], "rendering_version": RENDERING_VERSION,
+                     "timings_s": ({k: round(v, 6) for k, v in loaded.std_meta["timings_s"].items()}
+                                   if self.record_timings else None)})
+        done = shards.write_standard(job.out_dir, job.split, loaded.char_id, loaded.std_png, loaded.std_pose, meta)
+        return done.to_json()
 
     def run(self, job: RenderJob) -> dict:
         """Render ``job`` into its shard. Never raises: failures come back in the summary.
 
         Returns a small dict: job, status ("ok" | "failed"), shard summary (or None), failures
         (one per failed sample or the whole character), summed per-stage timings in seconds, pairs,
-        rss_mb, and ``standard_pose``: the character's std_pose.json record (None when the job failed
-        before its standard image was rendered).
+        rss_mb, ``standard_pose``: the character's std_pose.json record (None when the job failed
+        before its standard image was rendered), ``standard``: the summary of the standard tar the
+        job wrote (only the job whose range starts at 0 writes it; else None), and ``stats``: the
+        shard's ``render_stats.Histograms`` as JSON (what the report shows, merged by the farm).
         """
         t0 = time.perf_counter()
         totals = {k: 0.0 for k in ("load", "standard", *SAMPLE_STAGES)}
         failures: list[dict] = []
         result = {"job": job.name, "character": job.character.get("id"), "status": "ok", "shard": None,
-                  "failures": failures, "timings_s": totals, "pairs": 0, "standard_pose": None}
+                  "failures": failures, "timings_s": totals, "pairs": 0, "standard_pose": None,
+                  "standard": None, "stats": None}
         writer = None
         try:
             with _stage(totals, "load"):
@@ -344,12 +390,15 @@ class BlenderWorker:
                 library = self._pose_library(job.poses_path)
             with _stage(totals, "standard"):
                 self._render_standard(loaded)
+                if job.start == 0:
+                    result["standard"] = self._write_standard(job, loaded)
             result["standard_pose"] = loaded.std_pose
+            stats = Histograms()
             plan = character_samples(loaded.char_id, len(library.angles), job.per_character, job.run_seed)
             writer = shards.ShardWriter(job.out_dir, job.shard, job.split)
             for pose_id, view_index in plan[job.start:job.stop]:
                 try:
-                    key, members, timings = self._render_sample(job, loaded, library, pose_id, view_index)
+                    key, members, timings, row = self._render_sample(job, loaded, library, pose_id, view_index)
                 except Exception as exc:  # one bad sample is counted, the character goes on
                     failures.append({"character": loaded.char_id, "key": shards.sample_key(loaded.char_id, pose_id, view_index),
                                      "error": f"{type(exc).__name__}: {exc}"})
@@ -358,12 +407,14 @@ class BlenderWorker:
                     writer.write(key, members)
                 for k, v in timings.items():
                     totals[k] += v
+                stats.add(row)
                 result["pairs"] += 1
                 if self.after_sample is not None:
                     self.after_sample(job, key, result["pairs"])
             summary = writer.close()
             writer = None
             result["shard"] = summary.to_json(with_keys=True)
+            result["stats"] = stats.to_json()
         except Exception as exc:  # the whole character failed: record it, the run goes on
             if writer is not None:
                 writer.abort()

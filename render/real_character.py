@@ -8,14 +8,18 @@ same in every render, then makes the rig ready for forward-kinematic posing:
 * bone tails the alignment relies on are made meaningful where the next canonical joint is not
   mapped (glTF has no tails; importers guess them): chest -> head when there is no neck, head
   straight up, a hand continues its forearm, a foot points forward to the ground;
-* image textures whose file is missing are unlinked (flat material colour) when the record says
-  ``stats.texture_fallback``.
+* image textures whose file is missing show the flat colour the record's ``texture_fallback``
+  gives for them (the material's base colour; ``assets build --allow-texture-fallback``) instead of
+  Blender's missing-image magenta: the image node gets a 2x2 image of that colour, so every engine
+  (Workbench draws a material's active image node, whatever it is linked to) shows the colour.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+import numpy as np
 
 from serialgen.errors import UserInputError
 from serialgen.render.bpy_utils import import_bpy, import_mathutils
@@ -86,28 +90,60 @@ def fix_tails(arm, bone_map: dict[str, str]) -> list[str]:
     return sorted(plan)
 
 
-def flat_texture_fallback(meshes) -> int:
-    """Unlink image textures without pixels (missing files): the material keeps its flat colour."""
+#: What a missing image shows when the record names no colour for it: Blender's default grey.
+_DEFAULT_FALLBACK = (0.8, 0.8, 0.8, 1.0)
+
+
+def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    c = np.clip(c, 0.0, 1.0)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+def _flat_image(colour) -> object:
+    """A packed 2x2 sRGB image of one scene-linear RGBA colour (shared by every node that needs it)."""
+    rgba = np.asarray(list(colour) + [1.0] * (4 - len(colour)), dtype=np.float64)[:4]
+    name = "serialgen-fallback-" + "-".join(f"{v:.4f}" for v in rgba)
+    img = bpy.data.images.get(name)
+    if img is None:
+        img = bpy.data.images.new(name, 2, 2, alpha=True)
+        img.colorspace_settings.name = "sRGB"  # byte pixels are the sRGB-encoded values
+        px = np.concatenate([_linear_to_srgb(rgba[:3]), rgba[3:]])
+        img.pixels.foreach_set(np.tile(px, 4).astype(np.float32))
+        img.pack()
+    return img
+
+
+def _has_pixels(img) -> bool:
+    if img is None:
+        return False
+    if img.has_data:
+        return True
+    try:
+        img.reload()
+        return img.size[0] > 0 and len(img.pixels) > 0
+    except RuntimeError:
+        return False
+
+
+def flat_texture_fallback(meshes, fallback: list[dict] | None) -> int:
+    """Give image nodes whose image has no pixels (a missing file) a flat image of the colour the
+    record's ``texture_fallback`` entry names for that image (or its material; else
+    :data:`_DEFAULT_FALLBACK`). Returns how many nodes were changed."""
+    by_image = {e.get("image"): e.get("colour") for e in fallback or [] if e.get("image")}
+    by_material = {e.get("material"): e.get("colour") for e in fallback or [] if e.get("material")}
     n = 0
     for ob in meshes:
         for slot in ob.material_slots:
             mat = slot.material
             if mat is None or mat.node_tree is None:
                 continue
-            for node in list(mat.node_tree.nodes):
-                if node.type == "TEX_IMAGE" and (node.image is None or not node.image.has_data):
-                    img = node.image
-                    ok = False
-                    if img is not None:
-                        try:
-                            img.reload()
-                            ok = img.size[0] > 0 and len(img.pixels) > 0
-                        except RuntimeError:
-                            ok = False
-                    if not ok:
-                        for link in list(node.outputs[0].links) + list(node.outputs[1].links):
-                            mat.node_tree.links.remove(link)
-                        n += 1
+            for node in mat.node_tree.nodes:
+                if node.type != "TEX_IMAGE" or _has_pixels(node.image):
+                    continue
+                name = node.image.name if node.image is not None else None
+                colour = by_image.get(name) or by_material.get(mat.name) or _DEFAULT_FALLBACK
+                node.image = _flat_image(colour)
+                n += 1
     return n
 
 
@@ -145,8 +181,8 @@ def load_real_character(record: dict, assets_dir):
                             scale=float(record.get("scale", 1.0)), pelvis_bone=bone_map.get("pelvis"),
                             head_bone=bone_map.get("head"), others=col["other"])
     imp.fix_material_alpha(meshes)
-    if stats.get("texture_fallback"):
-        flat_texture_fallback(meshes)
+    if stats.get("texture_fallback") or record.get("texture_fallback"):
+        flat_texture_fallback(meshes, record.get("texture_fallback"))
     imp.apply_repairs(arm, stats.get("repairs") or {})
     fix_tails(arm, bone_map)
     expressions = {}

@@ -8,11 +8,14 @@ thread-safe).
 Engines (``docs/rendering.md``):
 
 * ``workbench`` (default, CPU through Mesa EGL): studio lighting, textures shown (objects without
-  an image texture show their material colour). Anti-aliasing by 2x2 supersampling
-  (``supersample``: render at 2W x 2H with Workbench AA off, box-downsample with premultiplied
-  alpha): byte-reproducible and ~40% faster than Workbench's own 8-sample AA, which here gave
-  identical scenes slightly different pixels from run to run (about one pixel in ten images, by a
-  few levels) and so broke byte-identical shards.
+  an image texture show their material colour), Workbench's own AA off (its 5/8/... samples gave
+  identical scenes slightly different pixels from run to run, about one pixel in ten images, and
+  its FXAA costs more than a 2x frame here). Anti-aliasing in numpy, deterministic
+  (``docs/rendering.md``, "Anti-aliasing"): ``supersample`` 1 (default for non-standard images)
+  renders W x H and filters it with the 2x2 supersample's own kernel ([1, 6, 1] / 8 per axis,
+  premultiplied alpha: the average of the bilinear image at the four sub-pixel offsets);
+  ``supersample`` k > 1 renders kW x kH and box-averages k x k blocks (premultiplied). The standard
+  image, rendered once per character, always uses k >= 2 (:data:`STANDARD_SUPERSAMPLE`).
 * ``eevee`` (GPU nodes through EGL; ~17 s a frame on software GL): ``eevee_samples`` TAA samples.
 * ``cycles``: ``cycles_samples`` path-tracing samples, a fixed seed, no denoiser unless asked
   (OIDN costs 6-10 s a frame on 2 CPU cores), persistent data on (pose-only changes reuse the BVH).
@@ -37,15 +40,22 @@ from serialgen.resolution import DEFAULT_RESOLUTION, MAX_SIDE
 __all__ = [
     "ENGINES",
     "MIN_SIDE",
+    "STANDARD_SUPERSAMPLE",
     "RenderSettings",
     "new_scene",
     "configure_render",
     "render_rgba",
+    "read_tga",
+    "antialias",
+    "set_render_scale",
     "time_bare_render",
 ]
 
 ENGINES = {"workbench": "BLENDER_WORKBENCH", "eevee": "BLENDER_EEVEE", "cycles": "CYCLES"}
 MIN_SIDE = 16  # smallest image side a render accepts (``--resolution`` checks it before any work)
+# The standard image is rendered once per character and is the model's target: there the 2x2
+# supersample's cost is amortised over the character's pairs.
+STANDARD_SUPERSAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ class RenderSettings:
     cycles_device: str = "CPU"
     eevee_samples: int = 16
     workbench_aa: str = "OFF"
-    supersample: int = 2  # workbench only: render at k x the size, box-downsample
+    supersample: int = 1  # workbench only: 1 = W x H + the 2x2 kernel; k > 1 = k x the size, box-averaged
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -80,10 +90,12 @@ class RenderSettings:
     def to_json(self) -> dict:
         return asdict(self)
 
-    @property
-    def scale(self) -> int:
-        """Render-size factor: ``supersample`` on workbench, 1 on engines that sample themselves."""
-        return self.supersample if self.engine == "workbench" else 1
+    def scale(self, standard: bool = False) -> int:
+        """Render-size factor: ``supersample`` on workbench (at least :data:`STANDARD_SUPERSAMPLE`
+        for the standard image), 1 on engines that sample themselves."""
+        if self.engine != "workbench":
+            return 1
+        return max(self.supersample, STANDARD_SUPERSAMPLE) if standard else self.supersample
 
 
 def new_scene():
@@ -105,7 +117,7 @@ def configure_render(scene, settings: RenderSettings) -> None:
     """Apply ``settings`` to ``scene``: engine, resolution, threads, colour management, output."""
     r = scene.render
     r.engine = ENGINES[settings.engine]
-    k = settings.scale
+    k = settings.scale()
     r.resolution_x, r.resolution_y, r.resolution_percentage = settings.width * k, settings.height * k, 100
     r.pixel_aspect_x = r.pixel_aspect_y = 1.0
     r.film_transparent = True  # RGBA; the standard image is put on white afterwards, in numpy
@@ -121,9 +133,11 @@ def configure_render(scene, settings: RenderSettings) -> None:
     scene.view_settings.look = "None"
     scene.view_settings.exposure = 0.0
     scene.view_settings.gamma = 1.0
-    # Raw, uncompressed output: the fastest way out of Blender here (see render_rgba).
+    # Raw, uncompressed output: the fastest way out of Blender here (see render_rgba). No dither:
+    # Blender's float -> 8-bit dither noise costs a third of the write and is not wanted in data.
     r.image_settings.file_format = "TARGA_RAW"
     r.image_settings.color_mode = "RGBA"
+    r.dither_intensity = 0.0
     if settings.engine == "workbench":
         shading = scene.display.shading
         shading.light = "STUDIO"
@@ -165,30 +179,77 @@ def _quiet_stdout():
         os.close(devnull)
 
 
-def render_rgba(scene, supersample: int = 1) -> np.ndarray:
-    """Render the scene and return the image as uint8 (H, W, 4) RGBA, straight (unpremultiplied) alpha.
+def read_tga(path) -> np.ndarray:
+    """An uncompressed 32-bit TGA (what Blender's ``TARGA_RAW`` writes) as uint8 (H, W, 4) RGBA."""
+    data = Path(path).read_bytes()
+    if len(data) < 18 or data[2] != 2 or data[16] != 32:
+        raise ValueError(f"{path}: not an uncompressed 32-bit TGA")
+    start = 18 + data[0] + (int.from_bytes(data[5:7], "little") * ((data[7] + 7) // 8) if data[1] else 0)
+    w, h = int.from_bytes(data[12:14], "little"), int.from_bytes(data[14:16], "little")
+    bgra = np.frombuffer(data, dtype=np.uint8, count=w * h * 4, offset=start).reshape(h, w, 4)
+    if not data[17] & 0x20:  # bottom-left origin: rows go up
+        bgra = bgra[::-1]
+    return np.ascontiguousarray(bgra[..., [2, 1, 0, 3]])
 
-    Blender's Render Result has no Python pixel access, so the frame goes through an uncompressed
-    TGA in /dev/shm (~1 ms each way at 512x768), which is cheaper than any compressed format. With
-    ``supersample`` k > 1 the frame (rendered at k times the size) is averaged over k x k blocks
-    with premultiplied alpha, so edges do not darken.
-    """
+
+def _premultiplied(rgba: np.ndarray, box: tuple[slice, slice]):
     from PIL import Image
 
+    return Image.fromarray(np.ascontiguousarray(rgba[box]), "RGBA").convert("RGBa")
+
+
+def antialias(rgba: np.ndarray) -> np.ndarray:
+    """Filter a 1x frame with the 2x2 supersample's kernel: per axis [1, 6, 1] / 8, on premultiplied
+    alpha, in integer maths (Pillow), so edges get partial coverage and textures the same slight
+    softening a 2x2 supersample gives. Only the foreground's box (grown by 2 px) is touched: the
+    transparent rest stays 0."""
+    from PIL import Image, ImageFilter
+
+    alpha = rgba[..., 3]
+    rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
+    if not len(rows):
+        return rgba
+    h, w = alpha.shape
+    box = (slice(max(rows[0] - 2, 0), min(rows[-1] + 3, h)), slice(max(cols[0] - 2, 0), min(cols[-1] + 3, w)))
+    kernel = ImageFilter.Kernel((3, 3), [1, 6, 1, 6, 36, 6, 1, 6, 1], scale=64)
+    bands = [b.filter(kernel) for b in _premultiplied(rgba, box).split()]
+    out = rgba.copy()
+    out[box] = np.asarray(Image.merge("RGBa", bands).convert("RGBA"))
+    return out
+
+
+def render_rgba(scene, supersample: int = 1, antialiased: bool = False) -> np.ndarray:
+    """Render the scene and return the image as uint8 (H, W, 4) RGBA, straight (unpremultiplied) alpha.
+
+    Blender's Render Result has no Python pixel access and the compositor's Viewer node, the
+    usual way around it, is not evaluated by the bpy module (background mode), so the frame goes
+    through an uncompressed TGA in /dev/shm (write ~5%, numpy read ~1% of a 512x768 render). With
+    ``supersample`` k > 1 the frame (rendered at k times the size) is averaged over k x k blocks
+    with premultiplied alpha, so edges do not darken; with k = 1 and ``antialiased`` False it gets
+    :func:`antialias` (the engine did not anti-alias it itself).
+    """
     bpy = import_bpy()
     path = _scratch_path()
     scene.render.filepath = str(path)
     with _quiet_stdout():  # Blender prints "Saved: ..." per frame; keep progress bars clean
         bpy.ops.render.render(write_still=True)
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGBA")
-            if supersample > 1:
-                im = im.convert("RGBa").reduce(supersample).convert("RGBA")
-            arr = np.asarray(im)
+        rgba = read_tga(path)
     finally:
         path.unlink(missing_ok=True)  # /dev/shm is memory: never leave frames behind
-    return arr
+    if supersample > 1:
+        whole = (slice(None), slice(None))
+        return np.asarray(_premultiplied(rgba, whole).reduce(supersample).convert("RGBA"))
+    return rgba if antialiased else antialias(rgba)
+
+
+def set_render_scale(scene, settings: RenderSettings, standard: bool = False) -> int:
+    """Set the scene's render size for an image (standard or not) of ``settings``; returns the factor."""
+    k = settings.scale(standard)
+    r = scene.render
+    if (r.resolution_x, r.resolution_y) != (settings.width * k, settings.height * k):
+        r.resolution_x, r.resolution_y = settings.width * k, settings.height * k
+    return k
 
 
 def time_bare_render(scene, still_path: str) -> tuple[float, float]:

@@ -1,5 +1,6 @@
 """Real bpy renders (small, 128x192): keypoints vs silhouette, the standard form, expressions,
-determinism, and the shard a job writes. Characters: three procedural characters (a child, an
+determinism, exposure, texture fallback and the shards a job writes (format 3: pairs + one
+standard tar per character); and, without Blender, the frame read-back and anti-aliasing. Characters: three procedural characters (a child, an
 adult, a heavy adult, picked by their descriptions) and the mannequin test character."""
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import json
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.blender
 
 W, H = 128, 192
 VARIANTS = ("child", "adult", "heavy")
@@ -90,12 +89,21 @@ def _samples(result, out):
     return list(iter_shard(out / result["shard"]["path"]))
 
 
+def _standard(result, out) -> dict:
+    """The members of the standard tar the job wrote (shard format 3)."""
+    from serialgen.dataset.shards import iter_shard
+
+    (key, sample), = iter_shard(out / result["standard"]["path"])
+    return sample
+
+
 def _png(data):
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
+@pytest.mark.blender
 def test_projection_matches_blender(worker):
     from serialgen.assets_manifest.geometry import camera as cm
     from serialgen.render.bpy_utils import import_bpy, import_bpy_extras, import_mathutils
@@ -117,6 +125,7 @@ def test_projection_matches_blender(worker):
     np.testing.assert_allclose(uv, np.stack([ref[:, 0] * W, (1 - ref[:, 1]) * H], 1), atol=1e-3)
 
 
+@pytest.mark.blender
 def test_visible_keypoints_inside_silhouette(worker, poses_path, procedural, tmp_path):
     assets, records = procedural
     inside = total = 0
@@ -135,9 +144,11 @@ def test_visible_keypoints_inside_silhouette(worker, poses_path, procedural, tmp
     assert inside / total >= 0.95, f"{inside}/{total} visible keypoints inside the silhouette"
 
 
+@pytest.mark.blender
 @pytest.mark.parametrize("kind", ["procedural", "mannequin"])
 def test_standard_image_places_the_face(worker, poses_path, procedural, tmp_path, kind):
     from serialgen.assets_manifest.geometry.standard_form import STANDARD_FACE_CENTER, STANDARD_FACE_SIDE
+    from serialgen.render.job import RENDERING_VERSION
 
     assets, records = procedural
     sides = []
@@ -145,16 +156,21 @@ def test_standard_image_places_the_face(worker, poses_path, procedural, tmp_path
         record = records[role] if kind == "procedural" else _record(role)
         result = worker.run(_job(record, tmp_path, poses_path, k=1, assets=assets))
         (key, sample), = _samples(result, tmp_path)
-        std = _png(sample["std.png"])
+        assert set(sample) == {"ref.png", "ref_pose.json", "std_pose.json", "meta.json"}  # format 3
+        standard = _standard(result, tmp_path)
+        assert standard["std_pose.json"] == sample["std_pose.json"]
+        std = _png(standard["std.png"])
         assert std.shape == (H, W, 3)
         border = np.concatenate([std[0], std[-1], std[:, 0], std[:, -1]])
         assert (border == 255).all(), "standard image border is not pure white"
         assert (std < 250).any(axis=-1).sum() > 0.03 * W * H  # a character is drawn
-        meta = json.loads(sample["meta.json"])
-        box = meta["std"]["face_box"]
+        meta = json.loads(standard["meta.json"])
+        assert meta["rendering_version"] == RENDERING_VERSION and meta["character"] == record["id"]
+        box = meta["face_box"]
         assert box["center"] == pytest.approx([STANDARD_FACE_CENTER[0] * W, STANDARD_FACE_CENTER[1] * H], abs=0.01)
         assert box["side"] == pytest.approx(STANDARD_FACE_SIDE * H, abs=0.01)
-        assert meta["std"]["fit"]["head_inside"] and meta["std"]["fit"]["body_inside"]
+        assert meta["fit"]["head_inside"] and meta["fit"]["body_inside"]
+        assert json.loads(sample["meta.json"])["std"]["face_box"] == box
         pose = json.loads(sample["std_pose.json"])
         names = pose["names"]
         kp = {n: pose["keypoints"][i] for i, n in enumerate(names)}
@@ -172,6 +188,7 @@ def test_standard_image_places_the_face(worker, poses_path, procedural, tmp_path
     assert np.ptp(sides) <= 0.01  # the same face size for child, adult and heavy
 
 
+@pytest.mark.blender
 @pytest.mark.parametrize("kind", ["procedural", "mannequin"])
 def test_expression_changes_only_the_face(worker, procedural, kind):
     from serialgen.assets_manifest.geometry import camera as cm
@@ -216,6 +233,7 @@ def test_expression_changes_only_the_face(worker, procedural, kind):
         assert changed[~near].sum() == 0, f"{name}: pixels far from the face changed"
 
 
+@pytest.mark.blender
 def test_same_seed_same_bytes(worker, poses_path, procedural, tmp_path):
     # Procedural characters: one closed body surface. (The mannequin's overlapping ellipsoids can
     # flip a pixel on an intersection line between loads: see docs/rendering.md, determinism.)
@@ -230,19 +248,52 @@ def test_same_seed_same_bytes(worker, poses_path, procedural, tmp_path):
     pa = (a / ra["shard"]["path"]).read_bytes()
     assert pa == (b / rb["shard"]["path"]).read_bytes()
     assert ra["shard"]["sha256"] == rb["shard"]["sha256"]
+    assert (a / ra["standard"]["path"]).read_bytes() == (b / rb["standard"]["path"]).read_bytes()
+    assert ra["stats"] == rb["stats"]
     assert pa != (c / rc["shard"]["path"]).read_bytes()  # another seed, other views
+    # A job whose range does not start at 0 writes no standard tar (the first job of the character does).
+    from serialgen.render.job import RenderJob
+
+    later = RenderJob(rec, str(assets), str(tmp_path / "d"), "train/later.tar", "train", 1, 3, 3, 0, str(poses_path))
+    rd = worker.run(later)
+    assert rd["status"] == "ok" and rd["standard"] is None
+    assert not (tmp_path / "d" / "train" / "standard").exists()
 
 
+@pytest.mark.blender
+def test_meta_records_exposure_and_the_job_its_stats(worker, poses_path, procedural, tmp_path):
+    """meta.json's ``fg_luminance`` is the median foreground luminance of ref.png (0..1), and the job
+    result carries the shard's ``render_stats.Histograms`` built from its samples (interface 5)."""
+    from serialgen.dataset.render_stats import Histograms, sample_row
+    from serialgen.render.lighting import fg_luminance
+
+    assets, records = procedural
+    result = worker.run(_job(records["adult"], tmp_path, poses_path, k=4, assets=assets))
+    expected = Histograms()
+    for key, sample in _samples(result, tmp_path):
+        meta = json.loads(sample["meta.json"])
+        ref = _png(sample["ref.png"])
+        assert meta["fg_luminance"] == pytest.approx(fg_luminance(ref), abs=1e-4)
+        assert meta["fg_luminance"] >= 25 / 255
+        assert meta["exposure"]["gain"] >= 1.0 and meta["exposure"]["redraws"] >= 0
+        expected.add(sample_row(meta, json.loads(sample["ref_pose.json"])))
+    assert Histograms.from_json(result["stats"]) == expected
+    assert result["stats"]["samples"] == 4
+
+
+@pytest.mark.blender
 def test_failed_character_is_recorded(worker, poses_path, tmp_path):
     bad = {"id": "mannequin-bad", "kind": "mannequin", "variant": "no-such-variant"}
     result = worker.run(_job(bad, tmp_path, poses_path, k=2))
     assert result["status"] == "failed" and "no-such-variant" in result["error"]
     assert result["shard"] is None
     assert not list(tmp_path.rglob("*.tar")) and not list(tmp_path.rglob(".*.tmp"))
+    assert result["standard"] is None and result["stats"] is None
     ok = worker.run(_job(_record("child"), tmp_path, poses_path, k=1))
     assert ok["status"] == "ok"  # the worker goes on
 
 
+@pytest.mark.blender
 def test_face_keypoints_hidden_from_behind(worker, procedural):
     from serialgen.assets_manifest import skeleton as sk
     from serialgen.assets_manifest.geometry import camera as cm
@@ -268,3 +319,78 @@ def test_face_keypoints_hidden_from_behind(worker, procedural):
         assert defined[face + body].all()
     assert seen[0.0][face].all() and not seen[180.0][face].any()
     assert seen[0.0][body].all() and seen[180.0][body].all()  # joints inside the body stay visible
+
+
+@pytest.mark.blender
+def test_missing_texture_renders_the_fallback_colour(worker, tmp_path):
+    """A glTF whose image file is gone, accepted with ``texture_fallback``: the character is drawn in
+    the record's fallback colour (its material's base colour), never Blender's missing-image
+    magenta (which the unlinked node of rendering/2 still showed in Workbench)."""
+    from serialgen.render.bpy_utils import import_bpy
+    from serialgen.render.mannequin import build_mannequin
+
+    bpy = import_bpy()
+    worker.unload()
+    m = build_mannequin("adult")
+    for obj in bpy.context.scene.objects:
+        obj.select_set(obj in (m.armature, *m.meshes))
+    gltf = tmp_path / "missing-texture.gltf"
+    bpy.ops.export_scene.gltf(filepath=str(gltf), export_format="GLTF_SEPARATE", use_selection=True)
+    bones = list(m.bone_map)
+    m.remove()
+    images = json.loads(gltf.read_text())["images"]
+    for image in images:
+        (tmp_path / image["uri"]).unlink()
+    colour = [0.05, 0.45, 0.05, 1.0]  # scene-linear green
+    record = {"id": "char-missing-texture", "kind": "gltf", "status": "accepted", "path": str(gltf),
+              "bone_map": {b: b for b in bones}, "scale": 1.0, "stats": {"texture_fallback": True},
+              "texture_fallback": [{"image": images[0]["name"], "material": None, "colour": colour,
+                                    "source": "base_colour"}]}
+    loaded = worker._load_character(record, str(tmp_path))
+    worker._render_standard(loaded)
+    rgba = worker._render(worker.scene)
+    fg = rgba[rgba[..., 3] == 255][:, :3].astype(int)
+    assert len(fg) > 500
+    magenta = (fg[:, 0] > 180) & (fg[:, 1] < 80) & (fg[:, 2] > 180)
+    assert magenta.sum() == 0, f"{magenta.sum()} magenta pixels"
+    r, g, b = np.median(fg, axis=0)
+    assert g > 1.5 * r and g > 1.5 * b, (r, g, b)
+    worker.unload()
+
+
+def test_read_tga_matches_pillow(tmp_path):
+    """The numpy TGA reader gives Pillow's pixels for both row orders."""
+    from PIL import Image
+
+    from serialgen.render.scene import read_tga
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (7, 5, 4), dtype=np.uint8)
+    path = tmp_path / "f.tga"
+    Image.fromarray(img, "RGBA").save(path, compression=None)
+    assert (read_tga(path) == img).all()
+    raw = bytearray(path.read_bytes())
+    raw[17] ^= 0x20  # flip the origin bit: rows now read top-down
+    path.write_bytes(bytes(raw))
+    assert (read_tga(path) == img[::-1]).all()
+    with pytest.raises(ValueError, match="not an uncompressed 32-bit TGA"):
+        path.write_bytes(b"x" * 30)
+        read_tga(path)
+
+
+def test_antialias_is_the_2x2_supersample_kernel():
+    """A hard vertical edge of an opaque red square on transparent ground: the 1x filter gives the
+    edge pixels the coverage a 2x2 supersample of a half-pixel shifted edge has (1/8 outside, 7/8
+    inside), keeps the colour (premultiplied alpha: no dark fringe), leaves pixels far from the
+    figure untouched and gives the same bytes every time."""
+    from serialgen.render.scene import antialias
+
+    img = np.zeros((20, 20, 4), np.uint8)
+    img[5:15, 5:15] = (200, 10, 10, 255)
+    out = antialias(img)
+    assert (out == antialias(img)).all()
+    assert out[10, 4, 3] == 32 and out[10, 5, 3] == 223  # (1/8, 7/8) x 255 on the edge's two sides
+    assert np.abs(out[10, 4, :3].astype(int) - (200, 10, 10)).max() <= 4  # colour kept (8-bit premultiplied)
+    assert (out[10, 10] == img[10, 10]).all()  # inside: unchanged
+    assert (out[0] == 0).all() and (out[:, 19] == 0).all()
+    assert (antialias(np.zeros((8, 8, 4), np.uint8)) == 0).all()  # nothing drawn: nothing to filter

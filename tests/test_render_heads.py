@@ -152,9 +152,13 @@ def test_standard_image_face_at_the_documented_place(worker, characters, library
 
     assets, records = characters
     for name, record in records.items():
-        (key, sample), = _samples(worker.run(_job(record, assets, tmp_path / name, library, 1)), tmp_path / name)
-        std = _png(sample["std.png"])
-        meta = json.loads(sample["meta.json"])
+        from serialgen.dataset.shards import iter_shard
+
+        result = worker.run(_job(record, assets, tmp_path / name, library, 1))
+        (key, sample), = _samples(result, tmp_path / name)
+        (_, standard), = iter_shard(tmp_path / name / result["standard"]["path"])
+        std = _png(standard["std.png"])
+        meta = {"std": json.loads(standard["meta.json"])}
         box = meta["std"]["face_box"]
         assert box["center"] == pytest.approx([STANDARD_FACE_CENTER[0] * W, STANDARD_FACE_CENTER[1] * H], abs=0.01), name
         assert box["side"] == pytest.approx(STANDARD_FACE_SIDE * H, abs=0.01), name
@@ -168,7 +172,7 @@ def test_standard_image_face_at_the_documented_place(worker, characters, library
         if fit["head_inside"]:  # white above the head: hats and helmets are the top of the character
             top = int(np.floor(lo[1] - 0.02 * H))
             assert top <= 0 or (std[:top] == 255).all(), name
-        pose = json.loads(sample["std_pose.json"])
+        pose = json.loads(standard["std_pose.json"])
         kp = {n: pose["keypoints"][i] for i, n in enumerate(pose["names"])}
         for n in FACE:  # on the face: visible, inside the head box, on drawn pixels
             x, y, v = kp[n]
