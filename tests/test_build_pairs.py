@@ -185,3 +185,47 @@ def test_pairs_build_command_from_webdataset_shards(local_ray, tmp_path, capsys)
     assert report["pairs"] == 3 and report["skip_rate"] == 0.0
     caps = [s.caption for s in iter_pairs(tmp_path / "pairs")]
     assert caps == ["caption 0", "caption 1", "caption 2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A one-step Stage I run of the tiny config at 32x48: a real checkpoint folder."""
+    from serialgen.training.common.config import override
+    from serialgen.training.stage1.config import load_stage1_config
+    from serialgen.training.stage1.train import train_stage1
+
+    config = override(load_stage1_config("stage1-tiny"), {
+        "data.train_shards": "synthetic:2", "data.resolution": "32x48", "train.max_steps": 1,
+        "train.checkpoint_every": 0, "validation.every": 0, "inference.num_inference_steps": 2})
+    result = train_stage1(config, output_dir=tmp_path_factory.mktemp("stage1"), resume="never")
+    return result.last_checkpoint
+
+
+@pytest.mark.slow
+def test_checkpoint_standardizer_takes_the_prepared_references_in_the_dtype_asked(tiny_checkpoint, tmp_path):
+    import torch
+
+    from serialgen.training.stage1.reference_inputs import ReferencePreparer
+    from serialgen.training.stage2.build_pairs import CheckpointStandardizer
+
+    prepare = ReferencePreparer(mask="threshold", pose="blank")
+    refs = [prepare(_img(40, 50, (200, 40, 40)), (32, 48)), prepare(_img(30, 60, (40, 200, 40)), (32, 48))]
+    outs = {}
+    for dtype in ("fp32", "bf16"):
+        std = CheckpointStandardizer(tiny_checkpoint, resolution=(32, 48), steps=2, dtype=dtype)
+        assert next(std.pipeline.model.parameters()).dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        outs[dtype] = std(refs, seed=3)
+        assert [im.size for im in outs[dtype]] == [(32, 48), (32, 48)]
+        assert [np.asarray(im).tolist() for im in std(refs, seed=3)] == [np.asarray(im).tolist() for im in outs[dtype]]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_pairs_build_with_a_stage1_checkpoint_and_dtype(local_ray, tiny_checkpoint, corpus, tmp_path, capsys):
+    assert main(["pairs", "build", "--checkpoint", str(tiny_checkpoint), "--input", str(corpus), "--out",
+                 str(tmp_path / "pairs"), "--mask", "threshold", "--pose", "blank", "--dtype", "bf16", "--steps", "2",
+                 "--limit", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs"] == 3 and report["standardizer"] == str(tiny_checkpoint)
+    pair = next(iter(iter_pairs(tmp_path / "pairs")))
+    assert pair.image("std_ref").size == (32, 48) and pair.meta["standardizer"].startswith("stage1:")

@@ -115,3 +115,32 @@ def test_pairs_build_on_real_photos_skips_with_reasons(estimator_python, tmp_pat
     assert (pair.meta["mask_source"], pair.meta["pose_source"]) == ("estimator", "estimator")
     assert pair.meta["estimate"]["person"] and pair.meta["estimate"]["people"] == 1
     assert pair.meta["estimate"]["confidence"] > 0.6 and "mediapipe-0.10.21" in pair.meta["estimate"]["estimator"]
+
+
+def test_standardize_a_photo_uses_the_estimator_by_default(estimator_python, tmp_path, capsys):
+    """`serialgen standardize` on a photo without alpha: the estimator's mask and pose (no warning);
+    the issue's measurement: a figure on grey had a background fraction of 0.11 from the threshold."""
+    from serialgen.cli import main
+    from serialgen.training.common.config import override
+    from serialgen.training.stage1.config import load_stage1_config
+    from serialgen.training.stage1.reference_inputs import ReferencePreparer
+    from serialgen.training.stage1.train import train_stage1
+
+    photo = tmp_path / "astronaut.jpg"
+    Image.fromarray(_photo("astronaut")).save(photo, quality=92)
+    with_estimator = ReferencePreparer()(photo, (64, 96))
+    threshold = ReferencePreparer(mask="threshold", pose="blank")(photo, (64, 96))
+    assert (with_estimator["mask_source"], with_estimator["pose_source"]) == ("estimator", "estimator")
+    # letterboxed 64x64 in 64x96: the white bands are background either way; the person is not
+    assert 0.45 < with_estimator["ref_mask"].mean() < 0.75 and threshold["ref_mask"].mean() < 0.4
+    assert with_estimator["ref_pose"].sum() > 0 and threshold["ref_pose"].sum() == 0
+
+    config = override(load_stage1_config("stage1-tiny"), {
+        "data.train_shards": "synthetic:2", "data.resolution": "32x48", "train.max_steps": 1,
+        "train.checkpoint_every": 0, "validation.every": 0, "inference.num_inference_steps": 2})
+    checkpoint = train_stage1(config, output_dir=tmp_path / "run", resume="never").last_checkpoint
+    capsys.readouterr()
+    assert main(["standardize", "--checkpoint", str(checkpoint), "--input", str(photo), "--out",
+                 str(tmp_path / "std.png")]) == 0
+    assert "not set up" not in capsys.readouterr().err
+    assert Image.open(tmp_path / "std.png").size == (32, 48)
