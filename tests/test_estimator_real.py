@@ -144,3 +144,24 @@ def test_standardize_a_photo_uses_the_estimator_by_default(estimator_python, tmp
                  str(tmp_path / "std.png")]) == 0
     assert "not set up" not in capsys.readouterr().err
     assert Image.open(tmp_path / "std.png").size == (32, 48)
+
+
+@pytest.mark.ray
+def test_shards_annotate_in_process_and_on_ray_write_the_same_bytes(estimator_python, tmp_path, capsys):
+    from test_loader_synth import write_synthetic_shards
+
+    from serialgen.cli import main
+    from serialgen.dataset import annotations
+
+    write_synthetic_shards(tmp_path / "set", n_shards=2, per_shard=2, size=(64, 96))
+    assert main(["shards", "annotate", str(tmp_path / "set"), "--out", str(tmp_path / "a"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards_annotated_now"] == 2 and report["samples_annotated_now"] == 4
+    assert report["quality"]["total"]["samples"] == 4 and report["backgrounds"] == "procedural"
+    on_ray = annotations.annotate_shards(tmp_path / "set", tmp_path / "b", workers=2, progress=False)
+    assert on_ray["shards_annotated_now"] == 2
+    tars = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tar"))
+    assert tars and all((tmp_path / "a" / t).read_bytes() == (tmp_path / "b" / t).read_bytes() for t in tars)
+    again = annotations.annotate_shards(tmp_path / "set", tmp_path / "a", progress=False)
+    assert again["shards_annotated_now"] == 0 and again["shards_kept"] == 2  # resumable: nothing to redo
+    assert annotations.AnnotationReader(tmp_path / "a").lookup(str(tmp_path / "set" / tars[0]), "c0000_p00000") is not None
