@@ -80,8 +80,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         load_standardizer(str(tmp_path / "no-ckpt"))
     with pytest.raises(TarSetError, match="index.json: not found; expected a pair set"):
         read_index(tmp_path)
+    _img(20, 30, (9, 9, 9)).save(tmp_path / "empty" / "a.png")
     with pytest.raises(UserInputError, match="--dwpose-det and --dwpose-pose go together"):
         build_pairs(tmp_path / "empty", tmp_path / "out", reference_options={**NO_ESTIMATOR, "dwpose_det": "x.onnx"})
+    assert not (tmp_path / "out" / "plan.json").exists()  # options are checked before anything is written
     np.testing.assert_array_equal(np.asarray(load_standardizer("identity")([_img(20, 20, (5, 5, 5))])[0])[0, 0], [255, 255, 255])
 
 

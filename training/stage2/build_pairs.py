@@ -505,13 +505,13 @@ def build_pairs(
         raise UserInputError("--samples-per-shard and --batch-size must be >= 1")
     reference_options = {"mask": "estimator", "pose": "estimator"} | dict(reference_options or {})
     policy = policy or SkipPolicy()
+    t0 = time.perf_counter()
+    items = discover_inputs(input_path)
     # Checked here, in the driver, so a missing estimator or DWPose file is one line before Ray starts.
     if "estimator" in (reference_options.get("mask"), reference_options.get("pose")) and estimator_python() is None:
         raise EstimatorUnavailable(f"--mask/--pose estimator: the person estimator is not set up: {SETUP_HINT} "
                                    "(or pass --mask threshold --pose blank to build without it)")
     ReferencePreparer(**reference_options, estimator=_NoEstimator()).close()
-    t0 = time.perf_counter()
-    items = discover_inputs(input_path)
     if limit is not None:
         items = items[: int(limit)]
         for it in items:  # alt links must stay inside the limited corpus
