@@ -37,7 +37,7 @@ def _annotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction_positive(text: str) -> int:
+def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -77,7 +77,7 @@ def register(sub, groups) -> None:
                    "built-in procedural ones); pictures where the estimator finds a person are left out")
     p.add_argument("--workers", type=int, default=0, help="Ray actors, one estimator each (default 0: in this process)")
     p.add_argument("--address", help="Ray cluster to join (default: a local one on 127.0.0.1)")
-    p.add_argument("--limit-per-shard", type=_fraction_positive, help="annotate only the first N samples of each shard "
+    p.add_argument("--limit-per-shard", type=_positive, help="annotate only the first N samples of each shard "
                    "(a quick quality estimate; the loader then uses exact inputs for the rest)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
