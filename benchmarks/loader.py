@@ -327,11 +327,78 @@ def _ab(args) -> dict:
     return out
 
 
+def _png(args) -> dict:
+    """PNG levels and filters on the set's real images: per option, encode ms (this thread's CPU
+    time, as the render job pays it), bytes, and decode ms with the loader's decoder (pyspng), for
+    the references (RGBA) and the standards (RGB); options interleaved round by round so that load
+    from other jobs hits all alike. Bytes per pair at the default shard size (1,000 pairs of one
+    character): ref.png + the three JSON members + their tar headers and padding + the standard tar
+    shared by 1,000 pairs."""
+    from serialgen.dataset import shards as S
+    from serialgen.dataset import tarset as T
+
+    index = S.read_index(args.shards)
+    root = T.index_path(args.shards).parent
+    refs, json_bytes = [], []
+    for e in index["shards"]:
+        for key, m in S.iter_shard(root / e["path"]):
+            refs.append(S.decode_png(m["ref.png"], "RGBA"))
+            json_bytes.append(sum(len(m[k]) for k in ("ref_pose.json", "std_pose.json", "meta.json")))
+    stds = [S.decode_png(S.read_standard(p, c)["std.png"], "RGB") for c, p in S.standard_paths(args.shards, index).items()]
+    refs = refs[: args.limit]
+    options = [(f, lvl) for f in ("none", "sub", "up", "paeth", "adaptive") for lvl in (1, 3, 6, 9)]
+    stats = {o: {"ref_enc": 0.0, "ref_dec": 0.0, "ref_bytes": 0, "std_enc": 0.0, "std_dec": 0.0, "std_bytes": 0, "n": 0,
+                 "ns": 0} for o in options}
+    for _ in range(args.rounds):
+        for o in options:
+            st = stats[o]
+            for arr in refs:
+                t = time.thread_time()
+                png = S.encode_png(arr, o[1], o[0])
+                t1 = time.thread_time()
+                S.decode_png(png, "RGBA")
+                st["ref_enc"] += t1 - t
+                st["ref_dec"] += time.thread_time() - t1
+                st["ref_bytes"] += len(png)
+                st["n"] += 1
+            for arr in stds:
+                t = time.thread_time()
+                png = S.encode_png(arr, o[1], o[0])
+                t1 = time.thread_time()
+                S.decode_png(png, "RGB")
+                st["std_enc"] += t1 - t
+                st["std_dec"] += time.thread_time() - t1
+                st["std_bytes"] += len(png)
+                st["ns"] += 1
+    pad = lambda n: 512 + -(-n // 512) * 512  # noqa: E731  a tar member: header + data padded to 512
+    json_per_pair = sum(pad(j // 3) * 3 for j in json_bytes) / len(json_bytes)
+    rows = []
+    for o, st in stats.items():
+        ref_b, std_b = st["ref_bytes"] / st["n"], st["std_bytes"] / max(1, st["ns"])
+        v3 = pad(ref_b) + json_per_pair + (pad(std_b) + 2 * 512 + 1536) / 1000  # + the standard tar, shared
+        v2 = v3 + pad(std_b)  # formats 1-2: std.png in every pair
+        rows.append({"filter": o[0], "level": o[1], "ref_kb": ref_b / 1e3, "ref_enc_ms": st["ref_enc"] / st["n"] * 1e3,
+                     "ref_dec_ms": st["ref_dec"] / st["n"] * 1e3, "std_kb": std_b / 1e3,
+                     "std_enc_ms": st["std_enc"] / max(1, st["ns"]) * 1e3,
+                     "std_dec_ms": st["std_dec"] / max(1, st["ns"]) * 1e3,
+                     "pair_kb_v3": v3 / 1e3, "pair_kb_v2": v2 / 1e3})
+    print(f"{len(refs)} references, {len(stds)} standards, {args.rounds} rounds, load {os.getloadavg()[0]:.2f}")
+    print("| filter | level | ref KB | ref encode ms | ref decode ms | std KB | std encode ms | std decode ms "
+          "| KB per pair, format 3 | format 2 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['filter']} | {r['level']} | {r['ref_kb']:.1f} | {r['ref_enc_ms']:.2f} | {r['ref_dec_ms']:.2f} | "
+              f"{r['std_kb']:.1f} | {r['std_enc_ms']:.2f} | {r['std_dec_ms']:.2f} | {r['pair_kb_v3']:.1f} | "
+              f"{r['pair_kb_v2']:.1f} |")
+    return {"rows": rows, "json_bytes_per_pair": json_per_pair}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="shard set (folder, index.json, .tar or brace pattern)")
     p.add_argument("--backgrounds", default=None, help="backgrounds folder or assets folder (default: procedural)")
-    p.add_argument("--mode", choices=("configs", "steps", "alternatives", "ab"), default="configs")
+    p.add_argument("--mode", choices=("configs", "steps", "alternatives", "ab", "png"), default="configs")
+    p.add_argument("--limit", type=int, default=24, help="png: references measured")
     p.add_argument("--baseline", default=None, help="ab: the earlier commit to compare against")
     p.add_argument("--batch-size", type=int, default=8, help="ab: batch size (0 = single samples)")
     p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8", help="ab: output dtype")
@@ -341,7 +408,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     print(f"loader benchmark, mode {args.mode}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    result = {"configs": _configs, "steps": _steps, "alternatives": _alternatives, "ab": _ab}[args.mode](args)
+    result = {"configs": _configs, "steps": _steps, "alternatives": _alternatives, "ab": _ab, "png": _png}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mode": args.mode, "load_average_1min": os.getloadavg()[0], "result": result}, f, indent=1)

@@ -65,7 +65,8 @@ def register(sub, groups) -> None:
                    help="seconds run first and not counted, and at least until the background pool is full "
                         "(default 2)")
     b.add_argument("--batch-size", type=int, default=8, help="batch size collated in the worker; 0 = single samples")
-    b.add_argument("--dtype", choices=("float32", "uint8"), default="float32", help="output tensors (default float32)")
+    b.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
+                   help="output tensors: uint8 (default: what training uses, converted on the device) or float32")
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(handler=_handle_bench)
 

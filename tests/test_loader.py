@@ -13,7 +13,8 @@ import torch
 
 from serialgen.assets_manifest.geometry.standard_form import reference_standard_keypoints
 from serialgen.cli import main as cli_main
-from serialgen.dataset.loader import LoaderConfig, RenderPairDataset, make_loader, open_dataset, resolve_shards
+from serialgen.dataset.loader import (LoaderConfig, RenderPairDataset, make_loader, open_dataset, resolve_shards,
+                                      to_model_range)
 from serialgen.dataset.posemap import Pose, draw_pose_map, parse_pose
 from serialgen.dataset.shards import iter_shard, verify
 from serialgen.dataset.tarset import TarSetError
@@ -58,7 +59,7 @@ def _keys(iterable):
 
 def test_sample_layout_ranges_and_shapes(shard_set):
     root, bgs = shard_set
-    ds = RenderPairDataset(root, bgs, _cfg())
+    ds = RenderPairDataset(root, bgs, _cfg(std_pose="canonical", dtype="float32"))
     samples = list(ds)
     assert len(samples) == 4 * PER_SHARD and ds.stats.total_skipped == 0
     s = samples[0]
@@ -69,19 +70,21 @@ def test_sample_layout_ranges_and_shapes(shard_set):
     assert s["ref_pose"].min() == 0 and s["ref_pose"].max() <= 1
     assert s["ref_mask"].shape == (1, h, w) and set(s["ref_mask"].unique().tolist()) == {0.0, 1.0}
     assert s["ref_keypoints"].shape == (66, 3) and s["meta"]["character"].startswith("synth")
-    # Every sample shares the canonical standard pose map; the mask marks the background as 1.
+    # With std_pose="canonical" every sample shares one standard pose map; the mask marks the background as 1.
     assert all(torch.equal(x["std_pose"], s["std_pose"]) for x in samples)
     assert s["ref_mask"].mean() > 0.3
+    # The default is the fast path training uses: uint8, converted on the device
+    u8 = next(iter(RenderPairDataset(root, bgs, _cfg(std_pose="canonical"))))
+    assert LoaderConfig().dtype == "uint8" and u8["ref"].dtype == torch.uint8 and u8["ref_mask"].dtype == torch.uint8
+    assert u8["__key__"] == s["__key__"] and torch.equal(to_model_range(u8)["ref"], s["ref"])
 
 
 def test_batches_are_channels_last_and_uint8_converts_to_the_same_floats(shard_set):
     root, bgs = shard_set
-    b32 = next(iter(RenderPairDataset(root, bgs, _cfg(batch_size=3))))
+    b32 = next(iter(RenderPairDataset(root, bgs, _cfg(batch_size=3, dtype="float32"))))
     b8 = next(iter(RenderPairDataset(root, bgs, _cfg(batch_size=3, dtype="uint8"))))
     assert b32["ref"].shape == (3, 3, SIZE[1], SIZE[0]) and b32["ref"].is_contiguous(memory_format=torch.channels_last)
     assert b8["ref"].dtype == torch.uint8 and b32["__key__"] == b8["__key__"]
-    from serialgen.dataset.loader import to_model_range
-
     conv = to_model_range(b8)
     for k in ("ref", "ref_pose", "std", "std_pose", "ref_mask"):
         torch.testing.assert_close(conv[k], b32[k], atol=1e-6, rtol=0)
