@@ -29,6 +29,7 @@ _REGISTRARS = [
     ("serialgen.training.stage1.cli", "register"),
     ("serialgen.training.stage2.cli", "register"),
     ("serialgen.training.stage2.cli_pairs", "register"),
+    ("serialgen.training.stage2.cli", "register_pairs"),
 ]
 
 # Command groups shared by several parts: `serialgen <group> <command>`.

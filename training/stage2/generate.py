@@ -29,7 +29,7 @@ from serialgen.resolution import DEFAULT_RESOLUTION, format_resolution
 from serialgen.training.common.config import config_from_dict, config_to_dict
 from serialgen.training.stage2.config import InferenceConfig, ModelConfig, Stage2Config
 
-__all__ = ["SERIES_VERSION", "check_standardizer", "generate_series"]
+__all__ = ["SERIES_VERSION", "adapter_run_config", "check_standardizer", "generate_series", "load_adapter_pipeline"]
 
 # 2: the model section is "model" (was "models") and settings hold "resolution": "WxH" (was width, height)
 SERIES_VERSION = 2
@@ -47,7 +47,7 @@ def check_standardizer(spec: str) -> None:
                          "'none' or module:function")
 
 
-def _adapter_run_config(adapter: str | Path) -> Stage2Config | None:
+def adapter_run_config(adapter: str | Path) -> Stage2Config | None:
     """The training config saved beside an adapter (checkpoint folder or run folder), if any; a config
     of an older release is translated to the current key names (with a notice)."""
     import yaml
@@ -62,13 +62,13 @@ def _adapter_run_config(adapter: str | Path) -> Stage2Config | None:
     return None
 
 
-def _load_adapter_pipeline(adapter: str | Path, run_config: Stage2Config | None, *, sdxl: str | None = None,
+def load_adapter_pipeline(adapter: str | Path, run_config: Stage2Config | None, *, sdxl: str | None = None,
                           image_encoder: str | None = None, vae: str | None = None, device: str = "cpu",
                           dtype: Any = None) -> tuple[Any, ModelConfig]:
     """A stock ``StableDiffusionXLPipeline`` (DDIM) with the trained adapter loaded by ``load_ip_adapter``.
 
     Base models come from ``sdxl`` / ``image_encoder`` when given, else from the adapter's training
-    config ``run_config`` (:func:`_adapter_run_config`; a tiny run rebuilds its seeded tiny models).
+    config ``run_config`` (:func:`adapter_run_config`; a tiny run rebuilds its seeded tiny models).
     Returns (pipeline, model section used).
     """
     import dataclasses
@@ -141,7 +141,7 @@ def generate_series(
     if num_seeds < 1:
         raise UserInputError(f"--num-seeds: {num_seeds} must be >= 1")
     check_standardizer(standardizer)
-    run_cfg = _adapter_run_config(adapter)
+    run_cfg = adapter_run_config(adapter)
     defaults = run_cfg.inference if run_cfg is not None else InferenceConfig()
     resolution = tuple(resolution or (run_cfg.data.resolution if run_cfg is not None else DEFAULT_RESOLUTION))
     steps = steps or defaults.num_inference_steps
@@ -157,7 +157,7 @@ def generate_series(
         std = load_standardizer(standardizer, device=device)
         standardized, std_name = std([reference], seed=first_seed)[0], std.name
         del std
-    pipe, model = _load_adapter_pipeline(adapter, run_cfg, sdxl=sdxl, image_encoder=image_encoder, vae=vae, device=device)
+    pipe, model = load_adapter_pipeline(adapter, run_cfg, sdxl=sdxl, image_encoder=image_encoder, vae=vae, device=device)
     pipe.set_ip_adapter_scale(ip_scale)
     out.mkdir(parents=True, exist_ok=True)
     reference.save(out / "reference.png")
