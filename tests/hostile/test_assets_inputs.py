@@ -402,7 +402,7 @@ def test_the_summary_table_counts_every_reason(tmp_path, capsys):
 
 _BLEND_OUTSIDE = r"""
 import sys, bpy
-knight, texture, out = sys.argv[1:4]
+knight, texture, out, fbx = sys.argv[1:5]
 bpy.ops.wm.read_factory_settings(use_empty=True)
 bpy.ops.import_scene.gltf(filepath=knight)
 for img in bpy.data.images:
@@ -411,6 +411,7 @@ for img in bpy.data.images:
         img.unpack(method="REMOVE")
         img.filepath = texture
 bpy.ops.wm.save_as_mainfile(filepath=out)
+bpy.ops.export_scene.fbx(filepath=fbx, path_mode="RELATIVE", embed_textures=False)  # "../private/secret.png"
 """
 
 
@@ -437,11 +438,11 @@ def test_real_files_pointing_outside_are_rejected_and_never_loaded(shared_assets
     (chars / "knight_abs.gltf").write_text(json.dumps(doc))
     blend_dir = tmp_path / "blend"
     blend_dir.mkdir()
-    subprocess.run([sys.executable, "-c", _BLEND_OUTSIDE, str(knight), str(secret), str(blend_dir / "knight.blend")],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", _BLEND_OUTSIDE, str(knight), str(secret), str(blend_dir / "knight.blend"),
+                    str(blend_dir / "knight.fbx")], check=True, capture_output=True, timeout=120)
     records = scan_characters([chars, blend_dir], probe=BlenderProbe())
     by = {Path(r["path"]).name: r for r in records}
-    for name in ("knight.gltf", "knight_abs.gltf", "knight.blend"):
+    for name in ("knight.gltf", "knight_abs.gltf", "knight.blend", "knight.fbx"):
         assert by[name]["reason"] == "resource_outside_asset", (name, by[name]["detail"])
         assert "secret" not in json.dumps(by[name]["stats"]) and "textures" not in by[name]["stats"]
     # The render path reads the file again: its importer refuses it too.
