@@ -274,3 +274,14 @@ def test_blender_probe_reports_a_hanging_or_broken_file_as_a_reason(tmp_path):
     failed = BlenderProbe().inspect_character(f)
     assert isinstance(failed, ProbeFailure) and failed.reason == "import_failed"
     assert isinstance(BlenderProbe().sample_motions(f, 30.0), ProbeFailure)
+
+
+def test_help_states_the_size_limit_the_build_uses(capsys):
+    """--help must not import numpy, so the command spells the default itself: it must agree."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["assets", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    shown = re.search(r"--max-asset-size SIZE .*?default (\S+)\)", text).group(1)
+    assert mf.parse_size(shown) == mf.DEFAULT_MAX_BYTES
