@@ -4,6 +4,7 @@ from the tree installs and runs ``serialgen --help`` (with the packaged configs)
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -33,9 +34,17 @@ def test_every_package_folder_is_listed():
 
 @pytest.mark.slow
 def test_a_wheel_built_from_the_tree_runs(tmp_path):
+    # Build from a copy of the tracked files: an in-tree build leaves build/ and *.egg-info behind.
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        path = ROOT / rel
+        if path.is_file() and not path.is_symlink():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, src / rel)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    "-w", str(wheels), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = wheels.glob("serialgen-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "serialgen/training/configs/stage1.yaml" in names
