@@ -12,12 +12,16 @@ later join of a real cluster from this process is unaffected. ``tests/test_rende
 checks the listening sockets of every process of such a cluster with psutil.
 
 With an address, :func:`init_ray` joins that cluster (one-line error when nobody answers there).
+Either way the caller's SIGTERM handler survives (``ray.init`` installs ``sys.exit`` in its place).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from serialgen.errors import SerialgenError
@@ -68,16 +72,34 @@ def init_ray(address: str | None = None, **kwargs) -> bool:
     if ray.is_initialized():
         return False
     kwargs.setdefault("include_dashboard", False)
-    if address:
-        check_reachable(address)
-        _token_auth_for(address)
-        try:
-            ray.init(address=address, **kwargs)
-        except ConnectionError as exc:
-            raise SerialgenError(f"--address {address}: cannot connect to the Ray cluster ({exc}); is it "
-                                 "running (`ray status`), and is its auth token here (~/.ray/auth_token "
-                                 "or RAY_AUTH_TOKEN)?") from None
-        return False
+    with _own_sigterm():
+        if address:
+            check_reachable(address)
+            _token_auth_for(address)
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as exc:
+                raise SerialgenError(f"--address {address}: cannot connect to the Ray cluster ({exc}); is it "
+                                     "running (`ray status`), and is its auth token here (~/.ray/auth_token "
+                                     "or RAY_AUTH_TOKEN)?") from None
+            return False
+        return _start_local(ray, kwargs)
+
+
+@contextlib.contextmanager
+def _own_sigterm():
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit``: put the caller's back
+    (the render farm stops on SIGTERM as on Ctrl-C: whole shards kept, the report written)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _start_local(ray, kwargs: dict) -> bool:
     from ray._private import ray_constants  # Ray reads the switch from here in this process
 
     saved_env, saved_flag = os.environ.get(LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER

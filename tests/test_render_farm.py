@@ -189,18 +189,30 @@ def test_job_book_affinity_retry_and_quarantine():
 
     book = JobBook(_jobs({"a": 2, "b": 1, "c": 1}), max_attempts=2)
     first = book.next(None)
-    assert first.character["id"] == "a"
-    other = book.next(None)  # another worker: a's second job (a is first in order), no affinity needed
+    assert first.name == "train/a-p0.tar"
+    # Workers without a character spread over characters nobody is on (each loads its character
+    # and renders its standard image once); a's second job waits for a free worker or for a.
+    assert [book.next(None).name for _ in range(2)] == ["train/b-p0.tar", "train/c-p0.tar"]
+    other = book.next(None)  # every character is taken: a's second job
     assert other.name == "train/a-p1.tar"
-    # a's first job crashes: retried after the fresh work, and a moves behind b and c.
+    # a's first job crashes: retried (there is no fresh work left to go first).
     assert book.failed(first, "died", "SIGKILL", "w0", 1.0) == "retry"
-    assert [book.next("b").character["id"], book.next(None).character["id"]] == ["b", "c"]
-    assert book.next(None).name == first.name and book.attempt_of(first) == 2
+    assert book.next("b").name == first.name and book.attempt_of(first) == 2
     # Second failure of character a (another of its jobs): quarantined, its queue emptied.
     assert book.failed(other, "timeout", "killed after 9 s", "w1", 9.0) == "quarantined"
     assert "failed 2 times (died x1, timeout x1)" in book.quarantined["a"]["reason"]
     assert book.failed(first, "died", "again", "w0", 1.0) == "dropped"
     assert not book.has_queued() and book.next(None) is None
+    # A failed job goes after the fresh work, and its character behind the others.
+    book = JobBook(_jobs({"a": 2, "b": 1}), max_attempts=3)
+    a0 = book.next(None)
+    assert book.failed(a0, "error", "boom") == "retry"
+    assert [book.next(None).name for _ in range(3)] == ["train/b-p0.tar", "train/a-p1.tar", "train/a-p0.tar"]
+    # Affinity: a worker that has a character loaded gets its next job, even if another worker
+    # is on it too.
+    book = JobBook(_jobs({"a": 3, "b": 1}))
+    assert [book.next(None).name, book.next(None).name] == ["train/a-p0.tar", "train/b-p0.tar"]
+    assert book.next("a").name == "train/a-p1.tar" and book.next("a").name == "train/a-p2.tar"
 
 
 def test_job_book_bad_input_not_retried_and_lost_not_counted():

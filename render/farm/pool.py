@@ -21,7 +21,6 @@ import math
 import os
 import socket
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -225,7 +224,7 @@ class FarmWorker:
                 result["members"] = member_digest(Path(job.out_dir) / job.shard)
                 if result.get("standard") is not None:
                     result["standard_members"] = member_digest(Path(job.out_dir) / result["standard"]["path"])
-            except (tarfile.TarError, OSError, EOFError):
+            except (OSError, EOFError, ValueError):
                 result["members"] = result["standard_members"] = None
         result["cpu_s"] = round(time.process_time() - cpu0, 4)
         result["recycle"] = self.worker.should_recycle()

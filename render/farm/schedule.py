@@ -5,7 +5,8 @@ Pure bookkeeping (no Ray, no bpy), shared by the Ray pool and the in-process poo
 Rules (``docs/rendering.md``, "The farm"):
 
 * **Affinity**: a worker that just finished a job of character C gets C's next job, so the character
-  is loaded once per worker.
+  is loaded once per worker; a worker without one takes a character no other worker is on, when
+  there is one (so two workers do not both load, and render the standard image of, one character).
 * **Failures count per character** (an asset, not a job): a job that raised, whose worker process
   died (SIGKILL, segfault, out of memory) or that ran past its timeout counts one failure of its
   character and goes back to the queue (after the fresh work: a poison asset should not starve the
@@ -85,12 +86,15 @@ class JobBook:
         queue = self.by_char.get(last_character)
         if queue and last_character not in self.char_failures:
             job = queue.popleft()
-        while job is None and self.order:
-            queue = self.by_char[self.order[0]]
-            if queue:
-                job = queue.popleft()
-            else:
-                self.order.popleft()
+        while self.order and not self.by_char[self.order[0]]:
+            self.order.popleft()
+        if job is None and self.order:
+            # A character no other worker is on, if any: each worker that takes a character loads
+            # it and renders its standard image, so spreading the workers over characters loads
+            # each character once (two workers starting on one character's jobs load it twice).
+            busy = {self.jobs[name].character["id"] for name in self.in_flight}
+            char = next((c for c in self.order if self.by_char[c] and c not in busy), self.order[0])
+            job = self.by_char[char].popleft()
         if job is None and self.retry:
             job = self.retry.popleft()
         if job is not None:

@@ -62,8 +62,15 @@ def test_init_ray_binds_every_server_of_a_local_cluster_to_loopback():
         def pid(self) -> int:
             return os.getpid()
 
+    import signal
+
+    def ours(signum, frame):  # the caller's SIGTERM handler (the render farm's: stop like Ctrl-C)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, ours)
     try:
         assert init_ray(None, num_cpus=2, log_to_driver=False) is True
+        assert signal.getsignal(signal.SIGTERM) is ours  # ray.init installs sys.exit; init_ray puts it back
         actors = [Probe.remote() for _ in range(2)]
         worker_pids = ray.get([a.pid.remote() for a in actors])
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
@@ -73,6 +80,7 @@ def test_init_ray_binds_every_server_of_a_local_cluster_to_loopback():
         assert init_ray(None) is False  # already connected: nothing started twice
     finally:
         ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
     assert os.environ.get(LOOPBACK_SWITCH) == before  # a later join from this process is unaffected
 
 
