@@ -136,8 +136,9 @@ class BlenderWorker:
     def __init__(self, settings: RenderSettings, max_characters: int = 50, rss_cap_mb: float = 6000.0,
                  record_timings: bool = False):
         if settings.threads:
-            # Mesa's software GL (workbench/eevee without a GPU) reads this when the context is made.
-            os.environ.setdefault("LP_NUM_THREADS", str(settings.threads))
+            # Mesa's software GL (workbench/eevee without a GPU) reads this when the context is made;
+            # 0 rasterises in the calling thread (1 would hand each frame to a second thread and wait).
+            os.environ.setdefault("LP_NUM_THREADS", str(settings.threads if settings.threads > 1 else 0))
         self.settings = settings
         self.max_characters = max_characters
         self.rss_cap_mb = rss_cap_mb
@@ -285,9 +286,11 @@ class BlenderWorker:
             lighting = light_mod.sample_lighting(np.random.default_rng(derive_seed(seed, "relight", redraws)))
             light_mod.apply_lighting(self.scene, lighting, s.engine)
         extra = light_mod.exposure_gain(lum)
+        if extra != 1.0:  # the exact median after both gains (the same lookup tables)
+            lum = light_mod.fg_luminance(rgba, gain * extra)
         if extra != 1.0 or s.engine == "workbench":
             rgba = light_mod.apply_gain(rgba, gain * extra)
-        final = light_mod.fg_luminance(rgba)
+        final = lum
         record = {"gain": round(float(extra), 4), "redraws": redraws,
                   "fg_luminance": None if final is None else round(final, 4)}
         return rgba, lighting, record

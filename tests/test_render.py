@@ -261,6 +261,7 @@ def test_same_seed_same_bytes(worker, poses_path, procedural, tmp_path):
 
 
 @pytest.mark.blender
+@pytest.mark.slow
 def test_meta_records_exposure_and_the_job_its_stats(worker, poses_path, procedural, tmp_path):
     """meta.json's ``fg_luminance`` is the median foreground luminance of ref.png (0..1), and the job
     result carries the shard's ``render_stats.Histograms`` built from its samples (interface 5)."""
@@ -322,6 +323,7 @@ def test_face_keypoints_hidden_from_behind(worker, procedural):
 
 
 @pytest.mark.blender
+@pytest.mark.slow
 def test_missing_texture_renders_the_fallback_colour(worker, tmp_path):
     """A glTF whose image file is gone, accepted with ``texture_fallback``: the character is drawn in
     the record's fallback colour (its material's base colour), never Blender's missing-image

@@ -12,7 +12,7 @@ place (a shift does not change sizes), so both numbers hold exactly. Hair, hats 
 neither: they are not face landmarks. Rigs without landmarks of their own (the mannequin test
 character, the reference figure) use ``skeleton.FACE_LANDMARK_DEFAULTS`` and ``face.MOUTH_DEFAULT``.
 
-A human-proportioned figure then stands from ~0.07 H (crown) to ~0.88 H (feet). The head box (the
+The reference figure then stands from 0.09 H (crown) to 0.84 H (toes). The head box (the
 visible head, hair and hats included: ``head_box``) is what close-ups frame and what "does it fit"
 asks (:func:`standard_fit`): a tall hat or a tall figure is cut at the frame's edge, a big-headed
 chibi is small below its face; the image is never rescaled to fit, since the face's place and size
@@ -42,7 +42,7 @@ __all__ = [
     "reference_standard_keypoints",
 ]
 
-# The reference figure (1.75 m, hair not counted) stands from 0.09 H to 0.89 H; the face box is 84 px at 768.
+# The reference figure (1.75 m, hair not counted) stands from 0.09 H to 0.84 H (toes); 84 px at 768.
 STANDARD_FACE_CENTER = (0.5, 0.13)
 STANDARD_FACE_SIDE = 0.11
 STANDARD_FOCAL_MM = 85.0
