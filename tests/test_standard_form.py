@@ -187,6 +187,10 @@ def test_landmarks_from_eye_material_and_shape_keys():
     assert by_keys.landmark_sources["l_eye"] == "eye_shape_keys"
     assert np.array(by_keys.landmarks["l_eye"])[[0, 2]] * 0.12 == pytest.approx([0.035, 0.12], abs=2e-3)
     assert by_keys.landmark_sources["mouth"] == "estimate"
+    b = {k: np.array(v) * 0.12 for k, v in by_keys.landmarks.items()}
+    eye_z = 0.5 * (b["l_eye"][2] + b["r_eye"][2])
+    assert b["mouth"][2] == pytest.approx(eye_z - fc.MOUTH_DROP * (eye_z - b["nose"][2]), abs=1e-4)
+    assert set(geo.landmark_sources.values()) | set(by_keys.landmark_sources.values()) <= set(fc.SOURCES)
 
 
 # -- Blender: hair and hats, ground truth ------------------------------------------------------------
