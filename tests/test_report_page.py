@@ -155,6 +155,10 @@ def test_asset_rejections_recorded_at_render_time_need_no_asset_folder(tmp_path)
     assert "Zombie-9f8e7d" in html and "Zombie.fbx: Blender could not read it" in html
     assert "/data/assets: 3 characters accepted, 1 rejected (import_failed 1)" in html
     assert 'data-status="rejected"' in html and "0123456789abcdef" in html and "seed" in html
+    assert "earlier runs" not in html
+    (root / "run.json").write_text(json.dumps({**RUN_JSON, "code_fingerprints": ["0123456789abcdef", "fedcba9876543210"]}))
+    html = build_shards_report(root, tmp_path / "out").read_text()
+    assert "shards of earlier runs on this folder come from <code>fedcba9876543210</code>" in html
 
 
 def test_a_format_2_set_shows_the_standard_its_pairs_carry(tmp_path):

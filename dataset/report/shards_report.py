@@ -239,8 +239,16 @@ def _settings_rows(s: _ShardSet) -> list[tuple[str, object]]:
     settings = run.get("settings") or config.get("settings") or {}
     rows: list[tuple[str, object]] = [("folder", str(s.root))]
     fingerprint = s.run.get("code_fingerprint")
-    rows.append(("code fingerprint", ("html", f"<code>{esc(fingerprint)}</code>") if fingerprint
-                 else ("html", not_recorded("not recorded (rendered before run.json held it)"))))
+    if fingerprint:
+        # a resumed folder may hold shards of several codes: run.json lists every one that ran on it
+        others = sorted(set(s.run.get("code_fingerprints") or []) - {fingerprint})
+        text = f"<code>{esc(fingerprint)}</code>"
+        if others:
+            text += (' <span class="warn">(latest run; shards of earlier runs on this folder come from '
+                     + ", ".join(f"<code>{esc(o)}</code>" for o in others) + ")</span>")
+        rows.append(("code fingerprint", ("html", text)))
+    else:
+        rows.append(("code fingerprint", ("html", not_recorded("not recorded (rendered before run.json held it)"))))
     version = s.run.get("rendering_version", config.get("rendering_version"))
     rows.append(("rendering version", version if version is not None else ("html", not_recorded())))
     rows.append(("index format", f"{s.index.get('format')} version {s.index.get('format_version')}"))
