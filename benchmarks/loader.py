@@ -64,18 +64,21 @@ def _configs(args) -> list[dict]:
     return rows
 
 
-def _samples(shards: str) -> list[dict]:
-    import webdataset as wds
+def _samples(shards: str) -> tuple[list[dict], float]:
+    """The samples of the set's train shards as the loader's tar stage gives them (our reader), and
+    the CPU ms per sample that reading took."""
+    from serialgen.dataset import loader as L
 
-    from serialgen.dataset.loader import resolve_shards
-
-    urls = resolve_shards(shards)
+    urls = L.resolve_shards(shards)
+    stats = L.LoaderStats()
     t0 = time.thread_time()
-    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
-    return samples, (time.thread_time() - t0) / max(1, len(samples))
+    samples = list(L._read_shards(({"url": u} for u in urls), stats))
+    return samples, (time.thread_time() - t0) / max(1, len(samples)) * 1e3
 
 
 def _steps(args) -> dict:
+    """Where a pair's time goes in the uint8 batch-8 path, step by step, on real samples held in
+    memory (this thread's CPU time; tar reading timed apart, over the same shards)."""
     import torch
 
     from serialgen.dataset import compositing as C
@@ -85,14 +88,11 @@ def _steps(args) -> dict:
 
     torch.set_num_threads(1)
     samples, _ = _samples(args.shards)
-    t0 = time.thread_time()
-    for _ in range(3):
-        _samples(args.shards)
-    tar_ms = (time.thread_time() - t0) / (3 * len(samples)) * 1e3
+    tar_ms = sum(_samples(args.shards)[1] for _ in range(3)) / 3
     cfg = L.LoaderConfig(resolution=args.resolution, batch_size=8, dtype="uint8")
     ds = L.RenderPairDataset(args.shards, args.backgrounds, cfg)
     proc = L._SampleProcessor(ds, L.LoaderStats(), random.Random(0))
-    for s in samples[: ds.config.background_pool + 16]:  # fill the background pool (start-up, not steady state)
+    for s in (samples * 4)[: ds.config.background_pool + 16]:  # fill the background pool (start-up, not steady state)
         proc(dict(s))
     times: dict[str, float] = {}
 
@@ -109,23 +109,26 @@ def _steps(args) -> dict:
             t = time.thread_time()
             meta = json.loads(s["meta.json"])
             pose = pm.parse_pose(s["ref_pose.json"])
-            t = tick("json + pose parse", t)
+            t = tick("meta.json + ref_pose.json parsing", t)
+            L._check_png(s["ref.png"])
+            t = tick("ref.png CRC check", t)
             ref = shards_fmt.decode_png(s["ref.png"], "RGBA")
-            t = tick("ref.png decode", t)
-            std, std_pose = proc._standard(s, meta)
-            t = tick("standard (cached per character)", t)
+            t = tick("ref.png decode (pyspng)", t)
+            std, own = proc._standard(s, meta, s["__url__"])
+            std_pose = proc._std_pose(own)
+            t = tick("standard + its pose map (cached per character)", t)
             bg = proc.backgrounds.sample_array()
             t = tick("background window", t)
             placed = C.prepare_reference(ref, pose, proc.composite_cfg, proc.rng)
-            t = tick("prepare reference (bbox, jitter, premultiply, resize)", t)
+            t = tick("prepare the character: bbox, jitter LUT, premultiply, resample", t)
             region = pm.draw_pose_region(placed.pose, size)
-            t = tick("pose map", t)
+            t = tick("reference pose map (its box)", t)
             batch.append((L._Composite(placed, bg), region, std, std_pose))
             n += 1
             if len(batch) == 8:
                 t = time.thread_time()
                 L._images_tensor([b[0] for b in batch], "ref", "uint8", True)
-                t = tick("collate: composite into the batch", t)
+                t = tick("collate: composite written into the batch", t)
                 L._masks_tensor([b[0] for b in batch], "uint8", True)
                 t = tick("collate: mask", t)
                 L._images_tensor([b[1] for b in batch], "ref_pose", "uint8", True)
@@ -134,12 +137,12 @@ def _steps(args) -> dict:
                 L._images_tensor([b[3] for b in batch], "std_pose", "uint8", True)
                 t = tick("collate: std + std_pose copies", t)
                 batch = []
-    result = {"tar reading + grouping (stock webdataset)": tar_ms}
+    result = {"tar reading + grouping (tarset.read_samples)": tar_ms}
     result.update({k: v / n * 1e3 for k, v in times.items()})
     total = sum(result.values())
     for k, v in result.items():
-        print(f"  {k:58s} {v:7.3f} ms")
-    print(f"  {'total':58s} {total:7.3f} ms  ({1e3 / total:.1f} pairs/s without shuffling and stage overhead)")
+        print(f"  {k:66s} {v:7.3f} ms")
+    print(f"  {'total':66s} {total:7.3f} ms  ({1e3 / total:.1f} pairs/s without shuffling and stage overhead)")
     return {"ms_per_pair": result, "total_ms": total}
 
 
@@ -268,9 +271,12 @@ def _load_baseline(rev: str):
 
 
 def _ab(args) -> dict:
+    """The loader of commit ``--baseline`` (on ``--baseline-shards``, e.g. a format 2 copy of the same
+    renders for a loader from before format 3) against this one, in one process, interleaved in
+    0.3 s slices with the raw decodes of this set's members."""
     import torch
-    import webdataset as wds
 
+    from serialgen.dataset import cli
     from serialgen.dataset import loader as new_loader
 
     if not args.baseline:
@@ -278,36 +284,43 @@ def _ab(args) -> dict:
     torch.set_num_threads(1)
     old_loader = _load_baseline(args.baseline)
     bs = args.batch_size or None
-
-    def reader(L):
-        # A baseline from before the rename calls the output size ``size``.
-        names = {f.name for f in dataclasses.fields(L.LoaderConfig)}
-        out_size = {"resolution" if "resolution" in names else "size": args.resolution}
-        cfg = L.LoaderConfig(**out_size, resampled=True, batch_size=bs, dtype=args.dtype)
-        it = iter(L.RenderPairDataset(args.shards, args.backgrounds, cfg))
-        for _ in range((cfg.background_pool + 32) // (bs or 1)):  # fill the background pool first
-            next(it)
-        return it
-
-    its = {"before": reader(old_loader), "now": reader(new_loader)}
-    urls = new_loader.resolve_shards(args.shards)
-    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-    members = [(s["ref.png"], s["std.png"]) for s in pipe if "ref.png" in s and "std.png" in s][:256]
-    from serialgen.dataset.shards import decode_png as dec
-    counts = {"before": 0, "now": 0, "raw": 0, "raw_ref": 0}
-    times = dict.fromkeys(counts, 0.0)
-    i = 0
+    its = {"before": _reader(old_loader, args.baseline_shards or args.shards, args.backgrounds, args.resolution,
+                             batch_size=bs, dtype=args.dtype),
+           "now": _reader(new_loader, args.shards, args.backgrounds, args.resolution, batch_size=bs, dtype=args.dtype)}
     load0 = os.getloadavg()[0]
-    deadline = time.perf_counter() + args.seconds
+    rates = _interleaved(its, bs or 1, args.seconds, cli._raw_members(new_loader.RenderPairDataset(args.shards), 256))
+    rate = {k: v["pairs_per_s"] for k, v in rates.items()}
+    out = {"baseline": args.baseline, "batch_size": args.batch_size, "dtype": args.dtype,
+           **{f"{k}_pairs_per_s": round(v, 1) for k, v in rate.items()},
+           **{f"{k}_pairs_per_cpu_s": round(v["pairs_per_cpu_s"], 1) for k, v in rates.items()},
+           "speedup": round(rate["now"] / rate["before"], 3),
+           "ratio_before": round(rate["before"] / rate["raw"], 3), "ratio_now": round(rate["now"] / rate["raw"], 3),
+           "ratio_now_ref_only": round(rate["now"] / rate["raw_ref"], 3),
+           "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
+    print(json.dumps(out))
+    return out
+
+
+def _interleaved(its: dict, per_item: int, seconds: float, members, slice_s: float = 0.3) -> dict:
+    """Pairs per wall-clock second and per CPU-second of this thread for each iterator in ``its``,
+    run in turns (``slice_s`` each) with 0.1 s slices of the raw decode of the same members (ref +
+    std per pair, and ref only), so that other jobs on the machine slow all alike."""
+    from serialgen.dataset.shards import decode_png as dec
+
+    names = list(its) + ["raw", "raw_ref"]
+    counts, wall, cpu = dict.fromkeys(names, 0), dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    i = 0
+    deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        for k in ("before", "now"):
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < 0.3:
-                next(its[k])
-                counts[k] += bs or 1
-            times[k] += time.perf_counter() - t0
+        for k, it in its.items():
+            t0, c0 = time.perf_counter(), time.thread_time()
+            while time.perf_counter() - t0 < slice_s:
+                next(it)
+                counts[k] += per_item
+            wall[k] += time.perf_counter() - t0
+            cpu[k] += time.thread_time() - c0
         for k in ("raw", "raw_ref"):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             while time.perf_counter() - t0 < 0.1:
                 ref, std = members[i % len(members)]
                 dec(ref, "RGBA")
@@ -315,16 +328,271 @@ def _ab(args) -> dict:
                     dec(std, "RGB")
                 i += 1
                 counts[k] += 1
-            times[k] += time.perf_counter() - t0
-    rate = {k: counts[k] / times[k] for k in counts}
-    out = {"baseline": args.baseline, "batch_size": args.batch_size, "dtype": args.dtype,
-           **{f"{k}_pairs_per_s": round(v, 1) for k, v in rate.items()},
-           "speedup": round(rate["now"] / rate["before"], 3),
-           "ratio_before": round(rate["before"] / rate["raw"], 3), "ratio_now": round(rate["now"] / rate["raw"], 3),
-           "ratio_now_ref_only": round(rate["now"] / rate["raw_ref"], 3),
+            wall[k] += time.perf_counter() - t0
+            cpu[k] += time.thread_time() - c0
+    return {k: {"pairs_per_s": counts[k] / wall[k], "pairs_per_cpu_s": counts[k] / cpu[k] if cpu[k] else float("nan")}
+            for k in names}
+
+
+def _reader(L, shards, backgrounds, resolution, **cfg):
+    """An endless iterator of a loader (module ``L``) with its background pool already full."""
+    names = {f.name for f in dataclasses.fields(L.LoaderConfig)}
+    out_size = {"resolution" if "resolution" in names else "size": resolution}  # a baseline before the rename
+    config = L.LoaderConfig(**out_size, resampled=True, **cfg)
+    it = iter(L.RenderPairDataset(shards, backgrounds, config))
+    for _ in range((config.background_pool + 32) // (cfg.get("batch_size") or 1)):
+        next(it)
+    return it
+
+
+def _check(args) -> dict:
+    """Issue 12.3: the loader with and without the damage check (PNG chunk CRCs), side by side in
+    one process, interleaved in 0.3 s slices with the raw decodes."""
+    import torch
+
+    from serialgen.dataset import cli
+    from serialgen.dataset import loader as L
+
+    torch.set_num_threads(1)
+    bs = args.batch_size or None
+    its = {"checked": _reader(L, args.shards, args.backgrounds, args.resolution, batch_size=bs, dtype=args.dtype),
+           "unchecked": _reader(L, args.shards, args.backgrounds, args.resolution, batch_size=bs, dtype=args.dtype,
+                                integrity_check=False)}
+    load0 = os.getloadavg()[0]
+    rates = _interleaved(its, bs or 1, args.seconds, cli._raw_members(L.RenderPairDataset(args.shards), 256))
+    out = {"batch_size": args.batch_size, "dtype": args.dtype,
+           **{f"{k}_pairs_per_s": round(v["pairs_per_s"], 1) for k, v in rates.items()},
+           **{f"{k}_pairs_per_cpu_s": round(v["pairs_per_cpu_s"], 1) for k, v in rates.items()},
+           "check_cost": round(1 - rates["checked"]["pairs_per_s"] / rates["unchecked"]["pairs_per_s"], 4),
+           "check_cost_cpu": round(1 - rates["checked"]["pairs_per_cpu_s"] / rates["unchecked"]["pairs_per_cpu_s"], 4),
            "load_average_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(out))
     return out
+
+
+# -- route 2 of issue 15.3: compositing, masks and pose maps as batched torch ops "on the device" ---------
+
+def _route2_worker(proc, sample: dict, size) -> dict:
+    """What a DataLoader worker would still do on route 2: parse, check, decode, find the box, draw
+    the placement and jitter (the same random draws as route 1), cut the box, take the background
+    window, the cached standard. No compositing, no mask, no pose map."""
+    from PIL import Image
+
+    from serialgen.dataset import compositing as C
+    from serialgen.dataset import loader as L
+    from serialgen.dataset import posemap as pm
+    from serialgen.dataset import shards as S
+
+    meta = json.loads(sample["meta.json"])
+    pose = pm.parse_pose(sample["ref_pose.json"])
+    L._check_png(sample["ref.png"])
+    ref = S.decode_png(sample["ref.png"], "RGBA")
+    std, own = proc._standard(sample, meta, sample["__url__"])
+    std_pose = proc._std_pose(own)
+    background = proc.backgrounds.sample_array()  # the draws in route 1's order
+    bbox = Image.fromarray(ref, "RGBA").getbbox(alpha_only=True)
+    x0, y0, x1, y1 = bbox
+    dx0, dy0, dw, dh = C.place_reference(bbox, (ref.shape[1], ref.shape[0]), proc.composite_cfg, proc.rng)
+    amount = proc.composite_cfg.jitter
+    r = proc.rng
+    contrast, bright = 1 + r.uniform(-amount, amount), 1 + r.uniform(-amount, amount)
+    gains = [bright * (1 + r.uniform(-amount / 2, amount / 2)) for _ in range(3)]
+    sx, sy = dw / (x1 - x0), dh / (y1 - y0)
+    return {"box": np.ascontiguousarray(ref[y0:y1, x0:x1]), "place": (dx0, dy0, dw, dh), "contrast": contrast,
+            "gains": gains, "background": background, "std": std, "std_pose": std_pose,
+            "pose": pose.transformed(sx, sy, dx0 - x0 * sx, dy0 - y0 * sy, size)}
+
+
+def _route2_collate(items: list[dict], size):
+    """The worker's batch: boxes padded into one (B, Hm, Wm, 4) uint8 tensor, the background windows
+    (B, H, W, 3), placement and jitter parameters, keypoints (B, 66, 3)."""
+    import torch
+
+    from serialgen.dataset import loader as L
+
+    w, h = size
+    hm = max(it["box"].shape[0] for it in items)
+    wm = max(it["box"].shape[1] for it in items)
+    boxes = torch.zeros((len(items), hm, wm, 4), dtype=torch.uint8)
+    bgs = L._empty((len(items), h, w, 3), torch.uint8)
+    for b, it in enumerate(items):
+        bh, bw = it["box"].shape[:2]
+        boxes[b, :bh, :bw] = torch.from_numpy(it["box"])
+        bgs[b].copy_(torch.from_numpy(np.ascontiguousarray(it["background"])))
+    std = L._images_tensor([it["std"] for it in items], "std", "uint8", True)
+    std_pose = L._images_tensor([it["std_pose"] for it in items], "std_pose", "uint8", True)
+    params = torch.tensor([[*it["place"], *it["box"].shape[:2], it["contrast"], *it["gains"]] for it in items],
+                          dtype=torch.float32)
+    kps = torch.from_numpy(np.stack([it["pose"].as_array() for it in items]))
+    return {"boxes": boxes, "backgrounds": bgs, "params": params, "keypoints": kps, "std": std, "std_pose": std_pose}
+
+
+def _route2_device(batch: dict, size, draw_pose: bool = True) -> dict:
+    """Route 2's work in the training step, as batched torch ops (run here on the CPU, one thread):
+    jitter + premultiply the padded boxes, place and resample them with one ``grid_sample`` (per
+    sample affine grids; bilinear without antialiasing: the batched op has none), blend over the
+    backgrounds, threshold the mask, and rasterise the pose maps (DWPose's limbs as distance-to-
+    segment ellipses, joint discs) for the whole batch at once."""
+    import torch
+    import torch.nn.functional as F
+
+    from serialgen.dataset import posemap as pm
+
+    w, h = size
+    boxes = batch["boxes"].permute(0, 3, 1, 2).float()  # (B, 4, Hm, Wm)
+    p = batch["params"]
+    B, _, hm, wm = boxes.shape
+    contrast, gains = p[:, 6], p[:, 7:10]
+    rgb = ((boxes[:, :3] - 128) * contrast[:, None, None, None] + 128) * gains[:, :, None, None]
+    rgb = rgb.add_(0.5).floor_().clamp_(0, 255)
+    a = boxes[:, 3:4]
+    prem = torch.cat([rgb * a / 255, a], 1)
+    dx0, dy0, dw, dh, bh, bw = (p[:, i] for i in range(6))
+    # output pixel centre (x + 0.5) -> box pixel (x + 0.5 - dx0) * bw / dw, in the padded box's [-1, 1]
+    theta = torch.zeros((B, 2, 3))
+    theta[:, 0, 0] = (w / dw) * (bw / wm)
+    theta[:, 0, 2] = ((w / 2 - dx0) / dw * bw) * 2 / wm - 1
+    theta[:, 1, 1] = (h / dh) * (bh / hm)
+    theta[:, 1, 2] = ((h / 2 - dy0) / dh * bh) * 2 / hm - 1
+    grid = F.affine_grid(theta, (B, 4, h, w), align_corners=False)
+    placed = F.grid_sample(prem, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    bg = batch["backgrounds"].permute(0, 3, 1, 2).float()
+    alpha = placed[:, 3:4]
+    ref = (placed[:, :3] + bg * (1 - alpha / 255)).round_().clamp_(0, 255).to(torch.uint8)
+    mask = (alpha < 128).to(torch.uint8)
+    out = {"ref": ref, "ref_mask": mask}
+    if draw_pose:
+        out["ref_pose"] = _route2_pose_maps(batch["keypoints"], size)
+    return out
+
+
+def _route2_pose_maps(kps, size):
+    """DWPose maps for a batch, rasterised with tensor ops: each limb an ellipse (distance to its
+    segment, scaled along it), then joint discs, then hand edges and points, in DWPose's order."""
+    import torch
+
+    from serialgen.dataset import posemap as pm
+
+    w, h = size
+    k = pm.line_scale(size)
+    B = kps.shape[0]
+    ys = torch.arange(h, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(w, dtype=torch.float32)[None, :] + 0.5
+    canvas = torch.zeros((B, 3, h, w))
+    vis = kps[..., 2] > 0
+    xy = kps[..., :2]
+
+    def paint(hit, colour):
+        canvas.mul_(~hit[:, None]).add_(hit[:, None] * torch.tensor(colour, dtype=torch.float32)[None, :, None, None])
+
+    limbs = list(zip(pm._LIMBS_A.tolist(), pm._LIMBS_B.tolist()))
+    for j, (ia, ib) in enumerate(limbs):
+        ok = vis[:, ia] & vis[:, ib]
+        if not ok.any():
+            continue
+        a, b = xy[:, ia], xy[:, ib]
+        c = (a + b) / 2
+        d = b - a
+        half = torch.linalg.norm(d, dim=1).clamp_min(1e-3) / 2
+        u = d / (2 * half[:, None])
+        rx = (xs[None] - c[:, 0, None, None]) * u[:, 0, None, None] + (ys[None] - c[:, 1, None, None]) * u[:, 1, None, None]
+        ry = -(xs[None] - c[:, 0, None, None]) * u[:, 1, None, None] + (ys[None] - c[:, 1, None, None]) * u[:, 0, None, None]
+        hit = ((rx / half[:, None, None]) ** 2 + (ry / (4.0 * k)) ** 2 <= 1) & ok[:, None, None]
+        paint(hit, pm._LIMB_FILL[j])
+    r2 = (4.0 * k) ** 2
+    for i in range(24):
+        ok = vis[:, i]
+        if not ok.any():
+            continue
+        hit = (((xs[None] - xy[:, i, 0, None, None]) ** 2 + (ys[None] - xy[:, i, 1, None, None]) ** 2) <= r2) & ok[:, None, None]
+        paint(hit, pm.BODY_COLOURS[i] if i < 18 else pm.FOOT_COLOURS[i - 18])
+    half_w = max(1, int(round(2 * k))) / 2
+    for off in (24, 45):
+        for e, (ia, ib) in enumerate(pm.HAND_EDGES):
+            ok = vis[:, off + ia] & vis[:, off + ib]
+            if not ok.any():
+                continue
+            a, b = xy[:, off + ia], xy[:, off + ib]
+            d = b - a
+            t = (((xs[None] - a[:, 0, None, None]) * d[:, 0, None, None] + (ys[None] - a[:, 1, None, None])
+                  * d[:, 1, None, None]) / (d ** 2).sum(1).clamp_min(1e-6)[:, None, None]).clamp(0, 1)
+            px = a[:, 0, None, None] + t * d[:, 0, None, None] - xs[None]
+            py = a[:, 1, None, None] + t * d[:, 1, None, None] - ys[None]
+            paint((px ** 2 + py ** 2 <= half_w ** 2) & ok[:, None, None], pm.HAND_EDGE_COLOURS[e])
+        for i in range(21):
+            ok = vis[:, off + i]
+            if not ok.any():
+                continue
+            hit = (((xs[None] - xy[:, off + i, 0, None, None]) ** 2 + (ys[None] - xy[:, off + i, 1, None, None]) ** 2)
+                   <= r2) & ok[:, None, None]
+            paint(hit, pm.HAND_POINT_COLOUR)
+    return canvas.to(torch.uint8)
+
+
+def _routes(args) -> dict:
+    """Issue 15.3: route 1 (everything in the worker, the character's box composited by the fused
+    compiled passes) against route 2 (the worker reads and decodes; compositing, masks and pose maps
+    are batched torch ops in the training step, timed here on the CPU), per pair, counting ALL the
+    work, on the same real samples held in memory, interleaved batch by batch. Route 2 is also
+    timed with the pose maps drawn in the worker (PIL, as route 1) and only compositing + mask on
+    the device."""
+    import torch
+
+    from serialgen.dataset import loader as L
+    from serialgen.dataset import posemap as pm
+
+    torch.set_num_threads(1)
+    samples, tar_ms = _samples(args.shards)
+    size = args.resolution
+    cfg = L.LoaderConfig(resolution=size, batch_size=8, dtype="uint8")
+    ds = L.RenderPairDataset(args.shards, args.backgrounds, cfg)
+    procs = {k: L._SampleProcessor(ds, L.LoaderStats(), random.Random(0)) for k in ("route1", "route2", "route2a")}
+    for proc in procs.values():
+        for s in (samples * 4)[: cfg.background_pool + 16]:
+            proc(dict(s))
+    cpu = {k: 0.0 for k in ("route1", "route2 worker", "route2 device", "route2a worker", "route2a device")}
+    n = 0
+    agreement = None
+    for r in range(args.rounds):
+        for start in range(0, len(samples) - 7, 8):
+            chunk = samples[start:start + 8]
+            t = time.thread_time()
+            one = procs["route1"].collate([procs["route1"](dict(s)) for s in chunk])
+            cpu["route1"] += time.thread_time() - t
+            t = time.thread_time()
+            batch = _route2_collate([_route2_worker(procs["route2"], dict(s), size) for s in chunk], size)
+            t1 = time.thread_time()
+            two = _route2_device(batch, size, draw_pose=True)
+            t2 = time.thread_time()
+            if agreement is None:  # the same samples, draws and backgrounds: how close are the two routes?
+                m1, m2 = one["ref_mask"] == 0, two["ref_mask"] == 0
+                agreement = {"ref_mean_abs_diff": float((one["ref"].float() - two["ref"].float()).abs().mean()),
+                             "mask_iou": float((m1 & m2).sum() / (m1 | m2).sum()),
+                             "pose_map_pixels_equal": float((one["ref_pose"] == two["ref_pose"]).all(1).float().mean())}
+            cpu["route2 worker"] += t1 - t
+            cpu["route2 device"] += t2 - t1
+            t = time.thread_time()
+            items = [_route2_worker(procs["route2a"], dict(s), size) for s in chunk]
+            L._images_tensor([pm.draw_pose_region(it["pose"], size) for it in items], "ref_pose", "uint8", True)
+            batch = _route2_collate(items, size)
+            t1 = time.thread_time()
+            _route2_device(batch, size, draw_pose=False)
+            cpu["route2a worker"] += t1 - t
+            cpu["route2a device"] += time.thread_time() - t1
+            n += 8
+    ms = {k: v / n * 1e3 + (tar_ms if "device" not in k else 0.0) for k, v in cpu.items()}
+    totals = {"route 1 (fused, in the worker)": ms["route1"],
+              "route 2 (compositing, masks, pose maps on the device)": ms["route2 worker"] + ms["route2 device"],
+              "route 2a (compositing, masks on the device; pose maps in the worker)":
+                  ms["route2a worker"] + ms["route2a device"]}
+    print(f"ms per pair (this thread's CPU time, tar reading {tar_ms:.3f} ms included, {n} pairs per route, "
+          f"load {os.getloadavg()[0]:.2f}):")
+    for k, v in ms.items():
+        print(f"  {k:24s} {v:8.3f}")
+    for k, v in totals.items():
+        print(f"  total, {k:70s} {v:8.3f} ms  ({1e3 / v:.1f} pairs per CPU-second)")
+    print(f"  route 2 against route 1 on the first batch: {json.dumps(agreement)}")
+    return {"ms_per_pair": ms, "totals": totals, "tar_ms": tar_ms, "agreement": agreement}
 
 
 def _png(args) -> dict:
@@ -397,18 +665,23 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="shard set (folder, index.json, .tar or brace pattern)")
     p.add_argument("--backgrounds", default=None, help="backgrounds folder or assets folder (default: procedural)")
-    p.add_argument("--mode", choices=("configs", "steps", "alternatives", "ab", "png"), default="configs")
+    p.add_argument("--mode", choices=("configs", "steps", "alternatives", "ab", "png", "check", "routes"),
+                   default="configs")
     p.add_argument("--limit", type=int, default=24, help="png: references measured")
     p.add_argument("--baseline", default=None, help="ab: the earlier commit to compare against")
-    p.add_argument("--batch-size", type=int, default=8, help="ab: batch size (0 = single samples)")
-    p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8", help="ab: output dtype")
+    p.add_argument("--baseline-shards", default=None,
+                   help="ab: the set the baseline reads (default SHARDS; a format 2 copy for a loader before format 3)")
+    p.add_argument("--batch-size", type=int, default=8, help="ab, check: batch size (0 = single samples)")
+    p.add_argument("--dtype", choices=("uint8", "float32"), default="uint8", help="ab, check: output dtype")
     add_resolution_argument(p, help="output size, width x height")
     p.add_argument("--seconds", type=float, default=10.0, help="configs, ab: measuring time (per configuration)")
     p.add_argument("--rounds", type=int, default=5, help="steps/alternatives: passes over the samples")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     print(f"loader benchmark, mode {args.mode}, load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    result = {"configs": _configs, "steps": _steps, "alternatives": _alternatives, "ab": _ab, "png": _png}[args.mode](args)
+    modes = {"configs": _configs, "steps": _steps, "alternatives": _alternatives, "ab": _ab, "png": _png,
+             "check": _check, "routes": _routes}
+    result = modes[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mode": args.mode, "load_average_1min": os.getloadavg()[0], "result": result}, f, indent=1)

@@ -7,15 +7,15 @@ random background, and the background mask and keypoints follow the same transfo
 Everything runs in uint8, and only the character's bounding box (from alpha) is processed; the rest
 of the canvas is the background window, copied once into the output:
 
-* ``prepare_reference``: the box is cut from the render and colour-jittered through one lookup
-  table (``Image.point``, straight colours), premultiplied (numpy: one copy that zeroes empty
-  pixels, then arithmetic only on the pixels with 0 < alpha < 255, the antialiased rim, a few
-  thousand pixels; opaque pixels are already premultiplied), then resampled with torch's antialiased
-  uint8 bilinear kernel (premultiplied, so transparent pixels do not darken the edges);
-* ``PlacedReference.composite_into``: the background window is copied into the output and the box
-  region is blended with PIL's premultiplied "over" (``paste`` with an ``RGBa`` mask:
-  ``P + (1 - a) bg``, the same result as ``alpha_composite`` of the straight colours) and written
-  back; ``mask_into`` writes ``alpha < 128`` of the same resampled box;
+* ``prepare_reference``: the box is colour-jittered through one lookup table per channel (straight
+  colours) and premultiplied in ONE compiled pass (``fused.jitter_premultiply``: empty pixels
+  become transparent black, opaque ones only go through the table, the antialiased rim is
+  multiplied), then resampled with torch's antialiased uint8 bilinear kernel (premultiplied, so
+  transparent pixels do not darken the edges);
+* ``PlacedReference.write_into``: the background window is copied into the output around the box;
+  the box is blended premultiplied "over" (``P + (1 - a) bg``, PIL's ``paste`` arithmetic, the same
+  result as ``alpha_composite`` of the straight colours) and its mask (``alpha < 128``) written, in
+  ONE compiled pass (``fused.over_and_mask``);
 * backgrounds are decoded once into a small per-process pool of numpy arrays (resized once to
   cover the canvas with a random zoom, jittered, randomly flipped); a sample reads a random
   canvas-sized window of one entry (a view, no copy); ``refresh`` is the probability that a sample
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow
 from PIL import Image
 
 from serialgen.assets_manifest.backgrounds import load_backgrounds
 from serialgen.assets_manifest.manifest import MANIFEST_FILES
+from serialgen.dataset import fused
 from serialgen.dataset.posemap import Pose
 from serialgen.errors import UserInputError
 from serialgen.resolution import DEFAULT_RESOLUTION, parse_resolution
@@ -51,9 +51,9 @@ __all__ = [
     "EmptyReferenceError",
     "place_reference",
     "prepare_reference",
-    "premultiply",
     "composite_reference",
     "jitter_lut",
+    "jitter_table",
     "list_background_images",
 ]
 
@@ -140,20 +140,24 @@ def resize_uint8(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 _RAMP = np.arange(256, dtype=np.float32)
 _IDENTITY = list(range(256))
+_IDENTITY_TABLE = np.tile(np.arange(256, dtype=np.uint8), (3, 1))
 
 
-def jitter_lut(rng: random.Random, amount: float, alpha: bool) -> list[int]:
-    """A per-band lookup table: contrast about mid-grey, brightness, and per-channel gain.
-
-    Draws, in order: contrast, brightness, then one gain per colour channel.
-    """
+def jitter_table(rng: random.Random, amount: float) -> np.ndarray:
+    """A (3, 256) uint8 lookup table per colour channel: contrast about mid-grey, brightness, and
+    per-channel gain. Draws, in order: contrast, brightness, then one gain per colour channel."""
     if amount <= 0:
-        return _IDENTITY * (4 if alpha else 3)
+        return _IDENTITY_TABLE
     contrast = 1 + rng.uniform(-amount, amount)
     bright = 1 + rng.uniform(-amount, amount)
     gains = np.array([bright * (1 + rng.uniform(-amount / 2, amount / 2)) for _ in range(3)], np.float32)
     base = (_RAMP - 128) * contrast + 128
-    lut = np.clip(base[None, :] * gains[:, None] + 0.5, 0, 255).astype(np.uint8).ravel().tolist()
+    return np.clip(base[None, :] * gains[:, None] + 0.5, 0, 255).astype(np.uint8)
+
+
+def jitter_lut(rng: random.Random, amount: float, alpha: bool) -> list[int]:
+    """``jitter_table`` as a flat PIL ``point`` table (identity for alpha when ``alpha``); the same draws."""
+    lut = jitter_table(rng, amount).ravel().tolist()
     return lut + _IDENTITY if alpha else lut
 
 
@@ -189,86 +193,13 @@ def place_reference(bbox: tuple[int, int, int, int], image_size: tuple[int, int]
     return start(dw, cw, touch[0], touch[1]), start(dh, ch, touch[2], touch[3]), dw, dh
 
 
-def premultiply(rgba: np.ndarray, transparent_black: bool = False) -> np.ndarray:
-    """Premultiplied copy of an (H, W, 4) uint8 RGBA array (any row stride, may be read-only):
-    ``c = round(c * a / 255)``, exactly PIL's ``convert("RGBa")``, 2-3x faster here.
-
-    Vectorised on the pixels seen as little-endian uint32 (alpha in the top byte). Only pixels with
-    ``0 < value < 0xFF000000`` change (opaque ones and black empty ones are already premultiplied):
-    in a render that is the antialiased rim, a few thousand of ~10^5 pixels, and only those are
-    multiplied. ``transparent_black``: a hint that the empty pixels are (almost) all black, as in a
-    render: the copy is then a plain one. Otherwise (e.g. after a colour jitter that lifts black)
-    the copy multiplies by ``alpha > 0`` first, so that empty pixels do not all count as changing.
-    The result is exact either way; a wrong hint only costs time.
-    """
-    if rgba.ndim != 3 or rgba.shape[2] != 4 or rgba.dtype != np.uint8 or rgba.strides[2] != 1 or rgba.strides[1] != 4:
-        raise ValueError(f"premultiply needs an (H, W, 4) uint8 array with packed pixels, got {rgba.shape} "
-                         f"{rgba.dtype}")
-    out = np.empty(rgba.shape, np.uint8)
-    v = rgba.view("<u4")[..., 0]
-    w = out.view("<u4")[..., 0]
-    if transparent_black:
-        np.copyto(w, v)
-        changing = (w - np.uint32(1)) < np.uint32(0xFEFFFFFF)  # 0 < w < 0xFF000000
-    else:
-        alive = v >= np.uint32(0x01000000)
-        np.multiply(v, alive, out=w)
-        changing = w < np.uint32(0xFF000000)
-        changing &= alive
-    flat = out.reshape(-1, 4)
-    idx = np.flatnonzero(changing)
-    if idx.size:
-        px = flat[idx]
-        t = px[:, :3].astype(np.uint32) * px[:, 3:].astype(np.uint32) + 128
-        flat[idx, :3] = ((t + (t >> 8)) >> 8).astype(np.uint8)  # exact round(c * a / 255), as PIL
-    return out
-
-
-def _point(img: Image.Image, lut: list[int]) -> Image.Image:
-    """``img.point(lut)`` for a table of ints, without PIL's per-entry ``round`` (0.1 ms a call)."""
-    try:
-        return img._new(img.im.point(lut, None))
-    except (AttributeError, TypeError):  # a Pillow without these internals: the public call
-        return img.point(lut)
-
-
-def _rgba_array(img: Image.Image) -> np.ndarray:
-    """An (h, w, 4) uint8 read-only view of an RGBA/RGBa PIL image's own memory, without a copy.
-
-    Through the Arrow C data interface (Pillow >= 11.2, pyarrow): ``np.asarray(img)`` instead packs
-    the pixels through ``tobytes`` (64 KB chunks, then a join: ~0.15 ms a megabyte). Falls back to
-    that when an image cannot be exported (one stored in several memory blocks).
-    """
-    w, h = img.size
-    if img.mode in ("RGBA", "RGBa"):
-        try:
-            arr = np.frombuffer(pyarrow.array(img).buffers()[-1], np.uint8)
-            if arr.size == w * h * 4:
-                return arr.reshape(h, w, 4)
-        except (ValueError, TypeError, pyarrow.ArrowException):
-            pass
-    return np.asarray(img)
-
-
-def _rows_view(arr: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """(a flat uint8 view from the first to the last byte of ``arr``, its row stride in bytes) for an
-    (h, w, 3) uint8 array with packed pixels, so PIL's raw decoder reads it without a copy; None if
-    its layout does not allow that."""
-    h, w = arr.shape[:2]
-    if arr.dtype != np.uint8 or arr.strides[1:] != (3, 1) or h == 0 or w == 0 or arr.strides[0] < 3 * w:
-        return None
-    span = (h - 1) * arr.strides[0] + 3 * w
-    return np.lib.stride_tricks.as_strided(arr, shape=(span,), strides=(1,)), arr.strides[0]
-
-
-def _resize_premultiplied(box: np.ndarray, size: tuple[int, int]) -> tuple[Image.Image, np.ndarray]:
-    """Resample a premultiplied C-contiguous (h, w, 4) box to ``size`` = (w', h'): (RGBa image,
-    (h', w') alpha view).
+def _resize_premultiplied(box: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample a premultiplied C-contiguous (h, w, 4) box to ``size`` = (w', h'): (h', w', 4) uint8.
 
     torch's antialiased uint8 bilinear kernel, given the box as a true channels-last tensor (a batch
     stride of h*w*4: ``t[None]`` would give a stride torch does not recognise as channels-last, and
     it would then take its generic planar path, 2x slower). The result is channels-last too, i.e.
-    (h', w', 4) interleaved bytes, which PIL wraps without a copy.
+    (h', w', 4) interleaved bytes, seen without a copy.
     """
     import torch
     import torch.nn.functional as F
@@ -277,57 +208,55 @@ def _resize_premultiplied(box: np.ndarray, size: tuple[int, int]) -> tuple[Image
     nw, nh = size
     t = torch.from_numpy(box).as_strided((1, 4, h, w), (h * w * 4, 1, w * 4, 4))
     out = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    if out.is_contiguous(memory_format=torch.channels_last):
-        hwc = out[0].permute(1, 2, 0).numpy()  # (h', w', 4) contiguous view
-        return Image.frombuffer("RGBa", (nw, nh), hwc, "raw", "RGBa", 0, 1), hwc[..., 3]
-    planes = out[0].numpy()  # a torch without the channels-last kernel: interleave with PIL
-    bands = [Image.frombuffer("L", (nw, nh), np.ascontiguousarray(planes[i]), "raw", "L", 0, 1) for i in range(4)]
-    return Image.merge("RGBa", bands), planes[3]
+    return out[0].permute(1, 2, 0).numpy()  # (h', w', 4): contiguous when torch kept channels-last
 
 
 @dataclass
 class PlacedReference:
     """The character ready to be composited: its premultiplied pixels on the canvas and its pose.
 
-    image: ``RGBa`` (premultiplied) PIL image of the part of the box that lies on the canvas, at
-    (x0, y0); alpha: its (h, w) uint8 alpha (any strides); pose: keypoints in output pixels;
-    transform: (sx, sy, tx, ty) with x' = sx x + tx; size: the canvas (width, height).
+    pixels: (h, w, 4) uint8 premultiplied RGBa of the part of the box that lies on the canvas (any
+    strides), at (x0, y0); pose: keypoints in output pixels; transform: (sx, sy, tx, ty) with
+    x' = sx x + tx; size: the canvas (width, height).
     """
 
-    image: Image.Image
-    alpha: np.ndarray
+    pixels: np.ndarray
     x0: int
     y0: int
     pose: Pose
     transform: tuple[float, float, float, float]
     size: tuple[int, int]
 
-    def composite_into(self, out: np.ndarray, background: np.ndarray) -> None:
-        """Write the composite into ``out`` ((H, W, 3) uint8, writable, rows contiguous):
-        ``background`` ((H, W, 3) uint8, any row stride, not modified) with the character over it."""
-        w, h = self.image.size
-        if w == 0 or h == 0:
-            np.copyto(out, background)
-            return
+    @property
+    def alpha(self) -> np.ndarray:
+        return self.pixels[..., 3]
+
+    def write_into(self, out: np.ndarray, mask: np.ndarray, background: np.ndarray) -> None:
+        """Write the composite into ``out`` ((H, W, 3) uint8, writable) and the background mask into
+        ``mask`` ((H, W) uint8; 1 = background, alpha < 128): ``background`` ((H, W, 3) uint8, any
+        row stride, not modified) with the character over it. The background is copied around the
+        box; the box itself is one compiled pass (``fused.over_and_mask``)."""
+        h, w = self.pixels.shape[:2]
         y0, y1, x0, x1 = self.y0, self.y0 + h, self.x0, self.x0 + w
-        # The background around the box (the box itself is written once, below).
         np.copyto(out[:y0], background[:y0])
         np.copyto(out[y1:], background[y1:])
         np.copyto(out[y0:y1, :x0], background[y0:y1, :x0])
         np.copyto(out[y0:y1, x1:], background[y0:y1, x1:])
-        ys, xs = slice(y0, y1), slice(x0, x1)
-        view = _rows_view(background[ys, xs])
-        if view is not None:  # PIL reads the window's rows in place (fromarray of a strided view: 30x slower)
-            region = Image.frombuffer("RGB", (w, h), view[0], "raw", "RGB", view[1], 1)
-        else:
-            region = Image.fromarray(np.ascontiguousarray(background[ys, xs]))
-        region.paste(self.image, (0, 0), self.image)  # RGBa mask: premultiplied over, P + (1 - a) bg
-        out[ys, xs] = np.asarray(region)
+        mask[:y0] = 1
+        mask[y1:] = 1
+        mask[y0:y1, :x0] = 1
+        mask[y0:y1, x1:] = 1
+        if h and w:
+            fused.over_and_mask(self.pixels, y0, x0, background, out, mask)
+
+    def composite_into(self, out: np.ndarray, background: np.ndarray) -> None:
+        """``write_into`` without the mask (into a scratch one)."""
+        self.write_into(out, np.empty(out.shape[:2], np.uint8), background)
 
     def mask_into(self, out: np.ndarray) -> None:
         """Write the background mask into ``out`` ((H, W) uint8): 1 = background (alpha < 128)."""
         out.fill(1)
-        h, w = self.alpha.shape
+        h, w = self.pixels.shape[:2]
         if w and h:
             np.less(self.alpha, MASK_THRESHOLD, out=out[self.y0:self.y0 + h, self.x0:self.x0 + w].view(np.bool_))
 
@@ -343,36 +272,22 @@ def prepare_reference(ref: np.ndarray, pose: Pose, cfg: CompositeConfig, rng: ra
     if ref.ndim != 3 or ref.shape[2] != 4 or ref.dtype != np.uint8:
         raise ValueError(f"reference must be (H, W, 4) uint8 RGBA, got {ref.shape} {ref.dtype}")
     ref = np.ascontiguousarray(ref)
-    image = Image.fromarray(ref, "RGBA")  # a view of the decoder's buffer, no copy
-    bbox = image.getbbox(alpha_only=True)
+    bbox = Image.fromarray(ref, "RGBA").getbbox(alpha_only=True)  # a view of the decoder's buffer; C speed
     if bbox is None:
         raise EmptyReferenceError("ref.png is fully transparent")
     x0, y0, x1, y1 = bbox
-    dx0, dy0, dw, dh = place_reference(bbox, image.size, cfg, rng)
+    dx0, dy0, dw, dh = place_reference(bbox, (ref.shape[1], ref.shape[0]), cfg, rng)
     sx, sy = dw / (x1 - x0), dh / (y1 - y0)
-    if cfg.jitter > 0:  # on straight colours, before premultiplying (a lookup table cannot follow alpha)
-        lut = jitter_lut(rng, cfg.jitter, alpha=True)
-        black_stays = lut[0] == lut[256] == lut[512] == 0  # (contrast up): empty render pixels stay black
-        if (x1 - x0) * 4 >= image.width * 3:  # a wide box: map its whole rows (no crop copy), then slice
-            rows = Image.frombuffer("RGBA", (image.width, y1 - y0), ref[y0:y1], "raw", "RGBA", 0, 1)
-            box = premultiply(_rgba_array(_point(rows, lut))[:, x0:x1], black_stays)
-        else:
-            box = premultiply(_rgba_array(_point(image.crop(bbox), lut)), black_stays)
-    else:
-        box = premultiply(ref[y0:y1, x0:x1], transparent_black=True)
-    if (dw, dh) != (x1 - x0, y1 - y0):
-        placed, alpha = _resize_premultiplied(box, (dw, dh))
-    else:
-        placed, alpha = Image.frombuffer("RGBa", (dw, dh), box, "raw", "RGBa", 0, 1), box[..., 3]
+    # The jitter is on straight colours, before premultiplying (a table cannot follow alpha after).
+    box = np.empty((y1 - y0, x1 - x0, 4), np.uint8)
+    fused.jitter_premultiply(ref, y0, y1, x0, x1, jitter_table(rng, cfg.jitter), box)
+    placed = _resize_premultiplied(box, (dw, dh)) if (dw, dh) != (x1 - x0, y1 - y0) else box
     # Only the part on the canvas is kept.
     cx0, cy0, cx1, cy1 = max(dx0, 0), max(dy0, 0), min(dx0 + dw, cw), min(dy0 + dh, ch)
     cx1, cy1 = max(cx1, cx0), max(cy1, cy0)
-    if (cx0, cy0, cx1, cy1) != (dx0, dy0, dx0 + dw, dy0 + dh):
-        placed = placed.crop((cx0 - dx0, cy0 - dy0, cx1 - dx0, cy1 - dy0))
-        alpha = alpha[cy0 - dy0:cy1 - dy0, cx0 - dx0:cx1 - dx0]
+    placed = placed[cy0 - dy0:cy1 - dy0, cx0 - dx0:cx1 - dx0]
     tx, ty = dx0 - x0 * sx, dy0 - y0 * sy
-    return PlacedReference(placed, alpha, cx0, cy0, pose.transformed(sx, sy, tx, ty, (cw, ch)), (sx, sy, tx, ty),
-                           (cw, ch))
+    return PlacedReference(placed, cx0, cy0, pose.transformed(sx, sy, tx, ty, (cw, ch)), (sx, sy, tx, ty), (cw, ch))
 
 
 def composite_reference(ref: np.ndarray, pose: Pose, background, cfg: CompositeConfig,
@@ -392,9 +307,8 @@ def composite_reference(ref: np.ndarray, pose: Pose, background, cfg: CompositeC
         raise ValueError(f"background must be RGB {cw}x{ch}, got {mode} {bg.shape[1::-1]}")
     placed = prepare_reference(ref, pose, cfg, rng)
     image = np.empty((ch, cw, 3), np.uint8)
-    placed.composite_into(image, bg)
     mask = np.empty((ch, cw), np.uint8)
-    placed.mask_into(mask)
+    placed.write_into(image, mask, bg)
     kept = Image.fromarray(np.ascontiguousarray(bg)) if keep_background else None
     return Composite(image, mask, placed.pose, placed.transform, kept)
 

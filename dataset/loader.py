@@ -567,24 +567,58 @@ def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _Composite:
-    """A reference composite not written yet: ``collate`` writes it straight into the batch tensor
-    (background window copy + the character's box), so no intermediate canvas is made or copied."""
+    """A reference composite not written yet: ``collate`` writes it and its mask straight into the
+    batch tensors (background window copy + one compiled pass over the character's box), so no
+    intermediate canvas is made or copied."""
 
     __slots__ = ("placed", "background")
 
     def __init__(self, placed: PlacedReference, background: np.ndarray):
         self.placed, self.background = placed, background
 
-    def write(self, out: np.ndarray) -> None:
-        self.placed.composite_into(out, self.background)
+    def write(self, out: np.ndarray, mask: np.ndarray) -> None:
+        self.placed.write_into(out, mask, self.background)
+
+
+def _composites_tensors(items: list[_Composite], dtype: str, batched: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref, ref_mask) of the composites: batched (B, 3, H, W) channels_last and (B, 1, H, W), or one
+    sample's (3, H, W) and (1, H, W) contiguous. uint8 batches are written in place; otherwise each
+    composite goes through one canvas-sized uint8 scratch, reused per sample (a batch-sized one would
+    be fresh memory, page-faulted on every batch), converted into the output."""
+    w, h = items[0].placed.size
+    torch_dtype = torch.float32 if dtype == "float32" else torch.uint8
+    masks = _empty((len(items), 1, h, w), torch.uint8)
+    marr = masks.numpy()
+    if batched and dtype == "uint8":  # the fast path: composited in place, nothing else to do
+        out = _empty((len(items), h, w, 3), torch.uint8)
+        arr = out.numpy()
+        for b, it in enumerate(items):
+            it.write(arr[b], marr[b, 0])
+        return out.movedim(-1, 1), masks
+    scratch = np.empty((h, w, 3), np.uint8)
+    src = torch.from_numpy(scratch)
+    if batched:
+        out = _empty((len(items), h, w, 3), torch_dtype)
+        for b, it in enumerate(items):
+            it.write(scratch, marr[b, 0])
+            _convert_into(out[b], src, "ref", dtype)
+        ref = out.movedim(-1, 1)
+    else:
+        ref = _empty((3, h, w), torch_dtype)
+        items[0].write(scratch, marr[0, 0])
+        _convert_into(ref.permute(1, 2, 0), src, "ref", dtype)
+    if dtype == "float32":
+        m = _empty(tuple(masks.shape), torch.float32)
+        m.copy_(masks)
+        masks = m
+    return ref, (masks if batched else masks[0])
 
 
 def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Tensor:
     """Per-sample images of one key -> tensor.
 
     batched: (B, 3, H, W) in channels_last memory (the HWC bytes as decoded, no transpose on the
-    CPU); else (3, H, W) contiguous (items has one element). items: all ``_Composite`` (written
-    into uint8 HWC memory, then converted once per batch for float32), all ``_Cached`` or all
+    CPU); else (3, H, W) contiguous (items has one element). items: all ``_Cached`` or all
     ``RegionImage`` (mostly black pose maps: only the drawn box is converted).
     """
     first = items[0]
@@ -595,28 +629,6 @@ def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Te
         out = _empty((len(items),) + tuple(first.hwc.shape), first.hwc.dtype)
         torch.stack([it.hwc for it in items], out=out)
         return out.movedim(-1, 1)
-    if isinstance(first, _Composite):
-        w, h = first.placed.size
-        if batched and dtype == "uint8":  # the fast path: composited in place, nothing else to do
-            out = _empty((len(items), h, w, 3), torch.uint8)
-            arr = out.numpy()
-            for b, it in enumerate(items):
-                it.write(arr[b])
-            return out.movedim(-1, 1)
-        # One canvas-sized uint8 scratch, reused per sample (a batch-sized one would be fresh
-        # memory, page-faulted on every batch), converted into the output.
-        scratch = np.empty((h, w, 3), np.uint8)
-        src = torch.from_numpy(scratch)
-        if batched:
-            out = _empty((len(items), h, w, 3), torch_dtype)
-            for b, it in enumerate(items):
-                it.write(scratch)
-                _convert_into(out[b], src, key, dtype)
-            return out.movedim(-1, 1)
-        view = _empty((3, h, w), torch_dtype)
-        first.write(scratch)
-        _convert_into(view.permute(1, 2, 0), src, key, dtype)
-        return view
     if isinstance(first, RegionImage):
         w, h = first.size
     else:
@@ -636,25 +648,6 @@ def _images_tensor(items: list, key: str, dtype: str, batched: bool) -> torch.Te
         else:
             _convert_into(out[b], _u8_tensor(it), key, dtype)
     return view if batched else view[0]
-
-
-def _masks_tensor(items: list, dtype: str, batched: bool) -> torch.Tensor:
-    """Masks (``_Composite`` items or (H, W) uint8 arrays) -> (B, 1, H, W) or (1, H, W)."""
-    first = items[0]
-    h, w = (first.placed.size[1], first.placed.size[0]) if isinstance(first, _Composite) else first.shape
-    u8 = _empty((len(items), 1, h, w), torch.uint8) if dtype == "uint8" else torch.empty((len(items), 1, h, w),
-                                                                                            dtype=torch.uint8)
-    arr = u8.numpy()
-    for b, it in enumerate(items):
-        if isinstance(it, _Composite):
-            it.placed.mask_into(arr[b, 0])
-        else:
-            arr[b, 0] = it
-    t = u8
-    if dtype == "float32":
-        t = _empty(tuple(u8.shape), torch.float32)
-        t.copy_(u8)
-    return t if batched else t[0]
 
 
 def to_model_range(batch: dict) -> dict:
@@ -990,9 +983,9 @@ class _SampleProcessor:
     def collate(self, samples: list[dict], batched: bool = True) -> dict:
         """A batch: lists for key/url/meta, (B, ...) tensors for the rest (see the module doc)."""
         out = {k: [s[k] for s in samples] for k in ("__key__", "__url__", "meta")}
-        for k in IMAGE_KEYS:
+        out["ref"], out["ref_mask"] = _composites_tensors([s["ref"] for s in samples], self.cfg.dtype, batched)
+        for k in ("ref_pose", "std", "std_pose"):
             out[k] = _images_tensor([s[k] for s in samples], k, self.cfg.dtype, batched)
-        out["ref_mask"] = _masks_tensor([s["ref_mask"] for s in samples], self.cfg.dtype, batched)
         kps = torch.from_numpy(np.stack([s["ref_keypoints"] for s in samples]))
         out["ref_keypoints"] = kps if batched else kps[0]
         return out
