@@ -72,19 +72,53 @@ def test_reference_letterbox_matches_the_hand_written_one_it_replaced():
         assert np.allclose(1 - out["ref_mask"][0].numpy(), np.asarray(canvas)[..., 3] / 255.0, atol=1e-6)
 
 
+def test_training_samples_get_their_own_standard_pose_or_the_checkpoints_canonical_one(tmp_path):
+    """Training and eval read each character's own standard pose map (the one that agrees with its
+    standard image), uint8 out of the loader and converted on the device; a `data.canonical_share` of
+    samples get the canonical map instead, exactly the map a checkpoint stores for pictures."""
+    from test_loader_synth import write_synthetic_shards
+
+    from serialgen.training.stage1.data import batch_to_device, canonical_pose_map, collate_stage1, open_stage1_dataset
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, n_shards=1, per_shard=3, split="train", size=(32, 48))
+    canonical = canonical_pose_map((32, 48))
+    assert canonical.shape == (3, 48, 32) and canonical.max() == 1.0 and canonical.mean() > 0.02
+
+    def batch(share: float) -> dict:
+        data = open_stage1_dataset(str(shards), resolution=(32, 48), seed=0, canonical_share=share)
+        samples = list(data)
+        assert samples[0]["ref"].dtype == torch.uint8 and samples[0]["std_pose"].dtype == torch.uint8
+        return batch_to_device(collate_stage1(samples), "cpu")
+
+    own, always = batch(0.0), batch(1.0)
+    assert own["ref"].dtype == torch.float32 and -1 <= own["ref"].min() and own["ref"].max() <= 1
+    assert own["ref_mask"].dtype == torch.float32 and set(own["ref_mask"].unique().tolist()) <= {0.0, 1.0}
+    for i in range(3):
+        assert torch.allclose(always["std_pose"][i], canonical, atol=1e-6)  # the canonical share: the checkpoint's map
+        assert not torch.allclose(own["std_pose"][i], canonical, atol=0.1)  # this figure's own map differs
+    assert torch.equal(own["std"], always["std"])  # the standard image is the character's either way
+
+
 @pytest.mark.slow
 def test_training_on_loader_shards_resumes_exactly(tmp_path):
-    """Real shards through dataset/loader.py (an IterableDataset: resume replays and skips batches)."""
-    from test_loader_synth import write_synthetic_shards
+    """Real shards through dataset/loader.py (an IterableDataset: resume replays and skips batches), with
+    real backgrounds, a canonical share and mask/pose dropout: every random draw resumes exactly."""
+    from test_loader_synth import synth_background, write_synthetic_shards
 
     from serialgen.training.stage1.train import train_stage1
 
     shards = tmp_path / "shards"
     write_synthetic_shards(shards, n_shards=2, per_shard=4, split="train", size=(32, 48))
     write_synthetic_shards(shards, n_shards=1, per_shard=3, split="test", size=(32, 48), first_character=50)
+    backgrounds = tmp_path / "backgrounds"
+    backgrounds.mkdir()
+    for i in range(3):
+        synth_background(backgrounds / f"bg{i}.png", seed=i, size=(80, 60))
     config = lambda: load_stage1_config("stage1-tiny", [  # noqa: E731
         f"data.train_shards={shards}", f"data.val_shards={shards}", "data.epoch_length=6", "train.max_steps=4",
-        "data.resolution=32x48",
+        "data.resolution=32x48", f"data.backgrounds={backgrounds}", "data.procedural_backgrounds=false",
+        "data.canonical_share=0.5", "train.mask_dropout=0.3", "train.pose_dropout=0.3",
         "train.checkpoint_every=2", "validation.every=100", "inference.num_inference_steps=2"])
     full = train_stage1(config(), output_dir=tmp_path / "full", resume="never")
     train_stage1(config(), output_dir=tmp_path / "cut", resume="never", stop_after=3)  # checkpoint at 2, dies at 3

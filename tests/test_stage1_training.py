@@ -83,6 +83,13 @@ def test_resume_gives_the_same_loss_as_an_uninterrupted_run(overfit_run, interru
     ckpt = first.last_checkpoint
     assert {p.name for p in ckpt.iterdir()} >= {"trainable.safetensors", "ema.safetensors", "optimizer.pt",
                                                  "rng-0.pt", "train_state.json", "config.yaml", "model_config.json"}
+    # the canonical map for pictures: the reference figure at the model's size, not a training sample's map
+    from safetensors.torch import load_file
+
+    from serialgen.training.stage1.data import canonical_pose_map
+
+    stored = load_file(str(ckpt / "canonical_pose.safetensors"))["std_pose"]
+    assert torch.equal(stored, canonical_pose_map((32, 48)))
     model_config = json.loads((ckpt / "model_config.json").read_text())
     assert model_config["_class_name"] == "StandardizationModel" and model_config["use_fbdm"] is True
     assert model_config["unet"]["block_out_channels"] == [32, 64]
@@ -107,9 +114,10 @@ def test_standardize_cli_writes_an_image(interrupted_run, tmp_path, capsys):
     assert main(["standardize", "--checkpoint", str(ckpt), "--input", "synthetic:2", "--out", str(out), "--steps", "2"]) == 0
     assert len(list(out.glob("synthetic-*.png"))) == 2
     capsys.readouterr()
+    # another size: the same canonical figure, drawn at that size (the stored map is for the model's own)
     assert main(["standardize", "--checkpoint", str(ckpt), "--input", str(picture), "--out", str(out / "x.png"),
-                 "--steps", "1", "--resolution", "64x96"]) == 2
-    assert "--resolution 64x96 differs from the checkpoint's canonical pose map" in capsys.readouterr().err
+                 "--steps", "1", "--resolution", "64x96"]) == 0
+    assert Image.open(out / "x.png").size == (64, 96)
     with pytest.raises(SystemExit):
         main(["standardize", "--checkpoint", str(ckpt), "--input", str(picture), "--out", str(out), "--width", "64"])
     assert "--width was renamed: use --resolution WxH" in capsys.readouterr().err

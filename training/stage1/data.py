@@ -177,7 +177,6 @@ def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, sp
     from serialgen.dataset.loader import open_dataset
 
     extra = {"epoch_length": epoch_length} if infinite and epoch_length else {}
-    if canonical_share:
-        extra["canonical_share"] = canonical_share
     return open_dataset(spec, resolution=resolution, seed=seed, split=split, infinite=infinite,
-                        backgrounds=backgrounds, dtype="uint8", std_pose="per_character", **extra)
+                        backgrounds=backgrounds, dtype="uint8", std_pose="per_character",
+                        canonical_share=canonical_share, **extra)
