@@ -48,9 +48,10 @@ def _configs(args) -> list[dict]:
     from serialgen.dataset import cli
 
     rows = []
-    for dtype, batch in (("uint8", 8), ("float32", 8), ("float32", 0)):
+    for dtype, batch in (("uint8", 8), ("uint8", 0), ("float32", 8), ("float32", 0)):
         ns = argparse.Namespace(shards=args.shards, backgrounds=args.backgrounds, split="train", resolution=args.resolution,
-                                seed=0, std_pose="canonical", canonical_pose=None, seconds=args.seconds, warmup=2.0,
+                                seed=0, std_pose="per_character", canonical_share=0.0, canonical_pose=None,
+                                seconds=args.seconds, warmup=2.0,
                                 batch_size=batch, dtype=dtype, json=True)
         rows.append(cli.bench(ns))
     print("| output | pipeline pairs/s (per CPU-s) | raw decode ref+std pairs/s | ratio | raw decode ref only | ratio "
@@ -120,17 +121,15 @@ def _steps(args) -> dict:
             bg = proc.backgrounds.sample_array()
             t = tick("background window", t)
             placed = C.prepare_reference(ref, pose, proc.composite_cfg, proc.rng)
-            t = tick("prepare the character: bbox, jitter LUT, premultiply, resample", t)
+            t = tick("prepare the character: bbox, jitter + premultiply (fused), resample", t)
             region = pm.draw_pose_region(placed.pose, size)
             t = tick("reference pose map (its box)", t)
             batch.append((L._Composite(placed, bg), region, std, std_pose))
             n += 1
             if len(batch) == 8:
                 t = time.thread_time()
-                L._images_tensor([b[0] for b in batch], "ref", "uint8", True)
-                t = tick("collate: composite written into the batch", t)
-                L._masks_tensor([b[0] for b in batch], "uint8", True)
-                t = tick("collate: mask", t)
+                L._composites_tensors([b[0] for b in batch], "uint8", True)
+                t = tick("collate: composite + mask written into the batch (fused)", t)
                 L._images_tensor([b[1] for b in batch], "ref_pose", "uint8", True)
                 t = tick("collate: pose map", t)
                 L._images_tensor([b[2] for b in batch], "std", "uint8", True)

@@ -36,8 +36,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="shard split when SHARDS is a folder or an index (default: train)")
     add_resolution_argument(p, help="output size, width x height")
     p.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation (default: 0)")
-    p.add_argument("--std-pose", choices=("canonical", "per_character"), default="canonical",
-                   help="standard pose map: one canonical map (default) or each character's own")
+    p.add_argument("--std-pose", choices=("per_character", "canonical"), default="per_character",
+                   help="standard pose map: each character's own (default: the map that agrees with its standard "
+                        "image, as training uses it) or one canonical map (the reference figure's)")
+    p.add_argument("--canonical-share", type=float, default=0.0, metavar="P",
+                   help="with per_character: probability that a sample gets the canonical map instead (default 0)")
     p.add_argument("--canonical-pose", metavar="JSON", default=None,
                    help="std_pose.json-format file with the canonical standard keypoints")
 
@@ -75,7 +78,7 @@ def _dataset(args, **overrides):
     from serialgen.dataset.loader import LoaderConfig, RenderPairDataset
 
     cfg = LoaderConfig(resolution=args.resolution, split=args.split, seed=args.seed, std_pose=args.std_pose,
-                       canonical_pose=args.canonical_pose, **overrides)
+                       canonical_share=args.canonical_share, canonical_pose=args.canonical_pose, **overrides)
     return RenderPairDataset(args.shards, args.backgrounds, cfg)
 
 
