@@ -357,7 +357,7 @@ def test_reads_shards_rendered_by_blender(tmp_path):
     """The loader on real renders (the mannequin, through the render worker and the shard writer) at
     the default output size, as training reads them."""
     from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
-    from serialgen.dataset.shards import ShardSummary, split_of, write_index
+    from serialgen.dataset.shards import ShardSummary, StandardSummary, split_of, write_index
     from serialgen.render.job import BlenderWorker, RenderJob
     from serialgen.render.scene import RenderSettings
 
@@ -373,7 +373,9 @@ def test_reads_shards_rendered_by_blender(tmp_path):
     finally:
         worker.unload()
     assert result["status"] == "ok", result.get("traceback")
-    write_index(out, [ShardSummary(**result["shard"])], {}, result["failures"])
+    write_index(out, [ShardSummary(**result["shard"])], {}, result["failures"],
+                characters={record["id"]: {"split": split, "standard_pose": result["standard_pose"]}},
+                standards=[StandardSummary.from_json(result["standard"])])
     assert verify(out) == []
     ds = RenderPairDataset(out, None, LoaderConfig(split=split, shuffle_buffer=0))
     samples = list(ds)

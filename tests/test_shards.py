@@ -1,7 +1,8 @@
 """The shard format without Blender: the tar-set layer (deterministic tars, index read/write and its
-version check, verify, iteration, random access), keys, splits, index version 2 (standard_pose,
-characters) and version 1 sets, and reading the shards back with stock webdataset and Ray Data.
-Also the camera maths the renderer relies on."""
+version check, verify, iteration, random access), keys, splits (assign_splits), format 3 (each
+character's standard stored once) and version 1 and 2 sets, the previews, and reading the shards
+back with stock webdataset (the documented join), Hugging Face datasets and Ray Data. Also the
+camera framing the renderer relies on (the standard camera's face box: tests/test_standard_form.py)."""
 
 from __future__ import annotations
 
@@ -493,19 +494,6 @@ def test_fit_camera_frames_the_points():
         assert uv.min() >= -1 and (uv[:, 0] <= 513).all() and (uv[:, 1] <= 769).all()
         span = max(np.ptp(uv[:, 0]) / 512, np.ptp(uv[:, 1]) / 768)
         assert abs(span - view.fill) < 0.03, (view, span)
-
-
-def test_standard_camera_puts_the_head_bone_in_place():
-    from serialgen.assets_manifest import skeleton as sk
-    from serialgen.assets_manifest.geometry.standard_form import (STANDARD_HEAD_CENTER, STANDARD_HEAD_HEIGHT, head_box,
-                                           standard_camera)
-
-    for scale in (0.65, 1.0, 1.1):
-        skel = sk.forward_kinematics(np.zeros((len(sk.JOINT_NAMES), 3)), scale=scale)
-        cam = standard_camera(skel, 512, 768)
-        box = head_box(skel, cam)
-        assert box["center"] == pytest.approx([STANDARD_HEAD_CENTER[0] * 512, STANDARD_HEAD_CENTER[1] * 768], abs=0.01)
-        assert box["height"] == pytest.approx(STANDARD_HEAD_HEIGHT * 768, abs=0.01)
 
 
 def test_render_settings_reject_bad_input():
