@@ -332,6 +332,17 @@ def stage2_checks(report: Report, torch, device, tiny: bool, batches: list[int],
             cost = time.perf_counter() - s0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``WxH``, multiples of 8 (serialgen.resolution's parser is not importable before the path is set)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, got {text!r}") from None
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise argparse.ArgumentTypeError(f"{text}: width and height must be positive multiples of 8")
+    return width, height
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models at 32x48, batches 2 and 4, on the CPU (a smoke run)")
@@ -343,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed training steps first (default 1)")
     ap.add_argument("--gen-steps", type=int, default=None, help="DDIM steps of the inference check (default 20; tiny 2)")
+    ap.add_argument("--resolution", type=_size, metavar="WxH", help="image size (default 512x768; tiny 32x48)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU runs: torch threads (default: up to 4; 1 keeps a shared machine's load out of the timings)")
     ap.add_argument("--only", action="append", choices=PARTS,
                     help="run only these checks (repeatable; default all, in this order: " + ", ".join(PARTS) + ")")
     args = ap.parse_args(argv)
@@ -364,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
 
         cuda = torch.cuda.is_available() and not args.tiny
         device = torch.device("cuda" if cuda else "cpu")
+        width, height = args.resolution or ((32, 48) if args.tiny else (WIDTH, HEIGHT))
         report.data.update(
             python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
             device=torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
-            size="tiny (32x48)" if args.tiny else f"paper ({WIDTH}x{HEIGHT}, SD1.5 / SDXL configs, random weights)",
+            size="tiny models" if args.tiny else "paper (SD1.5 / SDXL configs, random weights)",
+            resolution=f"{width}x{height}",
             budget_s=args.budget_s)
         print("gpu-check: " + json.dumps({k: v for k, v in report.data.items() if k not in ("results", "skipped")}),
               flush=True)
@@ -375,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu-check: no CUDA device; run with --tiny for the CPU smoke run", file=sys.stderr)
             return 2
         if not cuda:
-            torch.set_num_threads(min(4, os.cpu_count() or 1))
-        width, height = (32, 48) if args.tiny else (WIDTH, HEIGHT)
+            torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
         batches = [2, 4] if args.tiny else [4, 8]
         gen_steps = args.gen_steps or (2 if args.tiny else 20)
         parts = tuple(args.only or PARTS)
