@@ -33,7 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backgrounds", metavar="DIR", default=None,
                    help="background images: a folder (jpg/png/webp, searched recursively) or an assets folder; "
                         "default: procedural colour fields")
-    p.add_argument("--split", default="train", help="shard split when SHARDS is a folder or an index (default: train)")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="shard split when SHARDS is a folder or an index (default: train)")
     add_resolution_argument(p, help="output size, width x height")
     p.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation (default: 0)")
     p.add_argument("--std-pose", choices=("per_character", "canonical"), default="per_character",
@@ -42,7 +43,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--canonical-share", type=float, default=0.0, metavar="P",
                    help="with per_character: probability that a sample gets the canonical map instead (default 0)")
     p.add_argument("--canonical-pose", metavar="JSON", default=None,
-                   help="std_pose.json-format file with the canonical standard keypoints")
+                   help="std_pose.json-format file with the canonical standard keypoints (default: the index's "
+                        "standard_pose, else the reference figure at the standard camera)")
 
 
 def register(sub, groups) -> None:
@@ -67,16 +69,20 @@ def register(sub, groups) -> None:
     b.add_argument("--warmup", type=float, default=2.0,
                    help="seconds run first and not counted, and at least until the background pool is full "
                         "(default 2)")
-    b.add_argument("--batch-size", type=int, default=8, help="batch size collated in the worker; 0 = single samples")
+    b.add_argument("--batch-size", type=int, default=8,
+                   help="batch size collated in the worker (default 8, as training reads); 0 = single samples")
     b.add_argument("--dtype", choices=("uint8", "float32"), default="uint8",
                    help="output tensors: uint8 (default: what training uses, converted on the device) or float32")
-    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--json", action="store_true", help="print one JSON object (default: a few lines of text)")
     b.set_defaults(handler=_handle_bench)
 
 
 def _dataset(args, **overrides):
     from serialgen.dataset.loader import LoaderConfig, RenderPairDataset
+    from serialgen.errors import UserInputError
 
+    if not 0.0 <= args.canonical_share <= 1.0:
+        raise UserInputError(f"--canonical-share {args.canonical_share}: must be a probability in [0, 1]")
     cfg = LoaderConfig(resolution=args.resolution, split=args.split, seed=args.seed, std_pose=args.std_pose,
                        canonical_share=args.canonical_share, canonical_pose=args.canonical_pose, **overrides)
     return RenderPairDataset(args.shards, args.backgrounds, cfg)
@@ -115,6 +121,8 @@ def _handle_preview(args) -> int:
 
     if args.count < 1:
         raise UserInputError(f"--count {args.count}: must be at least 1")
+    if args.thumb_height < 16:
+        raise UserInputError(f"--thumb-height {args.thumb_height}: must be at least 16")
     ds = _dataset(args, dtype="uint8", shuffle_buffer=50, shuffle_initial=10)
     samples = []
     for s in ds:

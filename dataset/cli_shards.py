@@ -202,23 +202,29 @@ def _handle_preview(args: argparse.Namespace) -> int:
 
 def register(sub, groups) -> None:
     shards = groups["shards"]
-    v = shards.add_parser("verify", help="check every shard against index.json (exit 1 on any mismatch)",
-                          description="Check that every shard listed in SHARDS/index.json exists with its size "
-                                      "and sha256, that no unlisted shard lies in the split folders, and that "
-                                      "every sample has its five members (ref.png RGBA, std.png RGB, "
-                                      "ref_pose.json, std_pose.json, meta.json) and, when the index lists its "
-                                      "characters (format version 2), that each sample's character is listed "
-                                      "with its split and standard pose. Exit 1 on damaged data, exit 2 when "
-                                      "SHARDS is not a shard set.")
+    v = shards.add_parser("verify", help="check every shard against index.json (exit 1 on damaged data)",
+                          description="Check that every pair shard and standard tar listed in SHARDS/index.json "
+                                      "exists with its size and sha256, that no unlisted tar lies in the split or "
+                                      "standard folders, and (unless --quick) that every tar reads whole with safe "
+                                      "regular members, every sample has its members (format 3 pairs: ref.png RGBA, "
+                                      "ref_pose.json, std_pose.json, meta.json; standards: std.png RGB, std_pose.json, "
+                                      "meta.json; formats 1-2: std.png in each pair), every PNG's chunk CRCs match, and, "
+                                      "when the index lists its characters, each sample's character is listed with "
+                                      "its split and standard pose. Exit 0 when all is well, 1 on damaged data (one "
+                                      "line per problem), 2 when SHARDS is not a shard set.")
     v.add_argument("shards", metavar="SHARDS", help="shard folder (holds index.json)")
-    v.add_argument("--quick", action="store_true", help="sizes and checksums only, no sample checks")
+    v.add_argument("--quick", action="store_true",
+                   help="sizes and sha256 only, no sample checks (default: every sample checked)")
     v.add_argument("--decode", action="store_true",
                    help="also decode every image and check its size against its pose file (slower: "
                         "about 3 ms per pair); default: chunk CRCs and headers only")
     v.set_defaults(handler=_handle_verify)
     p = shards.add_parser("preview", help="contact sheet of pairs (ref | std) with keypoints drawn",
                           description="Draw a contact sheet PNG: per pair, the non-standard image on a "
-                                      "checkerboard and the standard image, with visible keypoints drawn.")
+                                      "checkerboard and its character's standard image, with visible keypoints "
+                                      "drawn, each cell marked with its split (train blue, test orange) and the "
+                                      "character's display name. Samples that cannot be drawn (refused by the tar "
+                                      "reader, damaged images, a missing standard) are counted by reason.")
     p.add_argument("shards", metavar="SHARDS", help="shard folder (holds index.json)")
     p.add_argument("--out", required=True, metavar="PNG", help="output image")
     p.add_argument("--count", type=int, default=8, help="pairs to draw (default 8)")

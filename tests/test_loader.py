@@ -220,6 +220,21 @@ def test_missing_shards_are_one_line_errors(shard_set, tmp_path, capsys):
     assert len(err) == 1 and "missing" in err[0]
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["data", "preview", "{root}", "--out", "{tmp}/g.png", "--count", "-2"], "--count -2: must be at least 1"),
+    (["data", "preview", "{root}", "--out", "{tmp}/g.png", "--thumb-height", "0"], "--thumb-height 0"),
+    (["data", "bench", "{root}", "--canonical-share", "2"], "--canonical-share 2.0"),
+    (["data", "bench", "{root}", "--split", "val"], "invalid choice: 'val'"),
+    (["data", "bench", "{root}", "--seconds", "0"], "--seconds must be > 0"),
+])
+def test_data_usage_errors_are_one_line_exit_2(shard_set, tmp_path, capsys, argv, words):
+    root, _ = shard_set
+    assert cli_main([a.format(root=root, tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_test_split_and_training_entry_point(shard_set):
     root, bgs = shard_set
     ds = open_dataset(str(root), resolution=SIZE, seed=0, split="test", backgrounds=bgs)
