@@ -229,7 +229,11 @@ def test_missing_shards_are_one_line_errors(shard_set, tmp_path, capsys):
 ])
 def test_data_usage_errors_are_one_line_exit_2(shard_set, tmp_path, capsys, argv, words):
     root, _ = shard_set
-    assert cli_main([a.format(root=root, tmp=tmp_path) for a in argv]) == 2
+    try:
+        code = cli_main([a.format(root=root, tmp=tmp_path) for a in argv])
+    except SystemExit as exc:  # argparse's own errors (choices) exit from the parser
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "g.png").exists()
