@@ -134,6 +134,24 @@ def test_the_paper_config_refuses_procedural_backgrounds_unless_told(tmp_path):
     check_training_data(tiny)  # the tiny config keeps procedural backgrounds
 
 
+def test_the_paper_config_trains_on_estimated_inputs_once_annotated(tmp_path):
+    from serialgen.training.stage1.config import check_training_data, load_stage1_config
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    paper = load_stage1_config("stage1", [f"data.train_shards={shards}", f"data.backgrounds={tmp_path}"])
+    assert paper.data.estimated_share == 0.5
+    with pytest.raises(UserInputError) as error:
+        check_training_data(paper)
+    assert str(error.value) == (f"stage1.yaml: data.estimated_share 0.5 needs the person estimator's annotations: "
+                                f"{shards / 'annotations' / 'index.json'} not found; run `serialgen shards annotate "
+                                f"{shards}` (docs/estimator.md), or --set data.estimated_share=0")
+    check_training_data(override(paper, {"data.estimated_share": 0.0}))
+    (shards / "annotations").mkdir()
+    (shards / "annotations" / "index.json").write_text("{}")  # its content is the loader's to check
+    check_training_data(paper)
+
+
 def test_renamed_flags_say_what_to_write(capsys):
     for argv, message in (
         (["generate", "--standardizer", "identity", "--adapter", "a", "--ref", "r.png", "--out", "o", "--seeds", "4"],

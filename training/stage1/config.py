@@ -69,6 +69,10 @@ class DataConfig:
     # probability that a sample's target pose map is the canonical (reference figure's) map instead of
     # its character's own: what inference on pictures gives the model (docs/stage1.md)
     canonical_share: float = setting(0.2, min=0, max=1)
+    # probability that a sample's reference mask and pose map are the person estimator's (the annotation
+    # set of `serialgen shards annotate`, docs/estimator.md) instead of the exact ones: train as you infer
+    estimated_share: float = setting(0.0, min=0, max=1)
+    annotations: str | None = None  # the annotation set (default: <train shards>/annotations)
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,15 @@ def check_training_data(config: Stage1Config) -> None:
         count = parse_synthetic_spec(spec or "")
         if count is not None and count < 1:
             raise UserInputError(f"{config.source}: {spec}: the synthetic data set needs at least 1 sample")
-    if parse_synthetic_spec(d.train_shards) is not None or d.backgrounds or d.procedural_backgrounds:
+    if parse_synthetic_spec(d.train_shards) is not None:
+        return
+    shards = Path(d.train_shards)
+    annotations = Path(d.annotations) if d.annotations else (shards / "annotations" if shards.is_dir() else None)
+    if d.estimated_share > 0 and annotations is not None and not (annotations / "index.json").is_file():
+        raise UserInputError(f"{config.source}: data.estimated_share {d.estimated_share:g} needs the person estimator's "
+                             f"annotations: {annotations / 'index.json'} not found; run `serialgen shards annotate "
+                             f"{d.train_shards}` (docs/estimator.md), or --set data.estimated_share=0")
+    if d.backgrounds or d.procedural_backgrounds:
         return
     raise UserInputError(f"{config.source}: data.backgrounds is not set: references would be composited onto procedural "
                          "colour fields; pass --backgrounds DIR (images, or an assets folder), or "

@@ -162,12 +162,15 @@ def canonical_pose_map(resolution: tuple[int, int]) -> torch.Tensor:
 
 def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, split: str = "train",
                         infinite: bool = False, backgrounds: str | None = None, epoch_length: int | None = None,
-                        canonical_share: float = 0.0) -> Dataset:
+                        canonical_share: float = 0.0, estimated_share: float = 0.0,
+                        annotations: str | None = None) -> Dataset:
     """A dataset for a data spec: `synthetic:N`, or shard path(s)/pattern read by `dataset/loader.py`.
 
     `split`, `infinite` (resampled shards), `backgrounds`, `epoch_length` (samples per reader per
-    epoch in infinite mode) and `canonical_share` (the probability that a sample's standard pose map
-    is the canonical one instead of its character's own) go to the shard loader, which yields uint8
+    epoch in infinite mode), `canonical_share` (the probability that a sample's standard pose map
+    is the canonical one instead of its character's own) and `estimated_share` / `annotations` (the
+    probability that its reference mask and pose map are the person estimator's, from that annotation
+    set; docs/estimator.md) go to the shard loader, which yields uint8
     (convert with :func:`batch_to_device`). The synthetic data has no split (train and test are
     different seeds) and its toy figure has no canonical pose.
     """
@@ -179,4 +182,5 @@ def open_stage1_dataset(spec: str, *, resolution: tuple[int, int], seed: int, sp
     extra = {"epoch_length": epoch_length} if infinite and epoch_length else {}
     return open_dataset(spec, resolution=resolution, seed=seed, split=split, infinite=infinite,
                         backgrounds=backgrounds, dtype="uint8", std_pose="per_character",
-                        canonical_share=canonical_share, **extra)
+                        canonical_share=canonical_share, estimated_share=estimated_share, annotations=annotations,
+                        **extra)

@@ -192,7 +192,8 @@ def train_stage1(config: Stage1Config, *, output_dir: str | Path | None = None, 
     d = config.data
     train_set = open_stage1_dataset(d.train_shards, resolution=d.resolution, seed=config.seed, split="train",
                                     infinite=True, backgrounds=d.backgrounds, epoch_length=d.epoch_length,
-                                    canonical_share=d.canonical_share)
+                                    canonical_share=d.canonical_share, estimated_share=d.estimated_share,
+                                    annotations=d.annotations)
     val_batch = None
     if v.every and v.num_references:
         val_source = open_stage1_dataset(d.val_shards, resolution=d.resolution, seed=config.seed, split="test",
