@@ -19,6 +19,7 @@ integrity is ``serialgen shards verify``'s job). Only an unreadable ``index.json
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import re
 import tarfile
@@ -90,7 +91,6 @@ class _ShardSet:
         self.standard_entries = list(self.index.get("standard_shards") or [])
         self.index_characters = self.index.get("characters") or {}
         self.shards_of: dict[str, list[dict]] = {}
-        self._tables: dict[Path, list] = {}
         for entry in self.shard_entries:
             try:
                 key = _first_key(root / entry["path"])
@@ -103,12 +103,6 @@ class _ShardSet:
                 self.shards_of.setdefault(m["character"], []).append(entry)
         self.assets_records, self.assets_summary, self.assets_source = self._asset_records(assets)
         self.stats, self.stats_source = self._stats(sample)
-
-    def table(self, path: Path) -> list:
-        """:func:`tarset.scan_shard` of a shard, read once (sampling and the cards both need it)."""
-        if path not in self._tables:
-            self._tables[path] = tarset.scan_shard(path)
-        return self._tables[path]
 
     # -- the asset folder's view of the characters (file names, rejections) --------------------
     def _asset_records(self, assets: Path | None):
@@ -162,7 +156,7 @@ class _ShardSet:
             quota = budget // len(entries) + (1 if i < budget % len(entries) else 0)
             path = self.root / entry["path"]
             try:
-                table_ = self.table(path)
+                table_ = tarset.scan_shard(path)
                 if len(table_) > quota:  # evenly spaced through the shard
                     table_ = [table_[int((k + 0.5) * len(table_) / quota)] for k in range(quota)]
                 for members in _read_sample_members(path, table_, ("meta.json", "ref_pose.json")):
@@ -216,16 +210,11 @@ class _ShardSet:
         out.sort(key=lambda c: (_STATUS_ORDER[c["status"]], c["split"] or "", c["name"], c["id"]))
         return out
 
-    def standard_png(self, ch: dict, first_shard_table) -> bytes | None:
-        """The character's standard image: its standard tar (format 3) or, before, any sample's std.png."""
+    def standard_png(self, ch: dict, first_samples: list[dict[str, bytes]]) -> bytes | None:
+        """The character's standard image: its standard tar (format 3) or, before, its first sample's std.png."""
         if ch["standard"]:
             return shards.read_standard(self.root / ch["standard"], ch["id"])["std.png"]
-        if first_shard_table:
-            path = self.root / ch["shards"][0]["path"]
-            _key, offsets = first_shard_table[0]
-            if "std.png" in offsets:
-                return tarset.read_member(path, *offsets["std.png"])
-        return None
+        return first_samples[0].get("std.png") if first_samples else None
 
 
 def _file_name(rec: dict) -> str | None:
@@ -367,25 +356,26 @@ def _cards(page: Page, s: _ShardSet, characters: list[dict], max_characters: int
         strip = []
         if ch["shards"]:
             path = s.root / ch["shards"][0]["path"]
-            entries = []
-            try:
-                entries = s.table(path)
+            first: list[dict[str, bytes]] = []
+            try:  # the first K samples, read in tar order: no walk over the rest of the shard
+                first = [members for _key, members in itertools.islice(tarset.iter_samples(path), per_card)]
             except (OSError, tarfile.TarError, ValueError) as exc:
                 s.notes.append(f"{ch['shards'][0]['path']}: pictures left out ({type(exc).__name__}: {exc})")
             try:
-                std = s.standard_png(ch, entries)
+                std = s.standard_png(ch, first)
                 if std:
                     src = page.pil(f"{n:04d}-std", _thumb(std, _STD_THUMB_H))
                     strip.append(f'<img class="std" src="{src}" alt="standard image" title="standard image">')
             except (OSError, tarfile.TarError, ValueError) as exc:
                 s.notes.append(f"{ch['name']}: standard image left out ({exc})")
-            try:
-                for k, members in enumerate(_read_sample_members(path, entries[:per_card], ("ref.png",))):
-                    if "ref.png" in members:
+            for k, members in enumerate(first):
+                if "ref.png" in members:
+                    try:
                         src = page.pil(f"{n:04d}-ref{k}", _thumb(members["ref.png"], _REF_THUMB_H))
-                        strip.append(f'<img src="{src}" alt="reference {k + 1}">')
-            except (OSError, tarfile.TarError, ValueError) as exc:
-                s.notes.append(f"{ch['shards'][0]['path']}: references left out ({type(exc).__name__}: {exc})")
+                    except (OSError, ValueError) as exc:
+                        s.notes.append(f"{ch['shards'][0]['path']}: reference {k + 1} left out ({exc})")
+                        continue
+                    strip.append(f'<img src="{src}" alt="reference {k + 1}">')
         reasons = []
         if ch["status"] == "rejected":
             reasons.append(f"rejected by the asset build: {rec.get('reason')}: {rec.get('detail', '')}")
