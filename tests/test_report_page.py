@@ -156,6 +156,10 @@ def test_asset_rejections_recorded_at_render_time_need_no_asset_folder(tmp_path)
     assert "/data/assets: 3 characters accepted, 1 rejected (import_failed 1)" in html
     assert 'data-status="rejected"' in html and "0123456789abcdef" in html and "seed" in html
     assert "earlier runs" not in html
+
+
+def test_a_folder_rendered_by_several_codes_says_so(tmp_path):
+    root = write_set(tmp_path / "s", {"char-a": ("train", 1)})
     (root / "run.json").write_text(json.dumps({**RUN_JSON, "code_fingerprints": ["0123456789abcdef", "fedcba9876543210"]}))
     html = build_shards_report(root, tmp_path / "out").read_text()
     assert "shards of earlier runs on this folder come from <code>fedcba9876543210</code>" in html
