@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -218,13 +219,13 @@ def test_a_damaged_shard_is_a_note_not_a_failure(tmp_path):
     assert html.count('alt="reference') == 3  # c1's references still shown
 
 
-def test_rerun_replaces_the_report_and_a_foreign_folder_is_refused(tmp_path):
-    root = write_set(tmp_path / "s", {"c1": ("train", 2)})
+def test_rerun_replaces_the_report_and_a_foreign_folder_is_refused(full_set, tmp_path):
+    root, page = full_set
     out = tmp_path / "out"
-    build_shards_report(root, out)
+    shutil.copytree(page.parent, out)  # an earlier report
     (out / "img" / "stale.png").write_bytes(b"x")
     build_shards_report(root, out)
-    assert not (out / "img" / "stale.png").exists()
+    assert not (out / "img" / "stale.png").exists() and (out / "index.html").is_file()
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
