@@ -21,7 +21,8 @@ inside jobs, and an idle-box estimate: the serial part of a run, as measured, pl
 worker's CPU seconds, i.e. what the wall would be if each process had a core of its own),
 ``ray1x2 / ray1x1``, Ray against the plain process, the no-op re-run of a finished folder, Ray's
 fixed costs per run (cluster start, first worker ready, shutdown, against making the worker
-in-process), and the 1-minute load average before and after.
+in-process; and joining / leaving a cluster that is already running instead), and the 1-minute
+load average before and after.
 
     .venv/bin/python benchmarks/farm.py [--assets DIR] [--characters 4] [--per-character 48] \
         [--resolution 512x768] [--repeats 2] [--configs plain,ray1x1,ray1x2,ray2x1] [--json out.json]
@@ -162,9 +163,27 @@ def _ray_fixed_costs() -> dict:
             "capture_stderr=False); print(time.perf_counter() - t)")
     local_s = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                    check=True).stdout.strip().splitlines()[-1])
+    # Joining a cluster that is already running (`ray start --head` once, then --address): what a
+    # run then pays instead of the start and the shutdown.
+    owner = subprocess.Popen([sys.executable, "-c", "import sys, ray; from serialgen.ray_local import init_ray; "
+                              "init_ray(None, num_cpus=1); print(ray.get_runtime_context().gcs_address, flush=True); "
+                              "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = owner.stdout.readline().strip()
+        t = time.perf_counter()
+        init_ray(address, log_to_driver=False, configure_logging=False)
+        join_s = time.perf_counter() - t
+        t = time.perf_counter()
+        ray.shutdown()  # disconnects; the cluster stays
+        leave_s = time.perf_counter() - t
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=60)
     return {"ray_init_s": round(init_s, 2), "actor_ready_s": round(actor_s, 2), "ray_shutdown_s": round(shutdown_s, 2),
             "in_process_worker_s": round(local_s, 2),
-            "fixed_overhead_s": round(init_s + actor_s + shutdown_s - local_s, 2)}
+            "fixed_overhead_s": round(init_s + actor_s + shutdown_s - local_s, 2),
+            "join_running_cluster_s": round(join_s, 2), "leave_running_cluster_s": round(leave_s, 2)}
 
 
 def _mean(rs: list[dict], key: str) -> float:

@@ -11,18 +11,20 @@ unsupported (macOS, Windows: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``). ``ray.init(
 later join of a real cluster from this process is unaffected. ``tests/test_render_farm.py``
 checks the listening sockets of every process of such a cluster with psutil.
 
-With an address, :func:`init_ray` joins that cluster (one-line error when nobody answers there).
+With an address, :func:`init_ray` joins that cluster (one-line error when nobody answers there);
+a cluster on this machine's loopback (another serialgen process's) is joined from the loopback
+address too (else Ray looks for this node's raylet at the routable address and waits forever).
 Either way the caller's SIGTERM handler survives (``ray.init`` installs ``sys.exit`` in its place).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
 import threading
-from pathlib import Path
 
 from serialgen.errors import SerialgenError
 
@@ -30,7 +32,6 @@ __all__ = ["LOOPBACK_SWITCH", "init_ray", "check_reachable"]
 
 # Ray's switch: "0" makes a node take the loopback address as its IP (and bind its servers there).
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_AUTH_MODE = "RAY_AUTH_MODE"
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -48,14 +49,16 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 def _token_auth_for(address: str) -> None:
     """Ray 2.60 clusters use token authentication by default, but ``ray.init(address=host:port)``
-    does not pick up an existing token by itself (``address="auto"`` does), and then times out.
-    With a token at hand and no explicit ``RAY_AUTH_MODE``, ask for token mode (a cluster without
-    authentication accepts it too; checked with Ray 2.60)."""
-    if os.environ.get(_AUTH_MODE) is not None or address == "auto":
+    does not pick up an existing token by itself (``address="auto"`` does), and then retries for
+    minutes. With a token at hand (``~/.ray/auth_token``, ``RAY_AUTH_TOKEN``) and no explicit
+    ``RAY_AUTH_MODE``, turn token mode on the way Ray does for ``auto``: the environment variable
+    alone is not enough once ``ray`` is imported (its configuration is read then; Ray's helper
+    refreshes it). A cluster without authentication accepts a token too (checked with Ray 2.60)."""
+    if address == "auto":
         return
-    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
-        os.environ[_AUTH_MODE] = "token"
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def init_ray(address: str | None = None, **kwargs) -> bool:
@@ -76,14 +79,27 @@ def init_ray(address: str | None = None, **kwargs) -> bool:
         if address:
             check_reachable(address)
             _token_auth_for(address)
+            # A cluster on this machine's loopback (another serialgen process's): this driver must
+            # be on 127.0.0.1 too, or Ray looks for its raylet at the routable address and waits.
+            local = _is_loopback(address.rpartition(":")[0])
             try:
-                ray.init(address=address, **kwargs)
+                with _loopback_node(ray) if local else contextlib.nullcontext():
+                    ray.init(address=address, **kwargs)
             except ConnectionError as exc:
                 raise SerialgenError(f"--address {address}: cannot connect to the Ray cluster ({exc}); is it "
                                      "running (`ray status`), and is its auth token here (~/.ray/auth_token "
                                      "or RAY_AUTH_TOKEN)?") from None
             return False
-        return _start_local(ray, kwargs)
+        with _loopback_node(ray):
+            ray.init(**kwargs)
+        return True
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @contextlib.contextmanager
@@ -99,18 +115,20 @@ def _own_sigterm():
             signal.signal(signal.SIGTERM, previous)
 
 
-def _start_local(ray, kwargs: dict) -> bool:
+@contextlib.contextmanager
+def _loopback_node(ray):
+    """While Ray starts or joins: this node's IP is the loopback address (Ray binds its servers
+    there), for this process and the processes ``ray.init`` spawns; restored afterwards."""
     from ray._private import ray_constants  # Ray reads the switch from here in this process
 
     saved_env, saved_flag = os.environ.get(LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[LOOPBACK_SWITCH] = "0"  # the processes ray.init spawns read it from their environment
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(**kwargs)
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(LOOPBACK_SWITCH, None)
         else:
             os.environ[LOOPBACK_SWITCH] = saved_env
-    return True

@@ -74,12 +74,17 @@ def _spawn(args: list[str]) -> subprocess.Popen:
 
 
 def _tars(out: Path) -> dict[str, bytes]:
-    return {f"{p.parent.name}/{p.name}": p.read_bytes() for s in ("train", "test") for p in (out / s).glob("*.tar")}
+    """{path: bytes} of every pair shard and standard tar (<split>/standard/*.tar)."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for s in ("train", "test") for p in (out / s).rglob("*.tar")}
+
+
+def _pairs(out: Path) -> dict[str, bytes]:
+    """{path: bytes} of the pair shards only."""
+    return {k: v for k, v in _tars(out).items() if "/standard/" not in k}
 
 
 def _hidden(out: Path) -> list[str]:
-    return [p.name for s in ("train", "test") if (out / s).is_dir() for p in (out / s).iterdir()
-            if p.name.startswith(".")]
+    return [p.name for s in ("train", "test") if (out / s).is_dir() for p in (out / s).rglob(".*")]
 
 
 def _expected_keys(characters, assets: Path) -> list[str]:
@@ -138,7 +143,7 @@ def test_one_and_two_workers_give_the_same_bytes(assets, reference, tmp_path):
     ref_out, ref = reference
     out = tmp_path / "shards"
     assert main(_args(assets, out, 2)) == 0
-    assert len(ref) == len(CHARS) * PER_CHAR // 2
+    assert len(_pairs(ref_out)) == len(CHARS) * PER_CHAR // 2 and len(ref) == len(_pairs(ref_out)) + len(CHARS)
     assert _tars(out) == ref
     assert _indexed_keys(out) == _indexed_keys(ref_out) == _expected_keys(CHARS, assets)
     report = json.loads((out / "report.json").read_text())
@@ -193,7 +198,7 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     try:
         def stuck():
             logs = list((out / "logs").rglob(f"{CHARS[-1]}-*.log")) if (out / "logs").is_dir() else []
-            return any("sample 1/1" in p.read_text() for p in logs) and len(_tars(out)) >= 8
+            return any("sample 1/1" in p.read_text() for p in logs) and len(_pairs(out)) >= 8
 
         _wait_for(stuck, 120, f"a job of {CHARS[-1]} stuck after its sample")
         os.kill(proc.pid, signal.SIGINT)
@@ -205,7 +210,7 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     assert "interrupted" in stdout and "Re-run the same command" in stdout
     assert not (out / "index.json").exists()
     assert _hidden(out) == []  # no half-written shard, not even a hidden one
-    done = _tars(out)
+    done = _pairs(out)
     assert len(done) == 2 * PER_CHAR  # the first two characters' shards; none of the stuck one's
     assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
     pids = _log_pids(out)
@@ -228,8 +233,10 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     for entry in index["shards"]:
         for _key, sample in iter_shard(out / entry["path"]):
             char = json.loads(sample["meta.json"])["character"]
-            assert index["characters"][char] == {"split": entry["split"], "name": char,  # procedural: its id
-                                                 "standard_pose": json.loads(sample["std_pose.json"])}
+            listed = index["characters"][char]
+            assert (listed["split"], listed["name"]) == (entry["split"], char)  # procedural: the name is the id
+            assert listed["standard_pose"] == json.loads(sample["std_pose.json"])
+            assert (out / listed["standard"]).is_file()
 
     # And once more: a finished run renders nothing and says so.
     capsys.readouterr()

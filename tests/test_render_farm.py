@@ -52,14 +52,21 @@ def test_render_end_to_end_with_ray(tmp_path, capfd):
     index = json.loads((out / "index.json").read_text())
     assert index["samples"] == 6 and len(index["shards"]) == 2
     assert [f["character"] for f in index["failures"]] == ["mannequin-broken"]
-    _check_index_v2(out, index, {"mannequin-adult", "mannequin-child"}, 128, 192)
+    _check_index(out, index, {"mannequin-adult", "mannequin-child"}, 128, 192)
     assert index["config"]["rejected_characters"] == 1
     assert main(["shards", "verify", str(out)]) == 0
+    # stats.json: the shards' render-time histograms, merged.
+    from serialgen.dataset.render_stats import read_stats
+
+    stats = read_stats(out / "stats.json")
+    assert stats.samples == 6 and sum(stats.categorical["framing"]["counts"].values()) == 6
 
     urls = [str(out / s["path"]) for s in index["shards"]]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
     assert len(samples) == 6
-    assert all({"ref.png", "std.png", "ref_pose.json", "std_pose.json", "meta.json"} <= set(s) for s in samples)
+    members = [{k for k in s if not k.startswith("__")} for s in samples]
+    assert all(m == {"ref.png", "ref_pose.json", "std_pose.json", "meta.json"} for m in members), members[0]
+    # (format 3: std.png once per character, in its standard tar)
     meta = json.loads(samples[0]["meta.json"])
     assert meta["engine"] == "workbench" and meta["resolution"] == [128, 192]
     assert meta["framing"] in ("full_body", "upper_body", "head") and meta["key"] == samples[0]["__key__"]
@@ -86,16 +93,21 @@ def test_render_end_to_end_with_ray(tmp_path, capfd):
     assert index["shards"][0]["path"] in capfd.readouterr().err
 
 
-def _check_index_v2(out, index: dict, characters: set, width: int, height: int) -> None:
-    """Index format 2: the canonical standard pose at the render size, and every character of the
-    set with its split and the standard pose its samples carry."""
-    from serialgen.dataset.shards import iter_shard
+def _check_index(out, index: dict, characters: set, width: int, height: int) -> None:
+    """Index format 3: the canonical standard pose at the render size; every character of the set
+    with its split, display name, the standard pose its samples carry and its standard tar (one
+    sample: std.png, the same std_pose.json, meta.json), listed in standard_shards."""
+    from serialgen.dataset.shards import iter_shard, read_standard
     from serialgen.render.farm.driver import canonical_standard_pose
 
-    assert index["format_version"] == 2
+    assert index["format_version"] == 3
     assert index["standard_pose"] == canonical_standard_pose(width, height)
     assert (index["standard_pose"]["width"], index["standard_pose"]["height"]) == (width, height)
     assert set(index["characters"]) == characters
+    assert {e["character"]: e["path"] for e in index["standard_shards"]} == {
+        c: rec["standard"] for c, rec in index["characters"].items()}
+    for cid, rec in index["characters"].items():
+        assert json.loads(read_standard(out / rec["standard"], cid)["std_pose.json"]) == rec["standard_pose"]
     seen = set()
     for entry in index["shards"]:
         for key, sample in iter_shard(out / entry["path"]):
@@ -123,7 +135,7 @@ def test_index_characters_and_standard_pose_survive_a_resume(tmp_path, capfd):
     assert run_farm(config)["status"] == "complete"
     assert "EGL Error" not in capfd.readouterr().err  # in-process too, Blender's output goes to the logs
     index = shards.read_index(out)
-    _check_index_v2(out, index, {"mannequin-adult", "mannequin-child"}, 64, 96)
+    _check_index(out, index, {"mannequin-adult", "mannequin-child"}, 64, 96)
     # A run that lost one shard and its index resumes from the journal: one pair rendered again.
     (out / index["shards"][0]["path"]).unlink()
     (out / shards.INDEX_NAME).unlink()

@@ -484,6 +484,13 @@ def run_farm(config: FarmConfig) -> dict:
         shards.write_index(out, shard_list, index_config, failures,
                            standard_pose=canonical_standard_pose(settings.width, settings.height),
                            characters=characters, standards=standards or None)
+        # A character quarantined before any of its shards was whole may have written its
+        # standard tar: not in the index, it would only make `shards verify` fail.
+        listed = {s.path for s in standards}
+        for split in shards.SPLITS:
+            for path in (out / split / shards.STANDARD_DIR).glob("*.tar"):
+                if path.relative_to(out).as_posix() not in listed:
+                    path.unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     summary = {
         "format": REPORT_FORMAT,

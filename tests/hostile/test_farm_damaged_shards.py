@@ -13,6 +13,7 @@ shard named in report.json with the reason. Cases:
 * one byte of a member's data flipped (same size, same member list): the cheap check cannot see it,
   ``--repair`` (sha256 of every kept shard) does;
 * one byte of a tar header flipped (same size): the member list from the headers differs;
+* the character's standard tar (format 3) cut: its job, the one whose range starts at 0, runs again;
 * a damaged shard the journal does not know (journal and index lost): read whole, not kept;
 * a damaged index.json: rewritten from the journal;
 * a folder rendered with another rendering version: refused in one line (exit 2); ``--overwrite``
@@ -78,7 +79,8 @@ def _args(assets: Path, out: Path, *extra) -> list[str]:
 
 
 def _tars(out: Path) -> dict[str, bytes]:
-    return {f"{p.parent.name}/{p.name}": p.read_bytes() for s in ("train", "test") for p in (out / s).glob("*.tar")}
+    """{path: bytes} of every pair shard and standard tar (<split>/standard/*.tar)."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for s in ("train", "test") for p in (out / s).rglob("*.tar")}
 
 
 def _indexed_keys(out: Path) -> list[str]:
@@ -104,7 +106,7 @@ def damaged_copy(reference, tmp_path):
     ref_out, ref_tars, _ = reference
     out = tmp_path / "shards"
     shutil.copytree(ref_out, out)
-    train = sorted(p for p in ref_tars if p.startswith("train/"))
+    train = sorted(p for p in ref_tars if p.startswith("train/") and "/standard/" not in p)
     assert train, "the reference has no train shard"
     return out, train[0]
 
@@ -217,7 +219,20 @@ def test_a_damaged_shard_the_journal_does_not_know_is_not_kept(assets, reference
     assert main(_args(assets, out)) == 0
     # read whole: the tar ends after its first sample (the reader's words for it may vary)
     report = _assert_repaired(out, reference, rel, "")
-    assert report["shards_read_from_disk"] == len(reference[1]) - 1  # the whole ones, adopted
+    pair_shards = [p for p in reference[1] if "/standard/" not in p]
+    assert report["shards_read_from_disk"] == len(pair_shards) - 1  # the whole ones, adopted
+
+
+def test_a_damaged_standard_tar_is_written_again(assets, reference, damaged_copy):
+    """Format 3: a character's standard image lives in one standard tar, written by its job whose
+    range starts at 0. Cut it, and that job runs again (the pairs it wrote are rewritten too)."""
+    out, rel = damaged_copy
+    std = next(p for p in reference[1] if p.startswith("train/standard/"))
+    path = out / std
+    m = _members(path)[0]
+    path.write_bytes(path.read_bytes()[:m.offset_data + m.size // 2])
+    assert main(_args(assets, out)) == 0
+    _assert_repaired(out, reference, rel, "standard tar")
 
 
 def test_a_damaged_index_is_written_again(assets, reference, damaged_copy, capsys):

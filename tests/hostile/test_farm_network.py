@@ -100,3 +100,30 @@ def test_the_render_farm_pool_starts_its_cluster_on_loopback(tmp_path):
     finally:
         ray.shutdown()
         pool._ray_logging.restore()
+
+
+def test_init_ray_joins_a_loopback_cluster_of_another_process_with_its_token():
+    """Another serialgen process's local cluster (loopback, token authentication): a fresh process
+    joins it with --address. Before: Ray looked for the joiner's raylet at the routable address and
+    waited forever, and a token set up after `import ray` was not used (minutes of retries)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, ray; from serialgen.ray_local import init_ray; init_ray(None, num_cpus=1); "
+                               "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        address = owner.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        joiner = subprocess.run(
+            [sys.executable, "-c", "import sys, ray; from serialgen.ray_local import init_ray; "
+                                   f"started = init_ray({address!r}, log_to_driver=False); "
+                                   "f = ray.remote(lambda: 42); print(started, ray.get(f.remote()))"],
+            capture_output=True, text=True, timeout=90, env=env)
+        assert joiner.returncode == 0, joiner.stderr[-2000:]
+        assert joiner.stdout.split() == ["False", "42"]  # joined, not started; ran a task there
+    finally:
+        owner.stdin.close()
+        owner.wait(timeout=60)
