@@ -120,6 +120,27 @@ def _redirect_fds(log, capture_stderr: bool):
             os.close(copy)
 
 
+@contextlib.contextmanager
+def _task_pool_of(threads: int):
+    """Blender's task pool (oneTBB: parallel mesh and depsgraph evaluation) takes as many threads as
+    the process may use CPUs when bpy is imported, and bpy as a module has no setting for it: a
+    "1-thread" worker on a 2-core node used ~1.1-1.25 cores, so two of them oversubscribed the
+    node. While bpy is imported the process is confined to ``threads`` CPUs (which ones: by pid,
+    so that workers starting together do not share one), then may run on every CPU again; the
+    pool keeps its size. No-op when bpy is already imported or without ``sched_setaffinity``."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if not threads or len(allowed) <= threads or "bpy" in sys.modules:
+        yield
+        return
+    cpus = sorted(allowed)
+    first = os.getpid() % len(cpus)
+    os.sched_setaffinity(0, {cpus[(first + i) % len(cpus)] for i in range(threads)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 class FarmWorker:
     """One Blender worker process (the Ray actor body; also used in-process by ``LocalPool``).
 
@@ -150,13 +171,14 @@ class FarmWorker:
         self._report = progress.report.remote if hasattr(progress, "report") else progress
         self._last_report = 0.0
         self._attempt = 0
-        if log_dir is not None:
-            start_log = Path(log_dir) / "workers" / f"{slot}.log"
-            start_log.parent.mkdir(parents=True, exist_ok=True)
-            with open(start_log, "a", buffering=1) as log, _redirect_fds(log, capture_stderr=True):
+        with _task_pool_of(threads):
+            if log_dir is not None:
+                start_log = Path(log_dir) / "workers" / f"{slot}.log"
+                start_log.parent.mkdir(parents=True, exist_ok=True)
+                with open(start_log, "a", buffering=1) as log, _redirect_fds(log, capture_stderr=True):
+                    self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
+            else:
                 self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
-        else:
-            self.worker = BlenderWorker(settings, max_characters, rss_cap_mb, record_timings)
         if use_gpus:
             import ray
 
