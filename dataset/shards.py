@@ -196,8 +196,8 @@ def encode_png(image: np.ndarray, compress_level: int = 6, filter: str = "none")
     the filter with the smallest sum of absolute signed bytes, libpng's heuristic) and one zlib
     stream at ``compress_level``. The default, filter "none" at level 6, was chosen by the total cost
     per pair on real 512x768 renders (``benchmarks/loader.py --mode png``, docs/shard_format.md):
-    against level 1 it stores 26 % fewer bytes per reference for ~6 ms more encoding, once, at
-    render time, and ~0.1 ms more decoding per read; the other filters save a few KB more for 2-10x
+    against level 1 it stores ~25 % fewer bytes per reference for ~5 ms more encoding, once, at
+    render time, and ~0.2 ms more decoding per read; the other filters save a few KB more for 2-10x
     the encode time and slower decodes. Any PNG reader decodes it.
     """
     arr = np.asarray(image)
