@@ -16,7 +16,8 @@ seconds of ``run_farm`` (includes Ray start, worker start, character loads, Ray 
 on the wall clock, pairs/s inside the jobs (pairs / summed job seconds x workers), CPU seconds per
 pair of the worker processes (all their threads) and of everything (the workers, this driver
 process and Ray's own processes: GCS, raylet, agents, dashboard API server, monitors; sampled
-every 0.2 s), which other load barely distorts. Then the scaling ratio ``ray2x1 / ray1x1`` (wall,
+every 0.2 s; with ``--address`` the cluster's processes are another process's and not counted),
+which other load barely distorts. Then the scaling ratio ``ray2x1 / ray1x1`` (wall,
 inside jobs, and an idle-box estimate: the serial part of a run, as measured, plus the busiest
 worker's CPU seconds, i.e. what the wall would be if each process had a core of its own),
 ``ray1x2 / ray1x1``, Ray against the plain process, the no-op re-run of a finished folder, Ray's
@@ -25,7 +26,8 @@ in-process; and joining / leaving a cluster that is already running instead), an
 load average before and after.
 
     .venv/bin/python benchmarks/farm.py [--assets DIR] [--characters 4] [--per-character 48] \
-        [--resolution 512x768] [--repeats 2] [--configs plain,ray1x1,ray1x2,ray2x1] [--json out.json]
+        [--resolution 512x768] [--repeats 2] [--configs plain,ray1x1,ray1x2,ray2x1] [--address A] \
+        [--json out.json]
 
 Without ``--assets``, ``--characters`` procedural characters are built into a scratch folder first
 (~4 s each, not timed).
@@ -113,7 +115,7 @@ def _run(assets: Path, out: Path, workers: int, threads: int, args) -> dict:
     config = FarmConfig(assets=str(assets), out=str(out), per_character=args.per_character,
                         settings=RenderSettings(width=args.width, height=args.height, threads=threads),
                         workers=workers, cpus_per_worker=threads, limit_characters=args.characters,
-                        progress=False)
+                        address=args.address if workers else None, progress=False)
     meter = _CpuMeter()
     t = time.perf_counter()
     s = run_farm(config)
@@ -198,6 +200,9 @@ def main(argv=None) -> int:
     add_resolution_argument(p)
     p.add_argument("--repeats", type=int, default=2, help="forward then backward blocks (default 2 = one of each)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"which of {','.join(CONFIGS)} (default all)")
+    p.add_argument("--address", default=None, metavar="A",
+                   help="Ray configurations join this running cluster instead of starting one per run "
+                        "(e.g. one started with serialgen.ray_local.init_ray in another process)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     args.width, args.height = args.resolution
@@ -219,6 +224,10 @@ def main(argv=None) -> int:
                 print(f"{name} #{r}: {runs[name][-1]['wall_s']:.1f} s, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
                 if workers:
                     last_out = (out, workers, threads)
+        import ray
+
+        if ray.is_initialized():  # --address: the runs joined a cluster and stay connected to it
+            ray.shutdown()
         fixed = _ray_fixed_costs()
         # No-op re-run of a finished folder: in-process and as the whole command.
         from serialgen.render.farm.driver import FarmConfig, run_farm
@@ -239,6 +248,7 @@ def main(argv=None) -> int:
         done = subprocess.run(cmd, capture_output=True, text=True)
         noop_cli_s = time.perf_counter() - t
     result = {"characters": args.characters, "pairs_per_run": args.characters * args.per_character,
+              "address": args.address,
               "resolution": [args.width, args.height], "engine": "workbench", "repeats": args.repeats,
               "load_avg_1min_before": round(load_before[0], 2), "load_avg_1min_after": round(os.getloadavg()[0], 2),
               "cpus": os.cpu_count(), "configs": {}}
