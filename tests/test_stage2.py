@@ -332,6 +332,29 @@ def test_the_papers_paired_one_stage_pairs_come_from_the_two_stage_model(tiny_ru
     assert summary["pairs"] == 5 and summary["steps"] == 1
 
 
+@pytest.mark.slow
+def test_generate_standardizes_with_a_stage1_checkpoint(tiny_run, tmp_path):
+    """`generate --standardizer CK`: the reference prepared as `standardize` prepares a picture (alpha
+    is the mask; --mask/--pose otherwise), standardized by the checkpoint, then the series."""
+    from test_training_fixes import _tiny_stage1_checkpoint
+
+    from serialgen.cli import main
+
+    ckpt = _tiny_stage1_checkpoint(tmp_path / "stage1")
+    ref = tmp_path / "bob.png"
+    rgba = np.zeros((90, 60, 4), np.uint8)
+    rgba[20:80, 20:40] = (40, 60, 200, 255)
+    Image.fromarray(rgba).save(ref)
+    out = tmp_path / "series"
+    assert main(["generate", "--standardizer", str(ckpt), "--adapter", str(tiny_run), "--ref", str(ref),
+                 "--prompt", "a person walking", "--num-seeds", "1", "--out", str(out), "--steps", "1",
+                 "--guidance", "1", "--no-progress", "--mask", "threshold", "--pose", "blank"]) == 0
+    record = json.loads((out / "series.json").read_text())
+    assert record["standardizer"] == f"stage1:{ckpt.resolve()}"
+    assert Image.open(out / "standardized.png").size == (32, 48)  # the Stage I model's size
+    assert len(record["images"]) == 1
+
+
 def test_face_sim_needs_both_onnx_files(tmp_path):
     from serialgen.training.stage2.evaluate import ArcFaceOnnx
 

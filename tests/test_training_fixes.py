@@ -4,7 +4,7 @@
   model lives on the GPU; here the EMA lives on the ``meta`` device or in float64 instead;
 - Stage II validation set the adapter scale on the UNet being trained and never put it back;
 - Stage I inference had a dtype that no command could choose (`standardize --dtype`, and the
-  standardizer Stage II's pair builder runs);
+  standardizer that Stage II's pair building and `generate` run);
 - Stage I asked DDP to search for unused parameters in every step although none are unused.
 """
 
@@ -117,10 +117,10 @@ def test_standardize_runs_in_the_dtype_asked_for(tmp_path, capsys):
     from PIL import Image
 
     from serialgen.cli import main
-    from serialgen.training.stage1.pipeline import Stage1Standardizer
+    from serialgen.training.stage2.build_pairs import load_standardizer
 
     ckpt = _tiny_stage1_checkpoint(tmp_path / "run")
-    standardizer = Stage1Standardizer(ckpt, dtype="bf16", steps=1)  # what the pair builder constructs
+    standardizer = load_standardizer(str(ckpt), dtype="bf16", steps=1)  # what pair building and generate run
     assert {p.dtype for p in standardizer.pipeline.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in standardizer.pipeline.vae.parameters()} == {torch.bfloat16}
     picture = tmp_path / "ref.png"

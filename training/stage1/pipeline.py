@@ -5,8 +5,8 @@
     pipe = StandardizePipeline.from_checkpoint("runs/stage1/checkpoints/step-00050000", device="cuda")
     images = pipe(refs, masks, poses)          # (B, 3, H, W) in [0, 1]
 
-`Stage1Standardizer` wraps it for pictures (PIL in, PIL out), as Stage II's pair building and
-`serialgen generate` use it.
+Stage II's pair building and `serialgen generate` run it on prepared pictures
+(:class:`serialgen.training.stage2.build_pairs.CheckpointStandardizer`).
 
 The reference UNet runs ONCE per call (its bank is reused by all DDIM steps) and only for the
 conditional inputs; classifier-free guidance batches [unconditional ; conditional] through the
@@ -17,7 +17,6 @@ embedding (exactly what reference dropout trained).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -28,7 +27,7 @@ from serialgen.training.common.checkpointing import check_model_config, load_tra
 from serialgen.training.common.run_folder import read_checkpoint_config
 from serialgen.training.stage1.model import clip_image_embeds, decode_latents, encode_latents
 
-__all__ = ["StandardizePipeline", "Stage1Standardizer", "inference_dtype"]
+__all__ = ["StandardizePipeline", "inference_dtype"]
 
 
 def inference_dtype(name: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
@@ -164,46 +163,3 @@ class StandardizePipeline:
 
         # 6. Decode
         return decode_latents(self.vae, latents).cpu()
-
-
-class Stage1Standardizer:
-    """A Stage I checkpoint as a picture standardizer: a list of PIL images in, their standard forms out.
-
-    Each picture is prepared exactly as `serialgen standardize` prepares one
-    (:func:`serialgen.training.stage1.reference_inputs.load_reference`: white padding to the model's
-    aspect ratio, background mask from alpha or near-white pixels, pose map from DWPose when its two
-    ONNX files are given, else blank), standardized with DDIM and returned as RGB at the model's size.
-    `seed` makes a call deterministic (pair shards are rebuilt identically).
-    """
-
-    def __init__(self, checkpoint: str | Path, device: str = "cpu", *, dwpose_det: str | None = None,
-                 dwpose_pose: str | None = None, white_threshold: float = 0.94, steps: int | None = None,
-                 guidance: float | None = None, resolution: tuple[int, int] | None = None,
-                 dtype: torch.dtype | str | None = None):
-        from serialgen.training.stage1.reference_inputs import BlankPose, WhiteBackgroundMask
-
-        self.pipeline = StandardizePipeline.from_checkpoint(checkpoint, device=device, dtype=inference_dtype(dtype, device),
-                                                            num_inference_steps=steps, guidance_scale=guidance,
-                                                            resolution=resolution)
-        if dwpose_det and dwpose_pose:
-            from serialgen.training.stage1.dwpose import DWPoseOnnx
-
-            self.pose = DWPoseOnnx(dwpose_det, dwpose_pose)
-        else:
-            self.pose = BlankPose()
-        self.mask = WhiteBackgroundMask(white_threshold)
-        self.name = f"stage1:{Path(checkpoint).resolve()}"
-
-    def __call__(self, images: Sequence[Any], seed: int | None = None) -> list[Any]:
-        from PIL import Image
-
-        from serialgen.training.common.run_log import to_uint8_image
-        from serialgen.training.stage1.reference_inputs import load_reference
-
-        samples = [load_reference(im, self.pipeline.resolution, pose=self.pose, mask=self.mask) for im in images]
-        refs = torch.stack([s["ref"] for s in samples])
-        masks = torch.stack([s["ref_mask"] for s in samples])
-        poses = torch.stack([s["ref_pose"] for s in samples])
-        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        out = self.pipeline(refs, masks, poses, generator=generator)
-        return [Image.fromarray(to_uint8_image(x, (0, 1))) for x in out]

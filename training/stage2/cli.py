@@ -59,6 +59,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from serialgen.training.common.quiet import filter_library_warnings
+    from serialgen.training.stage1.reference_inputs import reference_options
     from serialgen.training.stage2.generate import check_standardizer, generate_series
 
     check_standardizer(args.standardizer)
@@ -74,7 +75,7 @@ def _generate(args: argparse.Namespace) -> int:
         num_seeds=args.num_seeds, first_seed=args.first_seed, resolution=args.resolution, steps=args.steps,
         guidance_scale=args.guidance, ip_scale=args.ip_scale, negative_prompt=args.negative_prompt,
         sdxl=args.sdxl, image_encoder=args.image_encoder, vae=args.vae, device=_device(args.device),
-        progress=not args.no_progress,
+        progress=not args.no_progress, reference_options=reference_options(args),
     )
     print(f"{len(record['images'])} images ({len(record['prompts'])} prompts x {len(record['seeds'])} seeds) "
           f"-> {args.out} (grid.png, series.json); standardizer: {record['standardizer']}")
@@ -215,6 +216,9 @@ def register(sub, groups) -> None:
     p.add_argument("--vae", help="replacement VAE folder (default: the adapter config's model.vae, else SDXL's own)")
     p.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from serialgen.training.stage1.reference_inputs import add_reference_arguments
+
+    add_reference_arguments(p)  # a Stage I standardizer's reference mask and pose, as in `standardize`
     p.set_defaults(handler=_generate)
 
     p = groups["eval"].add_parser(

@@ -119,6 +119,7 @@ def generate_series(
     vae: str | None = None,
     device: str = "cpu",
     progress: bool = True,
+    reference_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the two stages and write the series (see module docstring); returns the series record.
 
@@ -126,6 +127,9 @@ def generate_series(
     letterboxed to the paper's 512x768 on white; a labelled stand-in), or ``none`` (the raw reference goes
     to the adapter: the one-stage baselines). ``resolution``, ``steps``, ``guidance_scale``, ``ip_scale``:
     None takes the adapter's training config (``data.resolution``, ``inference``), else the paper's values.
+    ``reference_options``: where a Stage I checkpoint's reference mask and pose come from
+    (:class:`serialgen.training.stage1.reference_inputs.ReferencePreparer`'s ``mask``, ``pose``, ...;
+    default: the person estimator when it is set up).
     """
     import numpy as np
     import torch
@@ -155,7 +159,18 @@ def generate_series(
         standardized, std_name = reference, "none (raw reference)"
     else:
         std = load_standardizer(standardizer, device=device)
-        standardized, std_name = std([reference], seed=first_seed)[0], std.name
+        if getattr(std, "takes_references", False):  # a Stage I checkpoint: image, mask and pose prepared here
+            from serialgen.training.stage1.reference_inputs import ReferencePreparer
+
+            prepare = ReferencePreparer(**(reference_options or {}))
+            try:
+                prepared = prepare(Path(ref), std.resolution)  # the file itself: its alpha is the best mask
+            finally:
+                prepare.close()
+            standardized = std([prepared], seed=first_seed)[0]
+        else:
+            standardized = std([reference], seed=first_seed)[0]
+        std_name = std.name
         del std
     pipe, model = load_adapter_pipeline(adapter, run_cfg, sdxl=sdxl, image_encoder=image_encoder, vae=vae, device=device)
     pipe.set_ip_adapter_scale(ip_scale)
