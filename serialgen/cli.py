@@ -27,9 +27,8 @@ _REGISTRARS = [
     ("serialgen.dataset.cli_estimate", "register"),
     ("serialgen.dataset.report.cli", "register"),
     ("serialgen.training.stage1.cli", "register"),
-    ("serialgen.training.stage2.cli", "register"),
     ("serialgen.training.stage2.cli_pairs", "register"),
-    ("serialgen.training.stage2.cli", "register_pairs"),
+    ("serialgen.training.stage2.cli", "register"),
 ]
 
 # Command groups shared by several parts: `serialgen <group> <command>`.
@@ -37,6 +36,7 @@ _GROUPS = {
     "assets": "build and inspect input manifests (characters, motions, poses, backgrounds)",
     "shards": "check and look at rendered shard sets",
     "data": "the training loader: preview and benchmark",
+    "pairs": "Stage II pair sets: build them from real pictures, or the paper's one-stage baseline pairs",
     "train": "train the Stage I / Stage II models",
     "eval": "the paper's metrics",
 }

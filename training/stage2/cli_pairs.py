@@ -72,11 +72,7 @@ def register(sub, groups) -> None:
     """Add `serialgen pairs build`."""
     from serialgen.training.stage1.reference_inputs import add_reference_arguments
 
-    group = sub.add_parser("pairs", help="Stage II pair sets: build them from real pictures",
-                           description="Stage II pair sets: build them from real pictures.")
-    pairs = group.add_subparsers(dest="pairs_command", metavar="COMMAND")
-    group.set_defaults(_group_parser=group)
-    p = pairs.add_parser(
+    p = groups["pairs"].add_parser(
         "build", help="standardize a corpus of real pictures with Stage I into pair shards (Ray Data, resumable)",
         description="Run a Stage I checkpoint over real pictures (a folder, recursive, or WebDataset .tar shards) and "
         "write (standardized reference, target) pair shards: std_ref.png, target.jpg, caption.txt, meta.json (with "
