@@ -9,6 +9,8 @@ rendered sample (:mod:`serialgen.dataset.annotations`): the annotation set the l
 from __future__ import annotations
 
 import argparse
+
+from serialgen.argtypes import positive_int
 import json
 import sys
 
@@ -35,16 +37,6 @@ def _annotate(args: argparse.Namespace) -> int:
                              progress=not (args.json or args.no_progress))
     print(json.dumps(report, indent=1) if args.json else format_quality(report))
     return 0
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
 
 
 def register(sub, groups) -> None:
@@ -77,7 +69,7 @@ def register(sub, groups) -> None:
                    "built-in procedural ones); pictures where the estimator finds a person are left out")
     p.add_argument("--workers", type=int, default=0, help="Ray actors, one estimator each (default 0: in this process)")
     p.add_argument("--address", help="Ray cluster to join (default: a local one on 127.0.0.1)")
-    p.add_argument("--limit-per-shard", type=_positive, help="annotate only the first N samples of each shard "
+    p.add_argument("--limit-per-shard", type=positive_int, help="annotate only the first N samples of each shard "
                    "(a quick quality estimate; the loader then uses exact inputs for the rest)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -984,6 +984,9 @@ class _SampleProcessor:
         """A batch: lists for key/url/meta, (B, ...) tensors for the rest (see the module doc)."""
         out = {k: [s[k] for s in samples] for k in ("__key__", "__url__", "meta")}
         out["ref"], out["ref_mask"] = _composites_tensors([s["ref"] for s in samples], self.cfg.dtype, batched)
+        for i, s in enumerate(samples):  # the person estimator's mask replaces the exact one (estimated_share)
+            if isinstance(s["ref_mask"], np.ndarray):
+                (out["ref_mask"][i, 0] if batched else out["ref_mask"][0]).copy_(torch.from_numpy(s["ref_mask"]))
         for k in ("ref_pose", "std", "std_pose"):
             out[k] = _images_tensor([s[k] for s in samples], k, self.cfg.dtype, batched)
         kps = torch.from_numpy(np.stack([s["ref_keypoints"] for s in samples]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from serialgen.argtypes import non_negative_int
 from serialgen.resolution import add_renamed_flags
 
 __all__ = ["register"]
@@ -17,18 +18,6 @@ __all__ = ["register"]
 # Kept in step with assets_manifest.manifest.DEFAULT_MAX_BYTES (1 GiB; a test checks): --help must
 # not import numpy.
 _DEFAULT_MAX_SIZE = "1G"
-
-
-def _nonneg_int(name):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name}: must be >= 0, got {v}")
-        return v
-    return parse
 
 
 def _size(text):
@@ -54,7 +43,7 @@ def register(sub, groups) -> None:
                     "file is read in its own worker process, SERIALGEN_IMPORT_TIMEOUT seconds at most "
                     "(default 120).")
     p.add_argument("--out", required=True, metavar="DIR", help="asset folder to create or update")
-    p.add_argument("--procedural", type=_nonneg_int("--procedural"), default=0, metavar="N",
+    p.add_argument("--procedural", type=non_negative_int, default=0, metavar="N",
                    help="number of procedural characters proc-000000 ... (default 0)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="run seed for characters, poses and backgrounds (default 0)")
@@ -64,11 +53,11 @@ def register(sub, groups) -> None:
                    help="motion files or folders (BVH, glTF/FBX actions), merged into the pose library")
     p.add_argument("--backgrounds", nargs="+", default=[], metavar="PATH",
                    help="your background images or folders (jpg/jpeg/png/webp, recursive)")
-    p.add_argument("--poses", type=_nonneg_int("--poses"), default=None, metavar="N",
+    p.add_argument("--poses", type=non_negative_int, default=None, metavar="N",
                    help="pose library size (default 3817, as in the paper)")
     p.add_argument("--min-pose-distance", type=float, default=None, metavar="DEG",
                    help="de-duplication threshold in degrees of pose distance (default 4)")
-    p.add_argument("--procedural-backgrounds", type=_nonneg_int("--procedural-backgrounds"), default=None,
+    p.add_argument("--procedural-backgrounds", type=non_negative_int, default=None,
                    metavar="N", help="procedural background images (default 64)")
     p.add_argument("--no-hdri", action="store_true", help="skip the HDRI views (no bpy subprocess)")
     p.add_argument("--allow-texture-fallback", action="store_true",

@@ -292,6 +292,9 @@ def test_loader_mixes_in_the_estimates_placed_like_the_render(tmp_path):
     # the first sample's composite and exact keypoints are untouched (later ones differ: one more draw each)
     assert torch.equal(exact[keys[0]]["ref"], mixed[keys[0]]["ref"])
     assert torch.equal(exact[keys[0]]["ref_keypoints"], mixed[keys[0]]["ref_keypoints"])
+    batch = next(iter(RenderPairDataset(tmp_path, None, LoaderConfig(resolution=size, shuffle_buffer=0, seed=5,
+                                                                     estimated_share=1.0, batch_size=3))))
+    assert torch.equal(batch["ref_mask"], torch.stack([mixed[k]["ref_mask"] for k in batch["__key__"]]))
     found, nobody = mixed[keys[0]], mixed[keys[1]]
     assert not torch.equal(found["ref_mask"], exact[keys[0]]["ref_mask"])
     assert found["ref_mask"].float().mean() > 0.3 and (found["ref_mask"] == 0).any()

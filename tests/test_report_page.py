@@ -297,7 +297,7 @@ def run_cli(argv: list[str]) -> int:
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/nope"], "nope: no such folder"),
     (["{tmp}"], "neither a shard set (no index.json) nor an asset folder"),
-    (["{set}", "--sample", "0"], "--sample: 0 is below 1"),
+    (["{set}", "--sample", "0"], "argument --sample: must be at least 1, got 0"),
     (["{set}", "--assets", "{tmp}"], "no characters.jsonl there (not an asset folder)"),
     (["{set}", "--out", "{set}/index.json"], "is a file, not a folder"),
 ])

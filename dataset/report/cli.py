@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
+from serialgen.argtypes import positive_int
 from serialgen.errors import UserInputError
 
 __all__ = ["register"]
@@ -14,16 +14,6 @@ __all__ = ["register"]
 _DEFAULT_SAMPLE = 2000
 _DEFAULT_MAX_CHARACTERS = 200
 _DEFAULT_PAIRS = 6
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1")
-    return value
 
 
 def register(sub, groups) -> None:
@@ -40,12 +30,12 @@ def register(sub, groups) -> None:
     p.add_argument("--assets", metavar="DIR", default=None,
                    help="shard sets: the asset folder they were rendered from, for file names and rejected "
                         "characters when the render did not record them (default: what run.json recorded)")
-    p.add_argument("--sample", type=_positive, default=_DEFAULT_SAMPLE, metavar="N",
+    p.add_argument("--sample", type=positive_int, default=_DEFAULT_SAMPLE, metavar="N",
                    help="shard sets without stats.json: read at most N samples' meta.json for the distributions "
                         f"(default {_DEFAULT_SAMPLE}; sets with stats.json read none)")
-    p.add_argument("--max-characters", type=_positive, default=_DEFAULT_MAX_CHARACTERS, metavar="N",
+    p.add_argument("--max-characters", type=positive_int, default=_DEFAULT_MAX_CHARACTERS, metavar="N",
                    help=f"character cards shown, problem characters first (default {_DEFAULT_MAX_CHARACTERS})")
-    p.add_argument("--pairs-per-character", type=_positive, default=_DEFAULT_PAIRS, metavar="K",
+    p.add_argument("--pairs-per-character", type=positive_int, default=_DEFAULT_PAIRS, metavar="K",
                    help=f"references in each card's strip (default {_DEFAULT_PAIRS})")
     p.set_defaults(handler=_handle)
 

@@ -20,7 +20,6 @@ written beside every checkpoint (sizes as ``"WxH"``).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import sys
@@ -46,7 +45,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "override",
-    "positive_int",
 ]
 
 # 1: the first release (Stage I and Stage II spelled the same settings differently).
@@ -409,15 +407,3 @@ def override(config: C, values: Mapping[str, Any]) -> C:
     for key, value in values.items():
         _put(data, key, value, config.source)
     return _finish(cls, data, config.source)
-
-
-def positive_int(text: str) -> int:
-    """An argparse ``type=`` for step counts (``--max-steps``): a whole number of at least 1. A bad
-    value is argparse's one-line error, exit 2, before the command imports anything heavy."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from serialgen.errors import UserInputError
 from serialgen.resolution import add_renamed_flags, add_resolution_argument
-from serialgen.training.common.config import positive_int
+from serialgen.argtypes import positive_int
 from serialgen.training.stage1.config import INFERENCE_DTYPES
 
 __all__ = ["register"]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from serialgen.errors import UserInputError
 from serialgen.resolution import add_renamed_flags, add_resolution_argument
-from serialgen.training.common.config import positive_int
+from serialgen.argtypes import positive_int
 from serialgen.training.stage2.config import MODES
 
-__all__ = ["register", "register_pairs"]
+__all__ = ["register"]
 
 
 def _device(name: str | None) -> str:

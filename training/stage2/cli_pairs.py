@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from serialgen.argtypes import positive_int
 from serialgen.resolution import add_resolution_argument
 
 __all__ = ["register"]
@@ -25,16 +26,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
     return value
 
 
@@ -87,7 +78,7 @@ def register(sub, groups) -> None:
     p.add_argument("--out", required=True, help="output folder (pairs-NNNNNN.tar, index.json, plan.json)")
     add_resolution_argument(p, default=None, multiple_of=8,
                             help="model input size (default: the checkpoint config's data.resolution; identity: 512x768)")
-    p.add_argument("--steps", type=_positive, help="DDIM steps (default: the checkpoint config's, 20)")
+    p.add_argument("--steps", type=positive_int, help="DDIM steps (default: the checkpoint config's, 20)")
     p.add_argument("--guidance", type=float, help="CFG scale (default: the checkpoint config's)")
     p.add_argument("--dtype", choices=_DTYPES, default="auto",
                    help="Stage I weights' dtype: auto (default: bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
@@ -103,14 +94,14 @@ def register(sub, groups) -> None:
     g.add_argument("--min-confidence", type=_fraction, default=0.6,
                    help="skip a pose estimate whose confidence (mean visibility of the body keypoints in the picture) is "
                    "below this (default 0.6; 0: off)")
-    p.add_argument("--batch-size", type=_positive, default=4, help="pictures per Stage I call (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="pictures per Stage I call (default 4)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; a rebuilt shard is identical)")
-    p.add_argument("--samples-per-shard", type=_positive, default=1000, help="inputs per pair shard (default 1000)")
-    p.add_argument("--workers", type=_positive, default=None,
+    p.add_argument("--samples-per-shard", type=positive_int, default=1000, help="inputs per pair shard (default 1000)")
+    p.add_argument("--workers", type=positive_int, default=None,
                    help="standardizer actors (default: 1, or one per GPU with --gpus-per-worker)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor on a cluster (default 0: CPU)")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: a local one on 127.0.0.1)")
-    p.add_argument("--limit", type=_positive, default=None, help="only the first N inputs, sorted (default: all)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N inputs, sorted (default: all)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_build)
