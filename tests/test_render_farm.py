@@ -39,7 +39,9 @@ def test_render_end_to_end_with_ray(tmp_path, capfd):
     assert "6 pairs" in printed.out and "failures: 1 characters" in printed.out
     # Ray's token notice and the GL driver's EGL lines go to the logs, not the terminal.
     assert "Token authentication" not in printed.err and "EGL Error" not in printed.err, printed.err
-    assert "Token authentication" in (out / "logs" / "ray-driver.log").read_text()
+    # Ray prints its token notice only when it makes a token (not when one is already on disk), so
+    # the log may be empty; it must exist, as the place such lines go.
+    assert (out / "logs" / "ray-driver.log").is_file()
     # run.json: what the report needs and the shard folder lacked (code fingerprint, rejections).
     from serialgen.render.farm.pool import code_fingerprint
     from serialgen.render.job import RENDERING_VERSION
