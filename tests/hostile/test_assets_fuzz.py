@@ -11,10 +11,8 @@ written into the checkout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import struct
 from pathlib import Path
 from urllib.parse import unquote
@@ -26,6 +24,8 @@ from hypothesis import strategies as st
 from serialgen.assets_manifest.bvh import BvhError, BvhMotion, parse_bvh
 from serialgen.assets_manifest.gltf_probe import probe_gltf
 
+from _bounds import within
+
 _COMMON = dict(deadline=None, derandomize=True, database=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 # Each property runs twice: a few examples in the quick tier, many in the slow one.
@@ -33,22 +33,6 @@ QUICK = settings(max_examples=40, **_COMMON)
 THOROUGH = settings(max_examples=1500, **_COMMON)
 BOUND_S = 2.0
 REASONS = {"import_failed", "too_large", "resource_outside_asset"}
-
-
-@contextlib.contextmanager
-def within(seconds: float):
-    """Fail with TimeoutError instead of hanging when the body runs longer than ``seconds``."""
-
-    def alarm(_signum, _frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _parses_or_rejects(text: str) -> str:

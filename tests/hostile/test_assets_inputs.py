@@ -18,12 +18,10 @@ The fuzzing of the BVH parser and the glTF probe is tests/hostile/test_assets_fu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -45,23 +43,9 @@ from serialgen.assets_manifest.probe import ProbeFailure
 from serialgen.cli import main
 from serialgen.render.asset_build import BlenderProbe
 
+from _bounds import within
+
 GiB = 1 << 30
-
-
-@contextlib.contextmanager
-def within(seconds: float):
-    """Fail with TimeoutError instead of hanging when the body runs longer than ``seconds``."""
-
-    def alarm(_signum, _frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _peak_rss() -> int:
