@@ -159,7 +159,6 @@ def stage1_checks(report: Report, torch, device, tiny: bool, batches: list[int],
 
     dtype = _train_dtype(torch, device)
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     model, vae, clip = bench.build(tiny, device)
     model.to(device).train()
@@ -290,13 +289,7 @@ def stage2_checks(report: Report, torch, device, tiny: bool, batches: list[int],
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=dtype)) if cuda else contextlib.nullcontext
     cost = None
     for batch_size in batches:
-        data = {
-            "pixel_values": torch.rand(batch_size, 3, height, width, generator=torch.Generator().manual_seed(1)) * 2 - 1,
-            "ref_pixel_values": torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(2)),
-            "caption": ["a person cooking a meal in the park"] * batch_size,
-            "original_size": torch.tensor([[height, width]] * batch_size),
-            "crop_top_left": torch.zeros(batch_size, 2, dtype=torch.long),
-        }
+        data = bench.random_batch(batch_size, width, height)
 
         def step() -> float:
             inputs = prepare_inputs(comps, pipe, data, gen, drop={"image": 0.05, "text": 0.05, "both": 0.05},

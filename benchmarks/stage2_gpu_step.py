@@ -89,6 +89,18 @@ def build_full(device: str) -> Any:
                           noise_scheduler=sched, image_encoder=enc)
 
 
+def random_batch(batch: int, width: int, height: int) -> dict[str, Any]:
+    """A fixed random Stage II batch as the data loader yields it (targets in [-1, 1], CLIP-normalised
+    references at 224 px, captions, SDXL size conditioning)."""
+    return {
+        "pixel_values": torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(1)) * 2 - 1,
+        "ref_pixel_values": torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2)),
+        "caption": ["a person cooking a meal in the park"] * batch,
+        "original_size": torch.tensor([[height, width]] * batch),
+        "crop_top_left": torch.zeros(batch, 2, dtype=torch.long),
+    }
+
+
 def count_only() -> dict[str, Any]:
     """Parameter counts of the paper-sized models (meta device: no memory, no init)."""
     from diffusers import UNet2DConditionModel
@@ -172,13 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     g = torch.Generator(device=device).manual_seed(0)
-    data = {
-        "pixel_values": torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(1)) * 2 - 1,
-        "ref_pixel_values": torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2)),
-        "caption": ["a person cooking a meal in the park"] * batch,
-        "original_size": torch.tensor([[height, width]] * batch),
-        "crop_top_left": torch.zeros(batch, 2, dtype=torch.long),
-    }
+    data = random_batch(batch, width, height)
     use_autocast = device == "cuda" and dtype != torch.float32
 
     def autocast() -> Any:

@@ -88,13 +88,7 @@ def test_stage2_paper_size_step_bf16_with_gradient_checkpointing(record_property
     optimizer = torch.optim.AdamW(view.parameters(), lr=1e-4, weight_decay=0.01)
     model = Stage2Denoiser(comps.unet).train()
     pipe = comps.pipeline()
-    data = {
-        "pixel_values": torch.rand(batch_size, 3, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(1)) * 2 - 1,
-        "ref_pixel_values": torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(2)),
-        "caption": ["a person cooking a meal in the park"] * batch_size,
-        "original_size": torch.tensor([[HEIGHT, WIDTH]] * batch_size),
-        "crop_top_left": torch.zeros(batch_size, 2, dtype=torch.long),
-    }
+    data = bench.random_batch(batch_size, WIDTH, HEIGHT)
     torch.cuda.reset_peak_memory_stats()
     inputs = prepare_inputs(comps, pipe, data, torch.Generator(device=device).manual_seed(0),
                             drop={"image": 0.05, "text": 0.05, "both": 0.05}, noise_offset=0.0,
