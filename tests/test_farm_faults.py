@@ -21,36 +21,18 @@ import pytest
 
 from serialgen.cli import main
 
+from farm_fixtures import SERIALGEN, build_characters, character_record, write_assets
+
 pytestmark = [pytest.mark.blender, pytest.mark.ray, pytest.mark.slow]
 
 CHARS = ("proc-000001", "proc-000002", "proc-000003")
 PER_CHAR = 4
-SERIALGEN = [sys.executable, "-c", "import sys; from serialgen.cli import main; sys.exit(main(sys.argv[1:]))"]
-
-
-def _write_assets(root: Path, meshes: Path, poses: Path, records: list[dict]) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "meshes").symlink_to(meshes)
-    (root / "poses.npz").symlink_to(poses)
-    (root / "characters.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
-
-
-def _record(char_id: str, **extra) -> dict:
-    return {"schema": "serialgen.character/1", "id": char_id, "kind": "procedural", "status": "accepted",
-            "mesh_file": f"meshes/{char_id}.npz", **extra}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """(meshes dir, poses.npz) of three procedural characters and a 30-pose library."""
-    from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
-    from serialgen.assets_manifest.procedural import build_mesh_data, describe_character, save_mesh_data
-
-    root = tmp_path_factory.mktemp("built")
-    for char_id in CHARS:
-        save_mesh_data(build_mesh_data(describe_character(char_id, 0)), root / "meshes" / f"{char_id}.npz")
-    return root / "meshes", save_pose_library(build_pose_library(30, seed=0), root / "poses.npz")
+    return build_characters(tmp_path_factory.mktemp("built"), CHARS)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +40,8 @@ def assets(built, tmp_path_factory):
     """The three characters; proc-000002 sleeps 1 s per sample when fault injection is on (a long job
     to kill); without injection (the reference run) the record renders normally."""
     meshes, poses = built
-    records = [_record(c, **({"fault": "slow:1.0"} if c == "proc-000002" else {})) for c in CHARS]
-    return _write_assets(tmp_path_factory.mktemp("assets"), meshes, poses, records)
+    records = [character_record(c, **({"fault": "slow:1.0"} if c == "proc-000002" else {})) for c in CHARS]
+    return write_assets(tmp_path_factory.mktemp("assets"), meshes, poses, records)
 
 
 def _args(assets: Path, out: Path, workers: int, *extra) -> list[str]:
@@ -190,8 +172,8 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
     # after their sample (fault injection), so the run cannot finish before the interrupt arrives,
     # however fast or slow the machine: SIGINT goes out once the first 8 shards are whole and the
     # 9th job is stuck.
-    records = [_record(c, **({"fault": "hang"} if c == CHARS[-1] else {})) for c in CHARS]
-    assets = _write_assets(tmp_path / "assets", meshes, poses, records)
+    records = [character_record(c, **({"fault": "hang"} if c == CHARS[-1] else {})) for c in CHARS]
+    assets = write_assets(tmp_path / "assets", meshes, poses, records)
     out = tmp_path / "shards"
     args = _args(assets, out, 1, "--poses-per-shard", "1")
     proc = _spawn(args)
@@ -247,9 +229,9 @@ def test_interrupt_then_rerun_renders_only_what_is_missing(built, tmp_path, caps
 def test_poison_assets_are_quarantined_and_the_rest_is_rendered(built, tmp_path):
     meshes, poses = built
     poison = {"schema": "serialgen.character/1", "kind": "mannequin", "variant": "adult", "status": "accepted"}
-    records = [_record("proc-000001"), _record("proc-000003"),
+    records = [character_record("proc-000001"), character_record("proc-000003"),
                {**poison, "id": "poison-crash", "fault": "crash"}, {**poison, "id": "poison-hang", "fault": "hang"}]
-    assets = _write_assets(tmp_path / "assets", meshes, poses, records)
+    assets = write_assets(tmp_path / "assets", meshes, poses, records)
 
     out = tmp_path / "shards"
     proc = _spawn(_args(assets, out, 2, "--poses-per-shard", "4", "--max-attempts", "2", "--job-timeout", "8"))

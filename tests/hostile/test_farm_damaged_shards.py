@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -36,41 +35,23 @@ import pytest
 
 from serialgen.cli import main
 
+from farm_fixtures import SERIALGEN, build_characters, character_record, write_assets
+
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
 CHARS = ("proc-000001", "proc-000002")
 PER_CHAR = 3
-SERIALGEN = [sys.executable, "-c", "import sys; from serialgen.cli import main; sys.exit(main(sys.argv[1:]))"]
-
-
-def _write_assets(root: Path, meshes: Path, poses: Path, records: list[dict]) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "meshes").symlink_to(meshes)
-    (root / "poses.npz").symlink_to(poses)
-    (root / "characters.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
-
-
-def _record(char_id: str, **extra) -> dict:
-    return {"schema": "serialgen.character/1", "id": char_id, "kind": "procedural", "status": "accepted",
-            "mesh_file": f"meshes/{char_id}.npz", **extra}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from serialgen.assets_manifest.poses import build_pose_library, save_pose_library
-    from serialgen.assets_manifest.procedural import build_mesh_data, describe_character, save_mesh_data
-
-    root = tmp_path_factory.mktemp("built")
-    for char_id in CHARS:
-        save_mesh_data(build_mesh_data(describe_character(char_id, 0)), root / "meshes" / f"{char_id}.npz")
-    return root / "meshes", save_pose_library(build_pose_library(30, seed=0), root / "poses.npz")
+    return build_characters(tmp_path_factory.mktemp("built"), CHARS)
 
 
 @pytest.fixture(scope="module")
 def assets(built, tmp_path_factory):
     meshes, poses = built
-    return _write_assets(tmp_path_factory.mktemp("assets"), meshes, poses, [_record(c) for c in CHARS])
+    return write_assets(tmp_path_factory.mktemp("assets"), meshes, poses, [character_record(c) for c in CHARS])
 
 
 def _args(assets: Path, out: Path, *extra) -> list[str]:
@@ -163,8 +144,8 @@ def test_the_old_index_stays_until_the_new_one_is_written(built, assets, referen
     char = json.loads((out / "journal.jsonl").read_text().splitlines()[1])["character"]
     meshes, poses = built
     # The same characters (same plan, same bytes); the damaged one's job sleeps 2 s a sample here.
-    slow = _write_assets(tmp_path / "slow-assets", meshes, poses,
-                         [_record(c, **({"fault": "slow:2"} if rel.startswith(f"train/{c}") else {})) for c in CHARS])
+    slow = write_assets(tmp_path / "slow-assets", meshes, poses,
+                         [character_record(c, **({"fault": "slow:2"} if rel.startswith(f"train/{c}") else {})) for c in CHARS])
     proc = subprocess.Popen(SERIALGEN + _args(slow, out), env={**os.environ, "SERIALGEN_FAULT_INJECTION": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     log = out / "logs" / (rel[:-len(".tar")] + ".log")
