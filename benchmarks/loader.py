@@ -594,6 +594,16 @@ def _routes(args) -> dict:
     return {"ms_per_pair": ms, "totals": totals, "tar_ms": tar_ms, "agreement": agreement}
 
 
+class _StdlibZlib:
+    """``encode_png``'s compressor swapped for the standard library's zlib (the comparison row)."""
+
+    @staticmethod
+    def zlib_compress(data, level):
+        import zlib
+
+        return zlib.compress(data, level)
+
+
 def _png(args) -> dict:
     """PNG levels and filters on the set's real images: per option, encode ms (this thread's CPU
     time, as the render job pays it), bytes, and decode ms with the loader's decoder (pyspng), for
@@ -613,7 +623,21 @@ def _png(args) -> dict:
             json_bytes.append(sum(len(m[k]) for k in ("ref_pose.json", "std_pose.json", "meta.json")))
     stds = [S.decode_png(S.read_standard(p, c)["std.png"], "RGB") for c, p in S.standard_paths(args.shards, index).items()]
     refs = refs[: args.limit]
-    options = [(f, lvl) for f in ("none", "sub", "up", "paeth", "adaptive") for lvl in (1, 3, 6, 9)]
+    # (filter, level, compressor): every filter with libdeflate (what encode_png uses), and the
+    # standard library's zlib for filter "none" (what it used before), side by side.
+    options = [(f, lvl, "libdeflate") for f in ("none", "sub", "up", "paeth", "adaptive") for lvl in (1, 3, 6, 9)]
+    options += [("none", lvl, "zlib") for lvl in (1, 3, 6, 9)]
+
+    def encode(arr, o):
+        if o[2] == "libdeflate":
+            return S.encode_png(arr, o[1], o[0])
+        real = S.deflate
+        S.deflate = _StdlibZlib  # the same PNG, its zlib stream from the standard library
+        try:
+            return S.encode_png(arr, o[1], o[0])
+        finally:
+            S.deflate = real
+
     stats = {o: {"ref_enc": 0.0, "ref_dec": 0.0, "ref_bytes": 0, "std_enc": 0.0, "std_dec": 0.0, "std_bytes": 0, "n": 0,
                  "ns": 0} for o in options}
     for _ in range(args.rounds):
@@ -621,7 +645,7 @@ def _png(args) -> dict:
             st = stats[o]
             for arr in refs:
                 t = time.thread_time()
-                png = S.encode_png(arr, o[1], o[0])
+                png = encode(arr, o)
                 t1 = time.thread_time()
                 S.decode_png(png, "RGBA")
                 st["ref_enc"] += t1 - t
@@ -630,7 +654,7 @@ def _png(args) -> dict:
                 st["n"] += 1
             for arr in stds:
                 t = time.thread_time()
-                png = S.encode_png(arr, o[1], o[0])
+                png = encode(arr, o)
                 t1 = time.thread_time()
                 S.decode_png(png, "RGB")
                 st["std_enc"] += t1 - t
@@ -644,17 +668,17 @@ def _png(args) -> dict:
         ref_b, std_b = st["ref_bytes"] / st["n"], st["std_bytes"] / max(1, st["ns"])
         v3 = pad(ref_b) + json_per_pair + (pad(std_b) + 2 * 512 + 1536) / 1000  # + the standard tar, shared
         v2 = v3 + pad(std_b)  # formats 1-2: std.png in every pair
-        rows.append({"filter": o[0], "level": o[1], "ref_kb": ref_b / 1e3, "ref_enc_ms": st["ref_enc"] / st["n"] * 1e3,
+        rows.append({"filter": o[0], "level": o[1], "compressor": o[2], "ref_kb": ref_b / 1e3, "ref_enc_ms": st["ref_enc"] / st["n"] * 1e3,
                      "ref_dec_ms": st["ref_dec"] / st["n"] * 1e3, "std_kb": std_b / 1e3,
                      "std_enc_ms": st["std_enc"] / max(1, st["ns"]) * 1e3,
                      "std_dec_ms": st["std_dec"] / max(1, st["ns"]) * 1e3,
                      "pair_kb_v3": v3 / 1e3, "pair_kb_v2": v2 / 1e3})
     print(f"{len(refs)} references, {len(stds)} standards, {args.rounds} rounds, load {os.getloadavg()[0]:.2f}")
-    print("| filter | level | ref KB | ref encode ms | ref decode ms | std KB | std encode ms | std decode ms "
+    print("| compressor | filter | level | ref KB | ref encode ms | ref decode ms | std KB | std encode ms | std decode ms "
           "| KB per pair, format 3 | format 2 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['filter']} | {r['level']} | {r['ref_kb']:.1f} | {r['ref_enc_ms']:.2f} | {r['ref_dec_ms']:.2f} | "
+        print(f"| {r['compressor']} | {r['filter']} | {r['level']} | {r['ref_kb']:.1f} | {r['ref_enc_ms']:.2f} | {r['ref_dec_ms']:.2f} | "
               f"{r['std_kb']:.1f} | {r['std_enc_ms']:.2f} | {r['std_dec_ms']:.2f} | {r['pair_kb_v3']:.1f} | "
               f"{r['pair_kb_v2']:.1f} |")
     return {"rows": rows, "json_bytes_per_pair": json_per_pair}

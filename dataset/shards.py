@@ -56,6 +56,7 @@ from functools import partial
 from pathlib import Path
 from typing import Iterator
 
+import deflate  # libdeflate: PNG's zlib stream, ~2x stdlib zlib's speed at the same level
 import numpy as np
 
 from serialgen.dataset import tarset
@@ -194,12 +195,21 @@ def encode_png(image: np.ndarray, compress_level: int = 6, filter: str = "none")
 
     Written directly: the row filter ``filter`` (one of ``PNG_FILTERS``; "adaptive" picks per row
     the filter with the smallest sum of absolute signed bytes, libpng's heuristic) and one zlib
-    stream at ``compress_level``. The default, filter "none" at level 6, was chosen by the total cost
+    stream at ``compress_level`` (0-9, zlib's scale). The default, filter "none" at level 6, was chosen by the total cost
     per pair on real 512x768 renders (``benchmarks/loader.py --mode png``, docs/shard_format.md):
-    against level 1 it stores ~25 % fewer bytes per reference for ~5 ms more encoding, once, at
+    against level 1 it stores ~25 % fewer bytes per reference for a few ms more encoding, once, at
     render time, and ~0.2 ms more decoding per read; the other filters save a few KB more for 2-10x
     the encode time and slower decodes. Any PNG reader decodes it.
+
+    The zlib stream comes from libdeflate (the ``deflate`` package, pinned): at level 6 it took 6.4
+    ms for a 512x768 reference where the standard library's zlib took 13.8, for 1 % fewer bytes
+    (docs/shard_format.md). Why a pinned compressor and not the system's: its output is the same
+    on every CPU for one version (no CPU-dependent match finding), while the standard library links
+    whatever zlib the machine has (zlib 1.2/1.3, or zlib-ng-compat on some distributions), so two
+    nodes of one farm could write different bytes for the same pixels.
     """
+    if not 0 <= compress_level <= 9:
+        raise ValueError(f"encode_png: compress_level {compress_level}, expected 0-9")
     arr = np.asarray(image)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"encode_png: expected uint8 (H, W, 3|4), got {arr.dtype} {arr.shape}")
@@ -225,7 +235,7 @@ def encode_png(image: np.ndarray, compress_level: int = 6, filter: str = "none")
         raw[:, 1:] = _filtered_rows(rows, c, filter)
     header = struct.pack(">IIBBBBB", w, h, 8, 6 if c == 4 else 2, 0, 0, 0)
     return b"".join([PNG_MAGIC, _png_chunk(b"IHDR", header),
-                     _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)),
+                     _png_chunk(b"IDAT", deflate.zlib_compress(raw, compress_level)),
                      _png_chunk(b"IEND", b"")])
 
 

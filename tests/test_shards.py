@@ -106,6 +106,24 @@ def test_split_is_deterministic_and_near_80_20():
     assert all(S.split_of(i, 0.0) == "train" for i in ids[:50])
 
 
+def test_png_encoding_is_pinned_byte_for_byte():
+    """The same pixels give the same PNG bytes on every machine (the farm's determinism): the zlib
+    stream comes from the pinned libdeflate, not the system's zlib. A new compressor or version
+    changes these bytes: then say so in docs/shard_format.md and update the digest."""
+    import hashlib
+
+    import pyspng
+
+    y, x = np.mgrid[0:48, 0:64]
+    rgba = np.stack([x * 4, y * 5, (x * y) % 256, np.where((x - 32) ** 2 + (y - 24) ** 2 < 300, 255, 0)],
+                    -1).astype(np.uint8)
+    png = S.encode_png(rgba)
+    assert (pyspng.load(png) == rgba).all()
+    assert hashlib.sha256(png).hexdigest() == "fc032ef87d0c6941e616c5522069c5c99425d421d6caa8610aaf07c020d0c904"
+    with pytest.raises(ValueError, match="compress_level 10"):
+        S.encode_png(rgba, 10)
+
+
 def test_writer_is_byte_deterministic_and_atomic(tmp_path):
     a = _write_set(tmp_path / "a")
     b = _write_set(tmp_path / "b")
