@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from serialgen.render import frame_kernels
 from serialgen.render.bpy_utils import import_bpy, import_mathutils
 
 __all__ = [
@@ -121,14 +122,14 @@ def rgb_gain(spec: LightingSpec) -> np.ndarray:
 
 def apply_gain(rgba: np.ndarray, gain: np.ndarray) -> np.ndarray:
     """Multiply the RGB of uint8 (H, W, 4) by ``gain`` (3,) through per-channel lookup tables
-    (Pillow ``point``: ~3x faster than float maths); alpha untouched."""
-    from PIL import Image
-
+    (rounded, clipped; one compiled pass, ``frame_kernels.lookup_rgb``); alpha untouched. Returns
+    a new array."""
     levels = np.arange(256, dtype=np.float64)
-    table = [np.clip(np.floor(levels * g + 0.5), 0, 255).astype(np.uint8) for g in gain]
-    table.append(levels.astype(np.uint8))
-    lut = np.concatenate(table).tolist()
-    return np.asarray(Image.fromarray(np.ascontiguousarray(rgba), "RGBA").point(lut))
+    table = np.stack([np.clip(np.floor(levels * g + 0.5), 0, 255).astype(np.uint8) for g in gain])
+    src = np.ascontiguousarray(rgba)
+    out = np.empty_like(src)
+    frame_kernels.lookup_rgb(src, table, out)
+    return out
 
 
 def fg_luminance(rgba: np.ndarray, gain=None) -> float | None:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from serialgen.errors import UserInputError
+from serialgen.render import frame_kernels
 from serialgen.render.bpy_utils import import_bpy, reset_scene
 from serialgen.resolution import DEFAULT_RESOLUTION, MAX_SIDE
 
@@ -199,26 +200,24 @@ def read_tga(path) -> np.ndarray:
 
 # The 2x2 supersample's kernel: per axis [1, 6, 1] / 8 (the mean of the bilinear image at the four
 # sub-pixel offsets +-1/4). Pillow's box blur of radius 1/6 is exactly it ((2r + 1) = 4/3 wide, edge
-# weight r): integer running sums in C, twice as fast as its 3x3 convolution (which differs by at
-# most one level of rounding).
+# weight r) in integer running sums; ``frame_kernels.antialias_box`` is that arithmetic compiled
+# into one pass over the box (the bytes Pillow gave, ~1/4 of its time with the copies around it).
 _AA_RADIUS = 1 / 6
+_AA_WEIGHTS = frame_kernels.box_blur_weights(_AA_RADIUS)
 
 
 def antialias(rgba: np.ndarray) -> np.ndarray:
-    """Filter a 1x frame with the 2x2 supersample's kernel on premultiplied alpha (Pillow, integer
-    maths), so edges get partial coverage and textures the same slight softening a 2x2 supersample
-    gives. Only the foreground's box (grown by 2 px) is touched: the transparent rest stays 0."""
-    from PIL import Image, ImageFilter
-
-    alpha = rgba[..., 3]
-    rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
-    if not len(rows):
-        return rgba
-    h, w = alpha.shape
-    box = (slice(max(rows[0] - 2, 0), min(rows[-1] + 3, h)), slice(max(cols[0] - 2, 0), min(cols[-1] + 3, w)))
-    im = Image.fromarray(np.ascontiguousarray(rgba[box]), "RGBA").convert("RGBa")
+    """Filter a 1x frame with the 2x2 supersample's kernel on premultiplied alpha (Pillow's integer
+    maths, compiled), so edges get partial coverage and textures the same slight softening a 2x2
+    supersample gives. Only the foreground's box (grown by 2 px) is touched: the transparent rest
+    stays as it was. Returns a new array."""
     out = rgba.copy()
-    out[box] = np.asarray(im.filter(ImageFilter.BoxBlur(_AA_RADIUS)).convert("RGBA"))
+    y0, y1, x0, x1 = frame_kernels.alpha_box(rgba)
+    if y1 == 0:
+        return out
+    h, w = rgba.shape[:2]
+    frame_kernels.antialias_box(rgba, max(y0 - 2, 0), min(y1 + 2, h), max(x0 - 2, 0), min(x1 + 2, w),
+                                *_AA_WEIGHTS, out)
     return out
 
 

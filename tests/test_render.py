@@ -396,3 +396,45 @@ def test_antialias_is_the_2x2_supersample_kernel():
     assert (out[10, 10] == img[10, 10]).all()  # inside: unchanged
     assert (out[0] == 0).all() and (out[:, 19] == 0).all()
     assert (antialias(np.zeros((8, 8, 4), np.uint8)) == 0).all()  # nothing drawn: nothing to filter
+
+
+def _pillow_antialias(rgba):
+    """The 1x anti-aliasing as rendering/3 first wrote it, with Pillow (the reference bytes)."""
+    from PIL import Image, ImageFilter
+
+    alpha = rgba[..., 3]
+    rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
+    if not len(rows):
+        return rgba.copy()
+    h, w = alpha.shape
+    box = (slice(max(rows[0] - 2, 0), min(rows[-1] + 3, h)), slice(max(cols[0] - 2, 0), min(cols[-1] + 3, w)))
+    im = Image.fromarray(np.ascontiguousarray(rgba[box]), "RGBA").convert("RGBa")
+    out = rgba.copy()
+    out[box] = np.asarray(im.filter(ImageFilter.BoxBlur(1 / 6)).convert("RGBA"))
+    return out
+
+
+def test_compiled_antialias_and_gain_give_pillows_bytes():
+    """The compiled passes (render/frame_kernels.py) give exactly the bytes of the Pillow calls they
+    replaced: random frames with every kind of alpha (0, 255, the rim), figures touching the frame's
+    edges (where the blur repeats edge pixels) and random gains, clipping included."""
+    from PIL import Image
+
+    from serialgen.render.lighting import apply_gain
+    from serialgen.render.scene import antialias
+
+    rng = np.random.default_rng(3)
+    for trial in range(60):
+        h, w = (int(v) for v in rng.integers(3, 48, 2))
+        img = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        img[..., 3] = rng.choice(np.array([0, 0, 255, 255, 1, 64, 127, 128, 254], np.uint8), (h, w))
+        if trial % 2:  # a figure inside transparent ground, not touching the edges
+            frame = np.zeros((h + 9, w + 7, 4), np.uint8)
+            frame[4:4 + h, 3:3 + w] = img
+            img = frame
+        assert (antialias(img) == _pillow_antialias(img)).all(), trial
+        gain = rng.uniform(0.3, 2.5, 3)
+        levels = np.arange(256, dtype=np.float64)
+        lut = np.concatenate([np.clip(np.floor(levels * g + 0.5), 0, 255).astype(np.uint8) for g in gain]
+                             + [levels.astype(np.uint8)]).tolist()
+        assert (apply_gain(img, gain) == np.asarray(Image.fromarray(img, "RGBA").point(lut))).all(), trial
