@@ -469,6 +469,8 @@ def read_samples(fileobj, max_member_bytes: int | None = None) -> Iterator[tuple
                 continue
             if why is None:
                 members[member] = data
+    except GeneratorExit:  # closed early (also at interpreter exit, when ``_Damaged`` may be gone)
+        raise
     except _Damaged as exc:
         if key is None and not exc.truncated:
             yield Rejected(REJECT_UNREADABLE, None, str(exc))

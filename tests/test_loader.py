@@ -207,6 +207,22 @@ def test_truncated_shard_is_skipped_and_counted(shard_set, tmp_path):
     assert len(keys) == len(set(keys))
 
 
+def test_a_loader_left_mid_pass_exits_quietly(shard_set):
+    """A script that stops reading mid-pass and exits prints nothing: the shard reader's generator
+    is closed at interpreter exit, when its module's names may already be gone (it printed an
+    "Exception ignored ... TypeError" traceback)."""
+    import subprocess
+    import sys
+
+    root, _bgs = shard_set
+    code = ("import sys\nfrom serialgen.dataset.loader import LoaderConfig, RenderPairDataset\n"
+            "it = iter(RenderPairDataset(sys.argv[1], config=LoaderConfig(resampled=True, batch_size=2)))\n"
+            "next(it)\nprint('read')\n")
+    run = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "read", run.stderr
+    assert "Exception ignored" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
 def test_missing_shards_are_one_line_errors(shard_set, tmp_path, capsys):
     root, bgs = shard_set
     with pytest.raises(UserInputError, match="shard not found: .*nope.tar"):
