@@ -101,7 +101,9 @@ def bench_stages(args, scratch: Path) -> dict:
     scene = worker.scene
     for i, (pose_id, view) in enumerate(plan):
         c0 = time.process_time()
-        key, members, timings, _row = worker._render_sample(job, loaded, library, pose_id, view)
+        rendered = worker._render_sample(job, loaded, library, pose_id, view)
+        members = worker._encode_sample(rendered)  # in line here, to time each stage
+        key, timings = rendered.key, rendered.timings
         t = time.perf_counter()
         writer.write(key, members)
         timings["write"] = time.perf_counter() - t
@@ -134,6 +136,7 @@ def bench_stages(args, scratch: Path) -> dict:
             old_bare.append(old_bare_s)
             quality.append(_psnr(frame, reference))
     summary = writer.close()
+    run_loop = _time_run_loop(worker, record, args, poses, scratch)
     stages = ("pose", "render", "keypoints", "encode", "write")
     mean = {s: statistics.fmean(r[s] for r in rows) for s in stages}
     per_image = sum(mean.values())
@@ -168,10 +171,45 @@ def bench_stages(args, scratch: Path) -> dict:
         "rendering2_bare_2x_render_ms": round(statistics.fmean(old_bare) * 1e3, 2),
         "rendering2_pipeline_ms_per_image": round(old_per_image * 1e3, 2),
         "rendering2_pipeline_over_its_bare_2x": round(old_per_image / statistics.fmean(old_bare), 3),
+        # The production loop (``BlenderWorker.run``: encode of sample i in a background thread while
+        # sample i + 1 renders) and the same loop encoding in line, alternated, wall and CPU per image.
+        **run_loop,
+        "run_loop_over_bare_render": round(run_loop["run_loop_ms_per_image"] / (bare_mean * 1e3), 3),
+        "run_loop_over_bare_render_cpu": round(run_loop["run_loop_cpu_ms_per_image"]
+                                               / (statistics.fmean(bare_cpu) * 1e3), 3),
+        "run_loop_over_bare_render_save": round(run_loop["run_loop_ms_per_image"]
+                                                / (statistics.fmean(bare_write) * 1e3), 3),
         "psnr_vs_2x2_supersample_db": {"mean": round(statistics.fmean(quality), 2), "min": round(min(quality), 2)},
         "bytes_per_pair": round(summary.bytes / max(summary.samples, 1)),
         "png_levels": png,
     }
+
+
+def _time_run_loop(worker, record: dict, args, poses: Path, scratch: Path, repeats: int = 3) -> dict:
+    """Wall and process CPU per image of whole jobs through ``BlenderWorker.run`` (the character
+    and its standard image already loaded), with the encode ahead in a thread (what the farm runs)
+    and in line, alternated ``repeats`` times; the first image of each job is not counted apart."""
+    from serialgen.render.job import RenderJob
+
+    n = args.images
+    out: dict[str, list[float]] = {"ahead": [], "ahead_cpu": [], "inline": [], "inline_cpu": []}
+    for r in range(repeats):
+        for mode in ("ahead", "inline") if r % 2 == 0 else ("inline", "ahead"):
+            worker.encode_ahead = mode == "ahead"
+            job = RenderJob(record, str(args.assets or ""), str(scratch), f"train/run-{mode}-{r}.tar", "train",
+                            0, n, n, 0, str(poses))
+            t, c = time.perf_counter(), time.process_time()
+            result = worker.run(job)
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+            if result["status"] != "ok" or result["pairs"] != n:
+                raise RuntimeError(f"run loop: {result.get('error') or result['failures']}")
+            out[mode].append(wall / n)
+            out[mode + "_cpu"].append(cpu / n)
+            (scratch / job.shard).unlink(missing_ok=True)
+    worker.encode_ahead = True
+    ms = {k: round(statistics.fmean(v) * 1e3, 2) for k, v in out.items()}
+    return {"run_loop_ms_per_image": ms["ahead"], "run_loop_cpu_ms_per_image": ms["ahead_cpu"],
+            "run_loop_inline_ms_per_image": ms["inline"], "run_loop_inline_cpu_ms_per_image": ms["inline_cpu"]}
 
 
 def bench_farm(args, scratch: Path) -> dict:

@@ -24,6 +24,7 @@ import hashlib
 import os
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +116,29 @@ class _Loaded:
     std_meta: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Rendered:
+    """One sample after its render: pixels, records and row, before its members are encoded."""
+
+    key: str
+    rgba: np.ndarray
+    ref_pose: dict
+    std_pose_json: bytes
+    meta: dict
+    timings: dict
+    row: dict
+
+
+def _finished(fn, arg) -> Future:
+    """``fn(arg)`` run now, as a finished Future (the in-line path of ``run``)."""
+    done: Future = Future()
+    try:
+        done.set_result(fn(arg))
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -153,6 +177,9 @@ class BlenderWorker:
         # after each sample is appended to the shard; it logs progress and, in fault-injection tests
         # only, crashes or hangs the worker mid-job. An exception from it fails the job.
         self.after_sample = None
+        # Encode each sample in a background thread while the next one renders (``run``); False
+        # encodes in line (the render benchmark measures both).
+        self.encode_ahead = True
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -296,7 +323,8 @@ class BlenderWorker:
         return rgba, lighting, record
 
     def _render_sample(self, job: RenderJob, loaded: _Loaded, library, pose_id: int, view_index: int):
-        """Render one pair; returns (key, members, timings, its ``render_stats.sample_row``)."""
+        """Render one pair up to its pixels, keypoints and meta (the bpy part); ``_encode_sample``
+        makes its shard members (which needs no bpy: it may run in another thread)."""
         s = self.settings
         rig = loaded.rig
         key = shards.sample_key(loaded.char_id, pose_id, view_index)
@@ -320,7 +348,7 @@ class BlenderWorker:
             rgba, lighting, exposure = self._exposed_render(seed, lighting)
         with _stage(timings, "keypoints"):
             kps, defined = self._keypoints(loaded, camera, skel)
-        with _stage(timings, "encode"):
+        with _stage(timings, "encode"):  # the records; the PNG and JSON bytes in _encode_sample
             motion_index = int(library.motion_index[pose_id])
             meta = {
                 "schema": shards.SAMPLE_SCHEMA,
@@ -348,15 +376,22 @@ class BlenderWorker:
                 "timings_s": None,
             }
             ref_pose = pose_record(kps, defined, s.width, s.height)
-            members = {  # shard format 3: the standard image lives in the character's standard tar
-                "ref.png": shards.encode_png(rgba),
-                "ref_pose.json": shards.json_bytes(ref_pose),
-                "std_pose.json": loaded.std_pose_json,
+        return _Rendered(key, rgba, ref_pose, loaded.std_pose_json, meta, timings, sample_row(meta, ref_pose))
+
+    def _encode_sample(self, rendered: "_Rendered") -> dict[str, bytes]:
+        """The shard members of a rendered sample (shard format 3: the standard image lives in the
+        character's standard tar). Pure Python/numpy/libdeflate, no bpy: ``run`` calls it in a
+        background thread while the next sample renders."""
+        with _stage(rendered.timings, "encode"):
+            members = {
+                "ref.png": shards.encode_png(rendered.rgba),
+                "ref_pose.json": shards.json_bytes(rendered.ref_pose),
+                "std_pose.json": rendered.std_pose_json,
             }
         if self.record_timings:
-            meta["timings_s"] = {k: round(v, 6) for k, v in timings.items()}
-        members["meta.json"] = shards.json_bytes(meta)
-        return key, members, timings, sample_row(meta, ref_pose)
+            rendered.meta["timings_s"] = {k: round(v, 6) for k, v in rendered.timings.items()}
+        members["meta.json"] = shards.json_bytes(rendered.meta)
+        return members
 
     def _write_standard(self, job: RenderJob, loaded: _Loaded) -> dict:
         """Write the character's standard tar (``<split>/standard/<key>.tar``, shard format 3) and
@@ -399,21 +434,44 @@ class BlenderWorker:
             stats = Histograms()
             plan = character_samples(loaded.char_id, len(library.angles), job.per_character, job.run_seed)
             writer = shards.ShardWriter(job.out_dir, job.shard, job.split)
-            for pose_id, view_index in plan[job.start:job.stop]:
+
+            def append(rendered: _Rendered, encoded) -> None:
                 try:
-                    key, members, timings, row = self._render_sample(job, loaded, library, pose_id, view_index)
+                    members = encoded.result()
                 except Exception as exc:  # one bad sample is counted, the character goes on
-                    failures.append({"character": loaded.char_id, "key": shards.sample_key(loaded.char_id, pose_id, view_index),
+                    failures.append({"character": loaded.char_id, "key": rendered.key,
                                      "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                with _stage(timings, "write"):
-                    writer.write(key, members)
-                for k, v in timings.items():
+                    return
+                with _stage(rendered.timings, "write"):
+                    writer.write(rendered.key, members)
+                for k, v in rendered.timings.items():
                     totals[k] += v
-                stats.add(row)
+                stats.add(rendered.row)
                 result["pairs"] += 1
                 if self.after_sample is not None:
-                    self.after_sample(job, key, result["pairs"])
+                    self.after_sample(job, rendered.key, result["pairs"])
+
+            # Sample i is encoded (PNG, JSON) in a background thread while sample i + 1 renders,
+            # then appended in order: the same bytes and order as encoding in line, and a render
+            # call releases the GIL, so on a core that would otherwise wait (a GPU render, a spare
+            # core) the encode costs no wall time. CPU time is the same either way.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serialgen-encode") as encoder:
+                pending = None
+                for pose_id, view_index in plan[job.start:job.stop]:
+                    try:
+                        rendered = self._render_sample(job, loaded, library, pose_id, view_index)
+                    except Exception as exc:  # one bad sample is counted, the character goes on
+                        failures.append({"character": loaded.char_id,
+                                         "key": shards.sample_key(loaded.char_id, pose_id, view_index),
+                                         "error": f"{type(exc).__name__}: {exc}"})
+                        continue
+                    encoded = (encoder.submit(self._encode_sample, rendered) if self.encode_ahead
+                               else _finished(self._encode_sample, rendered))
+                    if pending is not None:
+                        append(*pending)
+                    pending = (rendered, encoded)
+                if pending is not None:
+                    append(*pending)
             summary = writer.close()
             writer = None
             result["shard"] = summary.to_json(with_keys=True)

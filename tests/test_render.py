@@ -261,6 +261,37 @@ def test_same_seed_same_bytes(worker, poses_path, procedural, tmp_path):
 
 
 @pytest.mark.blender
+def test_encoding_ahead_gives_the_same_shard_and_a_bad_encode_loses_one_sample(worker, poses_path, procedural,
+                                                                               tmp_path, monkeypatch):
+    """The job encodes sample i in a background thread while sample i + 1 renders: the shard is
+    byte for byte the one of encoding in line; a sample whose encoding fails is counted as one
+    failure and the others are written, in order."""
+    assets, records = procedural
+    rec = records["adult"]
+    ahead = worker.run(_job(rec, tmp_path / "ahead", poses_path, k=4, assets=assets))
+    worker.encode_ahead = False
+    try:
+        inline = worker.run(_job(rec, tmp_path / "inline", poses_path, k=4, assets=assets))
+    finally:
+        worker.encode_ahead = True
+    assert (tmp_path / "ahead" / ahead["shard"]["path"]).read_bytes() == \
+        (tmp_path / "inline" / inline["shard"]["path"]).read_bytes()
+    keys = [k for k, _ in _samples(ahead, tmp_path / "ahead")]
+    real = worker._encode_sample
+
+    def flaky(rendered):
+        if rendered.key == keys[1]:
+            raise OSError("disk hiccup")
+        return real(rendered)
+
+    monkeypatch.setattr(worker, "_encode_sample", flaky)
+    result = worker.run(_job(rec, tmp_path / "flaky", poses_path, k=4, assets=assets))
+    assert result["status"] == "ok" and result["pairs"] == 3
+    assert [f["key"] for f in result["failures"]] == [keys[1]] and "disk hiccup" in result["failures"][0]["error"]
+    assert [k for k, _ in _samples(result, tmp_path / "flaky")] == [keys[0], keys[2], keys[3]]
+
+
+@pytest.mark.blender
 @pytest.mark.slow
 def test_meta_records_exposure_and_the_job_its_stats(worker, poses_path, procedural, tmp_path):
     """meta.json's ``fg_luminance`` is the median foreground luminance of ref.png (0..1), and the job
