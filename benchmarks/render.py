@@ -12,7 +12,9 @@ Modes (all in one process unless noted; numbers go to stdout as a table and to `
   amortised over ``--per-character``), rendering/2's render stage on the same state (2x2
   supersample, dithered TGA, Pillow reduce) and its bare 2x render, the anti-aliasing quality (PSNR
   of the pipeline's frame against that 2x2 supersampled frame), the load average, and PNG levels
-  0/1/3/6 of our encoder on a real frame.
+  0/1/3/6 of our encoder on a real frame. Then whole jobs through ``BlenderWorker.run`` (the
+  production loop), encoding in line (CPU workers) and ahead in a background thread (GPU workers),
+  alternated: wall and CPU per image and both against the bare loops.
 * ``farm``: ``serialgen render`` end to end (Ray, ``--workers``) on an asset folder; pairs/s, bytes
   per pair, time by stage.
 * ``rss``: load, render and unload ``--characters`` characters in one worker (cycling through the
@@ -171,14 +173,17 @@ def bench_stages(args, scratch: Path) -> dict:
         "rendering2_bare_2x_render_ms": round(statistics.fmean(old_bare) * 1e3, 2),
         "rendering2_pipeline_ms_per_image": round(old_per_image * 1e3, 2),
         "rendering2_pipeline_over_its_bare_2x": round(old_per_image / statistics.fmean(old_bare), 3),
-        # The production loop (``BlenderWorker.run``: encode of sample i in a background thread while
-        # sample i + 1 renders) and the same loop encoding in line, alternated, wall and CPU per image.
+        # The production loop (``BlenderWorker.run``) with the encode of sample i in a background thread
+        # while sample i + 1 renders (GPU workers) and encoding in line (CPU workers), alternated.
         **run_loop,
-        "run_loop_over_bare_render": round(run_loop["run_loop_ms_per_image"] / (bare_mean * 1e3), 3),
-        "run_loop_over_bare_render_cpu": round(run_loop["run_loop_cpu_ms_per_image"]
-                                               / (statistics.fmean(bare_cpu) * 1e3), 3),
-        "run_loop_over_bare_render_save": round(run_loop["run_loop_ms_per_image"]
-                                                / (statistics.fmean(bare_write) * 1e3), 3),
+        **{f"run_loop_{m}_over_bare_render": round(run_loop[f"run_loop_{m}_ms_per_image"] / (bare_mean * 1e3), 3)
+           for m in ("inline", "ahead")},
+        **{f"run_loop_{m}_over_bare_render_cpu": round(run_loop[f"run_loop_{m}_cpu_ms_per_image"]
+                                                       / (statistics.fmean(bare_cpu) * 1e3), 3)
+           for m in ("inline", "ahead")},
+        **{f"run_loop_{m}_over_bare_render_save": round(run_loop[f"run_loop_{m}_ms_per_image"]
+                                                        / (statistics.fmean(bare_write) * 1e3), 3)
+           for m in ("inline", "ahead")},
         "psnr_vs_2x2_supersample_db": {"mean": round(statistics.fmean(quality), 2), "min": round(min(quality), 2)},
         "bytes_per_pair": round(summary.bytes / max(summary.samples, 1)),
         "png_levels": png,
@@ -206,10 +211,10 @@ def _time_run_loop(worker, record: dict, args, poses: Path, scratch: Path, repea
             out[mode].append(wall / n)
             out[mode + "_cpu"].append(cpu / n)
             (scratch / job.shard).unlink(missing_ok=True)
-    worker.encode_ahead = True
+    worker.encode_ahead = False
     ms = {k: round(statistics.fmean(v) * 1e3, 2) for k, v in out.items()}
-    return {"run_loop_ms_per_image": ms["ahead"], "run_loop_cpu_ms_per_image": ms["ahead_cpu"],
-            "run_loop_inline_ms_per_image": ms["inline"], "run_loop_inline_cpu_ms_per_image": ms["inline_cpu"]}
+    return {"run_loop_inline_ms_per_image": ms["inline"], "run_loop_inline_cpu_ms_per_image": ms["inline_cpu"],
+            "run_loop_ahead_ms_per_image": ms["ahead"], "run_loop_ahead_cpu_ms_per_image": ms["ahead_cpu"]}
 
 
 def bench_farm(args, scratch: Path) -> dict:

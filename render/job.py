@@ -158,7 +158,7 @@ class BlenderWorker:
     """A Blender session that renders jobs (use one per process)."""
 
     def __init__(self, settings: RenderSettings, max_characters: int = 50, rss_cap_mb: float = 6000.0,
-                 record_timings: bool = False):
+                 record_timings: bool = False, encode_ahead: bool = False):
         if settings.threads:
             # Mesa's software GL (workbench/eevee without a GPU) reads this when the context is made;
             # 0 rasterises in the calling thread (1 would hand each frame to a second thread and wait).
@@ -177,9 +177,11 @@ class BlenderWorker:
         # after each sample is appended to the shard; it logs progress and, in fault-injection tests
         # only, crashes or hangs the worker mid-job. An exception from it fails the job.
         self.after_sample = None
-        # Encode each sample in a background thread while the next one renders (``run``); False
-        # encodes in line (the render benchmark measures both).
-        self.encode_ahead = True
+        # Encode each sample in a background thread while the next one renders (``run``). Worth it
+        # where the render leaves the CPU free (a GPU renders) or a core is spare; a CPU worker on
+        # its own share of cores encodes in line (a second busy thread would take another worker's
+        # core: docs/rendering.md, "Speed"). The farm turns it on for GPU workers.
+        self.encode_ahead = encode_ahead
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -451,10 +453,10 @@ class BlenderWorker:
                 if self.after_sample is not None:
                     self.after_sample(job, rendered.key, result["pairs"])
 
-            # Sample i is encoded (PNG, JSON) in a background thread while sample i + 1 renders,
-            # then appended in order: the same bytes and order as encoding in line, and a render
-            # call releases the GIL, so on a core that would otherwise wait (a GPU render, a spare
-            # core) the encode costs no wall time. CPU time is the same either way.
+            # With ``encode_ahead``, sample i is encoded (PNG, JSON) in a background thread while
+            # sample i + 1 renders, then appended in order: the same bytes and order as encoding in
+            # line, and a render call releases the GIL, so on a core that would otherwise wait (a
+            # GPU render, a spare core) the encode costs no wall time. CPU time is the same.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serialgen-encode") as encoder:
                 pending = None
                 for pose_id, view_index in plan[job.start:job.stop]:

@@ -268,12 +268,10 @@ def test_encoding_ahead_gives_the_same_shard_and_a_bad_encode_loses_one_sample(w
     failure and the others are written, in order."""
     assets, records = procedural
     rec = records["adult"]
+    assert worker.encode_ahead is False  # CPU workers encode in line; the farm turns it on for GPU workers
+    inline = worker.run(_job(rec, tmp_path / "inline", poses_path, k=4, assets=assets))
+    monkeypatch.setattr(worker, "encode_ahead", True)
     ahead = worker.run(_job(rec, tmp_path / "ahead", poses_path, k=4, assets=assets))
-    worker.encode_ahead = False
-    try:
-        inline = worker.run(_job(rec, tmp_path / "inline", poses_path, k=4, assets=assets))
-    finally:
-        worker.encode_ahead = True
     assert (tmp_path / "ahead" / ahead["shard"]["path"]).read_bytes() == \
         (tmp_path / "inline" / inline["shard"]["path"]).read_bytes()
     keys = [k for k, _ in _samples(ahead, tmp_path / "ahead")]

@@ -190,6 +190,8 @@ class FarmWorker:
             else:  # OpenGL/EGL engines: no per-process device choice in bpy (see farm/gpu.py)
                 self.device = (f"{settings.engine} on the EGL default device; ray gpu ids {self.gpu_ids}, "
                                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}")
+        # A GPU renders: this process's CPU waits meanwhile, so the next sample's encode runs then.
+        self.worker.encode_ahead = use_gpus
         self._log = None
         self._inject = faults.inject
         self.worker.after_sample = self._after_sample
