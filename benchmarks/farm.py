@@ -228,7 +228,9 @@ def main(argv=None) -> int:
 
         if ray.is_initialized():  # --address: the runs joined a cluster and stay connected to it
             ray.shutdown()
-        fixed = _ray_fixed_costs()
+        # Ray's fixed costs of a fresh local cluster (not measured with --address: a cluster started by
+        # `ray start` on this machine would be joined by any address-less ray.init).
+        fixed = None if args.address else _ray_fixed_costs()
         # No-op re-run of a finished folder: in-process and as the whole command.
         from serialgen.render.farm.driver import FarmConfig, run_farm
         from serialgen.render.scene import RenderSettings
