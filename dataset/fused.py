@@ -18,7 +18,11 @@ the results are bit for bit those of the previous path (tests/test_compositing.p
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from serialgen.jit_cache import ensure_writable_cache
+
+ensure_writable_cache(__file__)  # before numba reads its settings (serialgen/jit_cache.py)
+from numba import njit  # noqa: E402
 
 __all__ = ["jitter_premultiply", "over_and_mask"]
 

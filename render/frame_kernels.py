@@ -25,7 +25,11 @@ Blender process (checked with bpy 5.0.1: compile, render, compile again).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from serialgen.jit_cache import ensure_writable_cache
+
+ensure_writable_cache(__file__)  # before numba reads its settings (serialgen/jit_cache.py)
+from numba import njit  # noqa: E402
 
 __all__ = ["box_blur_weights", "alpha_box", "antialias_box", "lookup_rgb"]
 
