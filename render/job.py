@@ -467,10 +467,12 @@ class BlenderWorker:
                                          "key": shards.sample_key(loaded.char_id, pose_id, view_index),
                                          "error": f"{type(exc).__name__}: {exc}"})
                         continue
-                    encoded = (encoder.submit(self._encode_sample, rendered) if self.encode_ahead
-                               else _finished(self._encode_sample, rendered))
+                    if not self.encode_ahead:
+                        append(rendered, _finished(self._encode_sample, rendered))
+                        continue
+                    encoded = encoder.submit(self._encode_sample, rendered)
                     if pending is not None:
-                        append(*pending)
+                        append(*pending)  # encoded while this sample rendered
                     pending = (rendered, encoded)
                 if pending is not None:
                     append(*pending)
