@@ -195,8 +195,9 @@ def encode_png(image: np.ndarray, compress_level: int = 6, filter: str = "none")
 
     Written directly: the row filter ``filter`` (one of ``PNG_FILTERS``; "adaptive" picks per row
     the filter with the smallest sum of absolute signed bytes, libpng's heuristic) and one zlib
-    stream at ``compress_level`` (0-9, zlib's scale). The default, filter "none" at level 6, was chosen by the total cost
-    per pair on real 512x768 renders (``benchmarks/loader.py --mode png``, docs/shard_format.md):
+    stream at ``compress_level`` (0-9, zlib's scale). The default, filter "none" at level 6, was
+    chosen by the total cost per pair on real 512x768 renders (``benchmarks/loader.py --mode png``,
+    docs/shard_format.md):
     against level 1 it stores ~25 % fewer bytes per reference for a few ms more encoding, once, at
     render time, and ~0.2 ms more decoding per read; the other filters save a few KB more for 2-10x
     the encode time and slower decodes. Any PNG reader decodes it.
