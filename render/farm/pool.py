@@ -44,8 +44,9 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # (serialgen/imaging.py) and the shard writer (dataset/tarset.py, dataset/shards.py).
 CODE_FILES = (("serialgen.render", "**/*.py"), ("serialgen.assets_manifest", "**/*.py"),
               ("serialgen", "imaging.py"), ("serialgen.dataset", "tarset.py"), ("serialgen.dataset", "shards.py"))
-# Libraries whose version changes pixels or bytes: Blender, numpy, Pillow (supersampling, gain LUTs).
-CODE_DISTRIBUTIONS = ("bpy", "numpy", "pillow")
+# Libraries whose version changes pixels or bytes: Blender, numpy, Pillow (TGA read-back,
+# supersampling), libdeflate (the PNGs' zlib streams: dataset/shards.encode_png).
+CODE_DISTRIBUTIONS = ("bpy", "numpy", "pillow", "deflate")
 
 
 def code_files(roots: dict[str, Path] | None = None) -> list[tuple[str, Path]]:
