@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from serialgen.render import frame_kernels
 from serialgen.render.bpy_utils import import_bpy, import_mathutils
 
 __all__ = [
@@ -124,6 +123,8 @@ def apply_gain(rgba: np.ndarray, gain: np.ndarray) -> np.ndarray:
     """Multiply the RGB of uint8 (H, W, 4) by ``gain`` (3,) through per-channel lookup tables
     (rounded, clipped; one compiled pass, ``frame_kernels.lookup_rgb``); alpha untouched. Returns
     a new array."""
+    from serialgen.render import frame_kernels  # numba: loaded by the workers only
+
     levels = np.arange(256, dtype=np.float64)
     table = np.stack([np.clip(np.floor(levels * g + 0.5), 0, 255).astype(np.uint8) for g in gain])
     src = np.ascontiguousarray(rgba)

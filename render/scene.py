@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 from serialgen.errors import UserInputError
-from serialgen.render import frame_kernels
 from serialgen.render.bpy_utils import import_bpy, reset_scene
 from serialgen.resolution import DEFAULT_RESOLUTION, MAX_SIDE
 
@@ -203,7 +202,6 @@ def read_tga(path) -> np.ndarray:
 # weight r) in integer running sums; ``frame_kernels.antialias_box`` is that arithmetic compiled
 # into one pass over the box (the bytes Pillow gave; 1.9 vs 4.8 ms at 512x768 with the copies around it).
 _AA_RADIUS = 1 / 6
-_AA_WEIGHTS = frame_kernels.box_blur_weights(_AA_RADIUS)
 
 
 def antialias(rgba: np.ndarray) -> np.ndarray:
@@ -211,13 +209,15 @@ def antialias(rgba: np.ndarray) -> np.ndarray:
     maths, compiled), so edges get partial coverage and textures the same slight softening a 2x2
     supersample gives. Only the foreground's box (grown by 2 px) is touched: the transparent rest
     stays as it was. Returns a new array."""
+    from serialgen.render import frame_kernels  # numba: not for the driver, which imports this module too
+
     out = rgba.copy()
     y0, y1, x0, x1 = frame_kernels.alpha_box(rgba)
     if y1 == 0:
         return out
     h, w = rgba.shape[:2]
     frame_kernels.antialias_box(rgba, max(y0 - 2, 0), min(y1 + 2, h), max(x0 - 2, 0), min(x1 + 2, w),
-                                *_AA_WEIGHTS, out)
+                                *frame_kernels.box_blur_weights(_AA_RADIUS), out)
     return out
 
 
