@@ -192,8 +192,9 @@ def bench_stages(args, scratch: Path) -> dict:
 
 def _time_run_loop(worker, record: dict, args, poses: Path, scratch: Path, repeats: int = 3) -> dict:
     """Wall and process CPU per image of whole jobs through ``BlenderWorker.run`` (the character
-    and its standard image already loaded), with the encode ahead in a thread (what the farm runs)
-    and in line, alternated ``repeats`` times; the first image of each job is not counted apart."""
+    and its standard image already loaded), encoding in line (what the farm's CPU workers do) and
+    ahead in a thread (its GPU workers), alternated ``repeats`` times; the first image of each job
+    is not counted apart."""
     from serialgen.render.job import RenderJob
 
     n = args.images
